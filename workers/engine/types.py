@@ -1,0 +1,138 @@
+"""The engine's vocabulary: what a benchmark receives and what it returns.
+
+The engine is a plain PyTorch library. A benchmark is a function
+``(model, data, params, ctx) -> BenchmarkResult``; the Celery task that calls it owns the
+database, the broker and the files, and hands the engine only tensors, plain dicts and
+callbacks. Nothing here imports web, Celery or database code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class Cancelled(Exception):
+    """Raised by a progress callback when the job was cancelled; benchmarks let it propagate."""
+
+
+class BenchmarkError(ValueError):
+    """A benchmark cannot run with these parameters on this data (a user error, not a crash)."""
+
+
+class DatasetSource(Protocol):
+    """A generated dataset that can be drawn again under other settings (for ``spurious_shift``)."""
+
+    def with_correlation(self, correlation: float, split: str) -> EvalData: ...
+
+
+@dataclass
+class EvalData:
+    """A labelled image set held in memory, pixels in [0, 1].
+
+    ``masks`` are binary foreground masks (1 = object); ``groups`` index ``group_names``.
+    ``source`` is set for generated datasets that can be redrawn with another spurious
+    correlation; ``backgrounds`` optionally holds each image's clean background (the same
+    shape as ``x``) when the generator knows it exactly.
+    """
+
+    x: Tensor  # [N, C, H, W] float32 in [0, 1]
+    y: Tensor  # [N] int64
+    class_names: list[str]
+    masks: Tensor | None = None  # [N, 1, H, W] float32 in {0, 1}
+    groups: Tensor | None = None  # [N] int64
+    group_names: list[str] | None = None
+    backgrounds: Tensor | None = None  # [N, C, H, W], the image without its object
+    source: DatasetSource | None = None
+    name: str = ""
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, index: Tensor) -> EvalData:
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        return EvalData(
+            x=self.x[index], y=self.y[index], class_names=self.class_names,
+            masks=pick(self.masks), groups=pick(self.groups), group_names=self.group_names,
+            backgrounds=pick(self.backgrounds), source=self.source, name=self.name,
+        )
+
+
+ProgressFn = Callable[[float, str], None]
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    return None
+
+
+@dataclass
+class RunContext:
+    """Where and how a benchmark runs.
+
+    ``progress(fraction, message)`` reports the fraction of *this benchmark* done and may
+    raise :class:`Cancelled`; call it between batches. ``state_dir`` survives a worker
+    restart for the same job: save resumable state (per-example flags) there.
+    ``artifact_dir`` receives files worth keeping with the results.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    batch_size: int = 256
+    amp: bool = False  # bf16 autocast (on CUDA)
+    progress: ProgressFn = _no_progress
+    state_dir: Path | None = None
+    artifact_dir: Path | None = None
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A fresh local generator; library code never seeds the global RNG."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed * 1_000_003 + salt)
+        return g
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    benchmark: str
+    metric: str
+    value: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"benchmark": self.benchmark, "metric": self.metric,
+                "value": float(self.value), "params": dict(self.params)}
+
+
+@dataclass(frozen=True)
+class Check:
+    """A sanity check in the AutoAttack sense: a flag reported with the results."""
+
+    name: str
+    passed: bool
+    detail: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "detail": self.detail,
+                "params": dict(self.params)}
+
+
+@dataclass
+class BenchmarkResult:
+    rows: list[MetricRow] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+    def extend(self, other: BenchmarkResult) -> None:
+        self.rows.extend(other.rows)
+        self.checks.extend(other.checks)
+        self.artifacts.update(other.artifacts)
+
+
+BenchmarkFn = Callable[[nn.Module, EvalData, dict[str, Any], RunContext], BenchmarkResult]
