@@ -1,0 +1,283 @@
+"""Model loading: the architecture registry, the safe loaders, and the normalising wrapper.
+
+Three checkpoint formats are accepted (ARCHITECTURE.md): a safetensors state dict plus an
+architecture name, a TorchScript archive, and a torch.export archive. None of them runs
+Python pickles: safetensors is a JSON header plus raw bytes, TorchScript archives are read
+by TorchScript's own restricted unpickler, and torch.export archives are loaded with every
+``torch.load`` forced to ``weights_only=True`` (torch.export would otherwise fall back to a
+full unpickle for sample inputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import threading
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from workers.engine import nets
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be loaded as described; the message says why, for the user."""
+
+
+class Format(enum.StrEnum):
+    SAFETENSORS = "safetensors"
+    TORCHSCRIPT = "torchscript"
+    EXPORT = "torch_export"
+
+
+Builder = Callable[[int, int], nn.Module]
+
+ENGINE_ARCHITECTURES: dict[str, Builder] = {
+    "small_cnn": nets.small_cnn,
+    "resnet18_cifar": nets.resnet18_cifar,
+    "preact_resnet18": nets.preact_resnet18,
+    "wide_resnet28_10": nets.wide_resnet28_10,
+}
+
+# torchvision classifiers accepted by name (ImageNet-style, 3 input channels).
+TORCHVISION_ARCHITECTURES: tuple[str, ...] = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2", "resnext50_32x4d",
+    "vgg11_bn", "vgg16_bn", "densenet121", "mobilenet_v2", "mobilenet_v3_small",
+    "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
+    "shufflenet_v2_x1_0", "vit_b_16", "swin_t",
+)
+
+
+def architectures() -> list[str]:
+    return sorted([*ENGINE_ARCHITECTURES, *TORCHVISION_ARCHITECTURES])
+
+
+def build(architecture: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """An untrained network of the named architecture."""
+    if architecture in ENGINE_ARCHITECTURES:
+        return ENGINE_ARCHITECTURES[architecture](num_classes, in_channels)
+    if architecture in TORCHVISION_ARCHITECTURES:
+        if in_channels != 3:
+            raise CheckpointError(f"{architecture} takes 3 input channels, not {in_channels}")
+        import torchvision
+
+        model: nn.Module = torchvision.models.get_model(
+            architecture, weights=None, num_classes=num_classes
+        )
+        return model
+    raise CheckpointError(
+        f"unknown architecture {architecture!r}; known: {', '.join(architectures())}"
+    )
+
+
+def state_dict_shapes(
+    architecture: str, num_classes: int, in_channels: int
+) -> dict[str, list[int]]:
+    """Parameter and buffer shapes of an architecture, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build(architecture, num_classes, in_channels)
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the service knows about an uploaded model (its metadata JSON)."""
+
+    format: Format
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    architecture: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    class_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_metadata(cls, fmt: str, metadata: dict[str, Any]) -> ModelSpec:
+        mean, std = metadata.get("mean"), metadata.get("std")
+        return cls(
+            format=Format(fmt),
+            num_classes=int(metadata["num_classes"]),
+            input_shape=tuple(int(v) for v in metadata["input_shape"]),  # type: ignore[arg-type]
+            architecture=metadata.get("architecture"),
+            mean=tuple(mean) if mean is not None else None,
+            std=tuple(std) if std is not None else None,
+            class_names=list(metadata.get("class_names") or []),
+        )
+
+
+class Normalized(nn.Module):
+    """Takes pixels in [0, 1] and normalises inside the graph, so attacks work in pixel space."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, model: nn.Module, mean: Sequence[float] | None,
+                 std: Sequence[float] | None, channels: int) -> None:
+        super().__init__()
+        self.model = model
+        m = torch.tensor(mean if mean is not None else [0.0] * channels, dtype=torch.float32)
+        s = torch.tensor(std if std is not None else [1.0] * channels, dtype=torch.float32)
+        if m.numel() != channels or s.numel() != channels:
+            raise CheckpointError(f"mean and std need {channels} values, one per channel")
+        if bool((s <= 0).any()):
+            raise CheckpointError("std values must be positive")
+        self.register_buffer("mean", m.view(1, -1, 1, 1))
+        self.register_buffer("std", s.view(1, -1, 1, 1))
+        self.identity = mean is None and std is None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.identity:
+            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        out: Tensor = self.model(x)
+        return out
+
+
+def load(path: Path, spec: ModelSpec, device: torch.device | str = "cpu") -> Normalized:
+    """Load a checkpoint into an eval-mode, [0,1]-input model on ``device``; checks its output."""
+    device = torch.device(device)
+    if spec.format is Format.SAFETENSORS:
+        inner = _load_safetensors(path, spec)
+    elif spec.format is Format.TORCHSCRIPT:
+        inner = _load_torchscript(path)
+    else:
+        inner = _load_export(path)
+    model = Normalized(inner, spec.mean, spec.std, spec.input_shape[0]).to(device).eval()
+    _check_output(model, spec, device)
+    return model
+
+
+def _load_safetensors(path: Path, spec: ModelSpec) -> nn.Module:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not spec.architecture:
+        raise CheckpointError("a safetensors checkpoint needs an 'architecture' in its metadata")
+    model = build(spec.architecture, spec.num_classes, spec.input_shape[0])
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"the safetensors file cannot be read: {exc}") from exc
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: checkpoint {list(state[k].shape)}, {spec.architecture} {list(v.shape)}"
+        for k, v in expected.items() if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        raise CheckpointError(_mismatch(spec.architecture, missing, unexpected, wrong))
+    model.load_state_dict(state)
+    return model
+
+
+def _mismatch(arch: str, missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:5])})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:5])})")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:5])})")
+    return f"the checkpoint does not fit the architecture {arch!r}: " + "; ".join(parts)
+
+
+def _load_torchscript(path: Path) -> nn.Module:
+    try:
+        module: nn.Module = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"the TorchScript archive cannot be loaded: {exc}") from exc
+    return module
+
+
+_TORCH_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load() -> Iterator[None]:
+    """Force ``weights_only=True`` on every torch.load while a torch.export archive loads."""
+    original = torch.load
+
+    @functools.wraps(original)
+    def safe_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with _TORCH_LOAD_LOCK:
+        torch.load = safe_load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
+def _load_export(path: Path) -> nn.Module:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if not any(n.endswith("archive_format") for n in zf.namelist()):
+                raise CheckpointError("not a torch.export archive (no archive_format entry)")
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError("a torch.export archive is a zip file; this one is not") from exc
+    try:
+        with _weights_only_torch_load():
+            program = torch.export.load(str(path))
+    except Exception as exc:  # torch.export raises many unrelated types on a bad archive
+        raise CheckpointError(f"the torch.export archive cannot be loaded: {exc}") from exc
+    module: nn.Module = program.module()
+    return module
+
+
+def _check_output(model: nn.Module, spec: ModelSpec, device: torch.device) -> None:
+    probe = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            out = model(probe.to(device))
+    except Exception as exc:  # the user's graph may raise anything on a wrong input shape
+        raise CheckpointError(
+            f"the model failed on an input of shape [N, {', '.join(map(str, spec.input_shape))}]:"
+            f" {exc}"
+        ) from exc
+    if not isinstance(out, Tensor) or out.shape != (2, spec.num_classes):
+        shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise CheckpointError(
+            f"the model must return logits of shape [N, {spec.num_classes}]; it returned {shape}"
+        )
+
+
+def shape_table() -> dict[str, dict[str, list[int | str]]]:
+    """Every architecture's state-dict shapes with ``"K"`` for num_classes, ``"C"`` for channels.
+
+    The API checks a safetensors header against this table without importing torch; it is
+    written to ``service/models/architectures.json`` by ``python -m workers.engine.models``.
+    """
+    table: dict[str, dict[str, list[int | str]]] = {}
+    for arch in architectures():
+        channels = (3, 1) if arch in ENGINE_ARCHITECTURES else (3, 3)
+        a = state_dict_shapes(arch, 7, channels[0])
+        b = state_dict_shapes(arch, 11, channels[1])
+        table[arch] = {
+            key: [_symbol(x, y) for x, y in zip(a[key], b[key], strict=True)] for key in a
+        }
+    return table
+
+
+def _symbol(a: int, b: int) -> int | str:
+    if a == b:
+        return a
+    if (a, b) == (7, 11):
+        return "K"
+    if (a, b) == (3, 1):
+        return "C"
+    raise ValueError(f"dimension varies in an unexpected way: {a} vs {b}")
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    json.dump(shape_table(), sys.stdout, separators=(",", ":"), sort_keys=True)
