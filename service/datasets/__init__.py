@@ -1,0 +1,1 @@
+"""Datasets: built-in generators and the ingest of uploaded archives."""
