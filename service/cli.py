@@ -1,0 +1,202 @@
+"""The ``robustscope`` command: run the service's parts, manage keys, evaluate from a pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from service import client
+
+
+def _settings_env(data_dir: str | None) -> None:
+    if data_dir:
+        os.environ["ROBUSTSCOPE_DATA_DIR"] = data_dir
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from service.migrate import upgrade
+    from service.settings import get_settings
+
+    upgrade(get_settings().database_url, args.revision)
+    print(f"database at {args.revision}")
+    return 0
+
+
+def cmd_apikey(args: argparse.Namespace) -> int:
+    from service.auth.keys import create_key
+    from service.db import make_engine, make_sessionmaker, transaction
+    from service.settings import get_settings
+
+    engine = make_engine(get_settings().database_url)
+    with transaction(make_sessionmaker(engine)) as session:
+        key = create_key(session, args.owner)
+    print(key)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.device:
+        os.environ["ROBUSTSCOPE_DEVICE"] = args.device
+    from workers.celery_app import app
+
+    argv = ["worker", f"--pool={args.pool}", "--concurrency=1", "-Q", args.queues,
+            "--loglevel=INFO", "-n", f"robustscope-{os.getpid()}@%h", "--without-gossip",
+            "--without-mingle"]
+    app.worker_main(argv)
+    return 0
+
+
+def _local_key(data_dir: Path) -> str:
+    """The key ``robustscope up`` prints: created once, kept in the data directory (0600)."""
+    from service.auth.keys import create_key, ensure_key
+    from service.db import make_engine, make_sessionmaker, transaction
+    from service.settings import get_settings
+
+    path = data_dir / "local-api-key"
+    engine = make_engine(get_settings().database_url)
+    with transaction(make_sessionmaker(engine)) as session:
+        if path.exists():
+            key = path.read_text().strip()
+            ensure_key(session, "local", key)
+        else:
+            key = create_key(session, "local")
+            path.touch(mode=0o600)
+            path.write_text(key + "\n")
+    engine.dispose()
+    return key
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """The embedded shape: SQLite, the SQLAlchemy broker, one worker process, the API."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.migrate import upgrade
+    from service.settings import get_settings
+
+    for var in ("ROBUSTSCOPE_DATABASE_URL", "ROBUSTSCOPE_BROKER_URL"):
+        os.environ.pop(var, None)
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["ROBUSTSCOPE_DATA_DIR"] = str(data_dir)
+    get_settings.cache_clear()
+    settings = get_settings()
+    upgrade(settings.database_url)
+    key = _local_key(data_dir)
+    log_path = data_dir / "worker.log"
+    with log_path.open("ab") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", "--queues", "evaluations,webhooks"],
+            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
+                            log_level="warning")
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            print(f"robustscope is up at http://{args.host}:{args.port}", flush=True)
+            print(f"API key (owner 'local'): {key}", flush=True)
+            print(f"data: {data_dir}   worker log: {log_path}", flush=True)
+        await task
+
+    def stop(*_: object) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        asyncio.run(serve())
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    try:
+        return client.evaluate(
+            server=args.server, api_key=args.api_key, checkpoint=Path(args.checkpoint),
+            metadata_file=Path(args.metadata), dataset=args.dataset, suite=args.suite,
+            seed=args.seed, public=args.public, do_wait=args.wait, thresholds=args.min,
+            interval=args.interval)
+    except client.ClientError as exc:
+        print(f"robustscope: {exc}", file=sys.stderr)
+        return exc.code
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robustscope", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the embedded service: API, worker, SQLite, broker")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--data-dir", default=os.environ.get("ROBUSTSCOPE_DATA_DIR", "var"))
+    up.set_defaults(fn=cmd_up)
+
+    api = sub.add_parser("api", help="run the API server (production shape)")
+    api.add_argument("--host", default="0.0.0.0")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(fn=cmd_api)
+
+    worker = sub.add_parser("worker", help="run a worker (one per GPU)")
+    worker.add_argument("--queues", default="evaluations,webhooks")
+    worker.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
+    worker.add_argument("--pool", default="solo", choices=("solo", "prefork", "threads"))
+    worker.set_defaults(fn=cmd_worker)
+
+    mig = sub.add_parser("migrate", help="upgrade the database schema")
+    mig.add_argument("--revision", default="head")
+    mig.set_defaults(fn=cmd_migrate)
+
+    key = sub.add_parser("apikey", help="manage API keys")
+    key_sub = key.add_subparsers(dest="action", required=True)
+    create = key_sub.add_parser("create", help="create a key for OWNER and print it")
+    create.add_argument("owner")
+    create.set_defaults(fn=cmd_apikey)
+
+    ev = sub.add_parser("evaluate", help="submit a checkpoint and (with --wait) gate on results")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--metadata", required=True, help="model metadata JSON/YAML file")
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--suite", default="standard", help="suite JSON/YAML file or a preset name")
+    ev.add_argument("--server", default=os.environ.get("ROBUSTSCOPE_SERVER",
+                                                       "http://127.0.0.1:8000"))
+    ev.add_argument("--api-key", default=os.environ.get("ROBUSTSCOPE_API_KEY"))
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--public", action="store_true")
+    ev.add_argument("--wait", action="store_true", help="follow progress; print the results")
+    ev.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE",
+                    help="fail (exit 3) if a result is below VALUE; repeatable")
+    ev.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    ev.set_defaults(fn=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.fn(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

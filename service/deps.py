@@ -1,0 +1,56 @@
+"""Request-scoped dependencies: one transaction per request, the caller's owner, the outbox."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from service.auth.keys import authenticate
+from service.errors import Unauthorized
+from service.queue import Outbox
+from service.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_outbox(request: Request) -> Outbox:
+    return Outbox(request.app.state.celery)
+
+
+def get_session(
+    request: Request, outbox: Annotated[Outbox, Depends(get_outbox)]
+) -> Iterator[Session]:
+    """Commit when the endpoint returns, roll back if it raises; then flush the outbox."""
+    session: Session = request.app.state.sessionmaker()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        outbox.discard()
+        raise
+    finally:
+        session.close()
+    outbox.flush()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+OutboxDep = Annotated[Outbox, Depends(get_outbox)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def current_owner(request: Request, session: SessionDep) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("send 'Authorization: Bearer <api key>'")
+    return authenticate(session, key.strip()).owner
+
+
+CurrentOwner = Annotated[str, Depends(current_owner)]

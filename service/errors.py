@@ -1,0 +1,118 @@
+"""Domain errors and their RFC 9457 problem+json form.
+
+Services raise these; one handler turns them into responses with a stable ``type``. Nothing
+else in the API returns an error body, and an unexpected exception becomes a problem+json
+500 that names the request, never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("robustscope.api")
+
+PROBLEM = "application/problem+json"
+TYPE_BASE = "https://robustscope.dev/problems/"
+
+
+class DomainError(Exception):
+    status: int = 400
+    type: str = "bad-request"
+    title: str = "Bad request"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class NotFound(DomainError):
+    status, type, title = 404, "not-found", "Not found"
+
+
+class Unauthorized(DomainError):
+    status, type, title = 401, "unauthorized", "Missing or invalid API key"
+
+
+class Conflict(DomainError):
+    status, type, title = 409, "conflict", "Conflict"
+
+
+class PayloadTooLarge(DomainError):
+    status, type, title = 413, "payload-too-large", "Upload too large"
+
+
+class Invalid(DomainError):
+    status, type, title = 422, "invalid", "Invalid request"
+
+
+class CheckpointRefused(DomainError):
+    status, type, title = 422, "checkpoint-refused", "Checkpoint refused"
+
+
+class PickleRefused(CheckpointRefused):
+    type, title = "checkpoint-pickle-refused", "Pickled checkpoints are refused"
+
+
+class CheckpointMismatch(CheckpointRefused):
+    type, title = "checkpoint-architecture-mismatch", "Checkpoint does not fit the architecture"
+
+
+class Unavailable(DomainError):
+    status, type, title = 503, "unavailable", "Service unavailable"
+
+
+def problem(status: int, type_: str, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": TYPE_BASE + type_, "title": title, "status": status, "detail": detail}
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for the problem+json errors an endpoint may return."""
+    return {status: _problem_schema() for status in statuses}
+
+
+def _problem_schema() -> dict[str, Any]:
+    return {
+        "description": "RFC 9457 problem details",
+        "content": {PROBLEM: {"schema": {"type": "object", "properties": {
+            "type": {"type": "string"}, "title": {"type": "string"},
+            "status": {"type": "integer"}, "detail": {"type": "string"}}}}},
+    }
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
+        return problem(exc.status, exc.type, exc.title, exc.detail, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"),
+             "message": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        fields = ", ".join(e["field"] for e in errors if e["field"])
+        return problem(422, "validation-error", "Invalid request",
+                       f"invalid fields: {fields}" if fields else "invalid request",
+                       errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        slug = {404: "not-found", 405: "method-not-allowed", 401: "unauthorized"}.get(
+            exc.status_code, "http-error")
+        return problem(exc.status_code, slug, str(exc.detail), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(500, "internal-error", "Internal server error",
+                       f"an unexpected {type(exc).__name__} occurred; it has been logged")

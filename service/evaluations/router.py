@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from service import storage
+from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
+from service.errors import Invalid, problem_responses
+from service.evaluations import report, service
+from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
+from service.models import service as models
+from service.tables import FINAL_STATES
+
+router = APIRouter(prefix="/evaluations", tags=["evaluations"])
+ERRORS = problem_responses(401, 404, 409, 413, 422)
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+
+
+def _accepted(response: Response, row_id: uuid.UUID, created: bool) -> None:
+    response.headers["Location"] = f"/evaluations/{row_id}"
+    response.status_code = 202 if created else 200
+
+
+@router.post("", status_code=202, response_model=EvaluationOut, responses=ERRORS)
+async def create_evaluation(
+    request: Request, response: Response, session: SessionDep, owner: CurrentOwner,
+    outbox: OutboxDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None,
+) -> EvaluationOut:
+    """JSON ``{model_id, dataset, suite, ...}``, or multipart ``checkpoint`` + ``spec``."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_part_size=1 << 20)
+        checkpoint, spec = form.get("checkpoint"), form.get("spec")
+        if not hasattr(checkpoint, "file") or not isinstance(spec, str):
+            raise Invalid("a multipart evaluation needs a 'checkpoint' file and a 'spec' JSON "
+                          "string", field="checkpoint")
+        try:
+            spec_obj = json.loads(spec)
+        except ValueError as exc:
+            raise Invalid(f"spec is not valid JSON: {exc}", field="spec") from exc
+        if not isinstance(spec_obj, dict):
+            raise Invalid("spec must be a JSON object", field="spec")
+        meta_raw, fields = service.merge_spec(spec_obj)
+        meta = models.parse_metadata(meta_raw)
+        tmp, sha, size = await run_in_threadpool(
+            storage.receive, checkpoint.file, settings.data_dir,  # type: ignore[union-attr]
+            settings.max_checkpoint_bytes, "checkpoint")
+        model = await run_in_threadpool(models.register, session, owner, tmp, sha, size, meta,
+                                        settings.data_dir)
+        fields["model_id"] = str(model.id)
+        try:
+            body = _parse_body(fields)
+            row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
+                                                   idempotency_key)
+        except BaseException:
+            storage.remove(settings.data_dir, model.storage_path)  # the transaction rolls back
+            raise
+        _accepted(response, row.id, created)
+        return service.to_out(row)
+    else:
+        try:
+            raw = await request.json()
+        except ValueError as exc:
+            raise Invalid(f"the body is not valid JSON: {exc}") from exc
+        body = _parse_body(raw)
+    row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
+                                           idempotency_key)
+    _accepted(response, row.id, created)
+    return service.to_out(row)
+
+
+def _parse_body(raw: object) -> EvaluationIn:
+    try:
+        return EvaluationIn.model_validate(raw)
+    except ValidationError as exc:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                  for e in exc.errors()]
+        raise Invalid("invalid fields: " + ", ".join(e["field"] for e in errors),
+                      errors=errors) from exc
+
+
+@router.get("", response_model=EvaluationPage, responses=ERRORS)
+def list_evaluations(
+    session: SessionDep, owner: CurrentOwner,
+    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")]
+    = None,
+    model_id: uuid.UUID | None = None, dataset: str | None = None, cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> EvaluationPage:
+    rows, next_cursor = service.list_page(session, owner, status=status, model_id=model_id,
+                                          dataset=dataset, cursor=cursor, limit=limit)
+    return EvaluationPage(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{evaluation_id}", response_model=EvaluationOut, responses=ERRORS)
+def get_evaluation(evaluation_id: uuid.UUID, session: SessionDep,
+                   owner: CurrentOwner) -> EvaluationOut:
+    return service.to_out(service.get(session, owner, evaluation_id))
+
+
+@router.post("/{evaluation_id}/cancel", status_code=202, response_model=EvaluationOut,
+             responses=ERRORS)
+def cancel_evaluation(evaluation_id: uuid.UUID, session: SessionDep,
+                      owner: CurrentOwner) -> EvaluationOut:
+    return service.to_out(service.cancel(session, owner, evaluation_id))
+
+
+@router.get("/{evaluation_id}/events", responses=ERRORS)
+def evaluation_events(evaluation_id: uuid.UUID, request: Request, session: SessionDep,
+                      owner: CurrentOwner) -> StreamingResponse:
+    """Server-sent events: a ``progress`` event on every change, ``end`` at a final state."""
+    service.get(session, owner, evaluation_id)  # 404 before the stream starts
+    factory = request.app.state.sessionmaker
+
+    def snapshot() -> EvaluationOut:
+        with factory() as s:
+            return service.to_out(service.get(s, owner, evaluation_id))
+
+    async def stream() -> AsyncIterator[str]:
+        last = None
+        while True:
+            out = await run_in_threadpool(snapshot)
+            state = (out.status, out.progress.fraction, out.progress.stage, out.progress.message)
+            if state != last:
+                last = state
+                data = json.dumps({"status": out.status, **out.progress.model_dump()})
+                yield f"event: progress\ndata: {data}\n\n"
+            if out.status in FINAL_STATES:
+                yield f"event: end\ndata: {out.model_dump_json()}\n\n"
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(0.5)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)
+def evaluation_report(evaluation_id: uuid.UUID, session: SessionDep,
+                      owner: CurrentOwner) -> HTMLResponse:
+    return HTMLResponse(report.render(service.to_out(service.get(session, owner, evaluation_id))))

@@ -1,0 +1,165 @@
+"""Evaluation jobs: creation (with idempotency), reads, listing and cancellation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from service.datasets.service import check_params, resolve
+from service.errors import Conflict, Invalid, NotFound
+from service.evaluations import suite as suites
+from service.evaluations.schemas import (
+    ErrorOut,
+    EvaluationIn,
+    EvaluationOut,
+    Progress,
+    ResultOut,
+)
+from service.models.service import get as get_model
+from service.queue import EVALUATE_TASK, Outbox
+from service.tables import FINAL_STATES, Evaluation, Result, utcnow
+
+
+def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
+           idempotency_key: str | None) -> tuple[Evaluation, bool]:
+    """Create a job (or return the one this Idempotency-Key made); enqueued after commit."""
+    request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    if idempotency_key:
+        existing = session.scalar(select(Evaluation).where(
+            Evaluation.owner == owner, Evaluation.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_hash != request_hash:
+                raise Conflict("this Idempotency-Key was used with a different request",
+                               reason="idempotency-key-reused")
+            return existing, False
+    model = get_model(session, owner, body.model_id)
+    dataset = resolve(session, owner, body.dataset)
+    check_params(body.dataset, body.dataset_params)
+    split = body.split or ("test" if "test" in dataset.splits else next(iter(dataset.splits)))
+    if split not in dataset.splits:
+        raise Invalid(f"dataset {body.dataset!r} has no split {split!r}; it has "
+                      f"{', '.join(dataset.splits)}", field="split")
+    if list(model.input_shape) != list(dataset.input_shape):
+        raise Invalid(
+            f"the model takes inputs of shape {model.input_shape} but dataset "
+            f"{body.dataset!r} has images of shape {dataset.input_shape}", field="dataset")
+    if model.num_classes < dataset.num_classes:
+        raise Invalid(f"the model has {model.num_classes} classes but dataset {body.dataset!r}"
+                      f" has {dataset.num_classes}", field="dataset")
+    entries = suites.expand(body.suite, dataset.capabilities)
+    row = Evaluation(
+        owner=owner, model_id=model.id, model_name=model.name, dataset=dataset.name,
+        dataset_id=dataset.id, dataset_params=body.dataset_params, split=split, suite=entries,
+        seed=body.seed, public=body.public,
+        webhook_url=body.webhook_url, idempotency_key=idempotency_key,
+        request_hash=request_hash, status="queued", progress_stage="queued",
+        progress_message="waiting for a worker", enqueued_at=utcnow(), checks=[],
+        artifacts={}, completed_entries=[], timings={},
+    )
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError as exc:  # a concurrent retry with the same key won the race
+        raise Conflict("a request with this Idempotency-Key is being processed; retry",
+                       reason="idempotency-key-race") from exc
+    outbox.add(EVALUATE_TASK, str(row.id))
+    return row, True
+
+
+def get(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation:
+    row = session.get(Evaluation, evaluation_id, options=[selectinload(Evaluation.results)])
+    if row is None or row.owner != owner:
+        raise NotFound(f"no evaluation {evaluation_id}")
+    return row
+
+
+def cancel(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation:
+    row = get(session, owner, evaluation_id)
+    if row.status in FINAL_STATES:
+        raise Conflict(f"evaluation {evaluation_id} already {row.status}")
+    if row.status == "queued":
+        row.status, row.finished_at = "cancelled", utcnow()
+        row.progress_stage, row.progress_message = "cancelled", "cancelled before it started"
+    else:
+        row.cancel_requested = True
+        row.progress_message = "cancellation requested; stopping after the current batch"
+    return row
+
+
+def list_page(session: Session, owner: str, *, status: str | None, model_id: uuid.UUID | None,
+              dataset: str | None, cursor: str | None, limit: int) -> tuple[list[Evaluation],
+                                                                            str | None]:
+    q = select(Evaluation).where(Evaluation.owner == owner)
+    if status:
+        q = q.where(Evaluation.status == status)
+    if model_id:
+        q = q.where(Evaluation.model_id == model_id)
+    if dataset:
+        q = q.where(Evaluation.dataset == dataset)
+    if cursor:
+        created, last_id = _decode_cursor(cursor)
+        q = q.where(or_(Evaluation.created_at < created,
+                        and_(Evaluation.created_at == created, Evaluation.id < last_id)))
+    q = q.order_by(Evaluation.created_at.desc(), Evaluation.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(q.options(selectinload(Evaluation.results))))
+    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def _encode_cursor(row: Evaluation) -> str:
+    raw = json.dumps([row.created_at.isoformat(), str(row.id)])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, last = json.loads(base64.urlsafe_b64decode(padded))
+        return datetime.fromisoformat(created), uuid.UUID(last)
+    except (ValueError, TypeError) as exc:
+        raise Invalid("the cursor is not valid; pass next_cursor from a previous page",
+                      field="cursor") from exc
+
+
+def to_out(row: Evaluation) -> EvaluationOut:
+    return EvaluationOut(
+        id=row.id, status=row.status,
+        progress=Progress(fraction=row.progress_fraction, stage=row.progress_stage,
+                          message=row.progress_message),
+        model_id=row.model_id, model_name=row.model_name, dataset=row.dataset,
+        dataset_params=row.dataset_params or {}, split=row.split, suite=row.suite,
+        seed=row.seed, public=row.public, created_at=row.created_at, started_at=row.started_at,
+        finished_at=row.finished_at, attempts=row.attempts, device=row.device,
+        engine_version=row.engine_version,
+        error=ErrorOut(**row.error) if row.error else None,
+        results=[_result(r) for r in row.results],
+        checks=list(row.checks or []), timings=dict(row.timings or {}),
+        artifacts=sorted(row.artifacts or {}),
+    )
+
+
+def _result(r: Result) -> ResultOut:
+    return ResultOut(benchmark=r.benchmark, metric=r.metric, value=r.value, params=r.params)
+
+
+def merge_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a one-call ``spec`` into model metadata and evaluation fields.
+
+    The metadata may sit under ``"model"`` or flat beside the evaluation fields.
+    """
+    spec = dict(spec)
+    meta = spec.pop("model", None)
+    keys = ("name", "architecture", "num_classes", "input_shape", "mean", "std", "class_names")
+    if meta is None:
+        meta = {k: spec.pop(k) for k in keys if k in spec}
+    if not isinstance(meta, dict):
+        raise Invalid("spec.model must be an object of model metadata", field="spec.model")
+    return meta, spec

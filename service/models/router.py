@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
+
+from service import storage
+from service.deps import CurrentOwner, SessionDep, SettingsDep
+from service.errors import problem_responses
+from service.models import service
+from service.models.schemas import ModelList, ModelOut
+
+router = APIRouter(prefix="/models", tags=["models"])
+ERRORS = problem_responses(401, 404, 409, 413, 422)
+
+
+@router.post("", status_code=201, response_model=ModelOut, responses=ERRORS)
+def upload_model(
+    session: SessionDep, owner: CurrentOwner, settings: SettingsDep,
+    file: UploadFile = File(...), metadata: str = Form(...),
+) -> ModelOut:
+    meta = service.parse_metadata(metadata)
+    tmp, sha, size = storage.receive(file.file, settings.data_dir, settings.max_checkpoint_bytes,
+                                     "checkpoint")
+    row = service.register(session, owner, tmp, sha, size, meta, settings.data_dir)
+    return service.to_out(row)
+
+
+@router.get("", response_model=ModelList, responses=ERRORS)
+def list_models(session: SessionDep, owner: CurrentOwner) -> ModelList:
+    return ModelList(items=[service.to_out(m) for m in service.list_models(session, owner)])
+
+
+@router.get("/{model_id}", response_model=ModelOut, responses=ERRORS)
+def get_model(model_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> ModelOut:
+    return service.to_out(service.get(session, owner, model_id))
+
+
+@router.delete("/{model_id}", status_code=204, responses=ERRORS)
+def delete_model(model_id: uuid.UUID, session: SessionDep, owner: CurrentOwner,
+                 settings: SettingsDep) -> Response:
+    service.delete(session, owner, model_id, settings.data_dir)
+    return Response(status_code=204)
+
+

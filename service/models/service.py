@@ -1,0 +1,97 @@
+"""Model registration: validate the metadata and the bytes, then keep the file."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service import storage
+from service.errors import Conflict, Invalid, NotFound
+from service.models.schemas import ModelMetadata, ModelOut
+from service.models.sniff import check_architecture, sniff
+from service.tables import Evaluation, Model
+
+
+def parse_metadata(raw: str | dict[str, object]) -> ModelMetadata:
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError as exc:
+        raise Invalid(f"metadata is not valid JSON: {exc}", field="metadata") from exc
+    try:
+        return ModelMetadata.model_validate(data)
+    except ValidationError as exc:
+        errors = [{"field": "metadata." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                  for e in exc.errors()]
+        names = ", ".join(e["field"] for e in errors)
+        raise Invalid(f"invalid model metadata: {names}", errors=errors) from exc
+
+
+def register(session: Session, owner: str, upload: Path, sha256: str, size: int,
+             meta: ModelMetadata, data_dir: Path) -> Model:
+    """Check the uploaded file (already on disk) and create the model row; the file moves."""
+    try:
+        sniffed = sniff(upload)
+        if sniffed.format == "safetensors":
+            if not meta.architecture:
+                raise Invalid("a safetensors checkpoint needs metadata.architecture",
+                              field="metadata.architecture")
+            assert sniffed.tensors is not None
+            check_architecture(sniffed.tensors, meta.architecture, meta.num_classes,
+                               meta.input_shape[0])
+    except BaseException:
+        upload.unlink(missing_ok=True)
+        raise
+    model_id = uuid.uuid4()
+    suffix = {"safetensors": ".safetensors", "torchscript": ".pt", "torch_export": ".pt2"}
+    rel = storage.keep(upload, data_dir, f"models/{model_id}{suffix[sniffed.format]}")
+    row = Model(
+        id=model_id, owner=owner, name=meta.name, format=sniffed.format,
+        architecture=meta.architecture if sniffed.format == "safetensors" else None,
+        num_classes=meta.num_classes, input_shape=meta.input_shape,
+        model_metadata=meta.model_dump(), sha256=sha256, size_bytes=size, storage_path=rel,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get(session: Session, owner: str, model_id: uuid.UUID) -> Model:
+    row = session.get(Model, model_id)
+    if row is None or row.owner != owner:
+        raise NotFound(f"no model {model_id}")
+    return row
+
+
+def list_models(session: Session, owner: str) -> list[Model]:
+    return list(session.scalars(
+        select(Model).where(Model.owner == owner).order_by(Model.created_at.desc())
+    ))
+
+
+def delete(session: Session, owner: str, model_id: uuid.UUID, data_dir: Path) -> None:
+    row = get(session, owner, model_id)
+    active = session.scalar(
+        select(func.count()).select_from(Evaluation).where(
+            Evaluation.model_id == model_id, Evaluation.status.in_(("queued", "running")))
+    )
+    if active:
+        raise Conflict(f"model {model_id} has {active} evaluation(s) queued or running; "
+                       "cancel them first")
+    session.delete(row)
+    session.flush()
+    storage.remove(data_dir, row.storage_path)
+
+
+def to_out(row: Model) -> ModelOut:
+    meta = row.model_metadata
+    return ModelOut(
+        id=row.id, name=row.name, format=row.format, architecture=row.architecture,
+        num_classes=row.num_classes, input_shape=row.input_shape, mean=meta.get("mean"),
+        std=meta.get("std"), class_names=meta.get("class_names"), sha256=row.sha256,
+        size_bytes=row.size_bytes, created_at=row.created_at,
+    )

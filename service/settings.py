@@ -1,0 +1,66 @@
+"""One settings object, read from ``ROBUSTSCOPE_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PLACEHOLDER = "change-me"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ROBUSTSCOPE_", extra="ignore")
+
+    environment: str = "development"  # development | production | test
+    data_dir: Path = Path("var")
+    database_url: str = ""  # default: SQLite in data_dir
+    broker_url: str = ""  # default: an embedded SQLAlchemy/SQLite broker in data_dir
+    bootstrap_key: str | None = None
+    webhook_signing_secret: str = _PLACEHOLDER
+
+    max_checkpoint_bytes: int = 1 << 30
+    max_dataset_bytes: int = 2 << 30
+    api_base_path: str = ""
+
+    # Job supervision (seconds).
+    heartbeat_interval: float = 5.0
+    stale_after: float = 60.0
+    reconcile_interval: float = 15.0
+    requeue_queued_after: float = 600.0
+    max_attempts: int = 3
+    job_time_limit: float = 6 * 3600.0
+    broker_visibility_timeout: int = 12 * 3600
+
+    # Worker.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 256
+    queues: list[str] = Field(default_factory=lambda: ["evaluations"])
+
+    @model_validator(mode="after")
+    def _defaults_and_secrets(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'robustscope.db').resolve()}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+        if self.environment == "production" and self.webhook_signing_secret == _PLACEHOLDER:
+            raise ValueError(
+                "ROBUSTSCOPE_WEBHOOK_SIGNING_SECRET must be set to a real secret in production"
+            )
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("sqla+") or self.broker_url.startswith("filesystem")
+
+    def path(self, *parts: str) -> Path:
+        p = self.data_dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

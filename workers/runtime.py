@@ -1,0 +1,49 @@
+"""Per-process worker state: settings, one database engine, the device, the worker's name."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import make_engine, make_sessionmaker
+from service.settings import Settings, get_settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    device: torch.device
+    name: str
+
+    def describe_device(self) -> str:
+        if self.device.type == "cuda":
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+@lru_cache
+def _runtime(pid: int) -> Runtime:
+    settings = get_settings()
+    engine = make_engine(settings.database_url)
+    return Runtime(settings=settings, engine=engine, sessions=make_sessionmaker(engine),
+                   device=pick_device(settings.device),
+                   name=f"{socket.gethostname()}:{pid}")
+
+
+def runtime() -> Runtime:
+    """The runtime of this process; a forked child builds its own engine (pid in the key)."""
+    return _runtime(os.getpid())

@@ -1,0 +1,27 @@
+"""Celery tasks: thin glue that takes a job id and hands it to :mod:`workers.jobs`."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+
+from service.queue import EVALUATE_TASK, WEBHOOK_TASK
+from service.settings import get_settings
+from workers import jobs, webhooks
+from workers.celery_app import app
+from workers.runtime import runtime
+
+
+# The soft limit applies under the prefork pool; jobs.Supervisor enforces the same limit
+# cooperatively between batches under every pool (the solo pool has no timers).
+@app.task(name=EVALUATE_TASK, acks_late=True, reject_on_worker_lost=True,
+          soft_time_limit=get_settings().job_time_limit + 60)
+def evaluate(evaluation_id: str) -> str:
+    return jobs.run(runtime(), uuid.UUID(evaluation_id), send_task=app.send_task)
+
+
+@app.task(name=WEBHOOK_TASK, acks_late=True, autoretry_for=(httpx.HTTPError,),
+          retry_backoff=5, retry_backoff_max=600, retry_jitter=True, max_retries=8)
+def deliver_webhook(evaluation_id: str) -> int | None:
+    return webhooks.deliver(runtime(), evaluation_id)
