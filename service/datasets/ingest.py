@@ -122,7 +122,7 @@ def ingest(archive: Path, dest: Path, *, name: str, limits: IngestLimits) -> Dat
         max_members=limits.max_files,
     )
     with SafeArchive(archive, archive_limits) as reader:
-        plan = detect(reader, bad)
+        plan = detect(reader, bad, max_classes=limits.max_classes)
         _check_counts(plan, limits)
         decoded = _decode_all(reader, plan, limits, bad)
     bad.raise_if_any()

@@ -147,9 +147,10 @@ class Plan:
 class _Level:
     """The archive's files seen from one folder, with paths relative to it."""
 
-    def __init__(self, archive: SafeArchive, root: str) -> None:
+    def __init__(self, archive: SafeArchive, root: str, max_classes: int) -> None:
         self.archive = archive
         self.root = root
+        self.max_classes = max_classes
         prefix = f"{root}/" if root else ""
         self.files = sorted(p[len(prefix) :] for p in archive.members if p.startswith(prefix))
         self.fileset = set(self.files)
@@ -172,11 +173,11 @@ class _Level:
         return [f for f in self.files if f.startswith(prefix)]
 
 
-def detect(archive: SafeArchive, bad: BadRows) -> Plan:
+def detect(archive: SafeArchive, bad: BadRows, *, max_classes: int = 1000) -> Plan:
     """The plan for the first layout that matches; see the module docstring for the order."""
     root = ""
     while True:
-        level = _Level(archive, root)
+        level = _Level(archive, root, max_classes)
         if not level.files:
             break
         for check in _DETECTORS:
@@ -225,6 +226,12 @@ def _detect_manifest(level: _Level, bad: BadRows) -> Plan | None:
     extra = sorted(set(columns) - set(_MANIFEST_COLUMNS))
     if extra:
         warnings.append(f"{name}: ignored column(s) {', '.join(extra)}")
+    for optional in ("mask", "group"):
+        # An exported table often carries an optional column with nothing in it; that means
+        # "none", not "every row is missing one".
+        if optional in columns and all(_text(rec.get(optional)) is None for _, rec in records):
+            columns = columns - {optional}
+            warnings.append(f"{name}: the {optional} column is empty everywhere and was ignored")
     class_names = _read_class_names(level)
     examples: list[Example] = []
     for line, rec in records:
@@ -274,7 +281,7 @@ def _csv_rows(
                 continue
             rec: dict[str, Any] = dict(zip(keys, values, strict=False))
             if len(values) != len(keys):
-                rec["__width__"] = len(values)
+                rec["__width__"] = f"row has {len(values)} fields; the header has {len(keys)}"
             records.append((reader.line_num, rec))
     except csv.Error as exc:
         raise DatasetIngestError(BAD_MANIFEST, f"{name} line {reader.line_num}: {exc}") from exc
@@ -344,7 +351,7 @@ def _manifest_example(
     raw_path = _text(rec.get("path"))
     shown = raw_path or ""
     if "__width__" in rec:
-        bad.add(line, shown, f"row has {rec['__width__']} fields; the header has {len(columns)}")
+        bad.add(line, shown, str(rec["__width__"]))
     path = _resolve(level, raw_path, "image", line, bad)
     label, problem = _parse_label(rec.get("label"))
     if label is None:
@@ -352,6 +359,9 @@ def _manifest_example(
         label = -1
     elif label < 0:
         bad.add(line, shown, f"label {label} is negative")
+        label = -1
+    elif class_names is None and label >= level.max_classes:
+        bad.add(line, shown, f"label {label} is above the limit of {level.max_classes} classes")
         label = -1
     elif class_names is not None and label >= len(class_names):
         bad.add(

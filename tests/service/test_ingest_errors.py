@@ -351,3 +351,12 @@ def test_manifest_without_label_column_is_a_manifest_error(tmp_path: Path) -> No
     err = ingest_error(tmp_path, write_zip(tmp_path / "m.zip", files))
     assert err.type == "dataset-bad-manifest"
     assert "label" in err.detail
+
+
+def test_huge_label_without_class_names_is_a_bad_row_not_a_huge_list(tmp_path: Path) -> None:
+    files = {
+        "a.png": png(solid((1, 1, 1))),
+        "manifest.csv": b"path,label\na.png,0\na.png,999999999\n",
+    }
+    err = ingest_error(tmp_path, write_zip(tmp_path / "m.zip", files), max_classes=10)
+    assert problems(err) == [(3, "a.png", "label 999999999 is above the limit of 10 classes")]

@@ -370,3 +370,18 @@ def test_rival10_labels_from_archive_mapping_files(tmp_path: Path) -> None:
     info, arr = run(tmp_path, write_zip(tmp_path / "r.zip", files))
     assert arr["labels"].tolist() == [0, 1, 1]
     assert any("label_mappings.json" in w for w in info.warnings)
+
+
+def test_manifest_optional_columns_empty_everywhere_are_ignored(tmp_path: Path) -> None:
+    files = {
+        "a.png": png(solid(colour(0))),
+        "b.png": png(solid(colour(1))),
+        "manifest.csv": b"path,label,mask,group,split,note\na.png,1,,,train,x\nb.png,0,,,,y\n",
+    }
+    info, arr = run(tmp_path, write_zip(tmp_path / "m.zip", files))
+    assert not info.has_masks
+    assert not info.has_groups
+    assert set(arr) == {"images", "labels", "splits", "class_names"}
+    assert arr["splits"].tolist() == ["train", "test"]
+    assert any("mask column is empty everywhere" in w for w in info.warnings)
+    assert any("ignored column(s) note" in w for w in info.warnings)
