@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -74,6 +75,8 @@ class IngestLimits:
     target_size: int | None = None
     max_classes: int = 1000
     max_decoded_bytes: int = 4 * 1024**3
+    #: Threads that decode while the archive is read (capped by the machine's cores).
+    decode_threads: int = 4
 
     def __post_init__(self) -> None:
         if self.target_size is not None and self.target_size < 1:
@@ -149,8 +152,34 @@ class _Decoded:
     masks: list[np.ndarray | None]
 
 
+_Result = np.ndarray | DecodeProblem
+#: Files handed to a decoding thread at once, and the raw bytes that may wait in a batch:
+#: batching amortises the pool's overhead on tiny PNGs; the byte cap bounds memory.
+_BATCH_FILES = 64
+_BATCH_BYTES = 16 * 1024 * 1024
+
+
+def _decode_file(path: str, data: bytes, kinds: set[bool], max_side: int) -> dict[bool, _Result]:
+    """Decodes one file as an image and/or a mask (a file may be both, for odd manifests)."""
+    results: dict[bool, _Result] = {}
+    for is_mask in kinds:
+        try:
+            if is_mask:
+                suffix = PurePosixPath(path).suffix.lower()
+                results[is_mask] = decode_mask(data, suffix, max_side)
+            else:
+                results[is_mask] = decode_image(data, max_side)
+        except DecodeProblem as exc:
+            results[is_mask] = exc
+    return results
+
+
 def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadRows) -> _Decoded:
-    """Decodes every referenced file once, in archive order, into per-example slots."""
+    """Decodes every referenced file once into per-example slots.
+
+    The archive is read in order on this thread while a few threads decode: Pillow releases
+    the GIL inside its PNG/JPEG decoders, which is where large images spend their time.
+    """
     examples = plan.examples
     wanted: dict[str, list[tuple[int, bool]]] = {}
     for index, ex in enumerate(examples):
@@ -160,35 +189,55 @@ def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadR
             wanted.setdefault(ex.mask, []).append((index, True))
     out = _Decoded(images=[None] * len(examples), masks=[None] * len(examples))
     budget = limits.max_decoded_bytes
-    for path, data in reader.iter_read(wanted):
-        results: dict[bool, np.ndarray | DecodeProblem] = {}
-        for index, is_mask in wanted[path]:
-            if is_mask not in results:
-                try:
-                    if is_mask:
-                        suffix = PurePosixPath(path).suffix.lower()
-                        results[is_mask] = decode_mask(data, suffix, limits.max_side)
-                    else:
-                        results[is_mask] = decode_image(data, limits.max_side)
-                except DecodeProblem as exc:
-                    results[is_mask] = exc
+
+    def decode_batch(batch: list[tuple[str, bytes]]) -> list[tuple[str, dict[bool, _Result]]]:
+        return [
+            (path, _decode_file(path, data, {k for _, k in wanted[path]}, limits.max_side))
+            for path, data in batch
+        ]
+
+    def take(done: list[tuple[str, dict[bool, _Result]]]) -> None:
+        nonlocal budget
+        for path, results in done:
+            budget -= sum(r.nbytes for r in results.values() if isinstance(r, np.ndarray))
+            for index, is_mask in wanted[path]:
+                result = results[is_mask]
+                ex = examples[index]
+                if isinstance(result, DecodeProblem):
+                    shown = f"{ex.path} (mask {path})" if is_mask else ex.path
+                    what = "mask" if is_mask else "image"
+                    bad.add(ex.row, shown, f"{what}: {result}", kind=IMAGE_UNDECODABLE)
+                elif is_mask:
+                    out.masks[index] = result
                 else:
-                    budget -= results[is_mask].nbytes  # type: ignore[union-attr]
-            result = results[is_mask]
-            ex = examples[index]
-            if isinstance(result, DecodeProblem):
-                shown = f"{ex.path} (mask {path})" if is_mask else ex.path
-                what = "mask" if is_mask else "image"
-                bad.add(ex.row, shown, f"{what}: {result}", kind=IMAGE_UNDECODABLE)
-            elif is_mask:
-                out.masks[index] = result
-            else:
-                out.images[index] = result
+                    out.images[index] = result
         if budget < 0:
             raise too_large(
                 f"the decoded images exceed {limits.max_decoded_bytes} bytes; "
                 "upload fewer or smaller images"
             )
+
+    workers = max(1, min(limits.decode_threads, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+        pending: deque[Future[list[tuple[str, dict[bool, _Result]]]]] = deque()
+        batch: list[tuple[str, bytes]] = []
+        batch_bytes = 0
+        try:
+            for path, data in reader.iter_read(wanted):
+                batch.append((path, data))
+                batch_bytes += len(data)
+                if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
+                    pending.append(pool.submit(decode_batch, batch))
+                    batch, batch_bytes = [], 0
+                    while len(pending) > 2 * workers:
+                        take(pending.popleft().result())
+            if batch:
+                pending.append(pool.submit(decode_batch, batch))
+            while pending:
+                take(pending.popleft().result())
+        finally:
+            for future in pending:
+                future.cancel()
     for index, ex in enumerate(examples):
         image, mask = out.images[index], out.masks[index]
         if image is not None and mask is not None and mask.shape != image.shape[:2]:

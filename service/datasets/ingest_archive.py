@@ -110,6 +110,7 @@ class SafeArchive:
         self.kind = _sniff(path)
         self.members: dict[str, Member] = {}
         self.metadata: dict[str, bytes] = {}
+        self._metadata_bytes = 0
         self._zip: zipfile.ZipFile | None = None
         self._zip_infos: dict[str, zipfile.ZipInfo] = {}
         if self.kind == "zip":
@@ -156,8 +157,10 @@ class SafeArchive:
 
     def _wants_metadata(self, name: str, size: int) -> bool:
         suffix = PurePosixPath(name).suffix.lower()
-        used = sum(len(b) for b in self.metadata.values())
-        return suffix in METADATA_SUFFIXES and used + size <= MAX_METADATA_BYTES
+        if suffix not in METADATA_SUFFIXES or self._metadata_bytes + size > MAX_METADATA_BYTES:
+            return False
+        self._metadata_bytes += size
+        return True
 
     def _list_zip(self) -> None:
         try:
@@ -265,6 +268,10 @@ class SafeArchive:
             return self.metadata[path]
         if self._zip is not None and path in self._zip_infos:
             return self._read_zip(self._zip_infos[path])
+        if path in self.members:
+            raise too_large(
+                f"{path} was not read: the archive's text files exceed {MAX_METADATA_BYTES} bytes"
+            )
         raise KeyError(path)
 
     def iter_read(self, paths: Iterable[str]) -> Iterator[tuple[str, bytes]]:
