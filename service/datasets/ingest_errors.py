@@ -22,6 +22,7 @@ UNSAFE_ARCHIVE = "dataset-unsafe-archive"
 ARCHIVE_INVALID = "dataset-archive-invalid"
 IMAGE_UNDECODABLE = "dataset-image-undecodable"
 EMPTY = "dataset-empty"
+BAD_MANIFEST = "dataset-bad-manifest"
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,13 @@ from service.datasets.ingest_decode import (
     OTHER_IMAGE_SUFFIXES,
 )
 from service.datasets.ingest_errors import (
+    BAD_MANIFEST,
+    EMPTY,
     LAYOUT_UNKNOWN,
     BadRows,
     DatasetIngestError,
 )
 
-BAD_MANIFEST = "dataset-bad-manifest"
 DEFAULT_SPLIT = "test"
 LAYOUTS = ("manifest", "waterbirds", "imagenet9", "rival10", "imagefolder")
 
@@ -238,7 +239,7 @@ def _detect_manifest(level: _Level, bad: BadRows) -> Plan | None:
         ex = _manifest_example(level, line, rec, columns, class_names, bad)
         examples.append(ex)
     if not examples:
-        raise DatasetIngestError("dataset-empty", f"{name} has no rows")
+        raise DatasetIngestError(EMPTY, f"{name} has no rows")
     if class_names is None:
         top = max((e.label for e in examples), default=-1)
         class_names = [str(i) for i in range(top + 1)]
@@ -261,7 +262,7 @@ def _csv_rows(
     try:
         header = next(reader)
     except StopIteration:
-        raise DatasetIngestError("dataset-empty", f"{name} is empty") from None
+        raise DatasetIngestError(EMPTY, f"{name} is empty") from None
     except csv.Error as exc:
         raise DatasetIngestError(BAD_MANIFEST, f"{name}: {exc}") from exc
     keys = [h.strip().lower() for h in header]
@@ -270,7 +271,8 @@ def _csv_rows(
         raise DatasetIngestError(
             BAD_MANIFEST,
             f"{name} has no {' or '.join(missing)} column; its header is {header!r} and "
-            f"must name {','.join(required)}",
+            f"must name {','.join(required)}"
+            + ("[,mask][,group][,split]" if required == ("path", "label") else ""),
         )
     if len(set(keys)) != len(keys):
         raise DatasetIngestError(BAD_MANIFEST, f"{name} repeats a column name: {header!r}")
@@ -490,7 +492,7 @@ def _detect_waterbirds(level: _Level, bad: BadRows) -> Plan | None:
             )
         )
     if not examples:
-        raise DatasetIngestError("dataset-empty", "metadata.csv has no rows")
+        raise DatasetIngestError(EMPTY, "metadata.csv has no rows")
     warnings = []
     present = {e.group for e in examples}
     empty = [g for g in WATERBIRDS_GROUPS if g not in present]
