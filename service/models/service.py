@@ -25,8 +25,8 @@ def parse_metadata(raw: str | dict[str, object]) -> ModelMetadata:
     try:
         return ModelMetadata.model_validate(data)
     except ValidationError as exc:
-        errors = [{"field": "metadata." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                  for e in exc.errors()]
+        errors = [{"field": "".join(["metadata", *(f".{p}" for p in e["loc"])]),
+                   "message": e["msg"]} for e in exc.errors()]
         names = ", ".join(e["field"] for e in errors)
         raise Invalid(f"invalid model metadata: {names}", errors=errors) from exc
 

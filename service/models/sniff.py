@@ -74,7 +74,7 @@ def _sniff_zip(path: Path) -> Sniffed:
     if any(n.endswith("data.pkl") for n in names):
         raise PickleRefused(
             "this archive was written by torch.save (it holds data.pkl and no TorchScript "
-            "code); loading it runs arbitrary pickled code, so robustscope never does. "
+            "code); loading it runs arbitrary code from its pickle, so robustscope never does. "
             + CONVERT_HINT
         )
     raise CheckpointRefused("a zip archive that is neither TorchScript nor torch.export. "

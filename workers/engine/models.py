@@ -118,7 +118,7 @@ class Normalized(nn.Module):
     std: Tensor
 
     def __init__(self, model: nn.Module, mean: Sequence[float] | None,
-                 std: Sequence[float] | None, channels: int) -> None:
+                 std: Sequence[float] | None, channels: int, fixed_mode: bool = False) -> None:
         super().__init__()
         self.model = model
         m = torch.tensor(mean if mean is not None else [0.0] * channels, dtype=torch.float32)
@@ -130,6 +130,14 @@ class Normalized(nn.Module):
         self.register_buffer("mean", m.view(1, -1, 1, 1))
         self.register_buffer("std", s.view(1, -1, 1, 1))
         self.identity = mean is None and std is None
+        # A torch.export graph is traced in one mode and refuses .train()/.eval().
+        self.fixed_mode = fixed_mode
+
+    def train(self, mode: bool = True) -> Normalized:
+        self.training = mode
+        if not self.fixed_mode:
+            self.model.train(mode)
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.identity:
@@ -147,7 +155,8 @@ def load(path: Path, spec: ModelSpec, device: torch.device | str = "cpu") -> Nor
         inner = _load_torchscript(path)
     else:
         inner = _load_export(path)
-    model = Normalized(inner, spec.mean, spec.std, spec.input_shape[0]).to(device).eval()
+    model = Normalized(inner, spec.mean, spec.std, spec.input_shape[0],
+                       fixed_mode=spec.format is Format.EXPORT).to(device).eval()
     _check_output(model, spec, device)
     return model
 
@@ -233,19 +242,25 @@ def _load_export(path: Path) -> nn.Module:
 
 
 def _check_output(model: nn.Module, spec: ModelSpec, device: torch.device) -> None:
-    probe = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))
+    # An odd batch size catches a torch.export graph traced with a fixed batch dimension.
+    probe = torch.rand(3, *spec.input_shape, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
             out = model(probe.to(device))
     except Exception as exc:  # the user's graph may raise anything on a wrong input shape
+        hint = ""
+        if spec.format is Format.EXPORT:
+            hint = (" (export with a dynamic batch dimension: torch.export.export(model, (x,), "
+                    "dynamic_shapes=({0: torch.export.Dim('batch')},)))")
         raise CheckpointError(
-            f"the model failed on an input of shape [N, {', '.join(map(str, spec.input_shape))}]:"
-            f" {exc}"
+            f"the model failed on an input of shape [3, {', '.join(map(str, spec.input_shape))}]"
+            f"{hint}: {exc}"
         ) from exc
-    if not isinstance(out, Tensor) or out.shape != (2, spec.num_classes):
+    if not isinstance(out, Tensor) or out.shape != (3, spec.num_classes):
         shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise CheckpointError(
-            f"the model must return logits of shape [N, {spec.num_classes}]; it returned {shape}"
+            f"the model must return logits of shape [3, {spec.num_classes}] for 3 inputs; it "
+            f"returned {shape}"
         )
 
 

@@ -1,0 +1,99 @@
+"""Small builders for test models, checkpoints and API clients."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi.testclient import TestClient
+from torch import nn
+
+from service.app import create_app
+from service.auth.keys import create_key
+from service.db import make_engine, make_sessionmaker, transaction
+from service.settings import Settings
+
+META = {"name": "tiny", "num_classes": 4, "input_shape": [3, 32, 32]}
+
+
+def settings(database_url: str, data_dir: Path, **kw: Any) -> Settings:
+    return Settings(database_url=database_url, data_dir=data_dir,
+                    broker_url=kw.pop("broker_url", f"sqla+sqlite:///{data_dir / 'broker.db'}"),
+                    **kw)
+
+
+def new_key(database_url: str, owner: str) -> str:
+    engine = make_engine(database_url)
+    with transaction(make_sessionmaker(engine)) as s:
+        key = create_key(s, owner)
+    engine.dispose()
+    return key
+
+
+@contextmanager
+def api(cfg: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(cfg)) as client:
+        yield client
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def tiny_net(num_classes: int = 4, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                         nn.Flatten(), nn.Linear(64, num_classes)).eval()
+
+
+def torchscript_bytes(model: nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(model), buf)
+    return buf.getvalue()
+
+
+def export_bytes(model: nn.Module, shape: tuple[int, ...] = (3, 32, 32)) -> bytes:
+    buf = io.BytesIO()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.rand(4, *shape),),
+                                  dynamic_shapes=({0: batch},))
+    torch.export.save(program, buf)
+    return buf.getvalue()
+
+
+def safetensors_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state.items()})
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that a loader executed the upload."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.target,))
+
+
+def malicious_pickle(target: Path) -> bytes:
+    return pickle.dumps(_Payload(target))
+
+
+def malicious_torch_save(target: Path) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"weights": torch.zeros(2), "payload": _Payload(target)}, buf)
+    return buf.getvalue()
+
+
+def upload(client: TestClient, key: str, data: bytes, meta: dict[str, Any] | None = None,
+           name: str = "model.bin") -> Any:
+    return client.post("/models", headers=auth(key), files={"file": (name, data)},
+                       data={"metadata": json.dumps(meta or META)})
