@@ -1,0 +1,411 @@
+"""The adversarial axis: ``adversarial`` (robust accuracy per eps) and ``robustness_curve``.
+
+``adversarial`` params: ``attack`` (fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab-t, square, cw,
+autoattack, fast), ``norm`` (linf, l2, l1), ``eps`` (a number or a list; one cascade per eps),
+optional ``steps``, ``restarts``, ``targeted``, ``step_size`` (PGD), ``queries`` (Square),
+``n_targets``. Rows: ``clean_accuracy`` once, ``robust_accuracy`` per eps, and for cascades
+``robust_accuracy_after`` per stage (params gain ``stage``).
+
+``robustness_curve`` params: ``norm``, ``eps`` (the grid), optional ``steps``, ``n_targets``.
+One minimal-perturbation run (FAB-T over the most likely wrong classes) gives each example
+its smallest adversarial norm m_i (0 for a clean error; the box diameter when none was found).
+Rows: ``robust_accuracy`` per grid eps (= fraction with m_i > eps), ``median_min_norm``, and
+``curve_area`` = (1 / (e_max - e_min)) * integral from e_min to e_max of RA(e) de over the
+exact step curve RA(e) = mean_i [m_i > e], i.e. the mean robust accuracy over the grid's range
+(RA at the single point when the grid has one value).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from workers.engine.attacks import (
+    APGD,
+    FGSM,
+    PGD,
+    APGDTargeted,
+    CarliniWagnerL2,
+    FABTargeted,
+    Forward,
+    Loss,
+    PGDTargeted,
+    Square,
+)
+from workers.engine.benchmarks import register
+from workers.engine.runner import (
+    CascadeResult,
+    CleanPass,
+    Stage,
+    autoattack_stages,
+    clean_pass,
+    fast_stages,
+    run_cascade,
+)
+from workers.engine.threats import Norm
+from workers.engine.types import (
+    BenchmarkError,
+    BenchmarkResult,
+    Check,
+    EvalData,
+    MetricRow,
+    RunContext,
+)
+
+
+class AttackName(StrEnum):
+    FGSM = "fgsm"
+    PGD = "pgd"
+    APGD_CE = "apgd-ce"
+    APGD_DLR = "apgd-dlr"
+    APGD_T = "apgd-t"
+    FAB_T = "fab-t"
+    SQUARE = "square"
+    CW = "cw"
+    AUTOATTACK = "autoattack"
+    FAST = "fast"
+
+
+@dataclass(frozen=True)
+class AttackParams:
+    attack: AttackName
+    norm: Norm
+    eps: tuple[float, ...]
+    num_classes: int
+    steps: int | None = None
+    restarts: int | None = None
+    targeted: bool = False
+    step_size: float | None = None
+    queries: int | None = None
+    n_targets: int = 9
+
+
+ALL_NORMS = frozenset(Norm)
+SUPPORTED_NORMS: dict[AttackName, frozenset[Norm]] = {
+    AttackName.FGSM: ALL_NORMS, AttackName.PGD: ALL_NORMS, AttackName.APGD_CE: ALL_NORMS,
+    AttackName.APGD_DLR: ALL_NORMS, AttackName.APGD_T: ALL_NORMS,
+    AttackName.FAB_T: ALL_NORMS, AttackName.SQUARE: frozenset({Norm.LINF, Norm.L2}),
+    AttackName.CW: frozenset({Norm.L2}), AttackName.AUTOATTACK: ALL_NORMS,
+    AttackName.FAST: ALL_NORMS,
+}
+
+
+def _pgd(p: AttackParams) -> list[Stage]:
+    base = PGD(p.norm, steps=p.steps or 10, restarts=p.restarts or 1, step_size=p.step_size)
+    if p.targeted:
+        return [Stage("pgd-t", PGDTargeted(base, n_targets=p.n_targets))]
+    return [Stage("pgd", base)]
+
+
+def _apgd(loss: Loss) -> Callable[[AttackParams], list[Stage]]:
+    def build(p: AttackParams) -> list[Stage]:
+        steps, large = p.steps or 100, p.norm is Norm.L1
+        restarts = p.restarts or (5 if large else 1)
+        if p.targeted:
+            return [Stage("apgd-t", APGDTargeted(p.norm, steps, n_targets=p.n_targets,
+                                                 restarts=p.restarts or 1, large_eps=large))]
+        return [Stage(f"apgd-{loss.value}", APGD(p.norm, steps, restarts, loss, large_eps=large))]
+
+    return build
+
+
+def _apgd_t(p: AttackParams) -> list[Stage]:
+    return [Stage("apgd-t", APGDTargeted(p.norm, p.steps or 100, n_targets=p.n_targets,
+                                         restarts=p.restarts or 1,
+                                         large_eps=p.norm is Norm.L1))]
+
+
+BUILDERS: dict[AttackName, Callable[[AttackParams], list[Stage]]] = {
+    AttackName.FGSM: lambda p: [Stage("fgsm", FGSM(p.norm))],
+    AttackName.PGD: _pgd,
+    AttackName.APGD_CE: _apgd(Loss.CE),
+    AttackName.APGD_DLR: _apgd(Loss.DLR),
+    AttackName.APGD_T: _apgd_t,
+    AttackName.FAB_T: lambda p: [Stage("fab-t", FABTargeted(
+        p.norm, p.steps or 100, n_targets=p.n_targets, restarts=p.restarts or 1))],
+    AttackName.SQUARE: lambda p: [Stage("square", Square(p.norm, p.queries or 5000),
+                                        white_box=False)],
+    AttackName.CW: lambda p: [Stage("cw", CarliniWagnerL2(steps=p.steps or 100))],
+    AttackName.AUTOATTACK: lambda p: autoattack_stages(
+        p.norm, p.num_classes, p.steps or 100, p.n_targets, p.queries or 5000),
+    AttackName.FAST: lambda p: fast_stages(p.norm, p.num_classes, p.steps or 100, p.n_targets),
+}
+
+_KNOWN = {"attack", "norm", "eps", "steps", "restarts", "targeted", "step_size", "queries",
+          "n_targets", "seed", "benchmark"}
+_TARGETABLE = {AttackName.PGD, AttackName.APGD_CE, AttackName.APGD_DLR, AttackName.APGD_T,
+               AttackName.FAB_T}
+
+
+def parse_params(params: dict[str, Any], data: EvalData) -> AttackParams:
+    """Validate the user's parameters; every refusal says what was wrong and what is allowed."""
+    unknown = sorted(set(params) - _KNOWN)
+    if unknown:
+        raise BenchmarkError(f"adversarial: unknown parameter(s) {unknown}; known: "
+                             f"{sorted(_KNOWN - {'benchmark', 'seed'})}")
+    attack = _enum(AttackName, params.get("attack", "pgd"), "attack")
+    norm = _norm(params.get("norm", "linf"))
+    if norm not in SUPPORTED_NORMS[attack]:
+        ok = ", ".join(sorted(n.value for n in SUPPORTED_NORMS[attack]))
+        raise BenchmarkError(f"adversarial: attack {attack.value!r} does not support norm "
+                             f"{norm.value!r} (supported: {ok})")
+    eps = _eps_list(params.get("eps"), norm, data)
+    targeted = params.get("targeted", False)
+    if not isinstance(targeted, bool):
+        raise BenchmarkError("adversarial: 'targeted' must be true or false")
+    if targeted and attack not in _TARGETABLE:
+        raise BenchmarkError(f"adversarial: attack {attack.value!r} has no targeted variant")
+    num_classes = max(len(data.class_names), int(data.y.max()) + 1 if len(data) else 2)
+    n_targets = _int(params.get("n_targets"), "n_targets", 1, 999) or 9
+    if (attack in (AttackName.APGD_T, AttackName.FAB_T) or targeted) and num_classes < 2:
+        raise BenchmarkError("adversarial: targeted attacks need at least 2 classes")
+    step_size = params.get("step_size")
+    if step_size is not None:
+        if attack is not AttackName.PGD:
+            raise BenchmarkError("adversarial: 'step_size' applies to pgd only (APGD, FAB, "
+                                 "Square and C&W choose their own)")
+        if not _is_number(step_size) or not 0 < float(step_size) < math.inf:
+            raise BenchmarkError("adversarial: 'step_size' must be a positive number")
+        step_size = float(step_size)
+    queries = _int(params.get("queries"), "queries", 1, 1_000_000)
+    if queries is not None and attack not in (AttackName.SQUARE, AttackName.AUTOATTACK):
+        raise BenchmarkError("adversarial: 'queries' applies to square and autoattack only")
+    return AttackParams(
+        attack=attack, norm=norm, eps=eps, num_classes=num_classes,
+        steps=_int(params.get("steps"), "steps", 1, 100_000),
+        restarts=_int(params.get("restarts"), "restarts", 1, 1000), targeted=targeted,
+        step_size=step_size, queries=queries, n_targets=n_targets)
+
+
+@register("adversarial")
+def adversarial(model: nn.Module, data: EvalData, params: dict[str, Any],
+                ctx: RunContext) -> BenchmarkResult:
+    p = parse_params(params, data)
+    stages = BUILDERS[p.attack](p)
+    state_root = None if ctx.state_dir is None else ctx.state_dir / "adversarial"
+    checks = sanity_checks(model, data, ctx)
+    clean = clean_pass(model, data.x, data.y, ctx, state_root)
+    base = {"attack": p.attack.value, "norm": p.norm.value}
+    rows = [MetricRow("adversarial", "clean_accuracy", _mean(clean.correct), dict(base))]
+    result = BenchmarkResult(rows=rows, checks=checks)
+    accs: list[tuple[float, float]] = []
+    for j, eps in enumerate(p.eps):
+        tag = f"{p.attack.value}-{p.norm.value}-{_eps_tag(eps)}"
+
+        def progress(frac: float, msg: str, j: int = j) -> None:
+            ctx.progress((j + frac) / len(p.eps), msg)
+
+        res = run_cascade(model, data.x, data.y, p.norm, eps, stages, ctx, clean=clean,
+                          state_dir=None if state_root is None else state_root / tag,
+                          progress=progress)
+        params_eps = {**base, "eps": eps}
+        rows.append(MetricRow("adversarial", "robust_accuracy", res.robust_accuracy, params_eps))
+        if len(stages) > 1:
+            for name, acc in res.stage_robust:
+                rows.append(MetricRow("adversarial", "robust_accuracy_after", acc,
+                                      {**params_eps, "stage": name}))
+        accs.append((eps, res.robust_accuracy))
+        result.checks.extend(_cascade_checks(stages, res, eps, len(data)))
+        if ctx.artifact_dir is not None:
+            ctx.artifact_dir.mkdir(parents=True, exist_ok=True)
+            path = res.save_flags(ctx.artifact_dir / f"adversarial-{tag}.npz")
+            result.artifacts[f"adversarial-{tag}"] = path
+    result.checks.append(_monotone_check(accs))
+    return result
+
+
+@register("robustness_curve")
+def robustness_curve(model: nn.Module, data: EvalData, params: dict[str, Any],
+                     ctx: RunContext) -> BenchmarkResult:
+    unknown = sorted(set(params) - {"norm", "eps", "steps", "n_targets", "seed", "benchmark"})
+    if unknown:
+        raise BenchmarkError(f"robustness_curve: unknown parameter(s) {unknown}")
+    norm = _norm(params.get("norm", "linf"))
+    grid = sorted(_eps_list(params.get("eps"), norm, data))
+    steps = _int(params.get("steps"), "steps", 1, 100_000) or 100
+    n_targets = _int(params.get("n_targets"), "n_targets", 1, 999) or 9
+    checks = sanity_checks(model, data, ctx)
+    clean = clean_pass(model, data.x, data.y, ctx, None)
+    norms = minimal_norms(model, data, norm, clean, ctx, steps, n_targets)
+    method = "fab-t"
+    rows = []
+    accs = []
+    for eps in grid:
+        acc = _mean(norms > eps)
+        accs.append((eps, acc))
+        rows.append(MetricRow("robustness_curve", "robust_accuracy", acc,
+                              {"norm": norm.value, "eps": eps, "method": method}))
+    params_all = {"norm": norm.value, "method": method}
+    rows.append(MetricRow("robustness_curve", "median_min_norm",
+                          float(norms.median()) if norms.numel() else 0.0, params_all))
+    rows.append(MetricRow("robustness_curve", "curve_area", curve_area(norms, grid),
+                          {**params_all, "eps_min": grid[0], "eps_max": grid[-1]}))
+    result = BenchmarkResult(rows=rows, checks=checks + [_monotone_check(accs)])
+    if ctx.artifact_dir is not None:
+        ctx.artifact_dir.mkdir(parents=True, exist_ok=True)
+        path = ctx.artifact_dir / f"robustness_curve-{norm.value}.npz"
+        np.savez(path, min_norm=norms.numpy(), clean_correct=clean.correct.numpy())
+        result.artifacts[f"robustness_curve-{norm.value}"] = path
+    return result
+
+
+def minimal_norms(model: nn.Module, data: EvalData, norm: Norm, clean: CleanPass,
+                  ctx: RunContext, steps: int = 100, n_targets: int = 9) -> Tensor:
+    """Smallest adversarial norm found per example (CPU ``[N]``); see the module docstring."""
+    attack = FABTargeted(norm, steps, n_targets=n_targets)
+    fwd = Forward(model, amp=False, channels_last=ctx.device.type == "cuda")
+    n = len(data)
+    dims = data.x[0].numel()
+    diameter = {Norm.LINF: 1.0, Norm.L2: math.sqrt(dims), Norm.L1: float(dims)}[norm]
+    out = torch.zeros(n)
+    todo = clean.correct.nonzero().squeeze(1)
+    gen = ctx.generator(salt=17)
+    for s in range(0, todo.numel(), ctx.batch_size):
+        idx = todo[s:s + ctx.batch_size]
+        xb, yb = data.x[idx].to(ctx.device), data.y[idx].to(ctx.device)
+        x_adv, m = attack.minimal(fwd, xb, yb, gen, clean.logits[idx].to(ctx.device))
+        with torch.inference_mode():
+            real = fwd.fp32(x_adv).argmax(1) != yb  # fp32 re-check, as for every break
+        m = torch.where(real & torch.isfinite(m), m, torch.full_like(m, diameter))
+        out[idx] = m.float().cpu()
+        ctx.progress(min(1.0, (s + idx.numel()) / max(todo.numel(), 1)),
+                     f"robustness_curve {norm.value}: minimal perturbations")
+    return out
+
+
+def curve_area(norms: Tensor, grid: list[float]) -> float:
+    """Mean of RA(e) = mean_i [m_i > e] over [grid[0], grid[-1]], integrated exactly."""
+    if norms.numel() == 0:
+        return 0.0
+    lo, hi = grid[0], grid[-1]
+    if hi <= lo:
+        return _mean(norms > lo)
+    return float(((norms.clamp(lo, hi) - lo) / (hi - lo)).mean())
+
+
+def sanity_checks(model: nn.Module, data: EvalData, ctx: RunContext,
+                  n: int = 64) -> list[Check]:
+    """AutoAttack-style pitfalls: logits (not probabilities), determinism, non-zero grads."""
+    if len(data) == 0:
+        return []
+    x = data.x[:n].to(ctx.device)
+    y = data.y[:n].to(ctx.device)
+    with torch.inference_mode():
+        a, b = model(x).float(), model(x).float()
+    checks = []
+    probs = bool((a >= 0).all() and (a <= 1).all()
+                 and torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-3))
+    checks.append(Check("logits_not_softmax", not probs,
+                        "outputs look like probabilities (rows in [0,1] summing to 1); attacks "
+                        "and DLR need logits" if probs else ""))
+    diff = float((a - b).abs().max())
+    scale = float(a.abs().max()) + 1e-12
+    det = diff <= 1e-5 * scale
+    checks.append(Check("deterministic_forward", det,
+                        "" if det else f"two forwards of the same input differ by {diff:.3g}: "
+                        "randomised defences need EOT; robust accuracy may be overestimated"))
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(xg).float(), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, xg)
+    zero = int((g.flatten(1).abs().amax(1) == 0).sum())
+    checks.append(Check("nonzero_gradients", zero == 0,
+                        "" if zero == 0 else f"{zero}/{x.shape[0]} examples have an all-zero "
+                        "input gradient: gradient masking is likely",
+                        {"zero_gradient_examples": zero}))
+    return checks
+
+
+def _cascade_checks(stages: list[Stage], res: CascadeResult, eps: float, n: int) -> list[Check]:
+    out = []
+    white = [i for i, s in enumerate(stages) if s.white_box]
+    for i, s in enumerate(stages):
+        if s.white_box or not white or i < min(white):
+            continue
+        extra = int((res.broken_by == i).sum())
+        out.append(Check("blackbox_not_stronger", extra == 0,
+                         "" if extra == 0 else f"{s.name} broke {extra}/{n} examples the "
+                         "white-box attacks could not: the gradients may be masked",
+                         {"eps": eps, "stage": s.name, "examples": extra}))
+    return out
+
+
+def _monotone_check(accs: list[tuple[float, float]]) -> Check:
+    ordered = sorted(accs)
+    bad = [(e2, a2) for (e1, a1), (e2, a2) in zip(ordered, ordered[1:], strict=False)
+           if a2 > a1 + 1e-12]
+    return Check("monotone_in_eps", not bad,
+                 "" if not bad else "robust accuracy rises with eps at "
+                 + ", ".join(f"eps={e:g}" for e, _ in bad) + ": the attack is not converging",
+                 {"eps": [e for e, _ in ordered]})
+
+
+def _enum(cls: type[AttackName], value: Any, what: str) -> AttackName:
+    try:
+        return cls(str(value).lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in cls)
+        raise BenchmarkError(f"adversarial: unknown {what} {value!r}; allowed: {allowed}") from None
+
+
+def _norm(value: Any) -> Norm:
+    aliases = {"inf": "linf", "linf": "linf", "l_inf": "linf", "2": "l2", "l2": "l2",
+               "1": "l1", "l1": "l1"}
+    key = re.sub(r"\s", "", str(value).lower())
+    if key not in aliases:
+        raise BenchmarkError(f"unknown norm {value!r}; allowed: linf, l2, l1")
+    return Norm(aliases[key])
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _eps_list(value: Any, norm: Norm, data: EvalData) -> tuple[float, ...]:
+    if value is None:
+        raise BenchmarkError("'eps' is required (a number or a list of numbers, pixel scale "
+                             "[0,1], e.g. 0.0314 for 8/255)")
+    values = value if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise BenchmarkError("'eps' must not be empty")
+    if not all(_is_number(v) for v in values):
+        raise BenchmarkError(f"'eps' must be numbers, got {value!r}")
+    eps = tuple(float(v) for v in values)
+    dims = data.x[0].numel() if len(data) else 1
+    limit = {Norm.LINF: 1.0, Norm.L2: math.sqrt(dims), Norm.L1: float(dims)}[norm]
+    for e in eps:
+        if not math.isfinite(e) or e < 0:
+            raise BenchmarkError(f"'eps' must be finite and >= 0, got {e}")
+        if e > limit:
+            raise BenchmarkError(f"'eps' {e} exceeds the {norm.value} diameter of the [0,1] "
+                                 f"box ({limit:g}); eps is in pixel scale [0,1], not 0-255")
+    if len(set(eps)) != len(eps):
+        raise BenchmarkError("'eps' contains duplicates")
+    return eps
+
+
+def _int(value: Any, name: str, lo: int, hi: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise BenchmarkError(f"'{name}' must be an integer, got {value!r}")
+    if not lo <= int(value) <= hi:
+        raise BenchmarkError(f"'{name}' must be between {lo} and {hi}, got {value}")
+    return int(value)
+
+
+def _mean(flags: Tensor) -> float:
+    return float(flags.float().mean()) if flags.numel() else 0.0
+
+
+def _eps_tag(eps: float) -> str:
+    return f"eps{eps:.6g}"
+

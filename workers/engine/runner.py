@@ -1,0 +1,247 @@
+"""The evaluation runner: a cascade of attacks over the examples still robust.
+
+Per example the state is one flag, "still robust"; each stage attacks only those, and an
+example is broken as soon as any attack (any restart, any iterate) finds a misclassified
+point inside the ball and the box. A claimed break counts only after it is re-checked in fp32
+(no autocast), inside the ball and the box, and finite: bf16 rounding must never make a model
+look weaker than it is. This is AutoAttack's worst-case-per-example definition.
+
+The flags are saved after every stage (``npz``, no pickles) in ``state_dir``; a re-run with
+the same state directory, data, threat and seed skips the stages already done, so a worker
+killed mid-evaluation resumes instead of restarting.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from workers.engine.attacks.apgd import APGD, APGDTargeted
+from workers.engine.attacks.base import Attack, AttackOutput, Forward, Loss
+from workers.engine.threats import Norm, Threat, threat_for
+from workers.engine.types import RunContext
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One attack of a cascade; ``name`` is unique within the cascade (it keys the state)."""
+
+    name: str
+    attack: Attack
+    white_box: bool = True
+
+
+class Preset(StrEnum):
+    AUTOATTACK = "autoattack"
+    FAST = "fast"
+
+
+def autoattack_stages(norm: Norm, num_classes: int, steps: int = 100, n_targets: int = 9,
+                      square_queries: int = 5000) -> list[Stage]:
+    """AutoAttack "standard" (Croce & Hein 2020, as RobustBench pins it).
+
+    l_inf / l_2: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000 queries).
+    l_1: l1-APGD-CE with 5 restarts and APGD-T, both with the 3eps/2eps/eps schedule
+    (FAB-T and Square have no l_1 version in AutoAttack).
+    """
+    from workers.engine.attacks.fab import FABTargeted
+    from workers.engine.attacks.square import Square
+
+    k = min(n_targets, num_classes - 1)
+    if norm is Norm.L1:
+        return [
+            Stage("apgd-ce", APGD(norm, steps, restarts=5, loss=Loss.CE, large_eps=True)),
+            Stage("apgd-t", APGDTargeted(norm, steps, n_targets=k, large_eps=True)),
+        ]
+    return [
+        Stage("apgd-ce", APGD(norm, steps, loss=Loss.CE)),
+        Stage("apgd-t", APGDTargeted(norm, steps, n_targets=k)),
+        Stage("fab-t", FABTargeted(norm, steps, n_targets=k)),
+        Stage("square", Square(norm, square_queries), white_box=False),
+    ]
+
+
+def fast_stages(norm: Norm, num_classes: int, steps: int = 100, n_targets: int = 9) -> list[Stage]:
+    """APGD-CE then APGD-T: most of AutoAttack's strength at a fraction of its cost."""
+    k = min(n_targets, num_classes - 1)
+    large = norm is Norm.L1
+    return [
+        Stage("apgd-ce", APGD(norm, steps, loss=Loss.CE, large_eps=large)),
+        Stage("apgd-t", APGDTargeted(norm, steps, n_targets=k, large_eps=large)),
+    ]
+
+
+@dataclass
+class CascadeResult:
+    clean_correct: Tensor  # bool [N]
+    robust: Tensor  # bool [N]
+    broken_by: Tensor  # int16 [N]: stage index that broke it, -1 clean error, -2 robust
+    stage_robust: list[tuple[str, float]] = field(default_factory=list)
+    rejected: int = 0  # claimed breaks that failed the fp32 re-check
+    resumed: list[str] = field(default_factory=list)  # stages loaded from state_dir
+
+    @property
+    def robust_accuracy(self) -> float:
+        return float(self.robust.float().mean()) if self.robust.numel() else 0.0
+
+    def save_flags(self, path: Path) -> Path:
+        _save(path, robust=self.robust.numpy(), clean_correct=self.clean_correct.numpy(),
+              broken_by=self.broken_by.numpy())
+        return path
+
+
+@dataclass
+class CleanPass:
+    correct: Tensor  # bool [N], CPU
+    logits: Tensor  # float32 [N, K], CPU
+
+
+def clean_pass(model: nn.Module, x: Tensor, y: Tensor, ctx: RunContext,
+               state_dir: Path | None = None) -> CleanPass:
+    """fp32 logits of the clean inputs, computed once and shared by every stage and eps."""
+    path = None if state_dir is None else state_dir / "clean.npz"
+    key = _fingerprint("clean", y)
+    if path is not None and path.exists():
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["key"]) == key:
+                return CleanPass(torch.from_numpy(f["correct"]), torch.from_numpy(f["logits"]))
+    fwd = Forward(model)
+    out = []
+    with torch.inference_mode():
+        for s in range(0, x.shape[0], ctx.batch_size):
+            out.append(fwd.fp32(x[s:s + ctx.batch_size].to(ctx.device)).cpu())
+    logits = torch.cat(out) if out else torch.empty(0, 0)
+    res = CleanPass(logits.argmax(1) == y if out else torch.zeros(0, dtype=torch.bool), logits)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save(path, key=np.array(key), correct=res.correct.numpy(), logits=logits.numpy())
+    return res
+
+
+def run_cascade(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
+                stages: list[Stage], ctx: RunContext, *, clean: CleanPass | None = None,
+                state_dir: Path | None = None, progress: ProgressFn | None = None,
+                fwd: Forward | None = None) -> CascadeResult:
+    """Run ``stages`` in order on the examples still robust; see the module docstring."""
+    report = progress or ctx.progress
+    if state_dir is not None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    if clean is None:
+        clean = clean_pass(model, x, y, ctx, state_dir)
+    amp = ctx.amp and ctx.device.type == "cuda"
+    fwd = fwd or Forward(model, amp=amp, channels_last=ctx.device.type == "cuda")
+    threat = threat_for(norm)
+    n = x.shape[0]
+    robust = clean.correct.clone()
+    broken_by = torch.where(robust, -2, -1).to(torch.int16)
+    x_adv = x.clone()
+    fresh = torch.zeros(n, dtype=torch.bool)  # broken in this process (x_adv is in memory)
+    result = CascadeResult(clean.correct, robust, broken_by)
+    names = "+".join(s.name for s in stages)
+    for i, stage in enumerate(stages):
+        key = _fingerprint(f"{norm.value}|{eps!r}|{names}|{i}|{ctx.seed}", y)
+        path = None if state_dir is None else state_dir / f"stage{i:02d}-{stage.name}.npz"
+        loaded = _load_stage(path, key)
+        if loaded is not None:
+            robust.copy_(loaded[0])
+            broken_by.copy_(loaded[1])
+            result.stage_robust.append((stage.name, float(robust.float().mean())))
+            result.resumed.append(stage.name)
+            continue
+        todo = robust.nonzero().squeeze(1)
+        gen = ctx.generator(salt=zlib.crc32(key.encode()))
+        done = 0
+        bs = max(ctx.batch_size, 1)
+        while done < todo.numel():
+            idx = todo[done:done + bs]
+            xb, yb = x[idx].to(ctx.device), y[idx].to(ctx.device)
+            try:
+                out = stage.attack.run(fwd, xb, yb, eps, gen, clean.logits[idx].to(ctx.device))
+            except torch.cuda.OutOfMemoryError:
+                if bs == 1:
+                    raise
+                bs = max(bs // 2, 1)
+                torch.cuda.empty_cache()
+                continue
+            broke, rejected = confirm(fwd, threat, xb, yb, eps, out)
+            result.rejected += rejected
+            hit = idx[broke.cpu()]
+            robust[hit] = False
+            broken_by[hit] = i
+            x_adv[hit] = out.x_adv[broke].detach().float().cpu()
+            fresh[hit] = True
+            done += idx.numel()
+            frac = (i + done / max(todo.numel(), 1)) / len(stages)
+            report(frac, f"{stage.name} {norm.value} eps={eps:g}: "
+                         f"robust {int(robust.sum())}/{n}")
+        if todo.numel() == 0:
+            report((i + 1) / len(stages), f"{stage.name}: nothing left to attack")
+        if path is not None:
+            _save(path, key=np.array(key), robust=robust.numpy(), broken_by=broken_by.numpy())
+        result.stage_robust.append((stage.name, float(robust.float().mean())))
+    assert_valid(threat, x[fresh], x_adv[fresh], eps)
+    return result
+
+
+def confirm(fwd: Forward, threat: Threat, x: Tensor, y: Tensor, eps: float,
+            out: AttackOutput) -> tuple[Tensor, int]:
+    """Which claimed breaks hold in fp32, inside the ball and the box, with finite values."""
+    claimed = out.success.nonzero().squeeze(1)
+    broke = torch.zeros_like(out.success)
+    if claimed.numel() == 0:
+        return broke, 0
+    xa = out.x_adv[claimed].float()
+    with torch.inference_mode():
+        wrong = fwd.fp32(xa).argmax(1) != y[claimed]
+    ok = wrong & _inside(threat, x[claimed], xa, eps)
+    broke[claimed] = ok
+    return broke, int(claimed.numel() - int(ok.sum()))
+
+
+def _inside(threat: Threat, x: Tensor, x_adv: Tensor, eps: float) -> Tensor:
+    finite = torch.isfinite(x_adv).flatten(1).all(1)
+    in_box = ((x_adv >= 0) & (x_adv <= 1)).flatten(1).all(1)
+    in_ball = threat.norm_of(x_adv - x) <= eps * (1 + 1e-5) + 1e-6
+    return finite & in_box & in_ball
+
+
+def assert_valid(threat: Threat, x: Tensor, x_adv: Tensor, eps: float) -> None:
+    """AutoAttack's final check: every adversarial example in the ball, the box, no NaN."""
+    if x.shape[0] == 0:
+        return
+    ok = _inside(threat, x, x_adv, eps)
+    if not bool(ok.all()):
+        bad = int((~ok).sum())
+        raise AssertionError(f"{bad} adversarial examples outside the ball/box or not finite")
+
+
+def _fingerprint(prefix: str, y: Tensor) -> str:
+    return f"{prefix}|n={y.numel()}|y={zlib.crc32(y.numpy().astype(np.int64).tobytes())}"
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, path)
+
+
+def _load_stage(path: Path | None, key: str) -> tuple[Tensor, Tensor] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["key"]) != key:
+                return None
+            return torch.from_numpy(f["robust"]), torch.from_numpy(f["broken_by"])
+    except (OSError, KeyError, ValueError):
+        return None  # a torn or foreign file: run the stage again
