@@ -1,0 +1,211 @@
+"""The worker's job logic in-process: claim, resume, fencing, cancel, failures, reconciler."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sqlalchemy import func, select, update
+from torch import nn
+
+from service.db import make_engine, make_sessionmaker
+from service.settings import Settings
+from service.tables import Evaluation, Model, Result, utcnow
+from tests.factories import META, tiny_net, torchscript_bytes
+from workers import jobs, reconciler
+from workers.engine.benchmarks import _REGISTRY, register
+from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext
+from workers.runtime import Runtime
+
+
+@pytest.fixture
+def rt(sqlite_url: str, tmp_path: Path) -> Runtime:
+    cfg = Settings(database_url=sqlite_url, data_dir=tmp_path, heartbeat_interval=0.2,
+                   stale_after=1.0, max_attempts=3)
+    engine = make_engine(sqlite_url)
+    return Runtime(settings=cfg, engine=engine, sessions=make_sessionmaker(engine),
+                   device=torch.device("cpu"), name="test-worker")
+
+
+def _job(rt: Runtime, suite: list[dict[str, Any]], model_bytes: bytes | None = None,
+         **fields: Any) -> uuid.UUID:
+    model_id = uuid.uuid4()
+    path = rt.settings.data_dir / "models" / f"{model_id}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model_bytes if model_bytes is not None else torchscript_bytes(tiny_net()))
+    with rt.sessions.begin() as s:
+        s.add(Model(id=model_id, owner="o", name="tiny", format="torchscript", num_classes=4,
+                    input_shape=[3, 32, 32], model_metadata=META, sha256="0" * 64,
+                    size_bytes=1, storage_path=f"models/{model_id}.pt"))
+        s.flush()
+        fields = {"status": "queued", **fields}
+        ev = Evaluation(owner="o", model_id=model_id, model_name="tiny", dataset="shapes-32",
+                        dataset_params={}, split="test", suite=suite, seed=0, checks=[],
+                        artifacts={}, completed_entries=[], timings={}, **fields)
+        s.add(ev)
+        s.flush()
+        return ev.id
+
+
+def _get(rt: Runtime, eid: uuid.UUID) -> Evaluation:
+    with rt.sessions() as s:
+        ev = s.get(Evaluation, eid)
+        assert ev is not None
+        return ev
+
+
+def _result_count(rt: Runtime, eid: uuid.UUID) -> int:
+    with rt.sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(Result)
+                            .where(Result.evaluation_id == eid)) or 0)
+
+
+CALLS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _test_benchmarks() -> Any:
+    """Two benchmarks only these tests use: a counter and a slow one that reports progress."""
+
+    def counted(model: nn.Module, data: EvalData, params: dict[str, Any],
+                ctx: RunContext) -> BenchmarkResult:
+        CALLS.append(params.get("tag", ""))
+        if params.get("crash"):
+            raise RuntimeError("boom")
+        return BenchmarkResult(rows=[MetricRow("counted", "n", float(len(data)), params)])
+
+    def slow(model: nn.Module, data: EvalData, params: dict[str, Any],
+             ctx: RunContext) -> BenchmarkResult:
+        for i in range(200):
+            ctx.progress(i / 200, f"batch {i}")
+            time.sleep(0.02)
+        return BenchmarkResult(rows=[MetricRow("slow", "done", 1.0)])
+
+    register("test_counted")(counted)
+    register("test_slow")(slow)
+    CALLS.clear()
+    yield
+    _REGISTRY.pop("test_counted")
+    _REGISTRY.pop("test_slow")
+
+
+def test_a_job_runs_and_records_everything(rt: Runtime) -> None:
+    eid = _job(rt, [{"benchmark": "clean"}, {"benchmark": "test_counted", "tag": "a"}])
+    assert jobs.run(rt, eid) == "succeeded"
+    ev = _get(rt, eid)
+    assert (ev.status, ev.attempts, ev.progress_fraction) == ("succeeded", 1, 1.0)
+    assert ev.device == "cpu (%d threads)" % torch.get_num_threads()
+    assert ev.engine_version and ev.engine_version.startswith("0.1.0")
+    assert ev.started_at is not None and ev.finished_at is not None
+    assert ev.completed_entries == [0, 1]
+    assert set(ev.timings) == {"0:clean", "1:test_counted"}
+    with rt.sessions() as s:
+        rows = s.scalars(select(Result).where(Result.evaluation_id == eid)
+                         .order_by(Result.entry_index)).all()
+        assert [(r.benchmark, r.metric) for r in rows] == [("clean", "accuracy"),
+                                                           ("counted", "n")]
+        assert rows[1].value == 400.0  # shapes-32 has 400 test images
+        assert 0.0 <= rows[0].value <= 1.0
+    assert jobs.run(rt, eid) == "skipped"  # a duplicate delivery changes nothing
+    assert _result_count(rt, eid) == 2
+
+
+def test_a_restarted_job_resumes_after_the_last_finished_entry(rt: Runtime) -> None:
+    eid = _job(rt, [{"benchmark": "test_counted", "tag": "first"},
+                    {"benchmark": "test_counted", "tag": "second", "crash": True}])
+    # First attempt: entry 0 finishes, entry 1 crashes the "worker" mid-run.
+    token = jobs.claim(rt, eid)
+    assert token == 1
+    job = jobs.load_job(rt, eid, token)
+    with jobs.Supervisor(rt, job) as sup, pytest.raises(RuntimeError, match="boom"):
+        jobs._run_suite(rt, job, sup)
+    assert CALLS == ["first", "second"]
+    assert jobs.run(rt, eid) == "skipped"  # heartbeat still fresh: not stealable yet
+    with rt.sessions.begin() as s:  # the worker died: its heartbeat goes stale
+        s.execute(update(Evaluation).where(Evaluation.id == eid).values(
+            heartbeat_at=utcnow() - timedelta(seconds=60),
+            suite=[{"benchmark": "test_counted", "tag": "first"},
+                   {"benchmark": "test_counted", "tag": "second"}]))
+    CALLS.clear()
+    assert jobs.run(rt, eid) == "succeeded"
+    assert CALLS == ["second"]  # entry 0 was not run again
+    ev = _get(rt, eid)
+    assert ev.attempts == 2
+    assert _result_count(rt, eid) == 2  # one row per entry, none written twice
+
+
+def test_a_superseded_worker_writes_nothing(rt: Runtime) -> None:
+    eid = _job(rt, [{"benchmark": "test_counted", "tag": "x"}])
+    token_a = jobs.claim(rt, eid)
+    assert token_a is not None
+    job_a = jobs.load_job(rt, eid, token_a)
+    with rt.sessions.begin() as s:
+        s.execute(update(Evaluation).where(Evaluation.id == eid).values(
+            heartbeat_at=utcnow() - timedelta(seconds=60)))
+    token_b = jobs.claim(rt, eid)
+    assert token_b == token_a + 1
+    with pytest.raises(jobs.Superseded):
+        jobs._write_entry(rt, job_a, 0, BenchmarkResult(rows=[MetricRow("x", "y", 1.0)]), 0.1)
+    assert _result_count(rt, eid) == 0
+
+
+def test_cancel_stops_a_running_job_between_batches(rt: Runtime) -> None:
+    eid = _job(rt, [{"benchmark": "test_slow"}])
+    outcome: dict[str, str] = {}
+    t = threading.Thread(target=lambda: outcome.setdefault("r", jobs.run(rt, eid)))
+    t.start()
+    deadline = time.monotonic() + 20
+    while _get(rt, eid).progress_fraction <= 0.05 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _get(rt, eid).status == "running"
+    with rt.sessions.begin() as s:
+        s.execute(update(Evaluation).where(Evaluation.id == eid).values(cancel_requested=True))
+    t.join(timeout=20)
+    assert outcome["r"] == "cancelled"
+    ev = _get(rt, eid)
+    assert ev.status == "cancelled"
+    assert ev.progress_fraction < 0.9
+    assert _result_count(rt, eid) == 0
+
+
+def test_engine_errors_fail_the_job_with_a_typed_error(rt: Runtime) -> None:
+    eid = _job(rt, [{"benchmark": "test_counted", "crash": True}])
+    assert jobs.run(rt, eid) == "failed"
+    assert _get(rt, eid).error == {"type": "internal-error", "detail": "RuntimeError: boom"}
+    bad = _job(rt, [{"benchmark": "clean"}], model_bytes=torchscript_bytes(tiny_net(7)))
+    assert jobs.run(rt, bad) == "failed"  # 7 classes where the metadata says 4
+    err = _get(rt, bad).error
+    assert err is not None and err["type"] == "checkpoint-error"
+    assert "[3, 4]" in err["detail"]
+
+
+def test_a_job_whose_workers_keep_dying_fails(rt: Runtime) -> None:
+    eid = _job(rt, [{"benchmark": "clean"}], status="running", attempts=3,
+               heartbeat_at=utcnow() - timedelta(seconds=60))
+    assert jobs.run(rt, eid) == "skipped"
+    ev = _get(rt, eid)
+    assert ev.status == "failed"
+    assert ev.error == {"type": "worker-lost", "detail": "the job's worker died 3 times"}
+
+
+def test_reconciler_resends_lost_jobs_only(rt: Runtime) -> None:
+    old = utcnow() - timedelta(hours=1)
+    stale = _job(rt, [{"benchmark": "clean"}], status="running", attempts=1, heartbeat_at=old,
+                 enqueued_at=old)
+    fresh = _job(rt, [{"benchmark": "clean"}], status="running", attempts=1,
+                 heartbeat_at=utcnow(), enqueued_at=old)
+    lost = _job(rt, [{"benchmark": "clean"}], enqueued_at=old)
+    waiting = _job(rt, [{"benchmark": "clean"}], enqueued_at=utcnow())
+    sent: list[Any] = []
+    resent = reconciler.reconcile_once(rt, lambda name, args: sent.append((name, args)))
+    assert sorted(resent) == sorted([str(stale), str(lost)])
+    assert {a[0] for _, a in sent} == {str(stale), str(lost)}
+    assert str(fresh) not in resent and str(waiting) not in resent
+    # Not re-sent again on the next round: enqueued_at moved.
+    assert reconciler.reconcile_once(rt, lambda name, args: None) == []
