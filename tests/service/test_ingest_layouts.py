@@ -385,3 +385,19 @@ def test_manifest_optional_columns_empty_everywhere_are_ignored(tmp_path: Path) 
     assert arr["splits"].tolist() == ["train", "test"]
     assert any("mask column is empty everywhere" in w for w in info.warnings)
     assert any("ignored column(s) note" in w for w in info.warnings)
+
+
+def test_many_files_across_decode_batches_land_in_their_own_slots(tmp_path: Path) -> None:
+    count = 200  # more than three decoding batches
+    files = {
+        f"c{i % 3}/{i:04d}.png": png(solid((i % 256, i // 256, 7), (4, 4))) for i in range(count)
+    }
+    archive = write_tar(tmp_path / "many.tar.gz", files)
+    info, arr = run(tmp_path, archive, decode_threads=4)
+    order = sorted(files)
+    for slot, path in enumerate(order):
+        i = int(path.split("/")[1][:4])
+        assert tuple(arr["images"][slot, 0, 0]) == (i % 256, i // 256, 7)
+        assert arr["labels"][slot] == i % 3
+    serial, _ = run(tmp_path, archive, decode_threads=1)
+    assert serial.content_sha256 == info.content_sha256
