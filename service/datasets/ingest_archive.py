@@ -113,10 +113,14 @@ class SafeArchive:
         self._metadata_bytes = 0
         self._zip: zipfile.ZipFile | None = None
         self._zip_infos: dict[str, zipfile.ZipInfo] = {}
-        if self.kind == "zip":
-            self._list_zip()
-        else:
-            self._list_tar()
+        try:
+            if self.kind == "zip":
+                self._list_zip()
+            else:
+                self._list_tar()
+        except BaseException:
+            self.close()  # refused while listing: the caller never gets to close it
+            raise
 
     def close(self) -> None:
         if self._zip is not None:
