@@ -15,16 +15,20 @@ ERRORS = problem_responses(401, 404, 409, 413, 422)
 
 @router.post("", status_code=201, response_model=DatasetOut, responses=ERRORS)
 def upload_dataset(
-    session: SessionDep, owner: CurrentOwner, settings: SettingsDep,
-    file: UploadFile = File(...), name: str | None = Form(None),
+    session: SessionDep,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+    file: UploadFile = File(...),
+    name: str | None = Form(None),
 ) -> DatasetOut:
     """A zip or tar archive: a manifest, or an ImageFolder / ImageNet-9 / Waterbirds / RIVAL10
     tree. Images are decoded once, here, into the canonical array file the workers read."""
     name = (name or (file.filename or "dataset").rsplit(".", 1)[0]).strip()
     if not name or len(name) > 200:
         raise Invalid("name must be 1 to 200 characters", field="name")
-    tmp, sha, size = storage.receive(file.file, settings.data_dir, settings.max_dataset_bytes,
-                                     "dataset archive")
+    tmp, sha, size = storage.receive(
+        file.file, settings.data_dir, settings.max_dataset_bytes, "dataset archive"
+    )
     limits = IngestLimits(max_archive_bytes=settings.max_dataset_bytes)
     row = service.upload(session, owner, tmp, sha, size, name, settings.data_dir, limits)
     return service.upload_out(row)

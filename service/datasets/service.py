@@ -51,19 +51,29 @@ def resolve(session: Session, owner: str, ref: str) -> ResolvedDataset:
     builtin = get_builtin(ref)
     if builtin is not None:
         return ResolvedDataset(
-            name=ref, id=None, num_classes=builtin["num_classes"],
-            input_shape=list(builtin["input_shape"]), storage_path=None,
+            name=ref,
+            id=None,
+            num_classes=builtin["num_classes"],
+            input_shape=list(builtin["input_shape"]),
+            storage_path=None,
             splits=list(builtin["splits"]),
-            capabilities=Capabilities(ref, builtin["has_masks"], builtin["has_groups"], True,
-                                      dict(builtin["default_eps"])))
+            capabilities=Capabilities(
+                ref, builtin["has_masks"], builtin["has_groups"], True, dict(builtin["default_eps"])
+            ),
+        )
     row = _find(session, owner, ref)
     info = row.info
     return ResolvedDataset(
-        name=str(row.id), id=row.id, num_classes=info["num_classes"],
-        input_shape=list(info["input_shape"]), storage_path=row.storage_path,
+        name=str(row.id),
+        id=row.id,
+        num_classes=info["num_classes"],
+        input_shape=list(info["input_shape"]),
+        storage_path=row.storage_path,
         splits=list(info["splits"]),
-        capabilities=Capabilities(row.name, info["has_masks"], info["has_groups"], False,
-                                  dict(DEFAULT_EPS)))
+        capabilities=Capabilities(
+            row.name, info["has_masks"], info["has_groups"], False, dict(DEFAULT_EPS)
+        ),
+    )
 
 
 def check_params(ref: str, params: dict[str, Any]) -> None:
@@ -85,13 +95,23 @@ def _find(session: Session, owner: str, ref: str) -> Dataset:
     row = session.scalar(select(Dataset).where(Dataset.owner == owner, cond))
     if row is None:
         known = ", ".join(b["name"] for b in list_builtins())
-        raise NotFound(f"no dataset {ref!r}: name a built-in ({known}) or an uploaded dataset's "
-                       "id or name", field="dataset")
+        raise NotFound(
+            f"no dataset {ref!r}: name a built-in ({known}) or an uploaded dataset's id or name",
+            field="dataset",
+        )
     return row
 
 
-def upload(session: Session, owner: str, archive: Path, sha256: str, size: int, name: str,
-           data_dir: Path, limits: IngestLimits) -> Dataset:
+def upload(
+    session: Session,
+    owner: str,
+    archive: Path,
+    sha256: str,
+    size: int,
+    name: str,
+    data_dir: Path,
+    limits: IngestLimits,
+) -> Dataset:
     if get_builtin(name) is not None:
         archive.unlink(missing_ok=True)
         raise Conflict(f"{name!r} is the name of a built-in dataset; choose another")
@@ -108,8 +128,15 @@ def upload(session: Session, owner: str, archive: Path, sha256: str, size: int, 
         raise IngestFailed(exc) from exc
     finally:
         archive.unlink(missing_ok=True)
-    row = Dataset(id=dataset_id, owner=owner, name=name, info=info.as_dict(), sha256=sha256,
-                  size_bytes=size, storage_path=rel)
+    row = Dataset(
+        id=dataset_id,
+        owner=owner,
+        name=name,
+        info=info.as_dict(),
+        sha256=sha256,
+        size_bytes=size,
+        storage_path=rel,
+    )
     session.add(row)
     try:
         session.flush()
@@ -121,8 +148,9 @@ def upload(session: Session, owner: str, archive: Path, sha256: str, size: int, 
 
 def list_all(session: Session, owner: str) -> list[DatasetOut]:
     builtins = [builtin_out(b["name"]) for b in list_builtins()]
-    uploads = session.scalars(select(Dataset).where(Dataset.owner == owner)
-                              .order_by(Dataset.created_at.desc()))
+    uploads = session.scalars(
+        select(Dataset).where(Dataset.owner == owner).order_by(Dataset.created_at.desc())
+    )
     return builtins + [upload_out(r) for r in uploads]
 
 
@@ -130,21 +158,46 @@ def builtin_out(name: str) -> DatasetOut:
     b = get_builtin(name)
     assert b is not None
     return DatasetOut(
-        id=b["name"], name=b["name"], builtin=True, num_classes=b["num_classes"],
-        input_shape=b["input_shape"], num_examples=sum(b["num_examples"].values()),
-        splits=dict(b["num_examples"]), has_masks=b["has_masks"], has_groups=b["has_groups"],
-        class_names=b["class_names"], group_names=b["group_names"],
-        default_eps=dict(b["default_eps"]), parameters=dict(b["parameters"]), layout=None,
-        sha256=None, description=b["description"], warnings=[], created_at=None)
+        id=b["name"],
+        name=b["name"],
+        builtin=True,
+        num_classes=b["num_classes"],
+        input_shape=b["input_shape"],
+        num_examples=sum(b["num_examples"].values()),
+        splits=dict(b["num_examples"]),
+        has_masks=b["has_masks"],
+        has_groups=b["has_groups"],
+        class_names=b["class_names"],
+        group_names=b["group_names"],
+        default_eps=dict(b["default_eps"]),
+        parameters=dict(b["parameters"]),
+        layout=None,
+        sha256=None,
+        description=b["description"],
+        warnings=[],
+        created_at=None,
+    )
 
 
 def upload_out(row: Dataset) -> DatasetOut:
     info = row.info
     return DatasetOut(
-        id=str(row.id), name=row.name, builtin=False, num_classes=info["num_classes"],
-        input_shape=info["input_shape"], num_examples=info["num_examples"],
-        splits=dict(info["splits"]), has_masks=info["has_masks"], has_groups=info["has_groups"],
-        class_names=info["class_names"], group_names=info["group_names"],
-        default_eps=dict(DEFAULT_EPS), parameters={}, layout=info["layout"], sha256=row.sha256,
-        description=f"uploaded ({info['layout']} layout)", warnings=list(info["warnings"]),
-        created_at=row.created_at)
+        id=str(row.id),
+        name=row.name,
+        builtin=False,
+        num_classes=info["num_classes"],
+        input_shape=info["input_shape"],
+        num_examples=info["num_examples"],
+        splits=dict(info["splits"]),
+        has_masks=info["has_masks"],
+        has_groups=info["has_groups"],
+        class_names=info["class_names"],
+        group_names=info["group_names"],
+        default_eps=dict(DEFAULT_EPS),
+        parameters={},
+        layout=info["layout"],
+        sha256=row.sha256,
+        description=f"uploaded ({info['layout']} layout)",
+        warnings=list(info["warnings"]),
+        created_at=row.created_at,
+    )

@@ -184,7 +184,8 @@ def test_datasets_lists_builtins(client: TestClient, alice: dict[str, Any]) -> N
     shapes = next(d for d in items if d["name"] == "shapes-32")
     assert shapes["builtin"] is True
     assert shapes["input_shape"] == [3, 32, 32]
-    assert shapes["has_masks"] and shapes["has_groups"]
+    assert shapes["has_masks"]
+    assert shapes["has_groups"]
     assert set(shapes) >= {"id", "name", "builtin", "num_classes", "input_shape",
                            "num_examples", "splits", "has_masks", "has_groups", "created_at"}
 

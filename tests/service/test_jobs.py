@@ -100,9 +100,11 @@ def test_a_job_runs_and_records_everything(rt: Runtime) -> None:
     assert jobs.run(rt, eid) == "succeeded"
     ev = _get(rt, eid)
     assert (ev.status, ev.attempts, ev.progress_fraction) == ("succeeded", 1, 1.0)
-    assert ev.device == "cpu (%d threads)" % torch.get_num_threads()
-    assert ev.engine_version and ev.engine_version.startswith("0.1.0")
-    assert ev.started_at is not None and ev.finished_at is not None
+    assert ev.device == f"cpu ({torch.get_num_threads()} threads)"
+    assert ev.engine_version
+    assert ev.engine_version.startswith("0.1.0")
+    assert ev.started_at is not None
+    assert ev.finished_at is not None
     assert ev.completed_entries == [0, 1]
     assert set(ev.timings) == {"0:clean", "1:test_counted"}
     with rt.sessions() as s:
@@ -181,7 +183,8 @@ def test_engine_errors_fail_the_job_with_a_typed_error(rt: Runtime) -> None:
     bad = _job(rt, [{"benchmark": "clean"}], model_bytes=torchscript_bytes(tiny_net(7)))
     assert jobs.run(rt, bad) == "failed"  # 7 classes where the metadata says 4
     err = _get(rt, bad).error
-    assert err is not None and err["type"] == "checkpoint-error"
+    assert err is not None
+    assert err["type"] == "checkpoint-error"
     assert "[3, 4]" in err["detail"]
 
 
@@ -206,6 +209,7 @@ def test_reconciler_resends_lost_jobs_only(rt: Runtime) -> None:
     resent = reconciler.reconcile_once(rt, lambda name, args: sent.append((name, args)))
     assert sorted(resent) == sorted([str(stale), str(lost)])
     assert {a[0] for _, a in sent} == {str(stale), str(lost)}
-    assert str(fresh) not in resent and str(waiting) not in resent
+    assert str(fresh) not in resent
+    assert str(waiting) not in resent
     # Not re-sent again on the next round: enqueued_at moved.
     assert reconciler.reconcile_once(rt, lambda name, args: None) == []

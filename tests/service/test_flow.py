@@ -1,0 +1,214 @@
+"""The whole flow on real servers: the API, Postgres, Redis and `robustscope worker` processes.
+
+A tiny CNN is trained here on the built-in ``shapes-32`` train split; the service must report
+exactly what the engine computes in-process for the same model, data and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+from fastapi.testclient import TestClient
+from torch import nn
+
+from tests.conftest import REDIS_URL
+from tests.factories import api, auth, new_key, settings, torchscript_bytes
+from workers.engine import benchmarks
+from workers.engine.data import load_builtin
+from workers.engine.types import RunContext
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+META = {"name": "shapes-cnn", "num_classes": 4, "input_shape": [3, 32, 32],
+        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+SUITE = [{"benchmark": "clean"},
+         {"benchmark": "adversarial", "attack": "pgd", "norm": "linf", "eps": [2 / 255, 8 / 255],
+          "steps": 10},
+         {"benchmark": "adversarial", "attack": "pgd", "norm": "l2", "eps": [0.25], "steps": 10}]
+
+
+def trained_shapes_cnn(seed: int = 0, epochs: int = 3) -> nn.Module:
+    """A small CNN that learns shapes-32 in a few seconds on a CPU."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                        nn.Flatten(), nn.Linear(512, 4))
+    train = load_builtin("shapes-32", "train")
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        perm = torch.randperm(len(train))
+        for i in range(0, len(train), 64):
+            idx = perm[i:i + 64]
+            x = (train.x[idx] - 0.5) / 0.25
+            loss = nn.functional.cross_entropy(net(x), train.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def reference_rows(net: nn.Module, suite: list[dict[str, Any]], seed: int) -> list[Any]:
+    """What the engine computes in this process, for comparison with the service's rows."""
+    from workers.engine.models import Normalized
+
+    model = Normalized(net, META["mean"], META["std"], 3).eval()
+    data = load_builtin("shapes-32", "test")
+    rows = []
+    for entry in suite:
+        params = {k: v for k, v in entry.items() if k != "benchmark"}
+        result = benchmarks.run(entry["benchmark"], model, data, params, RunContext(seed=seed))
+        rows += [r.as_dict() for r in result.rows]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def net() -> nn.Module:
+    return trained_shapes_cnn()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    db = random.randint(1, 15)
+    url = f"{REDIS_URL}/{db}"
+    try:
+        redis.Redis.from_url(url).flushdb()
+    except redis.ConnectionError:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is not reachable at {REDIS_URL}; .ci/run starts it")
+        pytest.skip("Redis is not reachable")
+    yield url
+    redis.Redis.from_url(url).flushdb()
+
+
+Worker = Callable[[], subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def stack(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, Worker]]:
+    env = {**os.environ, "ROBUSTSCOPE_DATABASE_URL": pg_url, "ROBUSTSCOPE_BROKER_URL": redis_url,
+           "ROBUSTSCOPE_DATA_DIR": str(tmp_path), "ROBUSTSCOPE_HEARTBEAT_INTERVAL": "0.5",
+           "ROBUSTSCOPE_STALE_AFTER": "4", "ROBUSTSCOPE_RECONCILE_INTERVAL": "1",
+           "ROBUSTSCOPE_BATCH_SIZE": "100", "PYTHONUNBUFFERED": "1"}
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"worker-{len(procs)}.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], cwd=ROOT,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    with api(settings(pg_url, tmp_path, broker_url=redis_url)) as client:
+        yield client, start_worker
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _poll(client: TestClient, key: str, eid: str, until: Callable[[dict[str, Any]], bool],
+          timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    seen: list[tuple[str, float]] = []
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = client.get(f"/evaluations/{eid}", headers=auth(key)).json()
+        seen.append((body["status"], body["progress"]["fraction"]))
+        if until(body):
+            body["_seen"] = seen
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; states seen: {seen[-5:]}")
+
+
+def _submit(client: TestClient, key: str, net: nn.Module, suite: list[dict[str, Any]]) -> str:
+    model = client.post("/models", headers=auth(key),
+                        files={"file": ("m.pt", torchscript_bytes(net))},
+                        data={"metadata": json.dumps(META)})
+    assert model.status_code == 201, model.text
+    resp = client.post("/evaluations", headers=auth(key), json={
+        "model_id": model.json()["id"], "dataset": "shapes-32", "suite": suite, "seed": 3})
+    assert resp.status_code == 202, resp.text
+    eid: str = resp.json()["id"]
+    return eid
+
+
+def test_upload_evaluate_poll_on_postgres_and_redis(stack: tuple[TestClient, Worker],
+                                                    pg_url: str, net: nn.Module) -> None:
+    client, start_worker = stack
+    key = new_key(pg_url, f"flow-{uuid.uuid4().hex[:6]}")
+    eid = _submit(client, key, net, SUITE)
+    start_worker()
+    done = _poll(client, key, eid, lambda b: b["status"] in ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done["error"]
+    states = [s for s, _ in done["_seen"]]
+    assert states[0] == "queued"
+    assert "running" in states
+    fractions = [f for s, f in done["_seen"] if s == "running"]
+    assert fractions == sorted(fractions)
+    assert done["attempts"] == 1
+    assert done["device"].startswith("cpu")
+    assert done["engine_version"].startswith("0.1.0")
+    assert done["started_at"] <= done["finished_at"]
+    got = [{k: r[k] for k in ("benchmark", "metric", "value", "params")}
+           for r in done["results"]]
+    assert got == reference_rows(net, SUITE, seed=3)
+    acc = {(r["metric"], r["params"].get("norm"), r["params"].get("eps")): r["value"]
+           for r in got}
+    assert acc[("accuracy", None, None)] > 0.8  # the tiny CNN learned the task
+    assert acc[("robust_accuracy", "linf", 8 / 255)] < acc[("accuracy", None, None)]
+    # The leaderboard ranks it; another owner does not see a private evaluation.
+    board = client.get("/leaderboard", headers=auth(key), params={
+        "dataset": "shapes-32", "benchmark": "adversarial", "metric": "robust_accuracy",
+        "threat": f"linf:{8 / 255}"}).json()
+    assert [r["evaluation_id"] for r in board["rows"]] == [eid]
+    other = new_key(pg_url, f"other-{uuid.uuid4().hex[:6]}")
+    assert client.get("/leaderboard", headers=auth(other), params={
+        "dataset": "shapes-32", "benchmark": "adversarial",
+        "metric": "robust_accuracy"}).json()["rows"] == []
+    report = client.get(f"/evaluations/{eid}/report", headers=auth(key))
+    assert report.status_code == 200
+    assert "<svg" in report.text
+
+
+def test_worker_killed_mid_job_is_resumed_by_another(stack: tuple[TestClient, Worker],
+                                                     pg_url: str, net: nn.Module) -> None:
+    client, start_worker = stack
+    key = new_key(pg_url, f"kill-{uuid.uuid4().hex[:6]}")
+    slow = [{"benchmark": "clean"},
+            {"benchmark": "adversarial", "attack": "pgd", "norm": "linf",
+             "eps": [1 / 255, 2 / 255, 4 / 255, 8 / 255], "steps": 150, "restarts": 2}]
+    eid = _submit(client, key, net, slow)
+    first = start_worker()
+    _poll(client, key, eid, lambda b: b["status"] == "running"
+          and b["progress"]["stage"] == "adversarial" and b["progress"]["fraction"] > 0.55)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    mid = client.get(f"/evaluations/{eid}", headers=auth(key)).json()
+    assert mid["status"] == "running"
+    assert mid["attempts"] == 1
+    assert [r["benchmark"] for r in mid["results"]] == ["clean"]
+    start_worker()
+    done = _poll(client, key, eid, lambda b: b["status"] in ("succeeded", "failed"), 300)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2
+    keys = [(r["benchmark"], r["metric"], json.dumps(r["params"], sort_keys=True))
+            for r in done["results"]]
+    assert len(keys) == len(set(keys))  # one set of results
+    assert sum(1 for k in keys if k[1] == "robust_accuracy") == 4
+    assert sum(1 for k in keys if k[0] == "clean") == 1
