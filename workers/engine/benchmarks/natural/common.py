@@ -1,0 +1,67 @@
+"""Helpers shared by the natural-robustness benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from workers.engine.types import BenchmarkError, EvalData, RunContext
+
+
+@torch.no_grad()
+def argmax_on_device(model: nn.Module, x: Tensor, ctx: RunContext) -> Tensor:
+    """Top-1 predictions for an on-device batch, chunked by ``ctx.batch_size``."""
+    out = []
+    for start in range(0, x.shape[0], ctx.batch_size):
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+            out.append(model(x[start:start + ctx.batch_size]).argmax(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+def batches(data: EvalData, ctx: RunContext) -> Iterator[tuple[slice, float]]:
+    """Batch slices with the fraction of the data done after each."""
+    n = len(data)
+    for start in range(0, n, ctx.batch_size):
+        stop = min(n, start + ctx.batch_size)
+        yield slice(start, stop), stop / n
+
+
+def balanced_accuracy(correct: Tensor, y: Tensor) -> float:
+    """Mean over the classes present of per-class accuracy (RIVAL10's class-balanced score)."""
+    correct, y = correct.float().cpu(), y.cpu()
+    classes = torch.unique(y)
+    return float(torch.stack([correct[y == c].mean() for c in classes]).mean())
+
+
+def require(data: EvalData, what: str, benchmark: str) -> Any:
+    value = getattr(data, what)
+    if value is None:
+        hint = {"masks": "foreground masks (upload masks, or use a built-in such as waterbirds-32)",
+                "groups": "group labels (upload a group column, or use a built-in)",
+                "source": "a generated dataset that can be redrawn at another spurious "
+                          "correlation (a built-in such as waterbirds-32)"}[what]
+        raise BenchmarkError(f"{benchmark} needs {hint}; dataset {data.name or '?'} has none")
+    return value
+
+
+def float_list(params: dict[str, Any], key: str, default: tuple[float, ...],
+               check: Callable[[float], bool], rule: str) -> list[float]:
+    raw = params.get(key, default)
+    values = list(raw) if isinstance(raw, list | tuple) else [raw]
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise BenchmarkError(f"{key} must be a number or a list of numbers") from None
+    if not out or not all(check(v) for v in out):
+        raise BenchmarkError(f"{key}: every value must be {rule}, got {values!r}")
+    return out
+
+
+def positive_int(params: dict[str, Any], key: str, default: int) -> int:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BenchmarkError(f"{key} must be a positive integer, got {value!r}")
+    return value

@@ -1,0 +1,76 @@
+"""Accuracy under a shift of the spurious correlation (built-in generated data).
+
+The dataset's source redraws the evaluated split with the spurious attribute's agreement with
+the label set to the train-time value (``kept``), to chance (``removed``: 1/K, independent of
+the label) and to its mirror image (``reversed``: 1 - train value; for two classes this swaps
+the attribute's meaning). Built-in sources keep every object and pose across redraws, so the
+three accuracies differ only through the spurious feature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+
+from workers.engine.benchmarks import register
+from workers.engine.benchmarks.natural.common import require
+from workers.engine.benchmarks.natural.groups import correct_flags, group_rows
+from workers.engine.types import (
+    BenchmarkError,
+    BenchmarkResult,
+    DatasetSource,
+    EvalData,
+    MetricRow,
+    RunContext,
+)
+
+NAME = "spurious_shift"
+
+
+def shift_levels(source: DatasetSource, params: dict[str, Any],
+                 num_classes: int) -> dict[str, float]:
+    train = params.get("correlation", getattr(source, "train_correlation", None))
+    if train is None:
+        raise BenchmarkError(f"{NAME}: the dataset does not say its train-time correlation; "
+                             "pass params.correlation")
+    levels = {"kept": float(train),
+              "removed": float(params.get("removed", 1.0 / num_classes)),
+              "reversed": float(params.get("reversed", round(1.0 - float(train), 12)))}
+    for name, value in levels.items():
+        if not 0.0 <= value <= 1.0:
+            raise BenchmarkError(f"{NAME}: the {name} correlation must lie in [0, 1]")
+    return levels
+
+
+@register(NAME)
+def spurious_shift(model: nn.Module, data: EvalData, params: dict[str, Any],
+                   ctx: RunContext) -> BenchmarkResult:
+    """Rows ``accuracy`` and ``worst_group_accuracy`` with ``params.shift`` in
+    {kept, removed, reversed} and the ``correlation`` used.
+
+    Params: ``correlation`` (train-time value, default the source's), ``removed``,
+    ``reversed`` (defaults 1/K and 1 - correlation), ``split`` (default "test").
+    """
+    source: DatasetSource = require(data, "source", NAME)
+    k = int(getattr(source, "num_classes", len(data.class_names)))
+    levels = shift_levels(source, params, k)
+    split = str(params.get("split", "test"))
+    rows: list[MetricRow] = []
+    for i, (shift, corr) in enumerate(levels.items()):
+        try:
+            shifted = source.with_correlation(corr, split)
+        except ValueError as exc:
+            raise BenchmarkError(f"{NAME}: cannot redraw the dataset: {exc}") from exc
+
+        def progress(fraction: float, message: str, i: int = i, shift: str = shift) -> None:
+            ctx.progress((i + fraction) / len(levels), f"{shift} correlation: {message}")
+
+        ok = correct_flags(model, shifted, replace(ctx, progress=progress), "accuracy")
+        extra = {"shift": shift, "correlation": corr}
+        rows.append(MetricRow(NAME, "accuracy", float(ok.float().mean()), extra))
+        if shifted.groups is not None and shifted.group_names:
+            rows += [r for r in group_rows(NAME, ok, shifted.groups, shifted.group_names, extra)
+                     if r.metric == "worst_group_accuracy"]
+    return BenchmarkResult(rows=rows)
