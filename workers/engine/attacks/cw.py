@@ -61,11 +61,15 @@ class CarliniWagnerL2(Attack):
 
     def _optimise(self, fwd: Forward, x: Tensor, y: Tensor, w0: Tensor, c: Tensor,
                   best: Tensor, best_norm: Tensor, rows: Tensor, stop: Tensor) -> Tensor:
-        w = w0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([w], lr=self.lr)
+        w = w0.clone()
+        # Adam by hand: per-example, no optimizer machinery (torch.optim's first step pulls in
+        # the compiler stack, seconds of start-up on a cold worker).
+        m1 = torch.zeros_like(w)
+        m2 = torch.zeros_like(w)
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for _ in range(self.steps):
+        for t in range(1, self.steps + 1):
             with torch.enable_grad():
+                w.requires_grad_(True)
                 x_adv = (torch.tanh(w) + 1) / 2
                 logits = fwd(x_adv)
                 dist = (x_adv - x).flatten(1).square().sum(1)
@@ -79,8 +83,10 @@ class CarliniWagnerL2(Attack):
                 best[rows[better]] = x_adv.detach()[better]
                 best_norm[rows[better]] = norm[better]
                 found |= is_adv
-                w.grad = grad
-                opt.step()
+                m1.mul_(0.9).add_(grad, alpha=0.1)
+                m2.mul_(0.999).addcmul_(grad, grad, value=0.001)
+                step = self.lr * (m1 / (1 - 0.9**t)) / ((m2 / (1 - 0.999**t)).sqrt() + 1e-8)
+                w = (w.detach() - step)
             if bool((best_norm[rows] <= stop).all()):
                 break
         return found

@@ -45,6 +45,7 @@ class PGD(Attack):
     schedule: Schedule = Schedule.CONSTANT
     random_start: bool = True
     loss: Loss = Loss.CE
+    until_target: bool = False  # with a target: done only when the target class wins
     name: str = "pgd"
 
     def step_at(self, base: Tensor, i: int) -> Tensor:
@@ -85,7 +86,10 @@ class PGD(Attack):
                 with torch.inference_mode():
                     logits = fwd(st["x_adv"])
                 values = loss(logits, st["y"], st.get("target"))
-            broke = logits.argmax(1) != st["y"]
+            if self.until_target and target is not None:
+                broke = logits.argmax(1) == st["target"]
+            else:
+                broke = logits.argmax(1) != st["y"]
             out[st["owner"][broke]] = st["x_adv"][broke]
             success[st["owner"][broke]] = True
             # Keep the highest-loss iterate of examples not (yet) broken.
