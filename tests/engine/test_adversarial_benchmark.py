@@ -1,0 +1,223 @@
+"""The ``adversarial`` and ``robustness_curve`` benchmarks: params, rows, checks, the curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from tests.engine.attack_helpers import (  # noqa: F401  (one_thread is an autouse fixture)
+    Linear,
+    linear_min_norms,
+    linear_problem,
+    one_thread,
+)
+from workers.engine.benchmarks import run
+from workers.engine.benchmarks.adversarial import _monotone_check, curve_area
+from workers.engine.threats import Norm
+from workers.engine.types import BenchmarkError, Cancelled, EvalData, RunContext
+
+
+def _data(n: int = 48, seed: int = 0) -> tuple[Linear, EvalData]:
+    model, x, y = linear_problem(n=n, seed=seed)
+    return model, EvalData(x, y, [str(i) for i in range(10)])
+
+
+def _rows(result: Any, metric: str) -> list[Any]:
+    return [r for r in result.rows if r.metric == metric]
+
+
+def test_pgd_linf_and_l2_eps_list(tmp_path: Path) -> None:
+    model, data = _data()
+    ctx = RunContext(artifact_dir=tmp_path / "art", state_dir=tmp_path / "state")
+    for norm, eps in (("linf", [0.005, 0.02, 0.05]), ("l2", [0.02, 0.1])):
+        res = run("adversarial", model, data, {"attack": "pgd", "norm": norm, "eps": eps}, ctx)
+        rob = _rows(res, "robust_accuracy")
+        assert [r.params for r in rob] == [{"attack": "pgd", "norm": norm, "eps": e} for e in eps]
+        values = [r.value for r in rob]
+        assert values == sorted(values, reverse=True)
+        assert values[0] > values[-1]
+        assert _rows(res, "clean_accuracy")[0].value == 1.0
+        assert all(c.passed for c in res.checks), [c for c in res.checks if not c.passed]
+        assert len(res.artifacts) == len(eps)
+        for path in res.artifacts.values():
+            with np.load(path, allow_pickle=False) as f:
+                assert f["robust"].shape == (48,)
+        assert all(isinstance(r.as_dict()["value"], float) for r in res.rows)
+
+
+def test_autoattack_rows_per_stage() -> None:
+    model, data = _data(n=24)
+    res = run("adversarial", model, data,
+              {"attack": "autoattack", "norm": "linf", "eps": 0.02, "steps": 10,
+               "queries": 50}, RunContext())
+    stages = [r.params["stage"] for r in _rows(res, "robust_accuracy_after")]
+    assert stages == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    final = _rows(res, "robust_accuracy")[0].value
+    assert _rows(res, "robust_accuracy_after")[-1].value == final
+    # The exact answer for a linear model.
+    m = linear_min_norms(model, data.x, data.y, Norm.LINF)
+    assert abs(final - float((m > 0.02).float().mean())) <= 1 / 24
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"attack": "nope", "norm": "linf", "eps": 0.1}, "unknown attack"),
+    ({"attack": "square", "norm": "l1", "eps": 1.0}, "does not support norm"),
+    ({"attack": "cw", "norm": "linf", "eps": 0.1}, "does not support norm"),
+    ({"attack": "pgd", "norm": "l3", "eps": 0.1}, "unknown norm"),
+    ({"attack": "pgd", "norm": "linf"}, "'eps' is required"),
+    ({"attack": "pgd", "norm": "linf", "eps": -0.1}, ">= 0"),
+    ({"attack": "pgd", "norm": "linf", "eps": 8}, "pixel scale"),
+    ({"attack": "pgd", "norm": "linf", "eps": ["a"]}, "must be numbers"),
+    ({"attack": "pgd", "norm": "linf", "eps": []}, "must not be empty"),
+    ({"attack": "pgd", "norm": "linf", "eps": [0.1, 0.1]}, "duplicates"),
+    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "steps": 0}, "between"),
+    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "steps": 2.5}, "integer"),
+    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "targeted": "yes"}, "true or false"),
+    ({"attack": "square", "norm": "linf", "eps": 0.1, "targeted": True}, "no targeted"),
+    ({"attack": "apgd-ce", "norm": "linf", "eps": 0.1, "step_size": 0.1}, "pgd only"),
+    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "queries": 10}, "square and autoattack"),
+    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "stepz": 10}, "unknown parameter"),
+])
+def test_nonsense_is_refused_clearly(params: dict[str, Any], message: str) -> None:
+    model, data = _data(n=4)
+    with pytest.raises(BenchmarkError, match=message):
+        run("adversarial", model, data, params, RunContext())
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t",
+                                    "square", "cw", "fast"])
+def test_every_attack_runs_and_is_bounded_by_the_exact_answer(attack: str) -> None:
+    model, data = _data(n=16)
+    norm = "l2" if attack == "cw" else "linf"
+    eps = round(float(linear_min_norms(model, data.x, data.y, Norm(norm)).quantile(0.6)), 4)
+    params = {"attack": attack, "norm": norm, "eps": eps}
+    if attack not in ("fgsm", "square"):
+        params["steps"] = 10
+    if attack == "square":
+        params["queries"] = 100
+    res = run("adversarial", model, data, params, RunContext())
+    acc = _rows(res, "robust_accuracy")[0].value
+    exact = float((linear_min_norms(model, data.x, data.y, Norm(norm)) > eps).float().mean())
+    assert acc >= exact  # no attack can beat the true minimal perturbation
+    assert acc < 1.0
+
+
+def test_targeted_pgd_is_exact_on_a_linear_model() -> None:
+    model, data = _data(n=16)
+    m = linear_min_norms(model, data.x, data.y, Norm.LINF)
+    eps = round(float(m.quantile(0.5)), 4)
+    res = run("adversarial", model, data,
+              {"attack": "pgd", "norm": "linf", "eps": eps, "targeted": True, "steps": 20},
+              RunContext())
+    acc = _rows(res, "robust_accuracy")[0].value
+    exact = float((m > eps).float().mean())
+    band = float(((m > eps * 0.97) & (m <= eps)).float().mean())
+    assert exact <= acc <= exact + band
+
+
+def test_cancelled_propagates_from_the_benchmark() -> None:
+    model, data = _data(n=16)
+
+    def cancel(frac: float, msg: str) -> None:
+        raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        run("adversarial", model, data, {"attack": "pgd", "norm": "linf", "eps": 0.02},
+            RunContext(progress=cancel))
+
+
+class Softmaxed(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x).softmax(1)
+
+
+class Noisy(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x) + 0.01 * torch.randn(x.shape[0], 10)
+
+
+class Quantised(nn.Module):
+    """Gradient masking: rounding the input kills the gradient, not the vulnerability."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(torch.round(x * 4) / 4)
+
+
+def _failed(result: Any) -> set[str]:
+    return {c.name for c in result.checks if not c.passed}
+
+
+def test_sanity_checks_flag_softmax_randomness_and_zero_gradients() -> None:
+    model, data = _data(n=16)
+    params = {"attack": "fgsm", "norm": "linf", "eps": 0.02}
+    assert _failed(run("adversarial", model, data, params, RunContext())) == set()
+    assert "logits_not_softmax" in _failed(run("adversarial", Softmaxed(model), data, params,
+                                               RunContext()))
+    assert "deterministic_forward" in _failed(run("adversarial", Noisy(model), data, params,
+                                                  RunContext()))
+    assert "nonzero_gradients" in _failed(run("adversarial", Quantised(model), data, params,
+                                              RunContext()))
+
+
+def test_square_beating_white_box_is_flagged() -> None:
+    model, data = _data(n=32)
+    data = EvalData(torch.round(data.x * 4) / 4, data.y, data.class_names)
+    masked = Quantised(model)
+    with torch.no_grad():
+        keep = masked(data.x).argmax(1) == data.y
+    data = data.subset(keep.nonzero().squeeze(1))
+    res = run("adversarial", masked, data,
+              {"attack": "autoattack", "norm": "linf", "eps": 0.2, "steps": 5, "queries": 300},
+              RunContext())
+    assert "blackbox_not_stronger" in _failed(res)
+    assert "nonzero_gradients" in _failed(res)
+
+
+def test_monotone_check() -> None:
+    assert _monotone_check([(0.1, 0.5), (0.2, 0.4)]).passed
+    assert not _monotone_check([(0.1, 0.4), (0.2, 0.5)]).passed
+
+
+@pytest.mark.parametrize("norm", list(Norm))
+def test_robustness_curve_matches_the_closed_form(norm: Norm) -> None:
+    model, data = _data(n=48)
+    m = linear_min_norms(model, data.x, data.y, norm)
+    grid = [float(q) for q in m.quantile(torch.tensor([0.2, 0.4, 0.6, 0.8]))]
+    grid = [round(e, 5) for e in grid if e < 0.35]  # the box does not bind below 0.35
+    res = run("robustness_curve", model, data, {"norm": norm.value, "eps": grid, "steps": 30},
+              RunContext())
+    rob = _rows(res, "robust_accuracy")
+    assert [r.params["eps"] for r in rob] == sorted(grid)
+    for r in rob:
+        e = r.params["eps"]
+        exact = float((m > e).float().mean())
+        near = float(((m > e / 1.01) & (m <= e)).float().mean())  # within 1 % below eps
+        assert exact - 1e-9 <= r.value <= exact + near + 1e-9, (e, r.value, exact)
+    med = _rows(res, "median_min_norm")[0].value
+    assert float(m.median()) - 1e-6 <= med <= 1.01 * float(m.median()) + 1e-6
+    area = _rows(res, "curve_area")[0].value
+    assert abs(area - curve_area(m, sorted(grid))) <= 0.01
+
+
+def test_curve_area_definition() -> None:
+    norms = torch.tensor([0.0, 0.1, 0.3, 1.0])
+    # RA(e) on [0.1, 0.3]: 2/4 until 0.3 (0.1 is broken at 0.1) -> mean 0.5.
+    assert curve_area(norms, [0.1, 0.3]) == pytest.approx(0.5)
+    assert curve_area(norms, [0.05]) == pytest.approx(0.75)

@@ -1,0 +1,177 @@
+"""The cascade runner: resume from state, cancellation, fp32 re-check, final assertions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from tests.engine.attack_helpers import (  # noqa: F401  (one_thread is an autouse fixture)
+    linear_problem,
+    one_thread,
+)
+from workers.engine.attacks import PGD, Attack, AttackOutput, Forward
+from workers.engine.runner import Stage, assert_valid, run_cascade
+from workers.engine.threats import Norm, Radius, threat_for
+from workers.engine.types import Cancelled, RunContext
+
+
+class Counting(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+class CountingAttack(Attack):
+    def __init__(self, inner: Attack) -> None:
+        self.inner = inner
+        self.norm = inner.norm
+        self.invocations = 0
+
+    def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
+            clean_logits: Tensor | None = None) -> AttackOutput:
+        self.invocations += 1
+        return self.inner.run(fwd, x, y, eps, generator, clean_logits)
+
+
+class LyingAttack(Attack):
+    """Claims every example is broken and returns the clean input (or a far-away point)."""
+
+    norm = Norm.LINF
+
+    def __init__(self, far: bool = False) -> None:
+        self.far = far
+
+    def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
+            clean_logits: Tensor | None = None) -> AttackOutput:
+        x_adv = (1 - x) if self.far else x.clone()
+        return AttackOutput(x_adv, torch.ones_like(y, dtype=torch.bool))
+
+
+def _stages() -> tuple[CountingAttack, CountingAttack, list[Stage]]:
+    a = CountingAttack(PGD(Norm.LINF, steps=2))
+    b = CountingAttack(PGD(Norm.LINF, steps=5, restarts=2))
+    return a, b, [Stage("weak", a), Stage("strong", b)]
+
+
+def test_resume_skips_finished_stages(tmp_path: Path) -> None:
+    inner, x, y = linear_problem(n=64)
+    model = Counting(inner)
+    eps = 0.02
+    a, b, stages = _stages()
+    ctx = RunContext(state_dir=tmp_path, batch_size=16)
+    cancel_in_second = {"armed": True}
+
+    def progress(frac: float, msg: str) -> None:
+        if msg.startswith("strong") and cancel_in_second["armed"]:
+            raise Cancelled("worker killed")
+
+    with pytest.raises(Cancelled):
+        run_cascade(model, x, y, Norm.LINF, eps, stages, ctx, state_dir=tmp_path,
+                    progress=progress)
+    assert a.invocations > 0
+    assert (tmp_path / "stage00-weak.npz").exists()
+    assert not (tmp_path / "stage01-strong.npz").exists()
+
+    # The "restarted worker": the first stage and the clean pass come from the state.
+    a2, b2, stages2 = _stages()
+    cancel_in_second["armed"] = False
+    res = run_cascade(model, x, y, Norm.LINF, eps, stages2, ctx, state_dir=tmp_path,
+                      progress=progress)
+    assert a2.invocations == 0
+    assert b2.invocations > 0
+    assert res.resumed == ["weak"]
+
+    # A third run does no model work at all.
+    a3, b3, stages3 = _stages()
+    model.calls = 0
+    again = run_cascade(model, x, y, Norm.LINF, eps, stages3, ctx, state_dir=tmp_path)
+    assert model.calls == 0
+    assert a3.invocations == 0
+    assert b3.invocations == 0
+    assert torch.equal(again.robust, res.robust)
+
+    # Same result as an uninterrupted run with the same seed.
+    a4, b4, stages4 = _stages()
+    fresh = run_cascade(model, x, y, Norm.LINF, eps, stages4, RunContext(batch_size=16))
+    assert torch.equal(fresh.robust, res.robust)
+    # The state is plain npz, readable without pickle.
+    with np.load(tmp_path / "stage01-strong.npz", allow_pickle=False) as f:
+        assert f["robust"].dtype == np.bool_
+
+
+def test_state_of_another_eps_is_not_reused(tmp_path: Path) -> None:
+    model, x, y = linear_problem(n=32)
+    a, b, stages = _stages()
+    ctx = RunContext(state_dir=tmp_path)
+    run_cascade(model, x, y, Norm.LINF, 0.02, stages, ctx, state_dir=tmp_path)
+    a2, b2, stages2 = _stages()
+    res = run_cascade(model, x, y, Norm.LINF, 0.03, stages2, ctx, state_dir=tmp_path)
+    assert a2.invocations > 0
+    assert res.resumed == []
+
+
+def test_cancelled_propagates() -> None:
+    model, x, y = linear_problem(n=32)
+
+    def cancel(frac: float, msg: str) -> None:
+        raise Cancelled("user cancelled")
+
+    with pytest.raises(Cancelled):
+        run_cascade(model, x, y, Norm.LINF, 0.02, _stages()[2], RunContext(), progress=cancel)
+
+
+@pytest.mark.parametrize("far", [False, True])
+def test_claimed_breaks_that_are_not_real_are_rejected(far: bool) -> None:
+    model, x, y = linear_problem(n=32)
+    res = run_cascade(model, x, y, Norm.LINF, 0.02, [Stage("liar", LyingAttack(far))],
+                      RunContext())
+    assert res.robust_accuracy == 1.0
+    assert res.rejected == 32
+
+
+class Bf16Fragile(nn.Module):
+    """Misclassifies only under autocast: the kind of 'break' bf16 rounding can fake."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.inner(x)
+        if torch.is_autocast_enabled(x.device.type):
+            return -z
+        return z
+
+
+def test_fp32_recheck_rejects_a_low_precision_break() -> None:
+    inner, x, y = linear_problem(n=32)
+    model = Bf16Fragile(inner)
+    stages = [Stage("pgd", PGD(Norm.LINF, steps=2))]
+    amp = Forward(model, amp=True)
+    res = run_cascade(model, x, y, Norm.LINF, 1e-4, stages, RunContext(), fwd=amp)
+    assert res.robust_accuracy == 1.0
+    assert res.rejected == 32
+    # Without the fake, the same cascade does break examples at a larger eps.
+    res2 = run_cascade(inner, x, y, Norm.LINF, 0.2, stages, RunContext())
+    assert res2.robust_accuracy < 1.0
+
+
+def test_assert_valid_catches_points_outside_the_ball_or_box() -> None:
+    t = threat_for(Norm.L2)
+    x = torch.full((2, 1, 2, 2), 0.5)
+    assert_valid(t, x, x + 0.1, eps=0.21)
+    with pytest.raises(AssertionError, match="outside"):
+        assert_valid(t, x, x + 0.2, eps=0.21)
+    with pytest.raises(AssertionError, match="outside"):
+        assert_valid(t, x, x.clone().fill_(float("nan")), eps=1.0)
+    with pytest.raises(AssertionError, match="outside"):
+        assert_valid(threat_for(Norm.LINF), x, x + 0.6, eps=1.0)
