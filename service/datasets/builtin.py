@@ -34,25 +34,45 @@ class BuiltinDataset(TypedDict):
 
 _CORRELATION = "P(spurious attribute matches the label) in the train split"
 _TEST_CORRELATION = "the same in the val and test splits (0.5 = balanced groups)"
-_ASSETS = ("'auto' uses installed Debian art (fonts-noto-color-emoji, gimp-data-extras) when "
-           "present, 'procedural' never does")
+_ASSETS = (
+    "'auto' uses installed Debian art (fonts-noto-color-emoji, gimp-data-extras) when "
+    "present, 'procedural' never does"
+)
 _SPLITS = ["train", "val", "test"]
 _EPS_32 = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
 
 
 def _own_other(classes: list[str], families: list[str]) -> list[str]:
-    return [n for c, f in zip(classes, families, strict=True)
-            for n in (f"{c} on {f}", f"{c} on other")]
+    return [
+        n for c, f in zip(classes, families, strict=True) for n in (f"{c} on {f}", f"{c} on other")
+    ]
 
 
-def _entry(name: str, classes: list[str], shape: list[int], sizes: list[int],
-           groups: list[str], eps: dict[str, float], parameters: dict[str, BuiltinParameter],
-           description: str) -> BuiltinDataset:
+def _entry(
+    name: str,
+    classes: list[str],
+    shape: list[int],
+    sizes: list[int],
+    groups: list[str],
+    eps: dict[str, float],
+    parameters: dict[str, BuiltinParameter],
+    description: str,
+) -> BuiltinDataset:
     return BuiltinDataset(
-        name=name, builtin=True, num_classes=len(classes), class_names=classes,
-        input_shape=shape, num_examples=dict(zip(_SPLITS, sizes, strict=True)),
-        splits=list(_SPLITS), has_masks=True, has_groups=True, has_backgrounds=True,
-        group_names=groups, default_eps=eps, parameters=parameters, description=description,
+        name=name,
+        builtin=True,
+        num_classes=len(classes),
+        class_names=classes,
+        input_shape=shape,
+        num_examples=dict(zip(_SPLITS, sizes, strict=True)),
+        splits=list(_SPLITS),
+        has_masks=True,
+        has_groups=True,
+        has_backgrounds=True,
+        group_names=groups,
+        default_eps=eps,
+        parameters=parameters,
+        description=description,
     )
 
 
@@ -67,37 +87,89 @@ def _scene_params(correlation: float) -> dict[str, BuiltinParameter]:
 _SHAPES = ["circle", "square", "triangle", "cross"]
 _BIRDS = ["landbird", "waterbird"]
 _BIRD_GROUPS = [f"{c} on {p}" for c in _BIRDS for p in ("land", "water")]
-_SCENES = ["dog", "bird", "vehicle", "reptile", "carnivore", "insect", "instrument", "primate",
-           "fish"]
+_SCENES = [
+    "dog",
+    "bird",
+    "vehicle",
+    "reptile",
+    "carnivore",
+    "insect",
+    "instrument",
+    "primate",
+    "fish",
+]
 _SCENE_FAMILIES = ["foliage", "sky", "road", "sand", "soil", "autumn", "wood", "rock", "water"]
-_WATERBIRDS_DOC = ("Waterbirds-style: land birds and water birds on land or water backgrounds; "
-                   "the background matches the label with P = correlation in train, groups "
-                   "are balanced in val/test; exact masks and clean backgrounds.")
+_WATERBIRDS_DOC = (
+    "Waterbirds-style: land birds and water birds on land or water backgrounds; "
+    "the background matches the label with P = correlation in train, groups "
+    "are balanced in val/test; exact masks and clean backgrounds."
+)
 
-BUILTIN_DATASETS: dict[str, BuiltinDataset] = {d["name"]: d for d in (
-    _entry("shapes-32", _SHAPES, [3, 32, 32], [1200, 400, 400],
-           _own_other(_SHAPES, ["waves", "blobs", "checker", "stripes"]), _EPS_32,
-           _scene_params(0.9),
-           "Tiny default: four coloured shapes, each with its own procedural background "
-           "pattern; trains to high accuracy in seconds (the smoke-test dataset)."),
-    _entry("waterbirds-32", _BIRDS, [3, 32, 32], [3000, 800, 800], _BIRD_GROUPS, _EPS_32,
-           _scene_params(0.95), _WATERBIRDS_DOC),
-    _entry("waterbirds-64", _BIRDS, [3, 64, 64], [3000, 800, 800], _BIRD_GROUPS,
-           {"linf": 8 / 255, "l2": 1.0, "l1": 24.0}, _scene_params(0.95), _WATERBIRDS_DOC),
-    _entry("scenes-9", _SCENES, [3, 32, 32], [2700, 900, 900],
-           _own_other(_SCENES, _SCENE_FAMILIES), _EPS_32, _scene_params(0.9),
-           "ImageNet-9-style: nine super-classes, each with its own background family, so the "
-           "backgrounds benchmark's mixed_same / mixed_rand are meaningful."),
-    _entry("colored-mnist", ["0-4", "5-9"], [3, 28, 28], [6000, 2000, 2000],
-           [f"{c} {col}" for c in ("0-4", "5-9") for col in ("red", "green")],
-           {"linf": 0.1, "l2": 1.0, "l1": 10.0},
-           {"correlation": {"default": 0.9, "description": _CORRELATION},
-            "test_correlation": {"default": 0.5, "description": _TEST_CORRELATION},
-            "label_noise": {"default": 0.25,
-                            "description": "fraction of labels flipped (Arjovsky et al.)"}},
-           "Colored-MNIST (Arjovsky et al. 2019): label = digit >= 5 with 25% label noise; the "
-           "digit's colour (red/green) agrees with the label with P = correlation."),
-)}
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    d["name"]: d
+    for d in (
+        _entry(
+            "shapes-32",
+            _SHAPES,
+            [3, 32, 32],
+            [1200, 400, 400],
+            _own_other(_SHAPES, ["waves", "blobs", "checker", "stripes"]),
+            _EPS_32,
+            _scene_params(0.9),
+            "Tiny default: four coloured shapes, each with its own procedural background "
+            "pattern; trains to high accuracy in seconds (the smoke-test dataset).",
+        ),
+        _entry(
+            "waterbirds-32",
+            _BIRDS,
+            [3, 32, 32],
+            [3000, 800, 800],
+            _BIRD_GROUPS,
+            _EPS_32,
+            _scene_params(0.95),
+            _WATERBIRDS_DOC,
+        ),
+        _entry(
+            "waterbirds-64",
+            _BIRDS,
+            [3, 64, 64],
+            [3000, 800, 800],
+            _BIRD_GROUPS,
+            {"linf": 8 / 255, "l2": 1.0, "l1": 24.0},
+            _scene_params(0.95),
+            _WATERBIRDS_DOC,
+        ),
+        _entry(
+            "scenes-9",
+            _SCENES,
+            [3, 32, 32],
+            [2700, 900, 900],
+            _own_other(_SCENES, _SCENE_FAMILIES),
+            _EPS_32,
+            _scene_params(0.9),
+            "ImageNet-9-style: nine super-classes, each with its own background family, so the "
+            "backgrounds benchmark's mixed_same / mixed_rand are meaningful.",
+        ),
+        _entry(
+            "colored-mnist",
+            ["0-4", "5-9"],
+            [3, 28, 28],
+            [6000, 2000, 2000],
+            [f"{c} {col}" for c in ("0-4", "5-9") for col in ("red", "green")],
+            {"linf": 0.1, "l2": 1.0, "l1": 10.0},
+            {
+                "correlation": {"default": 0.9, "description": _CORRELATION},
+                "test_correlation": {"default": 0.5, "description": _TEST_CORRELATION},
+                "label_noise": {
+                    "default": 0.25,
+                    "description": "fraction of labels flipped (Arjovsky et al.)",
+                },
+            },
+            "Colored-MNIST (Arjovsky et al. 2019): label = digit >= 5 with 25% label noise; the "
+            "digit's colour (red/green) agrees with the label with P = correlation.",
+        ),
+    )
+}
 
 DEFAULT_BUILTIN = "shapes-32"
 
@@ -121,8 +193,11 @@ def validate_params(name: str, params: dict[str, Any]) -> list[str]:
         if spec is None:
             problems.append(f"unknown parameter {key!r}; supported: {sorted(entry['parameters'])}")
         elif isinstance(spec["default"], float):
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not 0.0 <= float(value) <= 1.0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0.0 <= float(value) <= 1.0
+            ):
                 problems.append(f"{key} must be a number in [0, 1]")
         elif key == "assets" and value not in ("auto", "procedural"):
             problems.append("assets must be 'auto' or 'procedural'")

@@ -4,9 +4,10 @@ Written in torch so a batch is corrupted on the device it is evaluated on, with 
 generator for every random draw. Severity constants are the CIFAR-10-C ones (the built-ins
 are 28-64 px, like CIFAR), ported from ``make_cifar_c.py``; ``pixelate`` reproduces Pillow's
 BOX resampling exactly. ``elastic_transform`` keeps the idea (a smooth random displacement
-field) with constants of our own, and ``jpeg_compression`` is a faithful in-torch JPEG (YCbCr, 4:2:0, 8x8 DCT, IJG quantisation tables) rather than a
-call to libjpeg. ``frost`` needs the overlay photos shipped in the ``imagecorruptions`` wheel
-and is offered only when that package is installed.
+field) with constants of our own, and ``jpeg_compression`` is a faithful in-torch JPEG
+(YCbCr, 4:2:0, 8x8 DCT, IJG quantisation tables) rather than a call to libjpeg. ``frost``
+needs the overlay photos shipped in the ``imagecorruptions`` wheel and is offered only when
+that package is installed.
 """
 
 from __future__ import annotations
