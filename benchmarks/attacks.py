@@ -1,0 +1,226 @@
+"""robustscope's attack engine against torchattacks 3.5.1: one table, same run, same inputs.
+
+For each model (a small CNN and a ResNet-18 at 32x32, adversarially trained for a few
+hundred steps on a synthetic 10-class task so that robust accuracy is neither 0 nor 1) and
+each attack (PGD-10 l_inf, APGD-CE l_inf, the AutoAttack cascade APGD-CE -> APGD-T -> FAB-T ->
+Square), both libraries attack the same examples with the same eps and step/query budgets.
+Ours runs through the evaluation runner (clean pass, cascade, fp32 re-check of every break),
+so its time is the whole evaluation, not just the attack loop. Runs alternate ours/ref and
+report the best of ``--repeats`` (the machine may be shared); wall time and process CPU time
+are both measured, images/s uses wall time.
+
+On a GPU it adds ResNet-50 at 224x224 (random weights: a throughput measurement only) in bf16
+with channels_last: PGD image-steps/s and the fraction of the measured bf16 matmul peak.
+
+    uv run python benchmarks/attacks.py                       # a few minutes on 2 CPU cores
+    uv run python benchmarks/attacks.py --n 512 --aa-steps 100 --queries 5000   # AA standard
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchattacks
+from torch import Tensor, nn
+
+from workers.engine.attacks import APGD, PGD
+from workers.engine.nets import resnet18_cifar, small_cnn
+from workers.engine.runner import Stage, autoattack_stages, run_cascade
+from workers.engine.threats import Norm
+from workers.engine.types import RunContext
+
+
+def synthetic(n: int, seed: int, size: int = 32) -> tuple[Tensor, Tensor]:
+    """Smooth per-class colour templates plus noise: learnable in minutes, not trivially."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(1234))
+    templates = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = templates[y] * 0.3 + 0.35 + 0.25 * torch.randn(n, 3, size, size, generator=g)
+    return x.clamp(0, 1), y
+
+
+def train(model: nn.Module, steps: int, eps: float, batch: int = 64) -> nn.Module:
+    """FGSM-RS adversarial training (Wong et al. 2020; eps = 0: standard training), Adam by
+    hand (torch.optim's first step imports the compiler stack: seconds of start-up)."""
+    x, y = synthetic(steps * batch, seed=1)
+    params = [p for p in model.parameters()]
+    m1 = [torch.zeros_like(p) for p in params]
+    m2 = [torch.zeros_like(p) for p in params]
+    g = torch.Generator().manual_seed(2)
+    model.train()
+    for t in range(1, steps + 1):
+        xb, yb = x[(t - 1) * batch:t * batch], y[(t - 1) * batch:t * batch]
+        if eps > 0:
+            delta = (torch.rand(xb.shape, generator=g) * 2 - 1) * eps
+            xa = (xb + delta).requires_grad_(True)
+            (grad,) = torch.autograd.grad(F.cross_entropy(model(xa), yb), xa)
+            xb = (xb + (delta + 1.25 * eps * grad.sign()).clamp(-eps, eps)).clamp(0, 1).detach()
+        grads = torch.autograd.grad(F.cross_entropy(model(xb), yb), params)
+        with torch.no_grad():
+            for p, gr, a, b in zip(params, grads, m1, m2, strict=True):
+                a.mul_(0.9).add_(gr, alpha=0.1)
+                b.mul_(0.999).addcmul_(gr, gr, value=0.001)
+                p.sub_(2e-3 * (a / (1 - 0.9**t)) / ((b / (1 - 0.999**t)).sqrt() + 1e-8))
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return model
+
+
+@dataclass
+class Timed:
+    wall: float
+    cpu: float
+    robust: float
+
+
+def timed(fn: Callable[[], float], repeats: int) -> Timed:
+    best: Timed | None = None
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        acc = fn()
+        t = Timed(time.perf_counter() - w0, time.process_time() - c0, acc)
+        best = t if best is None or t.wall < best.wall else best
+    assert best is not None
+    return best
+
+
+def robust_of(model: nn.Module, x_adv: Tensor, y: Tensor) -> float:
+    with torch.inference_mode():
+        return float((model(x_adv).argmax(1) == y).float().mean())
+
+
+def compare(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.Namespace,
+            name: str) -> list[list[str]]:
+    ctx = RunContext(batch_size=len(y), seed=0)
+    s, q = args.aa_steps, args.queries
+    cases: list[tuple[str, Callable[[], float], Callable[[], float]]] = [
+        ("PGD-10 linf",
+         lambda: run_cascade(model, x, y, Norm.LINF, eps,
+                             [Stage("pgd", PGD(Norm.LINF, 10, step_size=eps / 4))],
+                             ctx).robust_accuracy,
+         lambda: robust_of(model, torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=10,
+                                                   random_start=True)(x, y), y)),
+        (f"APGD-CE-{s} linf",
+         lambda: run_cascade(model, x, y, Norm.LINF, eps,
+                             [Stage("apgd-ce", APGD(Norm.LINF, s))], ctx).robust_accuracy,
+         lambda: robust_of(model, torchattacks.APGD(model, eps=eps, steps=s, loss="ce")(x, y),
+                           y)),
+        (f"AutoAttack ({s} it, {q} q)",
+         lambda: run_cascade(model, x, y, Norm.LINF, eps,
+                             autoattack_stages(Norm.LINF, 10, s, square_queries=q),
+                             ctx).robust_accuracy,
+         lambda: robust_of(model, torchattacks.MultiAttack([
+             torchattacks.APGD(model, eps=eps, steps=s, loss="ce"),
+             torchattacks.APGDT(model, eps=eps, steps=s, n_classes=10),
+             torchattacks.FAB(model, eps=eps, steps=s, multi_targeted=True, n_classes=10),
+             torchattacks.Square(model, eps=eps, n_queries=q),
+         ])(x, y), y)),
+    ]
+    rows = []
+    for label, ours_fn, ref_fn in cases:
+        if args.only and args.only not in label.lower():
+            continue
+        ours = timed(ours_fn, args.repeats)
+        ref = timed(ref_fn, args.repeats)
+        n = len(y)
+        rows.append([name, label, f"{n / ours.wall:,.1f}", f"{n / ref.wall:,.1f}",
+                     f"{ours.robust:.3f}", f"{ref.robust:.3f}", f"{ref.wall / ours.wall:.2f}x",
+                     f"{ref.cpu / max(ours.cpu, 1e-9):.2f}x"])
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def gpu_resnet50(args: argparse.Namespace) -> list[str]:
+    """bf16 + channels_last PGD on ResNet-50 224x224: image-steps/s and fraction of peak."""
+    import torchvision
+
+    dev = torch.device("cuda")
+    model = torchvision.models.resnet50(weights=None).to(dev).eval()
+    model = model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n, steps = args.gpu_batch, 10
+    x = torch.rand(n, 3, 224, 224, device=dev)
+    with torch.inference_mode():
+        y = model(x).argmax(1)  # labels = clean predictions: every example starts robust
+    ctx = RunContext(device=dev, amp=True, batch_size=n)
+    # No early stop can help a random model's throughput number: eps = 0 keeps every example
+    # robust, so every step runs on the full batch.
+    stage = [Stage("pgd", PGD(Norm.LINF, steps, step_size=1e-3))]
+    run_cascade(model, x.cpu(), y.cpu(), Norm.LINF, 0.0, stage, ctx)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run_cascade(model, x.cpu(), y.cpu(), Norm.LINF, 0.0, stage, ctx)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    image_steps = n * steps / wall
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize()
+    peak = 20 * 2 * 8192**3 / (time.perf_counter() - t0)
+    flops_per_step = 3 * 4.1e9  # forward + input-gradient backward (~2x forward) per image
+    frac = image_steps * flops_per_step / peak
+    return [f"ResNet-50 224 bf16 PGD-{steps}: {image_steps:,.0f} image-steps/s, "
+            f"{frac:.1%} of measured bf16 matmul peak ({peak / 1e12:.0f} TFLOP/s)"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=256, help="examples for the small CNN")
+    ap.add_argument("--n-resnet", type=int, default=48, help="examples for ResNet-18")
+    ap.add_argument("--eps", type=float, default=8 / 255, help="eps for the small CNN")
+    ap.add_argument("--eps-resnet", type=float, default=2 / 255,
+                    help="eps for ResNet-18 (trained without adversarial examples: CPU budget)")
+    ap.add_argument("--aa-steps", type=int, default=20, help="APGD/APGD-T/FAB-T iterations")
+    ap.add_argument("--queries", type=int, default=300, help="Square queries")
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--train-steps-resnet", type=int, default=80)
+    ap.add_argument("--models", default="small,resnet18")
+    ap.add_argument("--only", default="", help="run only attacks whose label contains this")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--gpu-batch", type=int, default=128)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # a script, not library code: fixes the model initialisation
+    header = ["model", "attack", "img/s ours", "img/s ref", "robust ours", "robust ref",
+              "speed (wall)", "speed (cpu)"]
+    print(f"torch {torch.__version__}, torchattacks {torchattacks.__version__}, "
+          f"threads {torch.get_num_threads()}, eps {args.eps:.4f}", flush=True)
+    print(" | ".join(header), flush=True)
+    table: list[list[str]] = []
+    builders = {"small": (small_cnn, args.n, args.train_steps, args.eps, args.eps, 64),
+                "resnet18": (resnet18_cifar, args.n_resnet, args.train_steps_resnet, 0.0,
+                             args.eps_resnet, 32)}
+    for name in args.models.split(","):
+        build, n, steps, train_eps, eps, batch = builders[name]
+        t0 = time.perf_counter()
+        model = train(build(10, 3), steps, train_eps, batch)
+        x, y = synthetic(n, seed=99)
+        with torch.inference_mode():
+            clean = float((model(x).argmax(1) == y).float().mean())
+        print(f"# {name}: trained {steps} steps in {time.perf_counter() - t0:.0f}s, "
+              f"clean accuracy {clean:.3f} on {n} test examples", flush=True)
+        table += compare(model, x, y, eps, args, f"{name} (eps {eps * 255:.0f}/255)")
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    print()
+    for r in [header, ["-" * w for w in widths], *table]:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    if torch.cuda.is_available():
+        for line in gpu_resnet50(args):
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
