@@ -64,9 +64,9 @@ def main() -> None:
         tpath = root / "d.tar.gz"
         with tarfile.open(tpath, "w:gz") as tf:
             for name, data in files.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                tf.addfile(member, io.BytesIO(data))
         for path in (zpath, tpath):
             started, cpu_started = time.perf_counter(), time.process_time()
             info = ingest(path, root / "out.npz", name="bench", limits=IngestLimits())
