@@ -28,14 +28,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_apikey(args: argparse.Namespace) -> int:
-    from service.auth.keys import create_key
+    from service.auth.keys import create_key, webhook_secret
     from service.db import make_engine, make_sessionmaker, transaction
     from service.settings import get_settings
 
     engine = make_engine(get_settings().database_url)
     with transaction(make_sessionmaker(engine)) as session:
         key = create_key(session, args.owner)
+        session.flush()
+        secret = webhook_secret(session, args.owner)
     print(key)
+    print(f"webhook signing secret for {args.owner}: {secret}", file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import uuid
 
 import httpx
 
@@ -23,7 +24,7 @@ def sign(secret: str, body: bytes) -> str:
 def deliver(rt: Runtime, evaluation_id: str, timeout: float = 10.0) -> int | None:
     """POST the final evaluation record; raises on a non-2xx answer so Celery retries."""
     with rt.sessions() as s:
-        ev = s.get(Evaluation, evaluation_id)
+        ev = s.get(Evaluation, uuid.UUID(evaluation_id))
         if ev is None or not ev.webhook_url:
             return None
         secret = webhook_secret(s, ev.owner) or ""

@@ -62,6 +62,7 @@ class Adversarial(_Entry):
     targeted: bool = False
     step_size: float | None = Field(None, gt=0)
     queries: int | None = Field(None, ge=1, le=100_000)
+    n_targets: int | None = Field(None, ge=1, le=999)
 
     @field_validator("eps")
     @classmethod
@@ -76,6 +77,7 @@ class RobustnessCurve(_Entry):
     norm: Norm = Norm.LINF
     eps: list[Eps] | None = Field(None, min_length=1, max_length=64)
     steps: int | None = Field(None, ge=1, le=10_000)
+    n_targets: int | None = Field(None, ge=1, le=999)
 
 
 class FgBgNoise(_Entry):

@@ -1,0 +1,102 @@
+"""Webhooks (signed, sent on a final state), server-sent events, the report, /metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sqlalchemy import update
+
+from service.auth.keys import webhook_secret
+from service.db import make_engine, make_sessionmaker
+from service.queue import WEBHOOK_TASK
+from service.settings import Settings
+from service.tables import Evaluation, Result
+from tests.factories import api, auth, new_key, settings, tiny_net, torchscript_bytes, upload
+from workers import jobs, webhooks
+from workers.runtime import Runtime
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
+    got: list[tuple[dict[str, str], bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append((dict(self.headers), body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            return None
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", got
+    server.shutdown()
+
+
+def test_a_finished_job_sends_a_signed_webhook(sqlite_url: str, tmp_path: Path,
+                                               receiver: tuple[str, list[Any]]) -> None:
+    url, got = receiver
+    key = new_key(sqlite_url, "hooked")
+    with api(settings(sqlite_url, tmp_path)) as client:
+        model = upload(client, key, torchscript_bytes(tiny_net())).json()
+        ev = client.post("/evaluations", headers=auth(key), json={
+            "model_id": model["id"], "dataset": "shapes-32", "webhook_url": url,
+            "suite": [{"benchmark": "clean"}]}).json()
+    engine = make_engine(sqlite_url)
+    rt = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path), engine=engine,
+                 sessions=make_sessionmaker(engine), device=torch.device("cpu"), name="w")
+    sent: list[tuple[str, list[str]]] = []
+    assert jobs.run(rt, uuid.UUID(ev["id"]),
+                    send_task=lambda name, args: sent.append((name, args))) == "succeeded"
+    assert sent == [(WEBHOOK_TASK, [ev["id"]])]
+    assert webhooks.deliver(rt, ev["id"]) == 204
+    headers, body = got[0]
+    with rt.sessions() as s:
+        secret = webhook_secret(s, "hooked")
+    assert secret
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert headers[webhooks.SIGNATURE_HEADER] == expected
+    payload = json.loads(body)
+    assert payload["event"] == "evaluation.succeeded"
+    assert payload["evaluation"]["id"] == ev["id"]
+    assert payload["evaluation"]["results"][0]["metric"] == "accuracy"
+
+
+def test_events_stream_until_a_final_state_and_the_report_and_metrics(
+        sqlite_url: str, tmp_path: Path) -> None:
+    key = new_key(sqlite_url, "streamer")
+    with api(settings(sqlite_url, tmp_path)) as client:
+        model = upload(client, key, torchscript_bytes(tiny_net())).json()
+        ev = client.post("/evaluations", headers=auth(key), json={
+            "model_id": model["id"], "dataset": "shapes-32",
+            "suite": [{"benchmark": "clean"}]}).json()
+        sessions = client.app.state.sessionmaker  # type: ignore[attr-defined]
+        with sessions.begin() as s:
+            s.execute(update(Evaluation).where(Evaluation.id == uuid.UUID(ev["id"])).values(
+                status="succeeded", progress_fraction=1.0, progress_stage="succeeded"))
+            s.add(Result(evaluation_id=uuid.UUID(ev["id"]), entry_index=0, benchmark="clean",
+                         metric="accuracy", value=0.75, params={}, params_key="{}"))
+        with client.stream("GET", f"/evaluations/{ev['id']}/events", headers=auth(key)) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            text = "".join(r.iter_text())
+        events = [block.split("\n") for block in text.strip().split("\n\n")]
+        assert [e[0] for e in events] == ["event: progress", "event: end"]
+        assert json.loads(events[0][1].removeprefix("data: "))["fraction"] == 1.0
+        assert json.loads(events[1][1].removeprefix("data: "))["results"][0]["value"] == 0.75
+        report = client.get(f"/evaluations/{ev['id']}/report", headers=auth(key))
+        assert "0.7500" in report.text
+        metrics = client.get("/metrics").text
+        assert 'robustscope_evaluations{status="succeeded"} 1.0' in metrics
