@@ -95,7 +95,7 @@ def test_train_correlation_is_exact(corr: float) -> None:
 
 
 def test_test_split_groups_are_balanced() -> None:
-    for name in ("waterbirds-32", "scenes-9", "shapes-32"):
+    for name in ("waterbirds-32", "shapes-32"):
         d = load_builtin(name, "test")
         assert d.groups is not None
         assert d.group_names is not None

@@ -272,3 +272,15 @@ def test_progress_is_reported_and_cancellation_propagates() -> None:
     with pytest.raises(Cancelled):
         run("fg_bg_noise", fg_reader(), toy_data(n=100), {"sigmas": [0.5], "trials": 1},
             RunContext(batch_size=32, progress=cancel))
+
+
+def test_backgrounds_flags_a_split_whose_backgrounds_ignore_the_class() -> None:
+    balanced = load_builtin("waterbirds-32", "test", assets="procedural")
+    natural = load_builtin("waterbirds-32", "test", assets="procedural", test_correlation=0.95)
+    small = torch.arange(0, 800, 20)
+    flags = {c.name: c.passed for c in run("backgrounds", PlaceReader(), balanced.subset(small),
+                                           {}, CTX).checks}
+    assert flags == {"donor_backgrounds": True, "bg_gap_informative": False}
+    res = run("backgrounds", PlaceReader(), natural, {}, CTX)
+    assert [c.name for c in res.checks] == ["donor_backgrounds"]
+    assert one(res, "bg_gap") > 0.3  # the shortcut model's gap shows on natural backgrounds

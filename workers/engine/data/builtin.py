@@ -125,8 +125,9 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     Builtin(
         "scenes-9",
         "ImageNet-9-style: nine super-classes, each with its own background family "
-        "(correlation in train, half own / half other in val/test); for mixed_same/mixed_rand.",
-        SCENE_CLASSES, (3, 32, 32), {"train": 2700, "val": 900, "test": 900}, 0.9, 0.5,
+        "(correlation in train and, as in ImageNet-9, in val/test too), so that mixed_same and "
+        "mixed_rand differ.",
+        SCENE_CLASSES, (3, 32, 32), {"train": 2700, "val": 900, "test": 900}, 0.9, 0.9,
         _scene(SceneSpec(32, SCENE_CLASSES, bgs.SCENE_FAMILIES, _SCENE_EMOJI, _scene_drawings,
                          (0.55, 0.8))),
         {"assets": "auto"}),
@@ -173,7 +174,8 @@ class BuiltinSource:
     """Redraws a built-in at another spurious correlation (``spurious_shift``).
 
     ``train_correlation`` is the correlation the train split was drawn with, i.e. the one a
-    model trained on this dataset has seen; ``assets`` says what drew the pictures.
+    model trained on this dataset has seen; ``correlation`` the one of the split at hand;
+    ``assets`` says what drew the pictures.
     """
 
     name: str
@@ -182,6 +184,7 @@ class BuiltinSource:
     train_correlation: float
     num_classes: int
     assets: tuple[tuple[str, str], ...]
+    correlation: float | None = None  # the one this split was drawn with
 
     def with_correlation(self, correlation: float, split: str) -> EvalData:
         key = "correlation" if split == "train" else "test_correlation"
@@ -204,8 +207,9 @@ def load_builtin(name: str, split: str = "test", seed: int = 0, **params: Any) -
     arr = _arrays(name, split, int(seed), key)
     x = torch.from_numpy(arr.images).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
     bg = torch.from_numpy(arr.backgrounds).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    corr = resolved["correlation"] if split == "train" else resolved["test_correlation"]
     source = BuiltinSource(name, int(seed), key, float(resolved["correlation"]),
-                           len(spec.class_names), arr.assets)
+                           len(spec.class_names), arr.assets, float(corr))
     return EvalData(
         x=x, y=torch.from_numpy(arr.labels.copy()), class_names=list(spec.class_names),
         masks=torch.from_numpy(arr.masks).float()[:, None].contiguous(),
