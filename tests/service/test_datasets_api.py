@@ -1,0 +1,197 @@
+"""POST /datasets and every natural-axis benchmark through POST /evaluations, on built-in data
+and on uploads in the ImageNet-9 and Waterbirds layouts.
+
+The uploads are written from built-in generated images, so their content is known; a job's
+rows must equal what the engine computes in-process on the ingested arrays.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.db import make_engine, make_sessionmaker
+from service.settings import Settings
+from tests.factories import api, auth, new_key, settings, torchscript_bytes, upload
+from tests.service.ingest_fixtures import npy, png, write_zip
+from workers import jobs
+from workers.engine import benchmarks
+from workers.engine.data import load_builtin, load_npz
+from workers.engine.models import Normalized
+from workers.engine.types import EvalData, RunContext
+from workers.runtime import Runtime
+
+NATURAL = [{"benchmark": "fg_bg_noise", "sigmas": [0.25], "trials": 1},
+           {"benchmark": "backgrounds"},
+           {"benchmark": "corruptions", "types": ["gaussian_noise", "contrast"],
+            "severities": [3]}]
+
+
+def _images(data: EvalData, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = (data.x[:n].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    assert data.masks is not None
+    m = data.masks[:n, 0].numpy().astype(np.uint8)
+    return x, m, data.y[:n].numpy()
+
+
+def imagenet9_archive(path: Path, n: int = 45) -> Path:
+    data = load_builtin("scenes-9", "test")
+    x, m, y = _images(data, n)
+    files: dict[str, bytes] = {}
+    for i in range(n):
+        folder = f"{int(y[i]):02d}_{data.class_names[int(y[i])]}"
+        files[f"bg_challenge/original/val/{folder}/img{i:03d}.png"] = png(x[i])
+        files[f"bg_challenge/fg_mask/val/{folder}/img{i:03d}.npy"] = npy(m[i])
+    return write_zip(path, files)
+
+
+def waterbirds_archive(path: Path, n: int = 40) -> Path:
+    data = load_builtin("waterbirds-32", "test")
+    x, _, y = _images(data, n)
+    assert data.groups is not None
+    place = (data.groups[:n].numpy() % 2).astype(int)  # groups are label x place
+    lines = ["img_id,img_filename,y,split,place"]
+    files: dict[str, bytes] = {}
+    for i in range(n):
+        name = f"{int(y[i]):03d}.Bird/bird_{i:03d}.png"
+        files[f"waterbird_complete95/{name}"] = png(x[i])
+        lines.append(f"{i},{name},{int(y[i])},2,{place[i]}")
+    files["waterbird_complete95/metadata.csv"] = ("\n".join(lines) + "\n").encode()
+    return write_zip(path, files)
+
+
+def net(num_classes: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                               torch.nn.Linear(32, num_classes)).eval()
+
+
+@pytest.fixture
+def env(sqlite_url: str, tmp_path: Path) -> Any:
+    engine = make_engine(sqlite_url)
+    rt = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path), engine=engine,
+                 sessions=make_sessionmaker(engine), device=torch.device("cpu"), name="w")
+    with api(settings(sqlite_url, tmp_path)) as client:
+        yield client, new_key(sqlite_url, f"u-{uuid.uuid4().hex[:6]}"), rt
+
+
+def _run(client: TestClient, key: str, rt: Runtime, model_id: str, dataset: str,
+         suite: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    resp = client.post("/evaluations", headers=auth(key), json={
+        "model_id": model_id, "dataset": dataset, "suite": suite, "seed": 1, **extra})
+    assert resp.status_code == 202, resp.text
+    eid = resp.json()["id"]
+    assert jobs.run(rt, uuid.UUID(eid)) == "succeeded", client.get(
+        f"/evaluations/{eid}", headers=auth(key)).json()["error"]
+    out: dict[str, Any] = client.get(f"/evaluations/{eid}", headers=auth(key)).json()
+    return out
+
+
+def _reference(model: torch.nn.Module, data: EvalData, suite: list[dict[str, Any]]) -> list[Any]:
+    wrapped = Normalized(model, None, None, 3).eval()
+    rows = []
+    for entry in suite:
+        params = {k: v for k, v in entry.items() if k != "benchmark"}
+        rows += [r.as_dict() for r in benchmarks.run(entry["benchmark"], wrapped, data, params,
+                                                     RunContext(seed=1, batch_size=256)).rows]
+    return rows
+
+
+def _rows(job: dict[str, Any]) -> list[Any]:
+    return [{k: r[k] for k in ("benchmark", "metric", "value", "params")} for r in job["results"]]
+
+
+def test_imagenet9_upload_runs_the_natural_benchmarks(env: Any, tmp_path: Path) -> None:
+    client, key, rt = env
+    archive = imagenet9_archive(tmp_path / "in9.zip")
+    with archive.open("rb") as f:
+        resp = client.post("/datasets", headers=auth(key), files={"file": ("in9.zip", f)},
+                           data={"name": "in9-mini"})
+    assert resp.status_code == 201, resp.text
+    ds = resp.json()
+    assert (ds["layout"], ds["num_examples"], ds["num_classes"]) == ("imagenet9", 45, 9)
+    assert ds["has_masks"] is True
+    assert ds["has_groups"] is False
+    listed = client.get("/datasets", headers=auth(key)).json()["items"]
+    assert any(d["id"] == ds["id"] and not d["builtin"] for d in listed)
+    model = upload(client, key, torchscript_bytes(net(9)),
+                   {"name": "n9", "num_classes": 9, "input_shape": [3, 32, 32]}).json()
+    suite = [{"benchmark": "clean"}, *NATURAL]
+    job = _run(client, key, rt, model["id"], "in9-mini", suite)
+    data = load_npz(rt.settings.data_dir / "datasets" / f"{ds['id']}.npz", "test")
+    assert _rows(job) == _reference(net(9), data, suite)
+    variants = {r["params"]["variant"] for r in job["results"]
+                if r["benchmark"] == "backgrounds" and r["metric"] == "accuracy"}
+    assert variants == {"original", "only_fg", "no_fg", "mixed_same", "mixed_rand"}
+    # groups need group labels, which this upload has none of: refused at submission.
+    refused = client.post("/evaluations", headers=auth(key), json={
+        "model_id": model["id"], "dataset": ds["id"], "suite": [{"benchmark": "groups"}]})
+    assert refused.status_code == 422
+    assert "group labels" in refused.json()["detail"]
+
+
+def test_waterbirds_upload_runs_groups(env: Any, tmp_path: Path) -> None:
+    client, key, rt = env
+    archive = waterbirds_archive(tmp_path / "wb.zip")
+    with archive.open("rb") as f:
+        resp = client.post("/datasets", headers=auth(key), files={"file": ("wb.zip", f)})
+    assert resp.status_code == 201, resp.text
+    ds = resp.json()
+    assert (ds["layout"], ds["num_examples"], ds["has_groups"]) == ("waterbirds", 40, True)
+    assert ds["group_names"] == ["landbird_on_land", "landbird_on_water", "waterbird_on_land",
+                                 "waterbird_on_water"]
+    model = upload(client, key, torchscript_bytes(net(2)),
+                   {"name": "n2", "num_classes": 2, "input_shape": [3, 32, 32]}).json()
+    suite = [{"benchmark": "clean"}, {"benchmark": "groups"},
+             {"benchmark": "corruptions", "types": ["brightness"], "severities": [1, 5]}]
+    job = _run(client, key, rt, model["id"], ds["id"], suite)
+    data = load_npz(rt.settings.data_dir / "datasets" / f"{ds['id']}.npz", "test")
+    assert _rows(job) == _reference(net(2), data, suite)
+    metrics = {r["metric"] for r in job["results"] if r["benchmark"] == "groups"}
+    assert {"average_accuracy", "worst_group_accuracy", "accuracy"} <= metrics
+
+
+def test_every_natural_benchmark_on_builtin_data(env: Any) -> None:
+    client, key, rt = env
+    model = upload(client, key, torchscript_bytes(net(2)),
+                   {"name": "wb", "num_classes": 2, "input_shape": [3, 32, 32]}).json()
+    suite = [*NATURAL, {"benchmark": "groups"}, {"benchmark": "spurious_shift"}]
+    job = _run(client, key, rt, model["id"], "waterbirds-32", suite,
+               dataset_params={"correlation": 0.9})
+    benches = {r["benchmark"] for r in job["results"]}
+    assert benches == {"fg_bg_noise", "backgrounds", "corruptions", "groups", "spurious_shift"}
+    shifts = {r["params"].get("shift") for r in job["results"]
+              if r["benchmark"] == "spurious_shift"}
+    assert {"kept", "removed", "reversed"} <= shifts
+    board = client.get("/leaderboard", headers=auth(key), params={
+        "dataset": "waterbirds-32", "benchmark": "groups",
+        "metric": "worst_group_accuracy"}).json()
+    assert [r["evaluation_id"] for r in board["rows"]] == [job["id"]]
+
+
+def test_bad_dataset_uploads(env: Any, tmp_path: Path) -> None:
+    client, key, _ = env
+    resp = client.post("/datasets", headers=auth(key),
+                       files={"file": ("x.zip", b"not an archive at all")})
+    assert resp.status_code == 422
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    manifest = write_zip(tmp_path / "m.zip", {
+        "manifest.csv": b"path,label\nmissing.png,0\nimg.png,x\n",
+        "img.png": png(np.zeros((8, 8, 3), np.uint8))})
+    with manifest.open("rb") as f:
+        resp = client.post("/datasets", headers=auth(key), files={"file": ("m.zip", f)})
+    assert resp.status_code == 422
+    body = resp.json()
+    assert body["type"].endswith("dataset-bad-row")
+    assert {e["path"] for e in body["errors"]} == {"missing.png", "img.png"}
+    with imagenet9_archive(tmp_path / "in9.zip").open("rb") as f:
+        resp = client.post("/datasets", headers=auth(key), files={"file": ("in9.zip", f)},
+                           data={"name": "shapes-32"})
+    assert resp.status_code == 409  # a built-in's name
