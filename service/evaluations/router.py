@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service import storage
 from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, problem_responses
+from service.errors import Invalid, NotFound, problem_responses
 from service.evaluations import report, service
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
 from service.models import service as models
@@ -148,3 +148,15 @@ def evaluation_events(evaluation_id: uuid.UUID, request: Request, session: Sessi
 def evaluation_report(evaluation_id: uuid.UUID, session: SessionDep,
                       owner: CurrentOwner) -> HTMLResponse:
     return HTMLResponse(report.render(service.to_out(service.get(session, owner, evaluation_id))))
+
+
+@router.get("/{evaluation_id}/artifacts/{name:path}", responses=ERRORS)
+def evaluation_artifact(evaluation_id: uuid.UUID, name: str, session: SessionDep,
+                        owner: CurrentOwner, settings: SettingsDep) -> FileResponse:
+    """A file a benchmark kept with its results, e.g. per-example robust flags (``.npy``)."""
+    row = service.get(session, owner, evaluation_id)
+    relative = (row.artifacts or {}).get(name)
+    path = (settings.data_dir / relative).resolve() if relative else None
+    if path is None or not path.is_file() or settings.data_dir.resolve() not in path.parents:
+        raise NotFound(f"evaluation {evaluation_id} has no artifact {name!r}")
+    return FileResponse(path, filename=path.name, media_type="application/octet-stream")

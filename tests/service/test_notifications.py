@@ -100,3 +100,34 @@ def test_events_stream_until_a_final_state_and_the_report_and_metrics(
         assert "0.7500" in report.text
         metrics = client.get("/metrics").text
         assert 'robustscope_evaluations{status="succeeded"} 1.0' in metrics
+
+
+def test_per_example_flags_are_served_as_an_artifact(sqlite_url: str, tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+
+    key = new_key(sqlite_url, "flags")
+    engine = make_engine(sqlite_url)
+    rt = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path), engine=engine,
+                 sessions=make_sessionmaker(engine), device=torch.device("cpu"), name="w")
+    with api(settings(sqlite_url, tmp_path)) as client:
+        model = upload(client, key, torchscript_bytes(tiny_net())).json()
+        ev = client.post("/evaluations", headers=auth(key), json={
+            "model_id": model["id"], "dataset": "shapes-32", "suite": [
+                {"benchmark": "adversarial", "attack": "pgd", "eps": 0.03, "steps": 3}]}).json()
+        assert jobs.run(rt, uuid.UUID(ev["id"])) == "succeeded"
+        done = client.get(f"/evaluations/{ev['id']}", headers=auth(key)).json()
+        [name] = done["artifacts"]
+        resp = client.get(f"/evaluations/{ev['id']}/artifacts/{name}", headers=auth(key))
+        assert resp.status_code == 200
+        flags = np.load(io.BytesIO(resp.content), allow_pickle=False)
+        robust = next(r["value"] for r in done["results"] if r["metric"] == "robust_accuracy")
+        assert flags["robust"].shape == (400,)
+        assert flags["robust"].mean() == pytest.approx(robust)
+        missing = client.get(f"/evaluations/{ev['id']}/artifacts/..%2F..%2Frobustscope.db",
+                             headers=auth(key))
+        assert missing.status_code == 404
+        other = new_key(sqlite_url, "other")
+        assert client.get(f"/evaluations/{ev['id']}/artifacts/{name}",
+                          headers=auth(other)).status_code == 404
