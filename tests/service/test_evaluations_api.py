@@ -89,6 +89,9 @@ def test_standard_preset_expands_to_what_the_dataset_supports(
     ([{"benchmark": "nope"}], "suite.0"),
     ([{"benchmark": "clean", "extra": 1}], "suite.0.clean.extra"),
     ([], "non-empty"),
+    ([{"benchmark": "corruptions", "types": ["snow"]}], "unknown corruption types"),
+    ([{"benchmark": "corruptions", "severities": [6]}], "suite.0.corruptions.severities"),
+    ([{"benchmark": "spurious_shift", "correlation": 1.5}], "suite.0.spurious_shift.correlation"),
     ("weakest", "unknown suite preset"),
 ])
 def test_bad_suites_are_422(client: TestClient, alice: dict[str, Any], suite: Any,
