@@ -99,24 +99,6 @@ class ResNet18(nn.Module):
         return self.linear(out)
 
 
-class WideBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
-
-
 class WideResNet(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, depth: int = 28,
                  widen: int = 10) -> None:
@@ -128,7 +110,7 @@ class WideResNet(nn.Module):
         in_planes = widths[0]
         for planes, stride in zip(widths[1:], (1, 2, 2), strict=True):
             for i in range(n):
-                blocks.append(WideBlock(in_planes, planes, stride if i == 0 else 1))
+                blocks.append(PreActBlock(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(in_planes)
