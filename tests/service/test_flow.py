@@ -187,16 +187,22 @@ def test_upload_evaluate_poll_on_postgres_and_redis(stack: tuple[TestClient, Wor
 
 
 def test_worker_killed_mid_job_is_resumed_by_another(stack: tuple[TestClient, Worker],
-                                                     pg_url: str, net: nn.Module) -> None:
+                                                     pg_url: str, net: nn.Module,
+                                                     tmp_path: Path) -> None:
     client, start_worker = stack
     key = new_key(pg_url, f"kill-{uuid.uuid4().hex[:6]}")
     slow = [{"benchmark": "clean"},
             {"benchmark": "adversarial", "attack": "pgd", "norm": "linf",
-             "eps": [1 / 255, 2 / 255, 4 / 255, 8 / 255], "steps": 60, "restarts": 1}]
+             "eps": [1 / 255, 2 / 255, 4 / 255, 8 / 255], "steps": 20, "restarts": 1}]
     eid = _submit(client, key, net, slow)
     first = start_worker()
-    _poll(client, key, eid, lambda b: b["status"] == "running"
-          and b["progress"]["stage"] == "adversarial" and b["progress"]["fraction"] > 0.55)
+    # Kill the worker once the first eps is finished and saved, while the second is running.
+    state = tmp_path / "state" / eid / "entry-1"
+    deadline = time.monotonic() + 300
+    while not list(state.rglob("stage*.npz")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [saved] = list(state.rglob("stage*.npz"))
+    saved_at = saved.stat().st_mtime_ns
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
     mid = client.get(f"/evaluations/{eid}", headers=auth(key)).json()
@@ -204,7 +210,7 @@ def test_worker_killed_mid_job_is_resumed_by_another(stack: tuple[TestClient, Wo
     assert mid["attempts"] == 1
     assert [r["benchmark"] for r in mid["results"]] == ["clean"]
     start_worker()
-    done = _poll(client, key, eid, lambda b: b["status"] in ("succeeded", "failed"), 300)
+    done = _poll(client, key, eid, lambda b: b["status"] in ("succeeded", "failed"), 600)
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2
     keys = [(r["benchmark"], r["metric"], json.dumps(r["params"], sort_keys=True))
@@ -212,3 +218,7 @@ def test_worker_killed_mid_job_is_resumed_by_another(stack: tuple[TestClient, Wo
     assert len(keys) == len(set(keys))  # one set of results
     assert sum(1 for k in keys if k[1] == "robust_accuracy") == 4
     assert sum(1 for k in keys if k[0] == "clean") == 1
+    assert saved.stat().st_mtime_ns == saved_at  # the finished stage was resumed, not redone
+    got = [{k: r[k] for k in ("benchmark", "metric", "value", "params")}
+           for r in done["results"]]
+    assert got == reference_rows(net, slow, seed=3)  # and the answer is the uninterrupted one
