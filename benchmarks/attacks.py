@@ -32,7 +32,7 @@ from workers.engine.attacks import APGD, PGD
 from workers.engine.nets import resnet18_cifar, small_cnn
 from workers.engine.runner import Stage, autoattack_stages, run_cascade
 from workers.engine.threats import Norm
-from workers.engine.types import RunContext
+from workers.engine.types import RunContext, native_bf16
 
 
 def synthetic(n: int, seed: int, size: int = 32) -> tuple[Tensor, Tensor]:
@@ -98,7 +98,7 @@ def robust_of(model: nn.Module, x_adv: Tensor, y: Tensor) -> float:
 
 def compare(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.Namespace,
             name: str) -> list[list[str]]:
-    ctx = RunContext(batch_size=len(y), seed=0)
+    ctx = RunContext(batch_size=len(y), seed=0, amp=args.amp)
     s, q = args.aa_steps, args.queries
     cases: list[tuple[str, Callable[[], float], Callable[[], float]]] = [
         ("PGD-10 linf",
@@ -186,11 +186,17 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--train-steps-resnet", type=int, default=80)
     ap.add_argument("--models", default="small,resnet18")
+    ap.add_argument("--bf16", dest="amp", action="store_true",
+                    help="search under bf16 autocast + channels_last where the device has "
+                         "native bf16, as GPU workers do (breaks are confirmed in fp32)")
     ap.add_argument("--only", default="", help="run only attacks whose label contains this")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--gpu-batch", type=int, default=128)
     args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.amp and not native_bf16(device):
+        ap.error(f"--bf16: {device} has no native bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # a script, not library code: fixes the model initialisation

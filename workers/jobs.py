@@ -29,7 +29,14 @@ from workers.engine import ENGINE_VERSION, benchmarks
 from workers.engine.data import DatasetFormatError, load_builtin, load_npz
 from workers.engine.models import CheckpointError, ModelSpec
 from workers.engine.models import load as load_model
-from workers.engine.types import BenchmarkError, BenchmarkResult, Cancelled, EvalData, RunContext
+from workers.engine.types import (
+    BenchmarkError,
+    BenchmarkResult,
+    Cancelled,
+    EvalData,
+    RunContext,
+    native_bf16,
+)
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.worker")
@@ -239,7 +246,7 @@ def _run_suite(rt: Runtime, job: Job, sup: Supervisor) -> None:
         progress(0.0, f"starting {name}")
         ctx = RunContext(
             device=rt.device, seed=job.seed, batch_size=rt.settings.batch_size,
-            amp=rt.device.type == "cuda", progress=progress,
+            amp=_bf16_search(rt), progress=progress,
             state_dir=rt.settings.data_dir / "state" / str(job.id) / f"entry-{i}",
             artifact_dir=artifact_dir / f"entry-{i}",
         )
@@ -248,6 +255,13 @@ def _run_suite(rt: Runtime, job: Job, sup: Supervisor) -> None:
         start = time.perf_counter()
         result = benchmarks.run(name, model, data, params, ctx)
         _write_entry(rt, job, i, result, time.perf_counter() - start)
+
+
+def _bf16_search(rt: Runtime) -> bool:
+    """bf16 attack search on CUDA only: on a CPU, even one with native bf16, PGD searched in
+    bf16 measured ~2 points weaker than in fp32 (benchmarks/attacks.py --bf16 shows it)."""
+    return (rt.settings.precision == "auto" and rt.device.type == "cuda"
+            and native_bf16(rt.device))
 
 
 def _set_device_info(rt: Runtime, job: Job) -> None:

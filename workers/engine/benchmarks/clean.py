@@ -13,12 +13,14 @@ from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContex
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, ctx: RunContext) -> Tensor:
-    """Top-1 predictions for ``x`` (on the CPU), in batches on ``ctx.device``."""
+    """Top-1 predictions for ``x`` (on the CPU), in batches on ``ctx.device``, in fp32.
+
+    Reported accuracies are never computed under bf16: rounding could flip near-ties.
+    """
     out = []
     for start in range(0, x.shape[0], ctx.batch_size):
         xb = x[start:start + ctx.batch_size].to(ctx.device, non_blocking=True)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-            out.append(model(xb).argmax(1).cpu())
+        out.append(model(xb).argmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 

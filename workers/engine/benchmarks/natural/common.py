@@ -13,11 +13,11 @@ from workers.engine.types import BenchmarkError, EvalData, RunContext
 
 @torch.no_grad()
 def argmax_on_device(model: nn.Module, x: Tensor, ctx: RunContext) -> Tensor:
-    """Top-1 predictions for an on-device batch, chunked by ``ctx.batch_size``."""
+    """Top-1 predictions for an on-device batch, chunked by ``ctx.batch_size``, in fp32
+    (reported accuracies never go through bf16 rounding)."""
     out = []
     for start in range(0, x.shape[0], ctx.batch_size):
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-            out.append(model(x[start:start + ctx.batch_size]).argmax(1))
+        out.append(model(x[start:start + ctx.batch_size]).argmax(1))
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
 
 
