@@ -233,6 +233,7 @@ def _run_suite(rt: Runtime, job: Job, sup: Supervisor) -> None:
         raise BenchmarkError(f"the data has shape {list(data.x.shape[1:])} but the model takes "
                              f"{list(job.model_spec.input_shape)}")
     _set_device_info(rt, job)
+    _record_data_source(rt, job, data)
     artifact_dir = rt.settings.data_dir / "artifacts" / str(job.id)
     for i, entry in enumerate(job.suite):
         if i in job.completed:
@@ -262,6 +263,22 @@ def _bf16_search(rt: Runtime) -> bool:
     bf16 measured ~2 points weaker than in fp32 (benchmarks/attacks.py --bf16 shows it)."""
     return (rt.settings.precision == "auto" and rt.device.type == "cuda"
             and native_bf16(rt.device))
+
+
+def _record_data_source(rt: Runtime, job: Job, data: EvalData) -> None:
+    """Say what drew a built-in's pictures (installed art or the procedural fallback): the API
+    cannot know what a worker has installed, and results are comparable only within one."""
+    assets = getattr(data.source, "assets", None)
+    if not assets:
+        return
+    detail = ", ".join(f"{part}: {kind}" for part, kind in assets)
+    note = {"name": "dataset_assets", "passed": True, "detail": f"{job.dataset} {detail}",
+            "params": dict(assets), "entry": None}
+    with rt.sessions.begin() as s:
+        ev = s.get(Evaluation, job.id)
+        if ev is not None and ev.attempts == job.token and not any(
+                c.get("name") == "dataset_assets" for c in ev.checks):
+            ev.checks = [*ev.checks, note]
 
 
 def _set_device_info(rt: Runtime, job: Job) -> None:

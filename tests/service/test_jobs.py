@@ -106,6 +106,9 @@ def test_a_job_runs_and_records_everything(rt: Runtime) -> None:
     assert ev.started_at is not None
     assert ev.finished_at is not None
     assert ev.completed_entries == [0, 1]
+    assert ev.checks == [{"name": "dataset_assets", "passed": True, "entry": None,
+                          "detail": "shapes-32 objects: procedural, backgrounds: procedural",
+                          "params": {"objects": "procedural", "backgrounds": "procedural"}}]
     assert set(ev.timings) == {"0:clean", "1:test_counted"}
     with rt.sessions() as s:
         rows = s.scalars(select(Result).where(Result.evaluation_id == eid)
