@@ -29,8 +29,8 @@ from workers.engine.attacks.base import (
     Forward,
     Loss,
     dlr_loss,
+    over_targets,
     restrict,
-    top_targets,
 )
 from workers.engine.threats import L1Threat, Norm, Radius, Threat, per_example, threat_for
 
@@ -68,22 +68,9 @@ class APGDTargeted(Attack):
 
     def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
             clean_logits: Tensor | None = None) -> AttackOutput:
-        if clean_logits is None:
-            with torch.inference_mode():
-                clean_logits = fwd.fp32(x)
-        targets = top_targets(clean_logits, y, self.n_targets)
         e = per_example(eps, x)
-        out = x.clone()
-        success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for k in range(targets.shape[1]):
-            todo = (~success).nonzero().squeeze(1)
-            if todo.numel() == 0:
-                break
-            res = run_restarts(self, fwd, x[todo], y[todo], e[todo], generator,
-                               targets[todo, k])
-            out[todo] = res.x_adv
-            success[todo] = res.success
-        return AttackOutput(out, success)
+        return over_targets(fwd, x, y, clean_logits, self.n_targets, lambda i, t: run_restarts(
+            self, fwd, x[i], y[i], e[i], generator, t))
 
 
 def run_restarts(cfg: APGD | APGDTargeted, fwd: Forward, x: Tensor, y: Tensor, eps: Tensor,

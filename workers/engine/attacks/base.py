@@ -147,6 +147,28 @@ def top_targets(clean_logits: Tensor, y: Tensor, n_targets: int) -> Tensor:
     return order[:, : min(n_targets, clean_logits.shape[1] - 1)]
 
 
+def over_targets(fwd: Forward, x: Tensor, y: Tensor, clean_logits: Tensor | None,
+                 n_targets: int,
+                 attack: Callable[[Tensor, Tensor], AttackOutput]) -> AttackOutput:
+    """Targeted attacks (APGD-T, PGD-T) try the top wrong classes in turn; each target runs
+    only on the examples no earlier target broke. ``attack(index, targets)`` attacks
+    ``x[index]`` towards ``targets``."""
+    if clean_logits is None:
+        with torch.inference_mode():
+            clean_logits = fwd.fp32(x)
+    targets = top_targets(clean_logits, y, n_targets)
+    out = x.clone()
+    success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for k in range(targets.shape[1]):
+        todo = (~success).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            break
+        res = attack(todo, targets[todo, k])
+        out[todo] = res.x_adv
+        success[todo] = res.success
+    return AttackOutput(out, success)
+
+
 def restrict(state: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
     """Keep the rows ``keep`` (a bool mask or an index) of every per-example state tensor."""
     return {k: v[keep] for k, v in state.items()}

@@ -25,8 +25,8 @@ from workers.engine.attacks.base import (
     AttackOutput,
     Forward,
     Loss,
+    over_targets,
     restrict,
-    top_targets,
 )
 from workers.engine.threats import Norm, Radius, per_example, threat_for
 
@@ -122,18 +122,6 @@ class PGDTargeted(Attack):
 
     def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
             clean_logits: Tensor | None = None) -> AttackOutput:
-        if clean_logits is None:
-            with torch.inference_mode():
-                clean_logits = fwd.fp32(x)
-        targets = top_targets(clean_logits, y, self.n_targets)
         e = per_example(eps, x)
-        out = x.clone()
-        success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for k in range(targets.shape[1]):
-            todo = (~success).nonzero().squeeze(1)
-            if todo.numel() == 0:
-                break
-            res = self.base.attack(fwd, x[todo], y[todo], e[todo], generator, targets[todo, k])
-            out[todo] = res.x_adv
-            success[todo] = res.success
-        return AttackOutput(out, success)
+        return over_targets(fwd, x, y, clean_logits, self.n_targets, lambda i, t: self.base.attack(
+            fwd, x[i], y[i], e[i], generator, t))
