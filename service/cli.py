@@ -52,15 +52,16 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """Become a Celery worker (exec: same pid, signals go straight to Celery).
+
+    The worker code lives in ``workers/``, which imports torch; this module never imports it.
+    """
     if args.device:
         os.environ["ROBUSTSCOPE_DEVICE"] = args.device
-    from workers.celery_app import app
-
-    argv = ["worker", f"--pool={args.pool}", "--concurrency=1", "-Q", args.queues,
-            "--loglevel=INFO", "-n", f"robustscope-{os.getpid()}@%h", "--without-gossip",
-            "--without-mingle"]
-    app.worker_main(argv)
-    return 0
+    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+            f"--pool={args.pool}", "--concurrency=1", "-Q", args.queues, "--loglevel=INFO",
+            "-n", f"robustscope-{os.getpid()}@%h", "--without-gossip", "--without-mingle"]
+    os.execv(sys.executable, argv)
 
 
 def _local_key(data_dir: Path) -> str:
