@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import DBAPIError
 
 from service.queue import WEBHOOK_TASK
 from service.tables import Dataset, Evaluation, Model, Result, utcnow
@@ -194,6 +195,12 @@ def run(rt: Runtime, eid: uuid.UUID, send_task: Any = None) -> str:
         except Superseded:
             log.warning("evaluation %s was taken over by another worker; stopping", eid)
             return "superseded"
+        except DBAPIError:
+            # The database went away mid-job: leave the job running. Its heartbeat goes stale
+            # and the reconciler re-sends it once the database is back; it then resumes.
+            log.warning("database error during evaluation %s; it will be resumed", eid,
+                        exc_info=True)
+            raise
         except Cancelled:
             status = "cancelled"
         except (CheckpointError, BenchmarkError, DatasetFormatError, TimeLimit,

@@ -179,6 +179,31 @@ def test_cancel_stops_a_running_job_between_batches(rt: Runtime) -> None:
     assert _result_count(rt, eid) == 0
 
 
+def test_a_database_outage_leaves_the_job_for_the_reconciler(rt: Runtime) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    eid = _job(rt, [{"benchmark": "test_counted", "tag": "a"}])
+    original = jobs._write_entry
+
+    def outage(*args: Any) -> None:
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    jobs._write_entry = outage  # type: ignore[assignment]
+    try:
+        with pytest.raises(OperationalError):
+            jobs.run(rt, eid)
+    finally:
+        jobs._write_entry = original  # type: ignore[assignment]
+    ev = _get(rt, eid)
+    assert (ev.status, ev.error, ev.attempts) == ("running", None, 1)
+    with rt.sessions.begin() as s:  # its heartbeat goes stale
+        s.execute(update(Evaluation).where(Evaluation.id == eid).values(
+            heartbeat_at=utcnow() - timedelta(seconds=60)))
+    assert jobs.run(rt, eid) == "succeeded"
+    assert _get(rt, eid).attempts == 2
+    assert _result_count(rt, eid) == 1
+
+
 def test_engine_errors_fail_the_job_with_a_typed_error(rt: Runtime) -> None:
     eid = _job(rt, [{"benchmark": "test_counted", "crash": True}])
     assert jobs.run(rt, eid) == "failed"
