@@ -54,14 +54,14 @@ def _clean(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def test_pgd10_matches_or_beats_torchattacks(setup: tuple[nn.Module, Tensor, Tensor]) -> None:
     model, x, y = setup
     ours = PGD(Norm.LINF, steps=10, step_size=EPS / 4).run(
-        Forward(model), x, y, EPS, torch.Generator().manual_seed(0))
+        Forward(model, channels_last=True), x, y, EPS, torch.Generator().manual_seed(0))
     ref = torchattacks.PGD(model, eps=EPS, alpha=EPS / 4, steps=10, random_start=True)(x, y)
     _check(_robust(model, ours.x_adv, y), _robust(model, ref, y), _clean(model, x, y))
 
 
 def test_apgd_ce_matches_or_beats_torchattacks(setup: tuple[nn.Module, Tensor, Tensor]) -> None:
     model, x, y = setup
-    ours = APGD(Norm.LINF, steps=25).run(Forward(model), x, y, EPS,
+    ours = APGD(Norm.LINF, steps=25).run(Forward(model, channels_last=True), x, y, EPS,
                                          torch.Generator().manual_seed(0))
     ref = torchattacks.APGD(model, norm="Linf", eps=EPS, steps=25, loss="ce", seed=0)(x, y)
     _check(_robust(model, ours.x_adv, y), _robust(model, ref, y), _clean(model, x, y))

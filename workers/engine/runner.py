@@ -138,8 +138,9 @@ def run_cascade(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
         state_dir.mkdir(parents=True, exist_ok=True)
     if clean is None:
         clean = clean_pass(model, x, y, ctx, state_dir)
-    # bf16 and channels_last speed up the search; every break is confirmed in fp32 below.
-    fwd = fwd or Forward(model, amp=ctx.amp, channels_last=ctx.amp or ctx.device.type == "cuda")
+    # channels_last speeds up the search on CPUs too (1.5x for a small CNN's forward+backward
+    # here, neutral for ResNet-18); bf16 only where ctx.amp says. Breaks are confirmed in fp32.
+    fwd = fwd or Forward(model, amp=ctx.amp, channels_last=True)
     threat = threat_for(norm)
     n = x.shape[0]
     robust = clean.correct.clone()

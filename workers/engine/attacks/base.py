@@ -26,10 +26,10 @@ LossFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 class Forward:
     """The model as attacks call it.
 
-    On CUDA it may run under bf16 autocast and in channels_last (both faster on tensor
-    cores); logits always come back as float32. ``fp32`` is the reference forward without
-    autocast, used to confirm a break before it counts. ``calls`` counts forwards so tests
-    and benchmarks can see how much work an attack did.
+    It may run under bf16 autocast (CUDA) and in channels_last (faster for convolutions on
+    GPUs and, through oneDNN, on CPUs); logits always come back as float32. ``fp32`` is the
+    reference forward without autocast, used to confirm a break before it counts. ``calls``
+    counts forwards so tests and benchmarks can see how much work an attack did.
     """
 
     def __init__(self, model: nn.Module, amp: bool = False, channels_last: bool = False) -> None:
