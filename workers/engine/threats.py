@@ -16,6 +16,7 @@ attacks on image classifiers" (ICML 2021).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from enum import StrEnum
 
 import torch
@@ -94,6 +95,30 @@ class LinfThreat(Threat):
         return self.project(x + (2 * u - 1) * _bcast(per_example(eps, x), x), x, eps)
 
 
+def _project_ball_box(x_adv: Tensor, x: Tensor, eps: Radius,
+                      measure: Callable[[Tensor], Tensor],
+                      solve: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+    """Exact projection of ``x_adv`` onto {x + d : measure(d) <= eps} intersected with [0,1].
+
+    Shared by l_2 and l_1: with u = x_adv - x, each coordinate may move at most ``cap`` (to
+    the box face in u's direction). Rows whose box-clipped move already fits the ball keep it;
+    the others get ``solve(|u|, cap, eps)``, the magnitudes from the norm's KKT conditions.
+    """
+    shape = x.shape
+    e = per_example(eps, x)
+    xf, u = x.flatten(1), (x_adv - x).flatten(1)
+    cap = torch.where(u >= 0, 1.0 - xf, xf).clamp_min(0.0)
+    au = u.abs()
+    d = torch.minimum(au, cap)
+    need = measure(d) > e
+    if bool(need.any()):
+        rows = need.nonzero().squeeze(1)
+        d[rows] = solve(au[rows], cap[rows], e[rows])
+    d = d * u.sign()
+    d = _shrink_to(d, measure(d), e)
+    return (xf + d).clamp_(0.0, 1.0).view(shape)
+
+
 class L2Threat(Threat):
     norm = Norm.L2
     dual = 2.0
@@ -105,20 +130,11 @@ class L2Threat(Threat):
         # KKT: d = clip(t * u, -x, 1 - x) for the t in (0, 1] with |d|_2 = eps (or t = 1 when
         # the box-clipped point is already inside the ball). |d(t)|^2 is piecewise quadratic
         # in t with one breakpoint per coordinate (where it hits the box): sort them.
-        shape = x.shape
-        e = per_example(eps, x)
-        xf, u = x.flatten(1), (x_adv - x).flatten(1)
-        cap = torch.where(u >= 0, 1.0 - xf, xf).clamp_min(0.0)
-        au = u.abs()
-        d = torch.minimum(au, cap)
-        need = d.square().sum(1) > e.square()
-        if bool(need.any()):
-            rows = need.nonzero().squeeze(1)
-            t = _l2_multiplier(au[rows], cap[rows], e[rows])
-            d[rows] = torch.minimum(t[:, None] * au[rows], cap[rows])
-        d = d * u.sign()
-        d = _shrink_to(d, d.norm(dim=1), e)
-        return (xf + d).clamp_(0.0, 1.0).view(shape)
+        def solve(au: Tensor, cap: Tensor, e: Tensor) -> Tensor:
+            t = _l2_multiplier(au, cap, e)
+            return torch.minimum(t[:, None] * au, cap)
+
+        return _project_ball_box(x_adv, x, eps, lambda d: d.norm(dim=1), solve)
 
     def step(self, x_adv: Tensor, grad: Tensor, step_size: Radius) -> Tensor:
         g = grad / _bcast(grad.flatten(1).norm(dim=1) + _TINY, grad)
@@ -146,20 +162,11 @@ class L1Threat(Threat):
         # KKT: d_i = sign(u_i) * clip(|u_i| - lam, 0, cap_i) (soft threshold, then the box);
         # |d(lam)|_1 is piecewise linear and decreasing in lam, breakpoints |u_i| - cap_i and
         # |u_i|. Sorting the 2D breakpoints gives the exact lam (Croce & Hein 2021, Lemma 1).
-        shape = x.shape
-        e = per_example(eps, x)
-        xf, u = x.flatten(1), (x_adv - x).flatten(1)
-        cap = torch.where(u >= 0, 1.0 - xf, xf).clamp_min(0.0)
-        au = u.abs()
-        d = torch.minimum(au, cap)
-        need = d.sum(1) > e
-        if bool(need.any()):
-            rows = need.nonzero().squeeze(1)
-            lam = _l1_threshold(au[rows], cap[rows], e[rows])
-            d[rows] = torch.minimum((au[rows] - lam[:, None]).clamp_min(0.0), cap[rows])
-        d = d * u.sign()
-        d = _shrink_to(d, d.abs().sum(1), e)
-        return (xf + d).clamp_(0.0, 1.0).view(shape)
+        def solve(au: Tensor, cap: Tensor, e: Tensor) -> Tensor:
+            lam = _l1_threshold(au, cap, e)
+            return torch.minimum((au - lam[:, None]).clamp_min(0.0), cap)
+
+        return _project_ball_box(x_adv, x, eps, lambda d: d.abs().sum(1), solve)
 
     def step(self, x_adv: Tensor, grad: Tensor, step_size: Radius,
              sparsity: Radius | None = None) -> Tensor:
