@@ -18,6 +18,9 @@ from service.app import create_app
 from service.auth.keys import create_key
 from service.db import make_engine, make_sessionmaker, transaction
 from service.settings import Settings
+from workers.engine import benchmarks
+from workers.engine.models import Normalized
+from workers.engine.types import EvalData, RunContext
 
 META = {"name": "tiny", "num_classes": 4, "input_shape": [3, 32, 32]}
 
@@ -97,3 +100,15 @@ def upload(client: TestClient, key: str, data: bytes, meta: dict[str, Any] | Non
            name: str = "model.bin") -> Any:
     return client.post("/models", headers=auth(key), files={"file": (name, data)},
                        data={"metadata": json.dumps(meta or META)})
+
+
+def engine_rows(net: nn.Module, data: EvalData, suite: list[dict[str, Any]], seed: int,
+                mean: list[float] | None = None, std: list[float] | None = None) -> list[Any]:
+    """What the engine computes in this process for ``suite``: the rows a job must report."""
+    model = Normalized(net, mean, std, int(data.x.shape[1])).eval()
+    rows = []
+    for entry in suite:
+        params = {k: v for k, v in entry.items() if k != "benchmark"}
+        result = benchmarks.run(entry["benchmark"], model, data, params, RunContext(seed=seed))
+        rows += [r.as_dict() for r in result.rows]
+    return rows

@@ -185,7 +185,7 @@ def run(rt: Runtime, eid: uuid.UUID, send_task: Any = None) -> str:
         return "skipped"
     try:
         job = load_job(rt, eid, token)
-    except (CheckpointError, BenchmarkError, DatasetFormatError) as exc:
+    except _JOB_ERRORS as exc:
         _finish(rt, eid, token, "failed", send_task, error=_error(exc))
         return "failed"
     with Supervisor(rt, job) as sup:
@@ -203,8 +203,7 @@ def run(rt: Runtime, eid: uuid.UUID, send_task: Any = None) -> str:
             raise
         except Cancelled:
             status = "cancelled"
-        except (CheckpointError, BenchmarkError, DatasetFormatError, TimeLimit,
-                SoftTimeLimitExceeded) as exc:
+        except _JOB_ERRORS as exc:
             status, error = "failed", _error(exc)
         except Exception as exc:  # a crash in user code or the engine is reported, not lost
             log.exception("evaluation %s crashed", eid)
@@ -214,12 +213,17 @@ def run(rt: Runtime, eid: uuid.UUID, send_task: Any = None) -> str:
     return status
 
 
+# Errors that fail a job with a typed, user-facing error (anything else is "internal-error").
+_ERROR_TYPES: dict[type[Exception], str] = {
+    CheckpointError: "checkpoint-error", BenchmarkError: "benchmark-error",
+    DatasetFormatError: "dataset-error", TimeLimit: "time-limit",
+    SoftTimeLimitExceeded: "time-limit",
+}
+_JOB_ERRORS = tuple(_ERROR_TYPES)
+
+
 def _error(exc: BaseException) -> dict[str, str]:
-    kind: dict[type[BaseException], str] = {
-        CheckpointError: "checkpoint-error", BenchmarkError: "benchmark-error",
-        DatasetFormatError: "dataset-error", TimeLimit: "time-limit",
-        SoftTimeLimitExceeded: "time-limit"}
-    for cls, name in kind.items():
+    for cls, name in _ERROR_TYPES.items():
         if isinstance(exc, cls):
             return {"type": name, "detail": str(exc) or cls.__name__}
     return {"type": "internal-error", "detail": str(exc)}

@@ -18,13 +18,19 @@ from fastapi.testclient import TestClient
 
 from service.db import make_engine, make_sessionmaker
 from service.settings import Settings
-from tests.factories import api, auth, new_key, settings, torchscript_bytes, upload
+from tests.factories import (
+    api,
+    auth,
+    engine_rows,
+    new_key,
+    settings,
+    torchscript_bytes,
+    upload,
+)
 from tests.service.ingest_fixtures import npy, png, write_zip
 from workers import jobs
-from workers.engine import benchmarks
 from workers.engine.data import load_builtin, load_npz
-from workers.engine.models import Normalized
-from workers.engine.types import EvalData, RunContext
+from workers.engine.types import EvalData
 from workers.runtime import Runtime
 
 NATURAL = [{"benchmark": "fg_bg_noise", "sigmas": [0.25], "trials": 1},
@@ -94,16 +100,6 @@ def _run(client: TestClient, key: str, rt: Runtime, model_id: str, dataset: str,
     return out
 
 
-def _reference(model: torch.nn.Module, data: EvalData, suite: list[dict[str, Any]]) -> list[Any]:
-    wrapped = Normalized(model, None, None, 3).eval()
-    rows = []
-    for entry in suite:
-        params = {k: v for k, v in entry.items() if k != "benchmark"}
-        rows += [r.as_dict() for r in benchmarks.run(entry["benchmark"], wrapped, data, params,
-                                                     RunContext(seed=1, batch_size=256)).rows]
-    return rows
-
-
 def _rows(job: dict[str, Any]) -> list[Any]:
     return [{k: r[k] for k in ("benchmark", "metric", "value", "params")} for r in job["results"]]
 
@@ -126,7 +122,7 @@ def test_imagenet9_upload_runs_the_natural_benchmarks(env: Any, tmp_path: Path) 
     suite = [{"benchmark": "clean"}, *NATURAL]
     job = _run(client, key, rt, model["id"], "in9-mini", suite)
     data = load_npz(rt.settings.data_dir / "datasets" / f"{ds['id']}.npz", "test")
-    assert _rows(job) == _reference(net(9), data, suite)
+    assert _rows(job) == engine_rows(net(9), data, suite, seed=1)
     variants = {r["params"]["variant"] for r in job["results"]
                 if r["benchmark"] == "backgrounds" and r["metric"] == "accuracy"}
     assert variants == {"original", "only_fg", "no_fg", "mixed_same", "mixed_rand"}
@@ -153,7 +149,7 @@ def test_waterbirds_upload_runs_groups(env: Any, tmp_path: Path) -> None:
              {"benchmark": "corruptions", "types": ["brightness"], "severities": [1, 5]}]
     job = _run(client, key, rt, model["id"], ds["id"], suite)
     data = load_npz(rt.settings.data_dir / "datasets" / f"{ds['id']}.npz", "test")
-    assert _rows(job) == _reference(net(2), data, suite)
+    assert _rows(job) == engine_rows(net(2), data, suite, seed=1)
     metrics = {r["metric"] for r in job["results"] if r["benchmark"] == "groups"}
     assert {"average_accuracy", "worst_group_accuracy", "accuracy"} <= metrics
 

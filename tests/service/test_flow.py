@@ -25,10 +25,8 @@ from fastapi.testclient import TestClient
 from torch import nn
 
 from tests.conftest import REDIS_URL
-from tests.factories import api, auth, new_key, settings, torchscript_bytes
-from workers.engine import benchmarks
+from tests.factories import api, auth, engine_rows, new_key, settings, torchscript_bytes
 from workers.engine.data import load_builtin
-from workers.engine.types import RunContext
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,20 +56,6 @@ def trained_shapes_cnn(seed: int = 0, epochs: int = 3) -> nn.Module:
             loss.backward()
             opt.step()
     return net.eval()
-
-
-def reference_rows(net: nn.Module, suite: list[dict[str, Any]], seed: int) -> list[Any]:
-    """What the engine computes in this process, for comparison with the service's rows."""
-    from workers.engine.models import Normalized
-
-    model = Normalized(net, META["mean"], META["std"], 3).eval()
-    data = load_builtin("shapes-32", "test")
-    rows = []
-    for entry in suite:
-        params = {k: v for k, v in entry.items() if k != "benchmark"}
-        result = benchmarks.run(entry["benchmark"], model, data, params, RunContext(seed=seed))
-        rows += [r.as_dict() for r in result.rows]
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +151,8 @@ def test_upload_evaluate_poll_on_postgres_and_redis(stack: tuple[TestClient, Wor
     assert done["started_at"] <= done["finished_at"]
     got = [{k: r[k] for k in ("benchmark", "metric", "value", "params")}
            for r in done["results"]]
-    assert got == reference_rows(net, SUITE, seed=3)
+    test_split = load_builtin("shapes-32", "test")
+    assert got == engine_rows(net, test_split, SUITE, 3, META["mean"], META["std"])
     acc = {(r["metric"], r["params"].get("norm"), r["params"].get("eps")): r["value"]
            for r in got}
     assert acc[("accuracy", None, None)] > 0.4  # well above chance (0.25): it learned something
@@ -221,4 +206,5 @@ def test_worker_killed_mid_job_is_resumed_by_another(stack: tuple[TestClient, Wo
     assert saved.stat().st_mtime_ns == saved_at  # the finished stage was resumed, not redone
     got = [{k: r[k] for k in ("benchmark", "metric", "value", "params")}
            for r in done["results"]]
-    assert got == reference_rows(net, slow, seed=3)  # and the answer is the uninterrupted one
+    assert got == engine_rows(net, load_builtin("shapes-32", "test"), slow, 3, META["mean"],
+                             META["std"])  # and the answer is the uninterrupted one
