@@ -79,9 +79,9 @@ def _lines(series: dict[str, list[tuple[float, float]]], x_name: str) -> str:
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(0.0, min(ys)), max(1.0, max(ys))
 
-    def px(x: float, y: float) -> str:
-        return (f"{pad + (x - x0) / (x1 - x0) * (w - 2 * pad):.1f},"
-                f"{h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad):.1f}")
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (pad + (x - x0) / (x1 - x0) * (w - 2 * pad),
+                h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad))
 
     parts = [f"<svg width='{w}' height='{h + 20 * len(series)}' xmlns='http://www.w3.org/2000/svg'>",
              f"<line x1='{pad}' y1='{h - pad}' x2='{w - pad}' y2='{h - pad}' stroke='#888'/>",
@@ -91,11 +91,10 @@ def _lines(series: dict[str, list[tuple[float, float]]], x_name: str) -> str:
              f"<text x='4' y='{h - pad}' font-size='11'>{y0:.2f}</text>"]
     for i, (name, pts) in enumerate(series.items()):
         color = _COLORS[i % len(_COLORS)]
-        pts = sorted(pts)
+        xy = [px(x, y) for x, y in sorted(pts)]
         parts.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' "
-                     f"points='{' '.join(px(x, y) for x, y in pts)}'/>")
-        parts += [f"<circle cx='{px(x, y).split(',')[0]}' cy='{px(x, y).split(',')[1]}' r='3' "
-                  f"fill='{color}'/>" for x, y in pts]
+                     f"points='{' '.join(f'{a:.1f},{b:.1f}' for a, b in xy)}'/>")
+        parts += [f"<circle cx='{a:.1f}' cy='{b:.1f}' r='3' fill='{color}'/>" for a, b in xy]
         parts.append(f"<text x='{pad}' y='{h + 14 + 20 * i}' font-size='12' fill='{color}'>"
                      f"{html.escape(name)}</text>")
     return "".join(parts) + "</svg>"

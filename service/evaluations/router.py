@@ -55,24 +55,22 @@ async def create_evaluation(
             settings.max_checkpoint_bytes, "checkpoint")
         model = await run_in_threadpool(models.register, session, owner, tmp, sha, size, meta,
                                         settings.data_dir)
-        fields["model_id"] = str(model.id)
-        try:
-            body = _parse_body(fields)
-            row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
-                                                   idempotency_key)
-        except BaseException:
-            storage.remove(settings.data_dir, model.storage_path)  # the transaction rolls back
-            raise
-        _accepted(response, row.id, created)
-        return service.to_out(row)
+        uploaded = model.storage_path
+        raw = {**fields, "model_id": str(model.id)}
     else:
+        uploaded = None
         try:
             raw = await request.json()
         except ValueError as exc:
             raise Invalid(f"the body is not valid JSON: {exc}") from exc
+    try:
         body = _parse_body(raw)
-    row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
-                                           idempotency_key)
+        row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
+                                               idempotency_key)
+    except BaseException:
+        if uploaded is not None:  # the transaction rolls back; the file must go too
+            storage.remove(settings.data_dir, uploaded)
+        raise
     _accepted(response, row.id, created)
     return service.to_out(row)
 
