@@ -36,8 +36,9 @@ class Settings(BaseSettings):
 
     # Worker.
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # auto: attacks search in bf16 on a CUDA device with native bf16 (every break is confirmed
-    # in fp32, accuracies are measured in fp32); fp32: never use bf16.
+    # auto: attacks search in bf16 where the device computes it natively (CUDA, CPUs with AMX
+    # or AVX512-BF16); every break is confirmed in fp32 and accuracies are measured in fp32.
+    # fp32: never use bf16.
     precision: str = Field("auto", pattern="^(auto|fp32)$")
     batch_size: int = 256
     queues: list[str] = Field(default_factory=lambda: ["evaluations"])

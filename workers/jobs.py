@@ -36,7 +36,6 @@ from workers.engine.types import (
     Cancelled,
     EvalData,
     RunContext,
-    native_bf16,
 )
 from workers.runtime import Runtime
 
@@ -258,7 +257,7 @@ def _run_suite(rt: Runtime, job: Job, sup: Supervisor) -> None:
         progress(0.0, f"starting {name}")
         ctx = RunContext(
             device=rt.device, seed=job.seed, batch_size=rt.settings.batch_size,
-            amp=_bf16_search(rt), progress=progress,
+            amp=rt.bf16_search, progress=progress,
             state_dir=rt.settings.data_dir / "state" / str(job.id) / f"entry-{i}",
             artifact_dir=artifact_dir / f"entry-{i}",
         )
@@ -267,13 +266,6 @@ def _run_suite(rt: Runtime, job: Job, sup: Supervisor) -> None:
         start = time.perf_counter()
         result = benchmarks.run(name, model, data, params, ctx)
         _write_entry(rt, job, i, result, time.perf_counter() - start)
-
-
-def _bf16_search(rt: Runtime) -> bool:
-    """bf16 attack search on CUDA only: on a CPU, even one with native bf16, PGD searched in
-    bf16 measured ~2 points weaker than in fp32 (benchmarks/attacks.py --bf16 shows it)."""
-    return (rt.settings.precision == "auto" and rt.device.type == "cuda"
-            and native_bf16(rt.device))
 
 
 def _record_data_source(rt: Runtime, job: Job, data: EvalData) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import make_engine, make_sessionmaker
 from service.settings import Settings, get_settings
+from workers.engine.types import native_bf16
 
 
 @dataclass
@@ -23,10 +24,19 @@ class Runtime:
     device: torch.device
     name: str
 
+    @property
+    def bf16_search(self) -> bool:
+        """Attacks search under bf16 autocast wherever the device computes bf16 natively (CUDA,
+        CPUs with AMX or AVX512-BF16). Attacks confirm each break in fp32 before they stop on
+        it and the runner confirms it again, so the search is as strong as in fp32
+        (tests/engine/test_attack_bf16.py); accuracies are always measured in fp32."""
+        return self.settings.precision == "auto" and native_bf16(self.device)
+
     def describe_device(self) -> str:
+        search = "bf16" if self.bf16_search else "fp32"
         if self.device.type == "cuda":
-            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
-        return f"cpu ({torch.get_num_threads()} threads)"
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)}, {search} search)"
+        return f"cpu ({torch.get_num_threads()} threads, {search} search)"
 
 
 def pick_device(setting: str) -> torch.device:

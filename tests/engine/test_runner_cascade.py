@@ -152,12 +152,26 @@ class Bf16Fragile(nn.Module):
         return z
 
 
+class TrustingForward(Forward):
+    """A bf16 forward whose attacks take a low-precision break at its word."""
+
+    def confirmed(self, x: Tensor, claimed: Tensor, y: Tensor,
+                  target: Tensor | None = None) -> Tensor:
+        return claimed
+
+
 def test_fp32_recheck_rejects_a_low_precision_break() -> None:
     inner, x, y = linear_problem(n=32)
     model = Bf16Fragile(inner)
     stages = [Stage("pgd", PGD(Norm.LINF, steps=2))]
-    amp = Forward(model, amp=True)
-    res = run_cascade(model, x, y, Norm.LINF, 1e-4, stages, RunContext(), fwd=amp)
+    # The attack checks its claims in fp32 before it stops on them: nothing false comes out.
+    res = run_cascade(model, x, y, Norm.LINF, 1e-4, stages, RunContext(),
+                      fwd=Forward(model, amp=True))
+    assert res.robust_accuracy == 1.0
+    assert res.rejected == 0
+    # An attack that trusted bf16 would claim all 32; the runner's own re-check rejects them.
+    res = run_cascade(model, x, y, Norm.LINF, 1e-4, stages, RunContext(),
+                      fwd=TrustingForward(model, amp=True))
     assert res.robust_accuracy == 1.0
     assert res.rejected == 32
     # Without the fake, the same cascade does break examples at a larger eps.
@@ -175,3 +189,70 @@ def test_assert_valid_catches_points_outside_the_ball_or_box() -> None:
         assert_valid(t, x, x.clone().fill_(float("nan")), eps=1.0)
     with pytest.raises(AssertionError, match="outside"):
         assert_valid(threat_for(Norm.LINF), x, x + 0.6, eps=1.0)
+
+
+class RunsOutOfMemory(Attack):
+    """Raises CUDA's out-of-memory error for batches larger than ``limit``, like a GPU would."""
+
+    def __init__(self, inner: Attack, limit: int) -> None:
+        self.inner = inner
+        self.norm = inner.norm
+        self.limit = limit
+        self.batches: list[int] = []
+
+    def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
+            clean_logits: Tensor | None = None) -> AttackOutput:
+        self.batches.append(int(x.shape[0]))
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.inner.run(fwd, x, y, eps, generator, clean_logits)
+
+
+def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
+    model, x, y = linear_problem(n=64)
+    oom = RunsOutOfMemory(PGD(Norm.LINF, steps=5), limit=20)
+    res = run_cascade(model, x, y, Norm.LINF, 0.02, [Stage("pgd", oom)],
+                      RunContext(batch_size=64))
+    assert oom.batches[:3] == [64, 32, 16]
+    assert max(oom.batches[2:]) == 16
+    assert sum(oom.batches[2:]) == 64  # every example attacked exactly once, none skipped
+    # The same as a run that used batches of 16 from the start (the failed tries drew nothing
+    # from the generator).
+    ref = run_cascade(model, x, y, Norm.LINF, 0.02, [Stage("pgd", PGD(Norm.LINF, steps=5))],
+                      RunContext(batch_size=16))
+    assert 0.0 < ref.robust_accuracy < 1.0
+    assert torch.equal(res.robust, ref.robust)
+
+
+def test_out_of_memory_on_a_single_example_is_raised() -> None:
+    model, x, y = linear_problem(n=8)
+    oom = RunsOutOfMemory(PGD(Norm.LINF, steps=2), limit=0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_cascade(model, x, y, Norm.LINF, 0.02, [Stage("pgd", oom)], RunContext(batch_size=8))
+    assert oom.batches == [8, 4, 2, 1]
+
+
+class ShyAttack(Attack):
+    """Finds adversarial examples but claims none, like a bf16 search that saw a true break
+    on the right side of the boundary."""
+
+    norm = Norm.LINF
+
+    def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
+            clean_logits: Tensor | None = None) -> AttackOutput:
+        found = PGD(Norm.LINF, steps=10).run(Forward(fwd.model), x, y, eps, generator)
+        return AttackOutput(found.x_adv, torch.zeros_like(found.success))
+
+
+def test_unclaimed_breaks_of_a_low_precision_search_are_found_in_fp32() -> None:
+    model, x, y = linear_problem(n=64)
+    stages = [Stage("shy", ShyAttack())]
+    exact = run_cascade(model, x, y, Norm.LINF, 0.02, stages, RunContext(), fwd=Forward(model))
+    assert exact.robust_accuracy == 1.0  # a search with the reference forward is taken at its word
+    low = run_cascade(model, x, y, Norm.LINF, 0.02, stages, RunContext(),
+                      fwd=Forward(model, amp=True))
+    ref = run_cascade(model, x, y, Norm.LINF, 0.02, [Stage("pgd", PGD(Norm.LINF, steps=10))],
+                      RunContext())
+    assert ref.robust_accuracy < 1.0
+    assert torch.equal(low.robust, ref.robust)
+    assert low.rejected == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from service.tables import Evaluation, Model, Result, utcnow
 from tests.factories import META, tiny_net, torchscript_bytes
 from workers import jobs, reconciler
 from workers.engine.benchmarks import _REGISTRY, register
-from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext
+from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext, native_bf16
 from workers.runtime import Runtime
 
 
@@ -31,6 +32,13 @@ def rt(sqlite_url: str, tmp_path: Path) -> Runtime:
     engine = make_engine(sqlite_url)
     return Runtime(settings=cfg, engine=engine, sessions=make_sessionmaker(engine),
                    device=torch.device("cpu"), name="test-worker")
+
+
+def test_search_precision_follows_the_setting(rt: Runtime) -> None:
+    assert rt.bf16_search == native_bf16(torch.device("cpu"))
+    fp32 = dataclasses.replace(rt, settings=rt.settings.model_copy(update={"precision": "fp32"}))
+    assert fp32.bf16_search is False
+    assert fp32.describe_device().endswith("fp32 search)")
 
 
 def _job(rt: Runtime, suite: list[dict[str, Any]], model_bytes: bytes | None = None,
@@ -100,7 +108,8 @@ def test_a_job_runs_and_records_everything(rt: Runtime) -> None:
     assert jobs.run(rt, eid) == "succeeded"
     ev = _get(rt, eid)
     assert (ev.status, ev.attempts, ev.progress_fraction) == ("succeeded", 1, 1.0)
-    assert ev.device == f"cpu ({torch.get_num_threads()} threads)"
+    search = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    assert ev.device == f"cpu ({torch.get_num_threads()} threads, {search} search)"
     assert ev.engine_version
     assert ev.engine_version.startswith("0.1.0")
     assert ev.started_at is not None

@@ -129,7 +129,7 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
     logits, values, grad = fwd.loss_grad(x_adv, y, loss, target)
     out = x_adv.clone()
     best_points = x_adv.clone()
-    success = logits.argmax(1) != y
+    success = fwd.wrong(x_adv, logits, y)
     st: dict[str, Tensor] = {
         "idx": torch.arange(n, device=dev), "x": x, "y": y, "eps": eps, "x_adv": x_adv,
         "x_best": x_adv.clone(), "grad": grad, "grad_best": grad.clone(),
@@ -167,7 +167,7 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
         st["x_adv"] = x_new
         logits, values, grad = fwd.loss_grad(x_new, st["y"], loss, st.get("target"))
         st["grad"] = grad
-        broke = logits.argmax(1) != st["y"]
+        broke = fwd.wrong(x_new, logits, st["y"])
         idx = st["idx"]
         out[idx[broke]] = x_new[broke]
         success[idx[broke]] = True

@@ -79,7 +79,7 @@ class CarliniWagnerL2(Attack):
             with torch.no_grad():
                 is_adv = logits.argmax(1) != y
                 norm = dist.sqrt()
-                better = is_adv & (norm < best_norm[rows])
+                better = fwd.confirmed(x_adv, is_adv & (norm < best_norm[rows]), y)
                 best[rows[better]] = x_adv.detach()[better]
                 best_norm[rows[better]] = norm[better]
                 found |= is_adv

@@ -27,5 +27,6 @@ class FGSM(Attack):
         threat = threat_for(self.norm)
         _, _, grad = fwd.loss_grad(x, y, LOSSES[self.loss])
         x_adv = threat.project(threat.step(x, grad, eps), x, eps)
-        success = fwd.predict(x_adv) != y
+        with torch.inference_mode():
+            success = fwd.wrong(x_adv, fwd(x_adv), y)
         return AttackOutput(x_adv, success)

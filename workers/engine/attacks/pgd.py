@@ -87,9 +87,10 @@ class PGD(Attack):
                     logits = fwd(st["x_adv"])
                 values = loss(logits, st["y"], st.get("target"))
             if self.until_target and target is not None:
-                broke = logits.argmax(1) == st["target"]
+                broke = fwd.confirmed(st["x_adv"], logits.argmax(1) == st["target"], st["y"],
+                                      st["target"])
             else:
-                broke = logits.argmax(1) != st["y"]
+                broke = fwd.wrong(st["x_adv"], logits, st["y"])
             out[st["owner"][broke]] = st["x_adv"][broke]
             success[st["owner"][broke]] = True
             # Keep the highest-loss iterate of examples not (yet) broken.

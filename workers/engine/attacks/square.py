@@ -79,7 +79,7 @@ class Square(Attack):
         with torch.inference_mode():
             m = margin(fwd(x_best), y)
         out = x_best.clone()
-        success = m < 0
+        success = fwd.confirmed(x_best, m < 0, y)
         st = {"idx": torch.arange(n, device=x.device), "x": x, "y": y, "eps": e,
               "x_best": x_best, "m": m}
         st = restrict(st, ~success)
@@ -96,7 +96,7 @@ class Square(Attack):
             improved = m_new < st["m"]
             st["m"] = torch.where(improved, m_new, st["m"])
             st["x_best"] = torch.where(improved[:, None, None, None], x_new, st["x_best"])
-            broke = m_new < 0
+            broke = fwd.confirmed(x_new, m_new < 0, st["y"])
             if bool(broke.any()):
                 out[st["idx"][broke]] = x_new[broke]
                 success[st["idx"][broke]] = True

@@ -261,7 +261,7 @@ def minimal_norms(model: nn.Module, data: EvalData, norm: Norm, clean: CleanPass
                   ctx: RunContext, steps: int = 100, n_targets: int = 9) -> Tensor:
     """Smallest adversarial norm found per example (CPU ``[N]``); see the module docstring."""
     attack = FABTargeted(norm, steps, n_targets=n_targets)
-    fwd = Forward(model, amp=False, channels_last=True)
+    fwd = Forward(model, amp=ctx.amp, channels_last=True, optimise=True)
     n = len(data)
     dims = data.x[0].numel()
     diameter = {Norm.LINF: 1.0, Norm.L2: math.sqrt(dims), Norm.L1: float(dims)}[norm]
