@@ -26,7 +26,11 @@ def get_outbox(request: Request) -> Outbox:
 def get_session(
     request: Request, outbox: Annotated[Outbox, Depends(get_outbox)]
 ) -> Iterator[Session]:
-    """Commit when the endpoint returns, roll back if it raises; then flush the outbox."""
+    """Commit when the endpoint returns, roll back if it raises; then flush the outbox.
+
+    Function-scoped (below): this runs before the response is sent, so a client never holds
+    a 201/202 for a row that is not committed yet, or that failed to commit.
+    """
     session: Session = request.app.state.sessionmaker()
     try:
         yield session
@@ -40,7 +44,7 @@ def get_session(
     outbox.flush()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 OutboxDep = Annotated[Outbox, Depends(get_outbox)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 

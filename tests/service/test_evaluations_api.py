@@ -43,6 +43,26 @@ def _create(client: TestClient, key: str, body: dict[str, Any], **headers: str) 
     return client.post("/evaluations", headers={**auth(key), **headers}, json=body)
 
 
+def test_a_failed_commit_is_never_answered_202(client: TestClient, alice: dict[str, Any],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request's transaction commits before the response is sent: a client never holds a
+    202 for a job that is not (or never will be) in the database."""
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
+
+    def broken_commit(self: Session) -> None:
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    as_deployed = TestClient(client.app, raise_server_exceptions=False)
+    with monkeypatch.context() as m:
+        m.setattr(Session, "commit", broken_commit)
+        resp = _create(as_deployed, alice["key"], {"model_id": alice["model"],
+                                                   "dataset": "shapes-32", "suite": SUITE})
+    assert resp.status_code >= 500, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    assert client.get("/evaluations", headers=auth(alice["key"])).json()["items"] == []
+
+
 def test_create_is_202_with_location_and_queued(client: TestClient,
                                                 alice: dict[str, Any]) -> None:
     resp = _create(client, alice["key"], {"model_id": alice["model"], "dataset": "shapes-32",
