@@ -32,7 +32,7 @@ from workers.engine.attacks import APGD, PGD
 from workers.engine.nets import resnet18_cifar, small_cnn
 from workers.engine.runner import Stage, autoattack_stages, run_cascade
 from workers.engine.threats import Norm
-from workers.engine.types import RunContext, native_bf16
+from workers.engine.types import RunContext, native_bf16, strict_fp32
 
 
 def synthetic(n: int, seed: int, size: int = 32) -> tuple[Tensor, Tensor]:
@@ -196,6 +196,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.amp = args.precision == "auto" and native_bf16(device)
+    if device.type == "cuda":
+        strict_fp32()  # as workers do: fp32 references are IEEE fp32, not TF32
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # a script, not library code: fixes the model initialisation

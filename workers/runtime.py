@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import make_engine, make_sessionmaker
 from service.settings import Settings, get_settings
-from workers.engine.types import native_bf16
+from workers.engine.types import native_bf16, strict_fp32
 
 
 @dataclass
@@ -40,9 +40,11 @@ class Runtime:
 
 
 def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if setting == "auto" else setting)
+    if device.type == "cuda":
+        strict_fp32()  # references and accuracies in IEEE fp32 (the search may use bf16)
+    return device
 
 
 @lru_cache

@@ -113,6 +113,16 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def strict_fp32() -> tuple[bool, bool]:
+    """Make CUDA's fp32 convolutions and matmuls IEEE fp32, not TF32 (cuDNN allows TF32 by
+    default): the engine's fp32 forwards are the references that confirm every break and
+    measure every accuracy. Process-wide; returns the previous (cudnn, matmul) settings."""
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return before
+
+
 @dataclass(frozen=True)
 class MetricRow:
     benchmark: str

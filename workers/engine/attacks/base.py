@@ -79,7 +79,8 @@ class Forward:
         An attack drops an example from its batch once it is broken; a bf16 rounding error
         that only looks like a break would end the search on an example the runner's fp32
         check then counts as robust. Checking the few claims of each step in fp32 costs a
-        forward on those rows only; in fp32 the claim stands as it is.
+        forward on those rows only; where the search is the reference itself
+        (:attr:`exact`), the claim stands as it is.
         """
         if self.exact or not bool(claimed.any()):
             return claimed
@@ -92,8 +93,8 @@ class Forward:
         return out
 
     def wrong(self, x: Tensor, logits: Tensor, y: Tensor) -> Tensor:
-        """Which rows of ``x`` (with this forward's ``logits``) are misclassified, confirmed
-        in fp32 where the search runs in bf16 (see :meth:`confirmed`)."""
+        """Which rows of ``x`` (with the search forward's ``logits``) are misclassified,
+        confirmed by the reference forward (see :meth:`confirmed`)."""
         return self.confirmed(x, logits.argmax(1) != y, y)
 
     def loss_grad(self, x: Tensor, y: Tensor, loss: LossFn,

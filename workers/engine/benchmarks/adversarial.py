@@ -197,6 +197,7 @@ def adversarial(model: nn.Module, data: EvalData, params: dict[str, Any],
     rows = [MetricRow("adversarial", "clean_accuracy", _mean(clean.correct), dict(base))]
     result = BenchmarkResult(rows=rows, checks=checks)
     accs: list[tuple[float, float]] = []
+    fwd = Forward(model, amp=ctx.amp, channels_last=True, optimise=True)  # one search copy
     for j, eps in enumerate(p.eps):
         tag = f"{p.attack.value}-{p.norm.value}-{_eps_tag(eps)}"
 
@@ -205,7 +206,7 @@ def adversarial(model: nn.Module, data: EvalData, params: dict[str, Any],
 
         res = run_cascade(model, data.x, data.y, p.norm, eps, stages, ctx, clean=clean,
                           state_dir=None if state_root is None else state_root / tag,
-                          progress=progress)
+                          progress=progress, fwd=fwd)
         params_eps = {**base, "eps": eps}
         rows.append(MetricRow("adversarial", "robust_accuracy", res.robust_accuracy, params_eps))
         if len(stages) > 1:
