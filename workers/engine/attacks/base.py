@@ -66,10 +66,6 @@ class Forward:
         with torch.autocast(x.device.type, enabled=False):
             return self.model(x).float()
 
-    @torch.inference_mode()
-    def predict(self, x: Tensor) -> Tensor:
-        return self(x).argmax(1)
-
     def confirmed(self, x: Tensor, claimed: Tensor, y: Tensor,
                   target: Tensor | None = None) -> Tensor:
         """``claimed`` (rows of ``x`` the search forward misclassifies; with ``target``:

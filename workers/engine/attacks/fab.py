@@ -130,7 +130,8 @@ class FABTargeted(Attack):
         """Bisect the scale of each found perturbation down to the decision boundary.
 
         FAB's extrapolation (eta) and pull-back (beta) settle a fraction of a percent outside
-        the boundary; forwards only, and the segment stays in the box (convexity).
+        the boundary; forwards only, and the segment stays in the box (convexity). The
+        boundary is the reference model's: fp32 forwards, never the (bf16) search forward.
         """
         found = torch.isfinite(res)
         delta = best - x
@@ -139,8 +140,7 @@ class FABTargeted(Attack):
         with torch.inference_mode():
             for _ in range(iters):
                 mid = (lo + hi) / 2
-                xm = x + mid[:, None, None, None] * delta
-                adv = fwd.wrong(xm, fwd(xm), y)
+                adv = fwd.fp32(x + mid[:, None, None, None] * delta).argmax(1) != y
                 hi = torch.where(adv, mid, hi)
                 lo = torch.where(adv, lo, mid)
         best = torch.where(found[:, None, None, None], x + hi[:, None, None, None] * delta, best)
