@@ -29,6 +29,7 @@ import torchattacks
 from torch import Tensor, nn
 
 from workers.engine.attacks import APGD, PGD
+from workers.engine.attacks.base import Forward, ce_loss
 from workers.engine.nets import resnet18_cifar, small_cnn
 from workers.engine.runner import Stage, autoattack_stages, run_cascade
 from workers.engine.threats import Norm
@@ -89,6 +90,41 @@ def timed(fn: Callable[[], float], repeats: int) -> Timed:
         best = t if best is None or t.wall < best.wall else best
     assert best is not None
     return best
+
+
+def step_costs(model: nn.Module, x: Tensor, y: Tensor, amp: bool) -> str:
+    """One gradient step and one forward on the whole batch, torchattacks' way (the model in
+    fp32) and the search's way (:class:`Forward`: bf16 where native, channels_last, folded
+    BatchNorm): the ratio is what precision and layout alone can gain, before any algorithmic
+    saving (dropping broken examples, FAB's single forward per step)."""
+    fwd = Forward(model, amp=amp, channels_last=True, optimise=True)
+
+    def ref_step() -> None:
+        xg = x.clone().requires_grad_(True)
+        torch.autograd.grad(F.cross_entropy(model(xg), y), xg)
+
+    def ref_forward() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    def our_forward() -> None:
+        with torch.inference_mode():
+            fwd(x)
+
+    def best_ms(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1000
+
+    grad_ref, grad_ours = best_ms(ref_step), best_ms(lambda: fwd.loss_grad(x, y, ce_loss))
+    fwd_ref, fwd_ours = best_ms(ref_forward), best_ms(our_forward)
+    return (f"one gradient step on {len(y)} images: {grad_ref:.0f} ms fp32, {grad_ours:.0f} ms "
+            f"search ({grad_ref / grad_ours:.2f}x); one forward: {fwd_ref:.0f} ms fp32, "
+            f"{fwd_ours:.0f} ms search ({fwd_ref / fwd_ours:.2f}x)")
 
 
 def robust_of(model: nn.Module, x_adv: Tensor, y: Tensor) -> float:
@@ -179,7 +215,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="examples for the small CNN")
     ap.add_argument("--n-resnet", type=int, default=48, help="examples for ResNet-18")
     ap.add_argument("--eps", type=float, default=8 / 255, help="eps for the small CNN")
-    ap.add_argument("--eps-resnet", type=float, default=2 / 255,
+    ap.add_argument("--eps-resnet", type=float, default=4 / 255,
                     help="eps for ResNet-18 (trained without adversarial examples: CPU budget)")
     ap.add_argument("--aa-steps", type=int, default=20, help="APGD/APGD-T/FAB-T iterations")
     ap.add_argument("--queries", type=int, default=300, help="Square queries")
@@ -220,6 +256,7 @@ def main() -> None:
             clean = float((model(x).argmax(1) == y).float().mean())
         print(f"# {name}: trained {steps} steps in {time.perf_counter() - t0:.0f}s, "
               f"clean accuracy {clean:.3f} on {n} test examples", flush=True)
+        print(f"# {name}: {step_costs(model, x, y, args.amp)}", flush=True)
         table += compare(model, x, y, eps, args, f"{name} (eps {eps * 255:.0f}/255)")
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     print()

@@ -165,7 +165,12 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
                                    xs, e)
         st["x_old"] = xa
         st["x_adv"] = x_new
-        logits, values, grad = fwd.loss_grad(x_new, st["y"], loss, st.get("target"))
+        if i == steps - 1:  # the last iterate needs its loss, never its gradient
+            with torch.no_grad():
+                logits = fwd(x_new)
+            values, grad = loss(logits, st["y"], st.get("target")), st["grad"]
+        else:
+            logits, values, grad = fwd.loss_grad(x_new, st["y"], loss, st.get("target"))
         st["grad"] = grad
         broke = fwd.wrong(x_new, logits, st["y"])
         idx = st["idx"]

@@ -1,0 +1,71 @@
+"""How much model work an attack spends: forwards and input gradients per step.
+
+On an example no attack can break (eps far below its margin) every step runs, so the counts
+are exact: APGD takes one gradient per iterate except the last (whose gradient nothing uses),
+FAB one forward and one gradient per step (its adversarial test reuses the forward of the
+gradient), PGD one gradient per step and one forward for the final iterate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from tests.engine.attack_helpers import linear_problem, one_thread  # noqa: F401
+from workers.engine.attacks import APGD, PGD, APGDTargeted, FABTargeted, Forward
+from workers.engine.threats import Norm
+
+
+class Counting(nn.Module):
+    """The wrapped model, counting forwards and gradients that reach its input."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.forwards = 0
+        self.gradients = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forwards += 1
+        if x.requires_grad:
+            x.register_hook(self._count)
+        return self.inner(x)
+
+    def _count(self, grad: Tensor) -> Tensor:
+        self.gradients += 1
+        return grad
+
+
+def _unbreakable() -> tuple[Counting, Tensor, Tensor]:
+    model, x, y = linear_problem(n=16, seed=0)
+    return Counting(model), x, y
+
+
+def test_apgd_takes_no_gradient_at_its_last_iterate() -> None:
+    model, x, y = _unbreakable()
+    out = APGD(Norm.LINF, steps=10).run(Forward(model), x, y, 1e-4, torch.Generator())
+    assert not bool(out.success.any())
+    assert (model.forwards, model.gradients) == (11, 10)
+
+
+def test_apgd_t_costs_one_run_per_target() -> None:
+    model, x, y = _unbreakable()
+    logits = model.inner(x)
+    APGDTargeted(Norm.L2, steps=8, n_targets=3).run(Forward(model), x, y, 1e-4,
+                                                    torch.Generator(), logits)
+    assert (model.forwards, model.gradients) == (3 * 9, 3 * 8)
+
+
+def test_fab_takes_one_forward_per_step() -> None:
+    model, x, y = _unbreakable()
+    logits = model.inner(x)
+    out = FABTargeted(Norm.LINF, steps=6, n_targets=2).run(Forward(model), x, y, 1e-6,
+                                                           torch.Generator(), logits)
+    assert not bool(out.success.any())
+    assert (model.forwards, model.gradients) == (2 * 7, 2 * 6)
+
+
+def test_pgd_takes_one_gradient_per_step() -> None:
+    model, x, y = _unbreakable()
+    PGD(Norm.L1, steps=5).run(Forward(model), x, y, 1e-4, torch.Generator())
+    assert (model.forwards, model.gradients) == (6, 5)
