@@ -1,4 +1,5 @@
-"""How much model work an attack spends: forwards and input gradients per step.
+"""How much model work an attack spends (forwards and input gradients per step), and
+APGD's step-size rule.
 
 On an example no attack can break (eps far below its margin) every step runs, so the counts
 are exact: APGD takes one gradient per iterate except the last (whose gradient nothing uses),
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from tests.engine.attack_helpers import linear_problem, one_thread  # noqa: F401
 from workers.engine.attacks import APGD, PGD, APGDTargeted, FABTargeted, Forward
+from workers.engine.attacks.apgd import too_few_increases
 from workers.engine.threats import Norm
 
 
@@ -69,3 +71,15 @@ def test_pgd_takes_one_gradient_per_step() -> None:
     model, x, y = _unbreakable()
     PGD(Norm.L1, steps=5).run(Forward(model), x, y, 1e-4, torch.Generator())
     assert (model.forwards, model.gradients) == (6, 5)
+
+
+def test_the_first_checkpoint_counts_the_step_from_the_starting_point() -> None:
+    # Starting point, then four steps; the checkpoint after step 3 looks at those four steps.
+    rising = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    assert not bool(too_few_increases(rising, 3, 4, 0.75))  # 4 of 4 steps went up
+    first_fell = torch.tensor([[5.0, 1.0, 2.0, 3.0, 4.0]])
+    assert bool(too_few_increases(first_fell, 3, 4, 0.75))  # 3 of 4: at most 0.75 * 4
+    # The next checkpoint (after step 7) compares steps 4..7 with the loss after step 3.
+    later = torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0, 5.0, 6.0, 7.0, 8.0],
+                          [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])
+    assert too_few_increases(later, 7, 4, 0.75).tolist() == [True, False]

@@ -7,8 +7,9 @@ sparsity adapts, box-aware projection, and the 3eps/2eps/eps radius schedule Aut
 
 The step size starts at 2 eps (eps for l_1) and is halved per example at checkpoints
 w_j (p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)) when the loss went
-up in fewer than rho = 75 % of the steps since the last checkpoint, or when neither the step
-size nor the best loss changed; the iterate then restarts from the best point. Examples leave
+up in at most rho = 75 % of the steps since the last checkpoint (the first step compared with
+the point it started from, as in the paper), or when neither the step size nor the best loss
+changed; the iterate then restarts from the best point. Examples leave
 the batch as soon as they are misclassified (they are broken; more steps cannot unbreak them).
 APGD-T runs the targeted DLR loss once per target, the most likely wrong classes first, each
 time only on the examples still robust.
@@ -73,6 +74,16 @@ class APGDTargeted(Attack):
             self, fwd, x[i], y[i], e[i], generator, t))
 
 
+def too_few_increases(hist: Tensor, i: int, k: int, rho: float) -> Tensor:
+    """Croce & Hein's condition 1 at the checkpoint after step ``i``: the loss went up in at
+    most ``rho * k`` of the ``k`` steps since the previous checkpoint, the first of them
+    compared with the point it started from. ``hist[:, 0]`` is the loss at the starting point
+    and ``hist[:, j + 1]`` the loss after step ``j``."""
+    lo = i + 1 - k
+    ups = (hist[:, lo + 1:i + 2] > hist[:, lo:i + 1]).sum(1)
+    return ups <= k * rho
+
+
 def run_restarts(cfg: APGD | APGDTargeted, fwd: Forward, x: Tensor, y: Tensor, eps: Tensor,
                  generator: torch.Generator, target: Tensor | None) -> AttackOutput:
     """Restarts run one after the other on the examples still robust (AutoAttack's order)."""
@@ -134,7 +145,9 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
         "idx": torch.arange(n, device=dev), "x": x, "y": y, "eps": eps, "x_adv": x_adv,
         "x_best": x_adv.clone(), "grad": grad, "grad_best": grad.clone(),
         "loss_best": values.clone(), "step": alpha * eps, "x_old": x_adv.clone(),
-        "hist": torch.zeros(n, steps, device=dev), "reduced": torch.ones(n, device=dev),
+        # Losses: the starting point's, then one per step.
+        "hist": torch.cat((values[:, None], torch.zeros(n, steps, device=dev)), 1),
+        "reduced": torch.ones(n, device=dev),
         "loss_best_check": values.clone(),
         "topk": torch.full((n,), 0.2, device=dev),
         "sp_old": torch.full((n,), float(n_fts), device=dev),
@@ -176,7 +189,7 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
         idx = st["idx"]
         out[idx[broke]] = x_new[broke]
         success[idx[broke]] = True
-        st["hist"][:, i] = values
+        st["hist"][:, i + 1] = values
         improved = values > st["loss_best"]
         st["x_best"] = torch.where(improved[:, None, None, None], x_new, st["x_best"])
         st["grad_best"] = torch.where(improved[:, None, None, None], grad, st["grad_best"])
@@ -192,9 +205,7 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
                                            alpha * st["eps"])
                 st["sp_old"] = sp
             else:
-                lo = max(i - k, 0)
-                ups = (st["hist"][:, lo + 1:i + 1] > st["hist"][:, lo:i]).sum(1)
-                oscillating = ups <= k * cfg.rho
+                oscillating = too_few_increases(st["hist"], i, k, cfg.rho)
                 stalled = (st["reduced"] == 0) & (st["loss_best_check"] >= st["loss_best"])
                 reduce = oscillating | stalled
                 st["reduced"] = reduce.float()
