@@ -7,7 +7,9 @@ Square), both libraries attack the same examples with the same eps and step/quer
 Ours runs through the evaluation runner (clean pass, cascade, fp32 re-check of every break),
 so its time is the whole evaluation, not just the attack loop. Runs alternate ours/ref and
 report the best of ``--repeats`` (the machine may be shared); wall time and process CPU time
-are both measured, images/s uses wall time.
+are both measured, images/s uses wall time. "Broken by one only" counts the examples one
+library broke and the other did not: two equally strong attacks with different random starts
+differ on a few examples either way.
 
 On a GPU it adds ResNet-50 at 224x224 (random weights: a throughput measurement only) in bf16
 with channels_last: PGD image-steps/s and the fraction of the measured bf16 matmul peak.
@@ -78,10 +80,10 @@ def train(model: nn.Module, steps: int, eps: float, batch: int = 64) -> nn.Modul
 class Timed:
     wall: float
     cpu: float
-    robust: float
+    robust: Tensor  # bool per example
 
 
-def timed(fn: Callable[[], float], repeats: int) -> Timed:
+def timed(fn: Callable[[], Tensor], repeats: int) -> Timed:
     best: Timed | None = None
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
@@ -127,31 +129,31 @@ def step_costs(model: nn.Module, x: Tensor, y: Tensor, amp: bool) -> str:
             f"{fwd_ours:.0f} ms search ({fwd_ref / fwd_ours:.2f}x)")
 
 
-def robust_of(model: nn.Module, x_adv: Tensor, y: Tensor) -> float:
+def robust_of(model: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:
     with torch.inference_mode():
-        return float((model(x_adv).argmax(1) == y).float().mean())
+        return model(x_adv).argmax(1) == y
 
 
 def compare(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.Namespace,
             name: str) -> list[list[str]]:
     ctx = RunContext(batch_size=len(y), seed=0, amp=args.amp)
     s, q = args.aa_steps, args.queries
-    cases: list[tuple[str, Callable[[], float], Callable[[], float]]] = [
+    cases: list[tuple[str, Callable[[], Tensor], Callable[[], Tensor]]] = [
         ("PGD-10 linf",
          lambda: run_cascade(model, x, y, Norm.LINF, eps,
                              [Stage("pgd", PGD(Norm.LINF, 10, step_size=eps / 4))],
-                             ctx).robust_accuracy,
+                             ctx).robust,
          lambda: robust_of(model, torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=10,
                                                    random_start=True)(x, y), y)),
         (f"APGD-CE-{s} linf",
          lambda: run_cascade(model, x, y, Norm.LINF, eps,
-                             [Stage("apgd-ce", APGD(Norm.LINF, s))], ctx).robust_accuracy,
+                             [Stage("apgd-ce", APGD(Norm.LINF, s))], ctx).robust,
          lambda: robust_of(model, torchattacks.APGD(model, eps=eps, steps=s, loss="ce")(x, y),
                            y)),
         (f"AutoAttack ({s} it, {q} q)",
          lambda: run_cascade(model, x, y, Norm.LINF, eps,
                              autoattack_stages(Norm.LINF, 10, s, square_queries=q),
-                             ctx).robust_accuracy,
+                             ctx).robust,
          lambda: robust_of(model, torchattacks.MultiAttack([
              torchattacks.APGD(model, eps=eps, steps=s, loss="ce"),
              torchattacks.APGDT(model, eps=eps, steps=s, n_classes=10),
@@ -166,8 +168,11 @@ def compare(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.N
         ours = timed(ours_fn, args.repeats)
         ref = timed(ref_fn, args.repeats)
         n = len(y)
+        only_ours = int((~ours.robust & ref.robust).sum())
+        only_ref = int((ours.robust & ~ref.robust).sum())
         rows.append([name, label, f"{n / ours.wall:,.1f}", f"{n / ref.wall:,.1f}",
-                     f"{ours.robust:.3f}", f"{ref.robust:.3f}", f"{ref.wall / ours.wall:.2f}x",
+                     f"{ours.robust.float().mean():.3f}", f"{ref.robust.float().mean():.3f}",
+                     f"{only_ours} / {only_ref}", f"{ref.wall / ours.wall:.2f}x",
                      f"{ref.cpu / max(ours.cpu, 1e-9):.2f}x"])
         print(" | ".join(rows[-1]), flush=True)
     return rows
@@ -238,7 +243,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # a script, not library code: fixes the model initialisation
     header = ["model", "attack", "img/s ours", "img/s ref", "robust ours", "robust ref",
-              "speed (wall)", "speed (cpu)"]
+              "broken by one only (ours / ref)", "speed (wall)", "speed (cpu)"]
     print(f"torch {torch.__version__}, torchattacks {torchattacks.__version__}, "
           f"threads {torch.get_num_threads()}, eps {args.eps:.4f}, "
           f"search in {'bf16' if args.amp else 'fp32'} (torchattacks: fp32)", flush=True)
