@@ -20,6 +20,7 @@ from service.ops.router import make_registry
 from service.ops.router import router as ops_router
 from service.queue import make_celery
 from service.settings import Settings, get_settings
+from service.sweeps.router import router as sweeps_router
 from service.theory.router import router as theory_router
 from service.trainings.router import router as trainings_router
 
@@ -66,6 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await call_next(request)
 
     for router in (models_router, datasets_router, evaluations_router, trainings_router,
-                   leaderboard_router, theory_router, ops_router):
+                   sweeps_router, leaderboard_router, theory_router, ops_router):
         app.include_router(router)
     return app

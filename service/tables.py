@@ -223,4 +223,17 @@ class Training(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class Sweep(Base):
+    """A grid of trainings (methods x threats), each evaluated with the same suite."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_owner_created", "owner", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    owner: Mapped[str] = mapped_column(String(200))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    training_ids: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 FINAL_STATES = ("succeeded", "failed", "cancelled")

@@ -12,7 +12,7 @@ from sqlalchemy import inspect
 from service.db import Base, make_engine
 from service.migrate import downgrade, upgrade
 
-TABLES = {"api_keys", "models", "datasets", "evaluations", "results", "trainings",
+TABLES = {"api_keys", "models", "datasets", "evaluations", "results", "trainings", "sweeps",
           "alembic_version"}
 
 

@@ -231,3 +231,37 @@ def test_reconciler_resends_lost_trainings(rt: Runtime, client: TestClient, key:
     assert reconciler.reconcile_once(rt, lambda name, args: sent.append((name, args))) == [lost]
     assert sent == [(TRAIN_TASK, [lost])]
     assert waiting not in str(sent)
+
+
+def test_a_sweep_runs_end_to_end_into_its_trade_off_table(
+        rt: Runtime, client: TestClient, key: str) -> None:
+    resp = client.post("/sweeps", headers=auth(key), json={
+        "dataset": "shapes-32", "architecture": "small_cnn", "methods": ["standard", "fgsm_rs"],
+        "threats": {"linf": [8 / 255]}, "epochs": 1, "batch_size": 16, "lr": 0.01,
+        "train_examples": 32, "eval_examples": 8,
+        "suite": [{"benchmark": "clean"},
+                  {"benchmark": "adversarial", "attack": "fgsm", "norm": "linf",
+                   "eps": 8 / 255},
+                  {"benchmark": "backgrounds"}]})
+    assert resp.status_code == 202, resp.text
+    sweep = resp.json()
+    sent: list[tuple[str, list[Any]]] = []
+    for tid in sweep["training_ids"]:
+        assert training_jobs.run(rt, uuid.UUID(tid),
+                                 send_task=lambda n, args: sent.append((n, args))) == "succeeded"
+    assert [name for name, _ in sent] == [EVALUATE_TASK, EVALUATE_TASK]
+    for _, (eid,) in sent:
+        assert jobs.run(rt, uuid.UUID(eid)) == "succeeded"
+    done = client.get(f"/sweeps/{sweep['id']}", headers=auth(key)).json()
+    assert done["status"] == "succeeded"
+    assert done["progress"]["fraction"] == 1.0
+    for row in done["table"]:
+        ev = client.get(f"/evaluations/{row['evaluation_id']}", headers=auth(key)).json()
+        values = {(r["benchmark"], r["metric"], r["params"].get("variant")): r["value"]
+                  for r in ev["results"]}
+        assert row["clean_accuracy"] == values[("clean", "accuracy", None)]
+        assert row["robust_accuracy"] == {
+            "linf:0.03137": values[("adversarial", "robust_accuracy", None)]}
+        assert row["bg_gap"] == values[("backgrounds", "bg_gap", None)]
+        assert row["mixed_rand_accuracy"] == values[("backgrounds", "accuracy", "mixed_rand")]
+        assert row["rfs"] is None  # fg_bg_noise was not in this suite
