@@ -135,6 +135,13 @@ def _error(exc: BaseException) -> dict[str, str]:
     return {"type": "internal-error", "detail": str(exc)}
 
 
+def describe_device(rt: Runtime) -> str:
+    """Training runs in fp32 (no autocast), whatever precision the attack search uses."""
+    if rt.device.type == "cuda":
+        return f"{rt.device} ({torch.cuda.get_device_name(rt.device)}, fp32)"
+    return f"cpu ({torch.get_num_threads()} threads, fp32)"
+
+
 def checkpoint_path(rt: Runtime, tid: uuid.UUID) -> Path:
     return rt.settings.data_dir / "state" / "trainings" / str(tid) / "checkpoint.safetensors"
 
@@ -157,7 +164,7 @@ def _train(rt: Runtime, job: TrainingJob, sup: Supervisor, send_task: Any) -> No
     held_out = held_out.subset(torch.arange(min(job.eval_examples, len(held_out))))
     with rt.sessions.begin() as s:
         s.execute(update(Training).where(Training.id == job.id, Training.attempts == job.token)
-                  .values(device=rt.describe_device(), engine_version=ENGINE_VERSION)
+                  .values(device=describe_device(rt), engine_version=ENGINE_VERSION)
                   .execution_options(synchronize_session=False))
 
     def progress(fraction: float, message: str) -> None:

@@ -21,6 +21,7 @@ from service.db import make_engine, make_sessionmaker
 from service.queue import EVALUATE_TASK, TRAIN_TASK
 from service.tables import Training, utcnow
 from tests.factories import api, auth, new_key, settings
+from tests.service.ingest_fixtures import png, solid, write_zip
 from workers import jobs, reconciler, training_jobs
 from workers.engine.data import load_builtin
 from workers.engine.models import ModelSpec, load
@@ -99,7 +100,7 @@ def test_a_training_registers_its_model_and_queues_its_evaluation(
     done = _get(client, key, tid)
     assert (done["status"], done["attempts"], done["error"]) == ("succeeded", 1, None)
     assert done["progress"] == {"fraction": 1.0, "stage": "succeeded", "message": "done"}
-    assert done["device"].startswith("cpu")
+    assert done["device"] == "cpu (1 threads, fp32)"
     assert done["engine_version"].startswith("0.1.0")
     assert done["started_at"] <= done["finished_at"]
     assert [h["epoch"] for h in done["history"]] == [1, 2]
@@ -265,3 +266,29 @@ def test_a_sweep_runs_end_to_end_into_its_trade_off_table(
         assert row["bg_gap"] == values[("backgrounds", "bg_gap", None)]
         assert row["mixed_rand_accuracy"] == values[("backgrounds", "accuracy", "mixed_rand")]
         assert row["rfs"] is None  # fg_bg_noise was not in this suite
+
+
+def test_a_training_on_an_uploaded_dataset(rt: Runtime, client: TestClient, key: str,
+                                           tmp_path: Path) -> None:
+    """A manifest upload with train and test splits (no val): test is the held-out split."""
+    colours = [(220, 30, 30), (30, 30, 220)]
+    files, lines = {}, ["path,label,split"]
+    for i in range(24):
+        label, split = i % 2, "train" if i < 16 else "test"
+        files[f"img/{i}.png"] = png(solid(colours[label]))
+        lines.append(f"img/{i}.png,{label},{split}")
+    files["manifest.csv"] = ("\n".join(lines) + "\n").encode()
+    archive = write_zip(tmp_path / "two.zip", files)
+    with archive.open("rb") as f:
+        up = client.post("/datasets", headers=auth(key), files={"file": ("two.zip", f)},
+                         data={"name": "two-colours"})
+    assert up.status_code == 201, up.text
+    tid = _submit(client, key, dataset="two-colours", method="trades", epochs=1, batch_size=8,
+                  train_examples=None, eval_examples=8)
+    assert _get(client, key, tid)["held_out_split"] == "test"
+    assert training_jobs.run(rt, uuid.UUID(tid)) == "succeeded"
+    done = _get(client, key, tid)
+    assert done["dataset"] == up.json()["id"]
+    model = client.get(f"/models/{done['model_id']}", headers=auth(key)).json()
+    assert (model["input_shape"], model["num_classes"]) == ([3, 8, 8], 2)
+    assert [h["epoch"] for h in done["history"]] == [1]

@@ -144,7 +144,7 @@ def measure(model: nn.Module, data: EvalData, threat: ThreatSpec, steps: int, se
             continue
         out = attack.run(fwd, x[sl][keep], y[sl][keep], threat.eps, g)
         robust[sl][keep] = ~out.success
-    return float(correct.float().mean()), float(robust.float().mean())
+    return int(correct.sum()) / n, int(robust.sum()) / n
 
 
 def train(spec: TrainSpec, train_data: EvalData, held_out: EvalData, *,
