@@ -20,7 +20,9 @@ from service.ops.router import make_registry
 from service.ops.router import router as ops_router
 from service.queue import make_celery
 from service.settings import Settings, get_settings
+from service.sweeps.router import router as sweeps_router
 from service.theory.router import router as theory_router
+from service.trainings.router import router as trainings_router
 
 log = logging.getLogger("robustscope.api")
 
@@ -64,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   f"the body is {length} bytes; the limit is {limit}")
         return await call_next(request)
 
-    for router in (models_router, datasets_router, evaluations_router, leaderboard_router,
-                   theory_router, ops_router):
+    for router in (models_router, datasets_router, evaluations_router, trainings_router,
+                   sweeps_router, leaderboard_router, theory_router, ops_router):
         app.include_router(router)
     return app

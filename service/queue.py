@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from celery import Celery
 
@@ -19,6 +19,7 @@ from service.settings import Settings
 log = logging.getLogger("robustscope.queue")
 
 EVALUATE_TASK = "robustscope.evaluate"
+TRAIN_TASK = "robustscope.train"  # on the evaluations queue: the GPU workers take both
 WEBHOOK_TASK = "robustscope.webhook"
 EVALUATIONS_QUEUE = "evaluations"
 WEBHOOKS_QUEUE = "webhooks"
@@ -33,6 +34,7 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_default_queue=EVALUATIONS_QUEUE,
         task_routes={EVALUATE_TASK: {"queue": EVALUATIONS_QUEUE},
+                     TRAIN_TASK: {"queue": EVALUATIONS_QUEUE},
                      WEBHOOK_TASK: {"queue": WEBHOOKS_QUEUE}},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -46,11 +48,17 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+class TaskSender(Protocol):
+    """What the outbox sends through: the Celery app, or a worker's ``send_task``."""
+
+    def send_task(self, name: str, args: list[Any]) -> Any: ...
+
+
 @dataclass
 class Outbox:
     """Tasks to send once the current transaction has committed."""
 
-    celery: Celery
+    celery: TaskSender
     pending: list[tuple[str, list[Any]]] = field(default_factory=list)
 
     def add(self, task: str, *args: Any) -> None:

@@ -31,3 +31,12 @@ def test_every_suite_benchmark_is_registered_in_the_engine() -> None:
 def test_the_api_architecture_table_is_current() -> None:
     stored = json.loads((ROOT / "service/models/architectures.json").read_text())
     assert stored == json.loads(json.dumps(shape_table()))
+
+
+def test_training_methods_optimisers_and_schedules_agree() -> None:
+    from service.trainings import schemas
+    from workers.engine import training
+
+    assert {m.value for m in schemas.Method} == {m.value for m in training.Method}
+    assert {o.value for o in schemas.Optimizer} == {o.value for o in training.Optimizer}
+    assert {s.value for s in schemas.LrSchedule} == {s.value for s in training.LrSchedule}

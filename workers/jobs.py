@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
@@ -25,7 +25,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from service.queue import WEBHOOK_TASK
-from service.tables import Dataset, Evaluation, Model, Result, utcnow
+from service.tables import Dataset, Evaluation, Model, Result, Training, utcnow
 from workers.engine import ENGINE_VERSION, benchmarks
 from workers.engine.data import DatasetFormatError, load_builtin, load_npz
 from workers.engine.models import CheckpointError, ModelSpec
@@ -50,6 +50,13 @@ class TimeLimit(Exception):
     pass
 
 
+class JobRef(Protocol):
+    """What the supervisor needs of a job: its id and the attempt that owns it."""
+
+    id: uuid.UUID
+    token: int
+
+
 @dataclass
 class Job:
     id: uuid.UUID
@@ -65,29 +72,34 @@ class Job:
     split: str
 
 
-def claim(rt: Runtime, eid: uuid.UUID) -> int | None:
+JobTable = type[Evaluation] | type[Training]
+"""The job tables share the columns claim, supervision and failure need."""
+
+
+def claim(rt: Runtime, eid: uuid.UUID, table: JobTable = Evaluation) -> int | None:
     """Take the job if it is queued or its worker went silent; returns the attempt number."""
     now = utcnow()
     stale = now - timedelta(seconds=rt.settings.stale_after)
     with rt.sessions.begin() as s:
         res = s.execute(
-            update(Evaluation)
-            .where(Evaluation.id == eid,
-                   Evaluation.attempts < rt.settings.max_attempts,
-                   or_(Evaluation.status == "queued",
-                       and_(Evaluation.status == "running", Evaluation.heartbeat_at < stale)))
-            .values(status="running", attempts=Evaluation.attempts + 1, worker=rt.name,
+            update(table)
+            .where(table.id == eid,
+                   table.attempts < rt.settings.max_attempts,
+                   or_(table.status == "queued",
+                       and_(table.status == "running", table.heartbeat_at < stale)))
+            .values(status="running", attempts=table.attempts + 1, worker=rt.name,
                     heartbeat_at=now,
                     progress_stage="starting", progress_message=f"claimed by {rt.name}")
             .execution_options(synchronize_session=False)
         )
         if res.rowcount != 1:  # type: ignore[attr-defined]
             return None
-        row = s.get(Evaluation, eid)
-        assert row is not None
-        if row.started_at is None:
-            row.started_at = now
-        return row.attempts
+        started, attempts = s.execute(select(table.started_at, table.attempts)
+                                      .where(table.id == eid)).one()
+        if started is None:
+            s.execute(update(table).where(table.id == eid).values(started_at=now)
+                      .execution_options(synchronize_session=False))
+        return int(attempts)
 
 
 def load_job(rt: Runtime, eid: uuid.UUID, token: int) -> Job:
@@ -120,8 +132,9 @@ class Supervisor:
     and heartbeats to the database and reads the cancel flag.
     """
 
-    def __init__(self, rt: Runtime, job: Job) -> None:
-        self.rt, self.job = rt, job
+    def __init__(self, rt: Runtime, job: Job | JobRef,
+                 table: JobTable = Evaluation) -> None:
+        self.rt, self.job, self.table = rt, job, table
         self.latest: tuple[float, str, str] | None = None
         self.cancelled = threading.Event()
         self.superseded = threading.Event()
@@ -161,15 +174,16 @@ class Supervisor:
                 if latest is not None:
                     values.update(progress_fraction=latest[0], progress_stage=latest[1][:100],
                                   progress_message=latest[2])
+                table = self.table
                 with self.rt.sessions.begin() as s:
-                    res = s.execute(update(Evaluation).where(
-                        Evaluation.id == self.job.id, Evaluation.attempts == self.job.token,
-                        Evaluation.status == "running").values(**values)
+                    res = s.execute(update(table).where(
+                        table.id == self.job.id, table.attempts == self.job.token,
+                        table.status == "running").values(**values)
                         .execution_options(synchronize_session=False))
                     if res.rowcount != 1:  # type: ignore[attr-defined]
                         self.superseded.set()
-                    elif s.scalar(select(Evaluation.cancel_requested)
-                                  .where(Evaluation.id == self.job.id)):
+                    elif s.scalar(select(table.cancel_requested)
+                                  .where(table.id == self.job.id)):
                         self.cancelled.set()
                 written, last_beat = latest, now
             except Exception:  # the database may be restarting: keep trying, the job goes on
@@ -337,13 +351,13 @@ def _finish(rt: Runtime, eid: uuid.UUID, token: int, status: str, send_task: Any
             log.warning("could not enqueue the webhook for %s", eid, exc_info=True)
 
 
-def _fail_exhausted(rt: Runtime, eid: uuid.UUID) -> None:
+def _fail_exhausted(rt: Runtime, eid: uuid.UUID, table: JobTable = Evaluation) -> None:
     """A job whose workers kept dying is failed rather than retried forever."""
     stale = utcnow() - timedelta(seconds=rt.settings.stale_after)
     with rt.sessions.begin() as s:
-        s.execute(update(Evaluation).where(
-            Evaluation.id == eid, Evaluation.status == "running",
-            Evaluation.attempts >= rt.settings.max_attempts, Evaluation.heartbeat_at < stale)
+        s.execute(update(table).where(
+            table.id == eid, table.status == "running",
+            table.attempts >= rt.settings.max_attempts, table.heartbeat_at < stale)
             .values(status="failed", finished_at=utcnow(), progress_stage="failed",
                     progress_message="workers were lost repeatedly",
                     error={"type": "worker-lost",

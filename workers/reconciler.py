@@ -13,36 +13,47 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 
-from service.queue import EVALUATE_TASK
-from service.tables import Evaluation, utcnow
+from service.queue import EVALUATE_TASK, TRAIN_TASK
+from service.tables import Evaluation, Training, utcnow
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.reconciler")
 
 
 def reconcile_once(rt: Runtime, send_task: Callable[..., Any]) -> list[str]:
+    """Re-send lost evaluations and trainings; returns their ids."""
+    resent: list[str] = []
+    for table, task in ((Evaluation, EVALUATE_TASK), (Training, TRAIN_TASK)):
+        resent += _reconcile(rt, send_task, table, task)
+    return resent
+
+
+def _reconcile(rt: Runtime, send_task: Callable[..., Any],
+               table: type[Evaluation] | type[Training], task: str) -> list[str]:
     now = utcnow()
     s_cfg = rt.settings
     queued_cutoff = now - timedelta(seconds=s_cfg.requeue_queued_after)
     stale_cutoff = now - timedelta(seconds=s_cfg.stale_after)
     resent: list[str] = []
     with rt.sessions.begin() as s:
-        q = select(Evaluation).where(or_(
-            and_(Evaluation.status == "queued", Evaluation.enqueued_at < queued_cutoff),
-            and_(Evaluation.status == "running", Evaluation.heartbeat_at < stale_cutoff,
-                 or_(Evaluation.enqueued_at.is_(None), Evaluation.enqueued_at < stale_cutoff)),
+        q = select(table.id).where(or_(
+            and_(table.status == "queued", table.enqueued_at < queued_cutoff),
+            and_(table.status == "running", table.heartbeat_at < stale_cutoff,
+                 or_(table.enqueued_at.is_(None), table.enqueued_at < stale_cutoff)),
         )).limit(100)
         if rt.engine.dialect.name == "postgresql":
             q = q.with_for_update(skip_locked=True)
-        for ev in s.scalars(q):
-            ev.enqueued_at = now
-            resent.append(str(ev.id))
+        ids = list(s.scalars(q))
+        if ids:
+            s.execute(update(table).where(table.id.in_(ids)).values(enqueued_at=now)
+                      .execution_options(synchronize_session=False))
+        resent = [str(i) for i in ids]
     for eid in resent:
         try:
-            send_task(EVALUATE_TASK, args=[eid])
-            log.info("re-sent evaluation %s", eid)
+            send_task(task, args=[eid])
+            log.info("re-sent %s %s", table.__tablename__, eid)
         except Exception:
             log.warning("could not re-send %s; will retry", eid, exc_info=True)
     return resent

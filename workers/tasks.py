@@ -6,9 +6,9 @@ import uuid
 
 import httpx
 
-from service.queue import EVALUATE_TASK, WEBHOOK_TASK
+from service.queue import EVALUATE_TASK, TRAIN_TASK, WEBHOOK_TASK
 from service.settings import get_settings
-from workers import jobs, webhooks
+from workers import jobs, training_jobs, webhooks
 from workers.celery_app import app
 from workers.runtime import runtime
 
@@ -19,6 +19,12 @@ from workers.runtime import runtime
           soft_time_limit=get_settings().job_time_limit + 60)
 def evaluate(evaluation_id: str) -> str:
     return jobs.run(runtime(), uuid.UUID(evaluation_id), send_task=app.send_task)
+
+
+@app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True,
+          soft_time_limit=get_settings().job_time_limit + 60)
+def train(training_id: str) -> str:
+    return training_jobs.run(runtime(), uuid.UUID(training_id), send_task=app.send_task)
 
 
 @app.task(name=WEBHOOK_TASK, acks_late=True, autoretry_for=(httpx.HTTPError,),

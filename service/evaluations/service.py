@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import uuid
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -24,6 +21,7 @@ from service.evaluations.schemas import (
     ResultOut,
 )
 from service.models.service import get as get_model
+from service.pagination import decode_cursor, encode_cursor
 from service.queue import EVALUATE_TASK, Outbox
 from service.tables import FINAL_STATES, Evaluation, Result, utcnow
 
@@ -105,28 +103,14 @@ def list_page(session: Session, owner: str, *, status: str | None, model_id: uui
     if dataset:
         q = q.where(Evaluation.dataset == dataset)
     if cursor:
-        created, last_id = _decode_cursor(cursor)
+        created, last_id = decode_cursor(cursor)
         q = q.where(or_(Evaluation.created_at < created,
                         and_(Evaluation.created_at == created, Evaluation.id < last_id)))
     q = q.order_by(Evaluation.created_at.desc(), Evaluation.id.desc()).limit(limit + 1)
     rows = list(session.scalars(q.options(selectinload(Evaluation.results))))
-    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    last = rows[limit - 1] if len(rows) > limit else None
+    next_cursor = encode_cursor(last.created_at, last.id) if last is not None else None
     return rows[:limit], next_cursor
-
-
-def _encode_cursor(row: Evaluation) -> str:
-    raw = json.dumps([row.created_at.isoformat(), str(row.id)])
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        created, last = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(created), uuid.UUID(last)
-    except (ValueError, TypeError) as exc:
-        raise Invalid("the cursor is not valid; pass next_cursor from a previous page",
-                      field="cursor") from exc
 
 
 def to_out(row: Evaluation) -> EvaluationOut:

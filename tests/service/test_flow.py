@@ -208,3 +208,32 @@ def test_worker_killed_mid_job_is_resumed_by_another(stack: tuple[TestClient, Wo
            for r in done["results"]]
     assert got == engine_rows(net, load_builtin("shapes-32", "test"), slow, 3, META["mean"],
                              META["std"])  # and the answer is the uninterrupted one
+
+
+def test_a_training_trains_registers_and_evaluates_on_real_servers(
+        stack: tuple[TestClient, Worker], pg_url: str) -> None:
+    client, start_worker = stack
+    key = new_key(pg_url, f"train-{uuid.uuid4().hex[:6]}")
+    resp = client.post("/trainings", headers=auth(key), json={
+        "dataset": "shapes-32", "architecture": "small_cnn", "method": "pgd",
+        "threat": {"norm": "l2", "eps": 0.25, "steps": 2}, "epochs": 2, "batch_size": 16,
+        "lr": 0.01, "seed": 1, "train_examples": 32, "eval_examples": 16,
+        "evaluate": [{"benchmark": "clean"}]})
+    assert resp.status_code == 202, resp.text
+    tid = resp.json()["id"]
+    start_worker()
+    deadline = time.monotonic() + 300
+    done: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        done = client.get(f"/trainings/{tid}", headers=auth(key)).json()
+        if done["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.3)
+    assert done["status"] == "succeeded", done
+    assert [h["epoch"] for h in done["history"]] == [1, 2]
+    models = client.get("/models", headers=auth(key)).json()["items"]
+    assert [m["id"] for m in models] == [done["model_id"]]
+    ev = _poll(client, key, done["evaluation_id"],
+               lambda b: b["status"] in ("succeeded", "failed"))
+    assert ev["status"] == "succeeded", ev["error"]
+    assert [r["metric"] for r in ev["results"]] == ["accuracy"]

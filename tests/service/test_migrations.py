@@ -12,7 +12,8 @@ from sqlalchemy import inspect
 from service.db import Base, make_engine
 from service.migrate import downgrade, upgrade
 
-TABLES = {"api_keys", "models", "datasets", "evaluations", "results", "alembic_version"}
+TABLES = {"api_keys", "models", "datasets", "evaluations", "results", "trainings", "sweeps",
+          "alembic_version"}
 
 
 def _roundtrip(url: str) -> None:

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import CurrentOwner, OutboxDep, SessionDep
+from service.errors import Invalid, problem_responses
+from service.sweeps import service
+from service.sweeps.schemas import SweepIn, SweepOut
+
+router = APIRouter(prefix="/sweeps", tags=["sweeps"])
+ERRORS = problem_responses(401, 404, 409, 422)
+
+
+@router.post("", status_code=202, response_model=SweepOut, responses=ERRORS,
+             openapi_extra={"requestBody": {"content": {"application/json": {
+                 "schema": SweepIn.model_json_schema()}}}})
+async def create_sweep(response: Response, session: SessionDep, owner: CurrentOwner,
+                       outbox: OutboxDep, raw: Annotated[Any, Body()] = None) -> SweepOut:
+    """Queue one training per grid point, each evaluated with the sweep's suite."""
+    try:
+        body = SweepIn.model_validate(raw)
+    except ValidationError as exc:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                  for e in exc.errors()]
+        raise Invalid("invalid fields: " + "; ".join(
+            f"{e['field'] or 'body'}: {e['message']}" for e in errors), errors=errors) from exc
+    row = await run_in_threadpool(service.create, session, outbox, owner, body)
+    response.headers["Location"] = f"/sweeps/{row.id}"
+    return await run_in_threadpool(service.to_out, session, row)
+
+
+@router.get("/{sweep_id}", response_model=SweepOut, responses=ERRORS)
+def get_sweep(sweep_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> SweepOut:
+    """The sweep's state and its trade-off table, one row per model."""
+    return service.to_out(session, service.get(session, owner, sweep_id))
+
+
+@router.post("/{sweep_id}/cancel", status_code=202, response_model=SweepOut, responses=ERRORS)
+def cancel_sweep(sweep_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> SweepOut:
+    """Cancel every training and evaluation of the sweep that has not finished."""
+    return service.to_out(session, service.cancel(session, owner, sweep_id))

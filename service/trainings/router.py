@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import CurrentOwner, OutboxDep, SessionDep
+from service.errors import Invalid, problem_responses
+from service.trainings import service
+from service.trainings.schemas import TrainingIn, TrainingOut, TrainingPage
+
+router = APIRouter(prefix="/trainings", tags=["trainings"])
+ERRORS = problem_responses(401, 404, 409, 422)
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+
+
+@router.post("", status_code=202, response_model=TrainingOut, responses=ERRORS,
+             openapi_extra={"requestBody": {"content": {"application/json": {
+                 "schema": TrainingIn.model_json_schema()}}}})
+async def create_training(
+    response: Response, session: SessionDep, owner: CurrentOwner, outbox: OutboxDep,
+    raw: Annotated[Any, Body()] = None, idempotency_key: IdempotencyKey = None,
+) -> TrainingOut:
+    """Queue a training; ``Location`` names the job. A repeated ``Idempotency-Key`` with the
+    same body answers 200 with the original job, with another body 409."""
+    body = _parse_body(raw)
+    row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
+                                           idempotency_key)
+    response.headers["Location"] = f"/trainings/{row.id}"
+    response.status_code = 202 if created else 200
+    return service.to_out(row)
+
+
+def _parse_body(raw: object) -> TrainingIn:
+    try:
+        return TrainingIn.model_validate(raw)
+    except ValidationError as exc:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                  for e in exc.errors()]
+        raise Invalid("invalid fields: " + "; ".join(
+            f"{e['field'] or 'body'}: {e['message']}" for e in errors), errors=errors) from exc
+
+
+@router.get("", response_model=TrainingPage, responses=ERRORS)
+def list_trainings(
+    session: SessionDep, owner: CurrentOwner,
+    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")]
+    = None,
+    cursor: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> TrainingPage:
+    rows, next_cursor = service.list_page(session, owner, status=status, cursor=cursor,
+                                          limit=limit)
+    return TrainingPage(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{training_id}", response_model=TrainingOut, responses=ERRORS)
+def get_training(training_id: uuid.UUID, session: SessionDep,
+                 owner: CurrentOwner) -> TrainingOut:
+    return service.to_out(service.get(session, owner, training_id))
+
+
+@router.post("/{training_id}/cancel", status_code=202, response_model=TrainingOut,
+             responses=ERRORS)
+def cancel_training(training_id: uuid.UUID, session: SessionDep,
+                    owner: CurrentOwner) -> TrainingOut:
+    return service.to_out(service.cancel(session, owner, training_id))

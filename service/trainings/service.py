@@ -1,0 +1,165 @@
+"""Training jobs: creation (validated against the dataset, with idempotency), reads, listing
+and cancellation. The worker side is ``workers/training_jobs.py``."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.datasets.service import ResolvedDataset, check_params, resolve
+from service.errors import Conflict, Invalid, NotFound
+from service.evaluations import suite as suites
+from service.evaluations.schemas import ErrorOut, Progress
+from service.models.sniff import _shape_table
+from service.pagination import decode_cursor, encode_cursor
+from service.queue import TRAIN_TASK, Outbox
+from service.tables import FINAL_STATES, Training, utcnow
+from service.trainings.schemas import Method, ThreatIn, TrainingIn, TrainingOut
+
+DEFAULT_STEPS = 10  # PGD and TRADES inner steps when the threat names none
+
+
+def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
+           idempotency_key: str | None) -> tuple[Training, bool]:
+    """Create a job (or return the one this Idempotency-Key made); enqueued after commit."""
+    request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    if idempotency_key:
+        existing = session.scalar(select(Training).where(
+            Training.owner == owner, Training.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_hash != request_hash:
+                raise Conflict("this Idempotency-Key was used with a different request",
+                               reason="idempotency-key-reused")
+            return existing, False
+    dataset = _dataset(session, owner, body)
+    _check_architecture(body.architecture, dataset)
+    threat = _threat(body, dataset)
+    evaluate = (suites.expand(body.evaluate, dataset.capabilities)
+                if body.evaluate is not None else None)
+    held_out = "val" if "val" in dataset.splits else "test"
+    name = body.name or (f"{body.architecture}-{body.method.value}" + (
+        "" if body.method is Method.STANDARD else f"-{threat['norm']}-{threat['eps']:.4g}"))
+    row = Training(
+        owner=owner, name=name, dataset=dataset.name, dataset_id=dataset.id,
+        dataset_params=body.dataset_params, held_out_split=held_out,
+        architecture=body.architecture, method=body.method.value, threat=threat,
+        epochs=body.epochs, batch_size=body.batch_size, lr=body.lr, seed=body.seed,
+        options={"optimizer": body.optimizer.value, "lr_schedule": body.lr_schedule.value,
+                 "beta": body.beta if body.method is Method.TRADES else None,
+                 "train_examples": body.train_examples, "eval_examples": body.eval_examples},
+        evaluate=evaluate, idempotency_key=idempotency_key, request_hash=request_hash,
+        status="queued", progress_stage="queued", progress_message="waiting for a worker",
+        enqueued_at=utcnow(), history=[],
+    )
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError as exc:  # a concurrent retry with the same key won the race
+        raise Conflict("a request with this Idempotency-Key is being processed; retry",
+                       reason="idempotency-key-race") from exc
+    outbox.add(TRAIN_TASK, str(row.id))
+    return row, True
+
+
+def _dataset(session: Session, owner: str, body: TrainingIn) -> ResolvedDataset:
+    try:
+        dataset = resolve(session, owner, body.dataset)
+    except NotFound as exc:  # in a request body, an unknown name is a validation error
+        raise Invalid(exc.detail, field="dataset") from exc
+    check_params(body.dataset, body.dataset_params)
+    if "train" not in dataset.splits:
+        raise Invalid(f"dataset {body.dataset!r} has no 'train' split to train on; it has "
+                      f"{', '.join(dataset.splits)}", field="dataset")
+    if not {"val", "test"} & set(dataset.splits):
+        raise Invalid(f"dataset {body.dataset!r} needs a 'val' or 'test' split to measure "
+                      "on during training", field="dataset")
+    return dataset
+
+
+def _check_architecture(architecture: str, dataset: ResolvedDataset) -> None:
+    table = _shape_table()
+    if architecture not in table:
+        raise Invalid(f"unknown architecture {architecture!r}; known: "
+                      f"{', '.join(sorted(table))}", field="architecture")
+    channels = dataset.input_shape[0]
+    any_channels = any("C" in shape for shape in table[architecture].values())
+    if channels != 3 and not any_channels:
+        raise Invalid(f"{architecture} takes 3 input channels but dataset {dataset.name!r} has "
+                      f"{channels}", field="architecture")
+
+
+def _threat(body: TrainingIn, dataset: ResolvedDataset) -> dict[str, Any]:
+    """The threat with its defaults filled in, as the job record shows it.
+
+    For ``standard`` training it is only what the held-out robust accuracy is measured
+    against; without one, the dataset's default l_inf eps.
+    """
+    t = body.threat or ThreatIn(norm=suites.Norm.LINF,
+                                eps=dataset.capabilities.default_eps["linf"])
+    if body.method is Method.FGSM_RS:
+        steps = 1
+        step_size = t.step_size if t.step_size is not None else 1.25 * t.eps
+    else:
+        steps = t.steps or DEFAULT_STEPS
+        step_size = t.step_size if t.step_size is not None else 2.5 * t.eps / steps
+    return {"norm": t.norm.value, "eps": t.eps, "steps": steps, "step_size": step_size}
+
+
+def get(session: Session, owner: str, training_id: uuid.UUID) -> Training:
+    row = session.get(Training, training_id)
+    if row is None or row.owner != owner:
+        raise NotFound(f"no training {training_id}")
+    return row
+
+
+def cancel(session: Session, owner: str, training_id: uuid.UUID) -> Training:
+    row = get(session, owner, training_id)
+    if row.status in FINAL_STATES:
+        raise Conflict(f"training {training_id} already {row.status}")
+    if row.status == "queued":
+        row.status, row.finished_at = "cancelled", utcnow()
+        row.progress_stage, row.progress_message = "cancelled", "cancelled before it started"
+    else:
+        row.cancel_requested = True
+        row.progress_message = "cancellation requested; stopping after the current batch"
+    return row
+
+
+def list_page(session: Session, owner: str, *, status: str | None, cursor: str | None,
+              limit: int) -> tuple[list[Training], str | None]:
+    q = select(Training).where(Training.owner == owner)
+    if status:
+        q = q.where(Training.status == status)
+    if cursor:
+        created, last_id = decode_cursor(cursor)
+        q = q.where(or_(Training.created_at < created,
+                        and_(Training.created_at == created, Training.id < last_id)))
+    q = q.order_by(Training.created_at.desc(), Training.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(q))
+    last = rows[limit - 1] if len(rows) > limit else None
+    return rows[:limit], encode_cursor(last.created_at, last.id) if last is not None else None
+
+
+def to_out(row: Training) -> TrainingOut:
+    opts = row.options or {}
+    return TrainingOut(
+        id=row.id, status=row.status,
+        progress=Progress(fraction=row.progress_fraction, stage=row.progress_stage,
+                          message=row.progress_message),
+        name=row.name, dataset=row.dataset, dataset_params=row.dataset_params or {},
+        held_out_split=row.held_out_split, architecture=row.architecture, method=row.method,
+        threat=row.threat, epochs=row.epochs, batch_size=row.batch_size, lr=row.lr,
+        seed=row.seed, optimizer=opts.get("optimizer", "sgd"),
+        lr_schedule=opts.get("lr_schedule", "cosine"), beta=opts.get("beta"),
+        train_examples=opts.get("train_examples"), eval_examples=opts.get("eval_examples", 0),
+        evaluate=row.evaluate, history=list(row.history or []), created_at=row.created_at,
+        started_at=row.started_at, finished_at=row.finished_at, attempts=row.attempts,
+        device=row.device, engine_version=row.engine_version,
+        error=ErrorOut(**row.error) if row.error else None, model_id=row.model_id,
+        evaluation_id=row.evaluation_id,
+    )
