@@ -8,8 +8,9 @@ Ours runs through the evaluation runner (clean pass, cascade, fp32 re-check of e
 so its time is the whole evaluation, not just the attack loop. Runs alternate ours/ref and
 report the best of ``--repeats`` (the machine may be shared); wall time and process CPU time
 are both measured, images/s uses wall time. "Broken by one only" counts the examples one
-library broke and the other did not: two equally strong attacks with different random starts
-differ on a few examples either way.
+library broke and the other did not (summed over seeds): two equally strong attacks with
+different random starts differ on a few examples either way, so a strength comparison wants
+``--seeds`` > 1.
 
 On a GPU it adds ResNet-50 at 224x224 (random weights: a throughput measurement only) in bf16
 with channels_last: PGD image-steps/s and the fraction of the measured bf16 matmul peak.
@@ -134,46 +135,67 @@ def robust_of(model: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:
         return model(x_adv).argmax(1) == y
 
 
-def compare(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.Namespace,
-            name: str) -> list[list[str]]:
-    ctx = RunContext(batch_size=len(y), seed=0, amp=args.amp)
+Case = tuple[str, Callable[[], Tensor], Callable[[], Tensor]]
+
+
+def cases(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.Namespace,
+          seed: int) -> list[Case]:
+    """(label, ours, reference) per attack; each returns the per-example robust flags."""
+    ctx = RunContext(batch_size=len(y), seed=seed, amp=args.amp)
     s, q = args.aa_steps, args.queries
-    cases: list[tuple[str, Callable[[], Tensor], Callable[[], Tensor]]] = [
+
+    def ref(make: Callable[[], Callable[[Tensor, Tensor], Tensor]]) -> Callable[[], Tensor]:
+        def go() -> Tensor:
+            torch.manual_seed(seed)  # torchattacks' PGD draws its start from the global RNG
+            return robust_of(model, make()(x, y), y)
+        return go
+
+    return [
         ("PGD-10 linf",
          lambda: run_cascade(model, x, y, Norm.LINF, eps,
                              [Stage("pgd", PGD(Norm.LINF, 10, step_size=eps / 4))],
                              ctx).robust,
-         lambda: robust_of(model, torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=10,
-                                                   random_start=True)(x, y), y)),
+         ref(lambda: torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=10,
+                                      random_start=True))),
         (f"APGD-CE-{s} linf",
          lambda: run_cascade(model, x, y, Norm.LINF, eps,
                              [Stage("apgd-ce", APGD(Norm.LINF, s))], ctx).robust,
-         lambda: robust_of(model, torchattacks.APGD(model, eps=eps, steps=s, loss="ce")(x, y),
-                           y)),
+         ref(lambda: torchattacks.APGD(model, eps=eps, steps=s, loss="ce", seed=seed))),
         (f"AutoAttack ({s} it, {q} q)",
          lambda: run_cascade(model, x, y, Norm.LINF, eps,
                              autoattack_stages(Norm.LINF, 10, s, square_queries=q),
                              ctx).robust,
-         lambda: robust_of(model, torchattacks.MultiAttack([
-             torchattacks.APGD(model, eps=eps, steps=s, loss="ce"),
-             torchattacks.APGDT(model, eps=eps, steps=s, n_classes=10),
-             torchattacks.FAB(model, eps=eps, steps=s, multi_targeted=True, n_classes=10),
-             torchattacks.Square(model, eps=eps, n_queries=q),
-         ])(x, y), y)),
+         ref(lambda: torchattacks.MultiAttack([
+             torchattacks.APGD(model, eps=eps, steps=s, loss="ce", seed=seed),
+             torchattacks.APGDT(model, eps=eps, steps=s, n_classes=10, seed=seed),
+             torchattacks.FAB(model, eps=eps, steps=s, multi_targeted=True, n_classes=10,
+                              seed=seed),
+             torchattacks.Square(model, eps=eps, n_queries=q, seed=seed),
+         ]))),
     ]
+
+
+def compare(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.Namespace,
+            name: str) -> list[list[str]]:
+    """Times seed 0 (best of ``--repeats``); with ``--seeds`` > 1 both libraries also attack
+    with further seeds, untimed, and the robust accuracy is the mean over seeds."""
+    per_seed = [cases(model, x, y, eps, args, seed) for seed in range(max(args.seeds, 1))]
     rows = []
-    for label, ours_fn, ref_fn in cases:
+    for k, (label, ours_fn, ref_fn) in enumerate(per_seed[0]):
         if args.only and args.only not in label.lower():
             continue
         ours = timed(ours_fn, args.repeats)
         ref = timed(ref_fn, args.repeats)
+        robust_ours, robust_ref = [ours.robust], [ref.robust]
+        for more in per_seed[1:]:
+            robust_ours.append(more[k][1]())
+            robust_ref.append(more[k][2]())
+        a, b = torch.stack(robust_ours), torch.stack(robust_ref)
         n = len(y)
-        only_ours = int((~ours.robust & ref.robust).sum())
-        only_ref = int((ours.robust & ~ref.robust).sum())
         rows.append([name, label, f"{n / ours.wall:,.1f}", f"{n / ref.wall:,.1f}",
-                     f"{ours.robust.float().mean():.3f}", f"{ref.robust.float().mean():.3f}",
-                     f"{only_ours} / {only_ref}", f"{ref.wall / ours.wall:.2f}x",
-                     f"{ref.cpu / max(ours.cpu, 1e-9):.2f}x"])
+                     f"{a.float().mean():.3f}", f"{b.float().mean():.3f}",
+                     f"{int((~a & b).sum())} / {int((a & ~b).sum())}",
+                     f"{ref.wall / ours.wall:.2f}x", f"{ref.cpu / max(ours.cpu, 1e-9):.2f}x"])
         print(" | ".join(rows[-1]), flush=True)
     return rows
 
@@ -232,6 +254,8 @@ def main() -> None:
                          "natively, as workers do (every break confirmed in fp32); fp32: never")
     ap.add_argument("--only", default="", help="run only attacks whose label contains this")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="attack with this many seeds (robust accuracy: the mean; time: seed 0)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--gpu-batch", type=int, default=128)
     args = ap.parse_args()
