@@ -20,10 +20,11 @@ from service.evaluations.schemas import (
     Progress,
     ResultOut,
 )
+from service.jobs import request_cancel
 from service.models.service import get as get_model
 from service.pagination import decode_cursor, encode_cursor
 from service.queue import EVALUATE_TASK, Outbox
-from service.tables import FINAL_STATES, Evaluation, Result, utcnow
+from service.tables import Evaluation, Result, utcnow
 
 
 def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
@@ -81,14 +82,7 @@ def get(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation:
 
 def cancel(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation:
     row = get(session, owner, evaluation_id)
-    if row.status in FINAL_STATES:
-        raise Conflict(f"evaluation {evaluation_id} already {row.status}")
-    if row.status == "queued":
-        row.status, row.finished_at = "cancelled", utcnow()
-        row.progress_stage, row.progress_message = "cancelled", "cancelled before it started"
-    else:
-        row.cancel_requested = True
-        row.progress_message = "cancellation requested; stopping after the current batch"
+    request_cancel(row, "evaluation")
     return row
 
 

@@ -15,10 +15,11 @@ from service.datasets.service import ResolvedDataset, check_params, resolve
 from service.errors import Conflict, Invalid, NotFound
 from service.evaluations import suite as suites
 from service.evaluations.schemas import ErrorOut, Progress
+from service.jobs import request_cancel
 from service.models.sniff import _shape_table
 from service.pagination import decode_cursor, encode_cursor
 from service.queue import TRAIN_TASK, Outbox
-from service.tables import FINAL_STATES, Training, utcnow
+from service.tables import Training, utcnow
 from service.trainings.schemas import Method, ThreatIn, TrainingIn, TrainingOut
 
 DEFAULT_STEPS = 10  # PGD and TRADES inner steps when the threat names none
@@ -119,14 +120,7 @@ def get(session: Session, owner: str, training_id: uuid.UUID) -> Training:
 
 def cancel(session: Session, owner: str, training_id: uuid.UUID) -> Training:
     row = get(session, owner, training_id)
-    if row.status in FINAL_STATES:
-        raise Conflict(f"training {training_id} already {row.status}")
-    if row.status == "queued":
-        row.status, row.finished_at = "cancelled", utcnow()
-        row.progress_stage, row.progress_message = "cancelled", "cancelled before it started"
-    else:
-        row.cancel_requested = True
-        row.progress_message = "cancellation requested; stopping after the current batch"
+    request_cancel(row, "training")
     return row
 
 
