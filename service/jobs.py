@@ -1,6 +1,14 @@
-"""What evaluation and training jobs share in the API: the cooperative cancel."""
+"""What evaluation and training jobs share in the API: idempotent creation and the
+cooperative cancel."""
 
 from __future__ import annotations
+
+import hashlib
+from typing import TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from service.errors import Conflict
 from service.tables import FINAL_STATES, Evaluation, Training, utcnow
@@ -17,3 +25,24 @@ def request_cancel(row: Evaluation | Training, what: str) -> None:
     else:
         row.cancel_requested = True
         row.progress_message = "cancellation requested; stopping after the current batch"
+
+
+def request_hash(body: BaseModel) -> str:
+    return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+
+
+J = TypeVar("J", Evaluation, Training)
+
+
+def replay(session: Session, table: type[J], owner: str, idempotency_key: str | None,
+           digest: str) -> J | None:
+    """The job an earlier request with this Idempotency-Key created, if any; 409 when that
+    request had another body."""
+    if not idempotency_key:
+        return None
+    existing = session.scalar(select(table).where(
+        table.owner == owner, table.idempotency_key == idempotency_key))
+    if existing is not None and existing.request_hash != digest:
+        raise Conflict("this Idempotency-Key was used with a different request",
+                       reason="idempotency-key-reused")
+    return existing

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from typing import Any
 
@@ -10,6 +9,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from service import jobs
 from service.datasets.service import check_params, resolve
 from service.errors import Conflict, Invalid, NotFound
 from service.evaluations import suite as suites
@@ -20,7 +20,6 @@ from service.evaluations.schemas import (
     Progress,
     ResultOut,
 )
-from service.jobs import request_cancel
 from service.models.service import get as get_model
 from service.pagination import decode_cursor, encode_cursor
 from service.queue import EVALUATE_TASK, Outbox
@@ -30,15 +29,10 @@ from service.tables import Evaluation, Result, utcnow
 def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
            idempotency_key: str | None) -> tuple[Evaluation, bool]:
     """Create a job (or return the one this Idempotency-Key made); enqueued after commit."""
-    request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-    if idempotency_key:
-        existing = session.scalar(select(Evaluation).where(
-            Evaluation.owner == owner, Evaluation.idempotency_key == idempotency_key))
-        if existing is not None:
-            if existing.request_hash != request_hash:
-                raise Conflict("this Idempotency-Key was used with a different request",
-                               reason="idempotency-key-reused")
-            return existing, False
+    request_hash = jobs.request_hash(body)
+    existing = jobs.replay(session, Evaluation, owner, idempotency_key, request_hash)
+    if existing is not None:
+        return existing, False
     model = get_model(session, owner, body.model_id)
     dataset = resolve(session, owner, body.dataset)
     check_params(body.dataset, body.dataset_params)
@@ -82,7 +76,7 @@ def get(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation:
 
 def cancel(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation:
     row = get(session, owner, evaluation_id)
-    request_cancel(row, "evaluation")
+    jobs.request_cancel(row, "evaluation")
     return row
 
 

@@ -3,7 +3,6 @@ and cancellation. The worker side is ``workers/training_jobs.py``."""
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from typing import Any
 
@@ -11,11 +10,11 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service import jobs
 from service.datasets.service import ResolvedDataset, check_params, resolve
 from service.errors import Conflict, Invalid, NotFound
 from service.evaluations import suite as suites
 from service.evaluations.schemas import ErrorOut, Progress
-from service.jobs import request_cancel
 from service.models.sniff import _shape_table
 from service.pagination import decode_cursor, encode_cursor
 from service.queue import TRAIN_TASK, Outbox
@@ -28,15 +27,10 @@ DEFAULT_STEPS = 10  # PGD and TRADES inner steps when the threat names none
 def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
            idempotency_key: str | None) -> tuple[Training, bool]:
     """Create a job (or return the one this Idempotency-Key made); enqueued after commit."""
-    request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-    if idempotency_key:
-        existing = session.scalar(select(Training).where(
-            Training.owner == owner, Training.idempotency_key == idempotency_key))
-        if existing is not None:
-            if existing.request_hash != request_hash:
-                raise Conflict("this Idempotency-Key was used with a different request",
-                               reason="idempotency-key-reused")
-            return existing, False
+    request_hash = jobs.request_hash(body)
+    existing = jobs.replay(session, Training, owner, idempotency_key, request_hash)
+    if existing is not None:
+        return existing, False
     dataset = _dataset(session, owner, body)
     _check_architecture(body.architecture, dataset)
     threat = _threat(body, dataset)
@@ -120,7 +114,7 @@ def get(session: Session, owner: str, training_id: uuid.UUID) -> Training:
 
 def cancel(session: Session, owner: str, training_id: uuid.UUID) -> Training:
     row = get(session, owner, training_id)
-    request_cancel(row, "training")
+    jobs.request_cancel(row, "training")
     return row
 
 
