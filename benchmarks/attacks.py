@@ -36,7 +36,7 @@ from workers.engine.attacks.base import Forward, ce_loss
 from workers.engine.nets import resnet18_cifar, small_cnn
 from workers.engine.runner import Stage, autoattack_stages, run_cascade
 from workers.engine.threats import Norm
-from workers.engine.types import RunContext, native_bf16, strict_fp32
+from workers.engine.types import RunContext, bf16_speedup, fast_bf16, strict_fp32
 
 
 def synthetic(n: int, seed: int, size: int = 32) -> tuple[Tensor, Tensor]:
@@ -249,9 +249,9 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--train-steps-resnet", type=int, default=80)
     ap.add_argument("--models", default="small,resnet18")
-    ap.add_argument("--precision", choices=["auto", "fp32"], default="auto",
-                    help="auto: search under bf16 autocast where the device computes bf16 "
-                         "natively, as workers do (every break confirmed in fp32); fp32: never")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto: search under bf16 autocast where it is measurably faster, as "
+                         "workers do (every break confirmed in fp32); bf16: always; fp32: never")
     ap.add_argument("--only", default="", help="run only attacks whose label contains this")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seeds", type=int, default=1,
@@ -260,17 +260,19 @@ def main() -> None:
     ap.add_argument("--gpu-batch", type=int, default=128)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.amp = args.precision == "auto" and native_bf16(device)
-    if device.type == "cuda":
-        strict_fp32()  # as workers do: fp32 references are IEEE fp32, not TF32
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.amp = fast_bf16(device) if args.precision == "auto" else args.precision == "bf16"
+    if device.type == "cuda":
+        strict_fp32()  # as workers do: fp32 references are IEEE fp32, not TF32
     torch.manual_seed(0)  # a script, not library code: fixes the model initialisation
     header = ["model", "attack", "img/s ours", "img/s ref", "robust ours", "robust ref",
               "broken by one only (ours / ref)", "speed (wall)", "speed (cpu)"]
     print(f"torch {torch.__version__}, torchattacks {torchattacks.__version__}, "
           f"threads {torch.get_num_threads()}, eps {args.eps:.4f}, "
-          f"search in {'bf16' if args.amp else 'fp32'} (torchattacks: fp32)", flush=True)
+          f"search in {'bf16' if args.amp else 'fp32'} (torchattacks: fp32)"
+          f"{f', probe bf16 speed-up {bf16_speedup():.2f}x' if device.type == 'cpu' else ''}",
+          flush=True)
     print(" | ".join(header), flush=True)
     table: list[list[str]] = []
     builders = {"small": (small_cnn, args.n, args.train_steps, args.eps, args.eps, 64),

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import make_engine, make_sessionmaker
 from service.settings import Settings, get_settings
-from workers.engine.types import native_bf16, strict_fp32
+from workers.engine.types import fast_bf16, strict_fp32
 
 
 @dataclass
@@ -26,11 +26,13 @@ class Runtime:
 
     @property
     def bf16_search(self) -> bool:
-        """Attacks search under bf16 autocast wherever the device computes bf16 natively (CUDA,
-        CPUs with AMX or AVX512-BF16). Attacks confirm each break in fp32 before they stop on
-        it and the runner confirms it again, so the search is as strong as in fp32
+        """Whether attacks search under bf16 autocast: the ``precision`` setting, where
+        ``auto`` means wherever bf16 is measurably faster (:func:`fast_bf16`). Attacks confirm
+        each break in fp32 before they stop on it and the runner confirms it again
         (tests/engine/test_attack_bf16.py); accuracies are always measured in fp32."""
-        return self.settings.precision == "auto" and native_bf16(self.device)
+        if self.settings.precision == "auto":
+            return fast_bf16(self.device)
+        return self.settings.precision == "bf16"
 
     def describe_device(self) -> str:
         search = "bf16" if self.bf16_search else "fp32"

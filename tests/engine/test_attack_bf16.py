@@ -20,6 +20,7 @@ from tests.engine.attack_helpers import (  # noqa: F401  (one_thread is an autou
     one_thread,
 )
 from tests.engine.test_attack_linear import ATTACKS, _setup
+from workers.engine import types
 from workers.engine.attacks import PGD, Attack, Forward, Loss, Square
 from workers.engine.runner import Stage, run_cascade
 from workers.engine.threats import Norm
@@ -98,3 +99,20 @@ def test_runner_in_bf16_matches_fp32_on_a_linear_model() -> None:
     res = run_cascade(subject, x, y, Norm.LINF, eps, stages, RunContext(amp=True))
     assert res.rejected == 0
     assert_strong(~res.robust, m, eps)
+
+
+@pytest.mark.parametrize(("native", "speedup", "expected"),
+                         [(True, 2.4, True), (True, 1.5, True), (True, 1.2, False),
+                          (True, 0.6, False), (False, 3.0, False)])
+def test_cpu_searches_in_bf16_only_where_it_measured_faster(
+        monkeypatch: pytest.MonkeyPatch, native: bool, speedup: float, expected: bool) -> None:
+    monkeypatch.setattr(types, "native_bf16", lambda device: native)
+    monkeypatch.setattr(types, "bf16_speedup", lambda: speedup)
+    assert types.fast_bf16(torch.device("cpu")) is expected
+
+
+def test_the_bf16_probe_measures_a_ratio() -> None:
+    types.bf16_speedup.cache_clear()
+    ratio = types.bf16_speedup()
+    assert 0.05 < ratio < 50.0
+    assert types.bf16_speedup() == ratio  # measured once per process

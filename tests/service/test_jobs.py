@@ -21,7 +21,7 @@ from service.tables import Evaluation, Model, Result, utcnow
 from tests.factories import META, tiny_net, torchscript_bytes
 from workers import jobs, reconciler
 from workers.engine.benchmarks import _REGISTRY, register
-from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext, native_bf16
+from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext, fast_bf16
 from workers.runtime import Runtime
 
 
@@ -35,10 +35,13 @@ def rt(sqlite_url: str, tmp_path: Path) -> Runtime:
 
 
 def test_search_precision_follows_the_setting(rt: Runtime) -> None:
-    assert rt.bf16_search == native_bf16(torch.device("cpu"))
+    assert rt.bf16_search == fast_bf16(torch.device("cpu"))
     fp32 = dataclasses.replace(rt, settings=rt.settings.model_copy(update={"precision": "fp32"}))
     assert fp32.bf16_search is False
     assert fp32.describe_device().endswith("fp32 search)")
+    bf16 = dataclasses.replace(rt, settings=rt.settings.model_copy(update={"precision": "bf16"}))
+    assert bf16.bf16_search is True
+    assert bf16.describe_device().endswith("bf16 search)")
 
 
 def _job(rt: Runtime, suite: list[dict[str, Any]], model_bytes: bytes | None = None,
@@ -108,7 +111,7 @@ def test_a_job_runs_and_records_everything(rt: Runtime) -> None:
     assert jobs.run(rt, eid) == "succeeded"
     ev = _get(rt, eid)
     assert (ev.status, ev.attempts, ev.progress_fraction) == ("succeeded", 1, 1.0)
-    search = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    search = "bf16" if fast_bf16(torch.device("cpu")) else "fp32"
     assert ev.device == f"cpu ({torch.get_num_threads()} threads, {search} search)"
     assert ev.engine_version
     assert ev.engine_version.startswith("0.1.0")

@@ -8,6 +8,8 @@ callbacks. Nothing here imports web, Celery or database code.
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,11 +100,9 @@ class RunContext:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively (CUDA, or a CPU with AMX / AVX512-BF16).
-
-    There, bf16 autocast roughly doubles to quadruples the attacks' forward+backward
-    throughput; elsewhere it would be emulated and slower.
-    """
+    """Whether ``device`` computes bf16 natively (CUDA, or a CPU with AMX / AVX512-BF16);
+    elsewhere autocast would emulate it. Native is not the same as fast: see
+    :func:`fast_bf16`."""
     if device.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if device.type == "cpu":
@@ -111,6 +111,48 @@ def native_bf16(device: torch.device) -> bool:
         except (AttributeError, RuntimeError):
             return False
     return False
+
+
+BF16_MIN_SPEEDUP = 1.5
+"""A CPU searches in bf16 only when a probe convolution step runs at least this much faster
+in bf16 than in fp32: the bf16 search costs fp32 confirmations and a little strength
+(README, "Speed"), which only a clear gain pays for."""
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether the attack search should run under bf16 autocast on ``device``: on CUDA
+    wherever bf16 is native (tensor cores); on a CPU only where a measured probe says it is
+    at least :data:`BF16_MIN_SPEEDUP` times faster than fp32. Native bf16 alone does not say
+    that: CPUs with AMX run bf16 convolutions 2-4x faster than fp32, some with AVX512-BF16
+    and no AMX run them slower (measured on a 2-core Xeon: 0.7x). Measured once per process."""
+    if not native_bf16(device):
+        return False
+    if device.type != "cpu":
+        return True
+    return bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_speedup() -> float:
+    """fp32 time / bf16-autocast time of one search step through a 3x3 convolution (forward
+    and input gradient, channels_last, 64 channels at 16x16, batch 32) on this CPU: the best
+    of three each, after a warm-up. About a tenth of a second."""
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    conv.requires_grad_(False)
+    x = torch.rand(32, 64, 16, 16, generator=gen).contiguous(memory_format=torch.channels_last)
+
+    def step_seconds(amp: bool) -> float:
+        best = float("inf")
+        for _ in range(4):  # the first one warms oneDNN's kernel cache up
+            t0 = time.perf_counter()
+            with torch.enable_grad(), torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                xg = x.detach().requires_grad_(True)
+                torch.autograd.grad(conv(conv(xg)).float().square().sum(), xg)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    return step_seconds(False) / step_seconds(True)
 
 
 def strict_fp32() -> tuple[bool, bool]:
