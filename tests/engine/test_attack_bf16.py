@@ -116,3 +116,13 @@ def test_the_bf16_probe_measures_a_ratio() -> None:
     ratio = types.bf16_speedup()
     assert 0.05 < ratio < 50.0
     assert types.bf16_speedup() == ratio  # measured once per process
+
+
+def test_the_bf16_probe_leaves_the_global_rng_alone() -> None:
+    types.bf16_speedup.cache_clear()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    with torch.inference_mode():  # callers may be inside inference mode
+        types.bf16_speedup()
+    assert torch.equal(torch.rand(3), expected)
