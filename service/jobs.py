@@ -1,14 +1,20 @@
-"""What evaluation and training jobs share in the API: idempotent creation and the
-cooperative cancel."""
+"""What evaluation and training jobs share in the API: idempotent creation, the cooperative
+cancel, and the server-sent progress stream."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from typing import TypeVar
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol, TypeVar
 
+from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service.errors import Conflict
 from service.tables import FINAL_STATES, Evaluation, Training, utcnow
@@ -46,3 +52,48 @@ def replay(session: Session, table: type[J], owner: str, idempotency_key: str | 
         raise Conflict("this Idempotency-Key was used with a different request",
                        reason="idempotency-key-reused")
     return existing
+
+
+class _Progress(Protocol):
+    fraction: float
+    stage: str
+    message: str
+
+
+class JobOut(Protocol):
+    """What the progress stream reads of a job record (EvaluationOut, TrainingOut)."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def progress(self) -> _Progress: ...
+    def model_dump_json(self) -> str: ...
+
+
+def progress_events(request: Request, snapshot: Callable[[], JobOut],
+                    poll_seconds: float = 0.5) -> StreamingResponse:
+    """Server-sent events for a job: ``progress`` (status, fraction, stage, message) whenever
+    one of them changes, then ``end`` with the whole record at a final state. ``snapshot``
+    reads the record in a session of its own; it runs in the thread pool every
+    ``poll_seconds`` until the job ends or the client goes away."""
+
+    async def stream() -> AsyncIterator[str]:
+        last = None
+        while True:
+            out = await run_in_threadpool(snapshot)
+            p = out.progress
+            state = (out.status, p.fraction, p.stage, p.message)
+            if state != last:
+                last = state
+                data = json.dumps({"status": out.status, "fraction": p.fraction,
+                                   "stage": p.stage, "message": p.message})
+                yield f"event: progress\ndata: {data}\n\n"
+            if out.status in FINAL_STATES:
+                yield f"event: end\ndata: {out.model_dump_json()}\n\n"
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(poll_seconds)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})

@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -16,8 +14,8 @@ from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
 from service.errors import Invalid, NotFound, problem_responses
 from service.evaluations import report, service
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
+from service.jobs import progress_events
 from service.models import service as models
-from service.tables import FINAL_STATES
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 ERRORS = problem_responses(401, 404, 409, 413, 422)
@@ -122,24 +120,7 @@ def evaluation_events(evaluation_id: uuid.UUID, request: Request, session: Sessi
         with factory() as s:
             return service.to_out(service.get(s, owner, evaluation_id))
 
-    async def stream() -> AsyncIterator[str]:
-        last = None
-        while True:
-            out = await run_in_threadpool(snapshot)
-            state = (out.status, out.progress.fraction, out.progress.stage, out.progress.message)
-            if state != last:
-                last = state
-                data = json.dumps({"status": out.status, **out.progress.model_dump()})
-                yield f"event: progress\ndata: {data}\n\n"
-            if out.status in FINAL_STATES:
-                yield f"event: end\ndata: {out.model_dump_json()}\n\n"
-                return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(0.5)
-
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return progress_events(request, snapshot)
 
 
 @router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)

@@ -3,12 +3,14 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import CurrentOwner, OutboxDep, SessionDep
 from service.errors import Invalid, problem_responses
+from service.jobs import progress_events
 from service.trainings import service
 from service.trainings.schemas import TrainingIn, TrainingOut, TrainingPage
 
@@ -67,3 +69,18 @@ def get_training(training_id: uuid.UUID, session: SessionDep,
 def cancel_training(training_id: uuid.UUID, session: SessionDep,
                     owner: CurrentOwner) -> TrainingOut:
     return service.to_out(service.cancel(session, owner, training_id))
+
+
+@router.get("/{training_id}/events", responses=ERRORS)
+def training_events(training_id: uuid.UUID, request: Request, session: SessionDep,
+                    owner: CurrentOwner) -> StreamingResponse:
+    """Server-sent events: a ``progress`` event on every change (epochs, the held-out
+    evaluation), ``end`` with the whole record at a final state."""
+    service.get(session, owner, training_id)  # 404 before the stream starts
+    factory = request.app.state.sessionmaker
+
+    def snapshot() -> TrainingOut:
+        with factory() as s:
+            return service.to_out(service.get(s, owner, training_id))
+
+    return progress_events(request, snapshot)

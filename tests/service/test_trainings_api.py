@@ -3,6 +3,9 @@ tenancy. Runs against SQLite and against Postgres (a database created for this t
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +13,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
+from service.tables import Training
 from tests.factories import api, auth, new_key, settings
 
 SPEC: dict[str, Any] = {
@@ -161,9 +166,58 @@ def test_other_owners_see_nothing(client: TestClient, key: str, db_url: str) -> 
     tid = _create(client, key, SPEC).json()["id"]
     bob = auth(new_key(db_url, f"bob-{uuid.uuid4().hex[:8]}"))
     assert client.get(f"/trainings/{tid}", headers=bob).status_code == 404
+    assert client.get(f"/trainings/{tid}/events", headers=bob).status_code == 404
     assert client.post(f"/trainings/{tid}/cancel", headers=bob).status_code == 404
     assert client.get("/trainings", headers=bob).json()["items"] == []
     assert client.get(f"/trainings/{uuid.uuid4()}", headers=auth(key)).status_code == 404
     assert client.get(f"/trainings/{tid}").status_code == 401
     # bob's cancel did nothing
     assert client.get(f"/trainings/{tid}", headers=auth(key)).json()["status"] == "queued"
+
+
+def _events(client: TestClient, key: str, tid: str) -> list[tuple[str, Any]]:
+    with client.stream("GET", f"/trainings/{tid}/events", headers=auth(key)) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        text = "".join(r.iter_text())
+    blocks = [b.split("\n") for b in text.strip().split("\n\n")]
+    return [(b[0].removeprefix("event: "), json.loads(b[1].removeprefix("data: ")))
+            for b in blocks]
+
+
+def test_events_follow_a_training_to_its_end(client: TestClient, key: str) -> None:
+    tid = _create(client, key, SPEC).json()["id"]
+    sessions = client.app.state.sessionmaker  # type: ignore[attr-defined]
+
+    def set_state(**values: Any) -> None:
+        with sessions.begin() as s:
+            s.execute(update(Training).where(Training.id == uuid.UUID(tid)).values(**values))
+
+    set_state(status="running", progress_fraction=0.5, progress_stage="epoch 1/2",
+              progress_message="loss 1.23")
+    finisher = threading.Timer(1.2, set_state, kwargs={
+        "status": "succeeded", "progress_fraction": 1.0, "progress_stage": "succeeded",
+        "progress_message": "done"})
+    finisher.start()
+    try:
+        events = _events(client, key, tid)
+    finally:
+        finisher.join()
+    assert events[0] == ("progress", {"status": "running", "fraction": 0.5,
+                                      "stage": "epoch 1/2", "message": "loss 1.23"})
+    assert events[-2] == ("progress", {"status": "succeeded", "fraction": 1.0,
+                                       "stage": "succeeded", "message": "done"})
+    assert [name for name, _ in events] == ["progress", "progress", "end"]
+    end = events[-1][1]
+    assert (end["id"], end["status"], end["epochs"]) == (tid, "succeeded", 2)
+
+
+def test_events_of_a_cancelled_training_end_at_once(client: TestClient, key: str) -> None:
+    tid = _create(client, key, SPEC).json()["id"]
+    assert client.post(f"/trainings/{tid}/cancel", headers=auth(key)).status_code == 202
+    t0 = time.monotonic()
+    events = _events(client, key, tid)
+    assert time.monotonic() - t0 < 5.0
+    assert [name for name, _ in events] == ["progress", "end"]
+    assert events[0][1]["status"] == "cancelled"
+    assert events[1][1]["status"] == "cancelled"
