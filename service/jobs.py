@@ -70,12 +70,17 @@ class JobOut(Protocol):
     def model_dump_json(self) -> str: ...
 
 
-def progress_events(request: Request, snapshot: Callable[[], JobOut],
+def progress_events(request: Request, read: Callable[[Session], JobOut],
                     poll_seconds: float = 0.5) -> StreamingResponse:
     """Server-sent events for a job: ``progress`` (status, fraction, stage, message) whenever
-    one of them changes, then ``end`` with the whole record at a final state. ``snapshot``
-    reads the record in a session of its own; it runs in the thread pool every
-    ``poll_seconds`` until the job ends or the client goes away."""
+    one of them changes, then ``end`` with the whole record at a final state. ``read`` loads
+    the record; it runs in the thread pool, in a session of its own, every ``poll_seconds``
+    until the job ends or the client goes away."""
+    factory = request.app.state.sessionmaker
+
+    def snapshot() -> JobOut:
+        with factory() as s:
+            return read(s)
 
     async def stream() -> AsyncIterator[str]:
         last = None

@@ -114,13 +114,8 @@ def evaluation_events(evaluation_id: uuid.UUID, request: Request, session: Sessi
                       owner: CurrentOwner) -> StreamingResponse:
     """Server-sent events: a ``progress`` event on every change, ``end`` at a final state."""
     service.get(session, owner, evaluation_id)  # 404 before the stream starts
-    factory = request.app.state.sessionmaker
-
-    def snapshot() -> EvaluationOut:
-        with factory() as s:
-            return service.to_out(service.get(s, owner, evaluation_id))
-
-    return progress_events(request, snapshot)
+    return progress_events(request, lambda s: service.to_out(service.get(s, owner,
+                                                                         evaluation_id)))
 
 
 @router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)

@@ -77,10 +77,4 @@ def training_events(training_id: uuid.UUID, request: Request, session: SessionDe
     """Server-sent events: a ``progress`` event on every change (epochs, the held-out
     evaluation), ``end`` with the whole record at a final state."""
     service.get(session, owner, training_id)  # 404 before the stream starts
-    factory = request.app.state.sessionmaker
-
-    def snapshot() -> TrainingOut:
-        with factory() as s:
-            return service.to_out(service.get(s, owner, training_id))
-
-    return progress_events(request, snapshot)
+    return progress_events(request, lambda s: service.to_out(service.get(s, owner, training_id)))
