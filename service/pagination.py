@@ -1,4 +1,5 @@
-"""Cursor pagination over ``(created_at, id)``, newest first (evaluations, trainings)."""
+"""Cursor pagination over ``(created_at, id)``, newest first (evaluations, trainings,
+sweeps)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,20 @@ import base64
 import json
 import uuid
 from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import Select, and_, or_
+from sqlalchemy.orm import Session
 
 from service.errors import Invalid
+
+
+class _Paged(Protocol):
+    id: Any
+    created_at: Any
+
+
+R = TypeVar("R", bound=_Paged)
 
 
 def encode_cursor(created_at: datetime, row_id: uuid.UUID) -> str:
@@ -23,3 +36,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     except (ValueError, TypeError) as exc:
         raise Invalid("the cursor is not valid; pass next_cursor from a previous page",
                       field="cursor") from exc
+
+
+def newest_first(session: Session, query: Select[R], table: type[R],
+                 cursor: str | None, limit: int) -> tuple[list[R], str | None]:
+    """One page of ``query`` (rows of ``table``), newest first, after ``cursor``; the
+    cursor of the next page, or None on the last one."""
+    if cursor:
+        created, last_id = decode_cursor(cursor)
+        query = query.where(or_(table.created_at < created,
+                                and_(table.created_at == created, table.id < last_id)))
+    query = query.order_by(table.created_at.desc(), table.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(query))
+    last = rows[limit - 1] if len(rows) > limit else None
+    return rows[:limit], encode_cursor(last.created_at, last.id) if last is not None else None

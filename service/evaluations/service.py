@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -21,7 +21,7 @@ from service.evaluations.schemas import (
     ResultOut,
 )
 from service.models.service import get as get_model
-from service.pagination import decode_cursor, encode_cursor
+from service.pagination import newest_first
 from service.queue import EVALUATE_TASK, Outbox
 from service.tables import Evaluation, Result, utcnow
 
@@ -90,15 +90,8 @@ def list_page(session: Session, owner: str, *, status: str | None, model_id: uui
         q = q.where(Evaluation.model_id == model_id)
     if dataset:
         q = q.where(Evaluation.dataset == dataset)
-    if cursor:
-        created, last_id = decode_cursor(cursor)
-        q = q.where(or_(Evaluation.created_at < created,
-                        and_(Evaluation.created_at == created, Evaluation.id < last_id)))
-    q = q.order_by(Evaluation.created_at.desc(), Evaluation.id.desc()).limit(limit + 1)
-    rows = list(session.scalars(q.options(selectinload(Evaluation.results))))
-    last = rows[limit - 1] if len(rows) > limit else None
-    next_cursor = encode_cursor(last.created_at, last.id) if last is not None else None
-    return rows[:limit], next_cursor
+    return newest_first(session, q.options(selectinload(Evaluation.results)), Evaluation,
+                        cursor, limit)
 
 
 def to_out(row: Evaluation) -> EvaluationOut:

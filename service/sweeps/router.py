@@ -3,14 +3,14 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Body, Query, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import CurrentOwner, OutboxDep, SessionDep
 from service.errors import Invalid, problem_responses
 from service.sweeps import service
-from service.sweeps.schemas import SweepIn, SweepOut
+from service.sweeps.schemas import SweepIn, SweepOut, SweepPage
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 ERRORS = problem_responses(401, 404, 409, 422)
@@ -32,6 +32,14 @@ async def create_sweep(response: Response, session: SessionDep, owner: CurrentOw
     row = await run_in_threadpool(service.create, session, outbox, owner, body)
     response.headers["Location"] = f"/sweeps/{row.id}"
     return await run_in_threadpool(service.to_out, session, row)
+
+
+@router.get("", response_model=SweepPage, responses=ERRORS)
+def list_sweeps(session: SessionDep, owner: CurrentOwner, cursor: str | None = None,
+                limit: Annotated[int, Query(ge=1, le=100)] = 20) -> SweepPage:
+    """The owner's sweeps, newest first, each with its status and trade-off table."""
+    rows, next_cursor = service.list_page(session, owner, cursor=cursor, limit=limit)
+    return SweepPage(items=[service.to_out(session, r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{sweep_id}", response_model=SweepOut, responses=ERRORS)

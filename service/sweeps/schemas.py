@@ -86,3 +86,8 @@ class SweepOut(BaseModel):
     training_ids: list[uuid.UUID]
     created_at: datetime
     table: list[SweepRow]
+
+
+class SweepPage(BaseModel):
+    items: list[SweepOut]
+    next_cursor: str | None

@@ -13,6 +13,7 @@ from service.datasets.service import resolve
 from service.errors import Conflict, Invalid, NotFound
 from service.evaluations import service as evaluations
 from service.evaluations.schemas import Progress
+from service.pagination import newest_first
 from service.queue import Outbox
 from service.sweeps.schemas import SweepIn, SweepOut, SweepRow
 from service.tables import FINAL_STATES, Evaluation, Sweep, Training
@@ -60,6 +61,11 @@ def create(session: Session, outbox: Outbox, owner: str, body: SweepIn) -> Sweep
     session.add(sweep)
     session.flush()
     return sweep
+
+
+def list_page(session: Session, owner: str, *, cursor: str | None,
+              limit: int) -> tuple[list[Sweep], str | None]:
+    return newest_first(session, select(Sweep).where(Sweep.owner == owner), Sweep, cursor, limit)
 
 
 def get(session: Session, owner: str, sweep_id: uuid.UUID) -> Sweep:

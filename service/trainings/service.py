@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -16,7 +16,7 @@ from service.errors import Conflict, Invalid, NotFound
 from service.evaluations import suite as suites
 from service.evaluations.schemas import ErrorOut, Progress
 from service.models.sniff import _shape_table
-from service.pagination import decode_cursor, encode_cursor
+from service.pagination import newest_first
 from service.queue import TRAIN_TASK, Outbox
 from service.tables import Training, utcnow
 from service.trainings.schemas import Method, ThreatIn, TrainingIn, TrainingOut
@@ -123,14 +123,7 @@ def list_page(session: Session, owner: str, *, status: str | None, cursor: str |
     q = select(Training).where(Training.owner == owner)
     if status:
         q = q.where(Training.status == status)
-    if cursor:
-        created, last_id = decode_cursor(cursor)
-        q = q.where(or_(Training.created_at < created,
-                        and_(Training.created_at == created, Training.id < last_id)))
-    q = q.order_by(Training.created_at.desc(), Training.id.desc()).limit(limit + 1)
-    rows = list(session.scalars(q))
-    last = rows[limit - 1] if len(rows) > limit else None
-    return rows[:limit], encode_cursor(last.created_at, last.id) if last is not None else None
+    return newest_first(session, q, Training, cursor, limit)
 
 
 def to_out(row: Training) -> TrainingOut:

@@ -142,3 +142,22 @@ def test_cancelling_a_queued_sweep_cancels_every_training(client: TestClient,
     assert done["status"] == "cancelled"
     assert {r["training_status"] for r in done["table"]} == {"cancelled"}
     assert client.post(f"/sweeps/{sweep['id']}/cancel", headers=auth(key)).status_code == 409
+
+
+def test_sweeps_are_listed_newest_first_per_owner(client: TestClient, key: str,
+                                                  sqlite_url: str) -> None:
+    small = {**SWEEP, "methods": ["standard"]}
+    first = _create(client, key, small).json()
+    second = _create(client, key, {**small, "seed": 3}).json()
+    page = client.get("/sweeps", headers=auth(key), params={"limit": 1}).json()
+    assert [s["id"] for s in page["items"]] == [second["id"]]
+    assert page["items"][0] == client.get(f"/sweeps/{second['id']}", headers=auth(key)).json()
+    rest = client.get("/sweeps", headers=auth(key),
+                      params={"limit": 1, "cursor": page["next_cursor"]}).json()
+    assert [s["id"] for s in rest["items"]] == [first["id"]]
+    assert rest["next_cursor"] is None
+    assert client.get("/sweeps", headers=auth(new_key(sqlite_url, "bob"))).json() == {
+        "items": [], "next_cursor": None}
+    bad = client.get("/sweeps", headers=auth(key), params={"cursor": "nonsense"})
+    assert bad.status_code == 422
+    assert client.get("/sweeps").status_code == 401
