@@ -17,6 +17,7 @@ with channels_last: PGD image-steps/s and the fraction of the measured bf16 matm
 
     uv run python benchmarks/attacks.py                       # a few minutes on 2 CPU cores
     uv run python benchmarks/attacks.py --n 512 --aa-steps 100 --queries 5000   # AA standard
+    uv run python benchmarks/attacks.py --stages --only alone   # APGD-T, FAB-T, Square alone
 """
 
 from __future__ import annotations
@@ -144,27 +145,23 @@ def cases(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.Nam
     ctx = RunContext(batch_size=len(y), seed=seed, amp=args.amp)
     s, q = args.aa_steps, args.queries
 
+    def ours(stages: list[Stage]) -> Callable[[], Tensor]:
+        return lambda: run_cascade(model, x, y, Norm.LINF, eps, stages, ctx).robust
+
     def ref(make: Callable[[], Callable[[Tensor, Tensor], Tensor]]) -> Callable[[], Tensor]:
         def go() -> Tensor:
             torch.manual_seed(seed)  # torchattacks' PGD draws its start from the global RNG
             return robust_of(model, make()(x, y), y)
         return go
 
-    return [
-        ("PGD-10 linf",
-         lambda: run_cascade(model, x, y, Norm.LINF, eps,
-                             [Stage("pgd", PGD(Norm.LINF, 10, step_size=eps / 4))],
-                             ctx).robust,
+    aa = autoattack_stages(Norm.LINF, 10, s, square_queries=q)
+    rows: list[Case] = [
+        ("PGD-10 linf", ours([Stage("pgd", PGD(Norm.LINF, 10, step_size=eps / 4))]),
          ref(lambda: torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=10,
                                       random_start=True))),
-        (f"APGD-CE-{s} linf",
-         lambda: run_cascade(model, x, y, Norm.LINF, eps,
-                             [Stage("apgd-ce", APGD(Norm.LINF, s))], ctx).robust,
+        (f"APGD-CE-{s} linf", ours([Stage("apgd-ce", APGD(Norm.LINF, s))]),
          ref(lambda: torchattacks.APGD(model, eps=eps, steps=s, loss="ce", seed=seed))),
-        (f"AutoAttack ({s} it, {q} q)",
-         lambda: run_cascade(model, x, y, Norm.LINF, eps,
-                             autoattack_stages(Norm.LINF, 10, s, square_queries=q),
-                             ctx).robust,
+        (f"AutoAttack ({s} it, {q} q)", ours(aa),
          ref(lambda: torchattacks.MultiAttack([
              torchattacks.APGD(model, eps=eps, steps=s, loss="ce", seed=seed),
              torchattacks.APGDT(model, eps=eps, steps=s, n_classes=10, seed=seed),
@@ -173,6 +170,19 @@ def cases(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.Nam
              torchattacks.Square(model, eps=eps, n_queries=q, seed=seed),
          ]))),
     ]
+    if not args.stages:
+        return rows
+    # AutoAttack's later stages alone, on every example: the cascade's own Stage objects.
+    refs: list[Callable[[], Callable[[Tensor, Tensor], Tensor]]] = [
+        lambda: torchattacks.APGDT(model, eps=eps, steps=s, n_classes=10, seed=seed),
+        lambda: torchattacks.FAB(model, eps=eps, steps=s, multi_targeted=True, n_classes=10,
+                                 seed=seed),
+        lambda: torchattacks.Square(model, eps=eps, n_queries=q, seed=seed),
+    ]
+    for stage, make in zip(aa[1:], refs, strict=True):
+        budget = f"{q} q" if stage.name == "square" else f"{s} it"
+        rows.append((f"{stage.name} alone ({budget})", ours([stage]), ref(make)))
+    return rows
 
 
 def compare(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.Namespace,
@@ -253,6 +263,8 @@ def main() -> None:
                     help="auto: search under bf16 autocast where it is measurably faster, as "
                          "workers do (every break confirmed in fp32); bf16: always; fp32: never")
     ap.add_argument("--only", default="", help="run only attacks whose label contains this")
+    ap.add_argument("--stages", action="store_true",
+                    help="also compare AutoAttack's APGD-T, FAB-T and Square stages run alone")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seeds", type=int, default=1,
                     help="attack with this many seeds (robust accuracy: the mean; time: seed 0)")
