@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from workers.engine.attacks import Forward
 from workers.engine.threats import Norm, threat_for
 
 DUAL = {Norm.LINF: 1.0, Norm.L2: 2.0, Norm.L1: float("inf")}
@@ -147,3 +148,15 @@ def assert_strong(success: Tensor, min_norm: Tensor, eps: float, slack: float = 
     impossible = int((success & (min_norm > eps * (1 + 1e-4))).sum())
     assert impossible == 0, f"{impossible} examples broken beyond their minimal norm"
     assert int(must.sum()) > 0, "the problem has no breakable example: the test is vacuous"
+
+
+class TrustingForward(Forward):
+    """A low-precision search that takes its own word for what is and is not broken: what
+    the engine must not do (tests of the tests use it)."""
+
+    def confirmed(self, x: Tensor, claimed: Tensor, y: Tensor,
+                  target: Tensor | None = None) -> Tensor:
+        return claimed
+
+    def wrong(self, x: Tensor, logits: Tensor, y: Tensor) -> Tensor:
+        return logits.argmax(1) != y

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from tests.engine.attack_helpers import (  # noqa: F401  (one_thread is an autouse fixture)
+    TrustingForward,
     assert_strong,
     broken,
     one_thread,
@@ -55,14 +56,6 @@ class FakesBreaksUnderAutocast(nn.Module):
         fake = (top.indices[:, 0] == y) & (top.values[:, 0] - top.values[:, 1] < self.tau)
         swapped = z.detach().scatter(1, top.indices, top.values.flip(1))
         return z + (torch.where(fake[:, None], swapped, z.detach()) - z.detach())
-
-
-class TrustingForward(Forward):
-    """A bf16 search that takes its own word for a break: what the engine must not do."""
-
-    def confirmed(self, x: Tensor, claimed: Tensor, y: Tensor,
-                  target: Tensor | None = None) -> Tensor:
-        return claimed
 
 
 @pytest.mark.parametrize(("name", "norm", "attack"), ATTACKS, ids=[a[0] for a in ATTACKS])
@@ -126,3 +119,50 @@ def test_the_bf16_probe_leaves_the_global_rng_alone() -> None:
     with torch.inference_mode():  # callers may be inside inference mode
         types.bf16_speedup()
     assert torch.equal(torch.rand(3), expected)
+
+
+class FavoursClassZeroUnderAutocast(nn.Module):
+    """Logits = inputs (two classes) in fp32; under autocast class 0's logit is raised by
+    ``delta``: a systematic low-precision error that hides the breaks of class-0 examples
+    whose margin lies in (-delta, 0)."""
+
+    def __init__(self, delta: float) -> None:
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return x.float()
+        return x.float() + torch.tensor([self.delta, 0.0])
+
+
+class ChecksOnlyClaims(Forward):
+    """A search that re-checks its claimed breaks but trusts every "correct"."""
+
+    def slack(self, x: Tensor, m: Tensor, y: Tensor) -> float:
+        return 0.0
+
+
+def test_breaks_hidden_by_the_search_precision_are_found_in_fp32() -> None:
+    # fp32 margins (label 0): far robust, clearly broken, broken by 0.05 (hidden in "bf16").
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.05]])
+    y = torch.zeros(3, dtype=torch.long)
+    model = FavoursClassZeroUnderAutocast(delta=0.1)
+    fwd = Forward(model, amp=True)
+    logits = fwd(x)
+    assert logits.argmax(1).tolist() == [0, 1, 0]  # the search sees the last row as correct
+    assert fwd.wrong(x, logits, y).tolist() == [False, True, True]
+    assert fwd.margin_error == pytest.approx(0.1)
+    assert fwd.slack(x, logits[:, 0] - logits[:, 1], y) == pytest.approx(0.3)
+    # The test of the test: trusting the search's "correct" misses that break.
+    trusting = ChecksOnlyClaims(model, amp=True)
+    assert trusting.wrong(x, trusting(x), y).tolist() == [False, True, False]
+
+
+def test_an_exact_search_is_never_second_guessed() -> None:
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.05]])
+    fwd = Forward(FavoursClassZeroUnderAutocast(delta=0.1))  # fp32, the model itself
+    before = fwd.calls
+    assert fwd.wrong(x, fwd(x), torch.zeros(2, dtype=torch.long)).tolist() == [False, True]
+    assert fwd.calls == before + 1
+    assert fwd.margin_error is None

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from tests.engine.attack_helpers import (  # noqa: F401  (one_thread is an autouse fixture)
+    TrustingForward,
     linear_problem,
     one_thread,
 )
@@ -150,14 +151,6 @@ class Bf16Fragile(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             return -z
         return z
-
-
-class TrustingForward(Forward):
-    """A bf16 forward whose attacks take a low-precision break at its word."""
-
-    def confirmed(self, x: Tensor, claimed: Tensor, y: Tensor,
-                  target: Tensor | None = None) -> Tensor:
-        return claimed
 
 
 def test_fp32_recheck_rejects_a_low_precision_break() -> None:

@@ -77,9 +77,10 @@ class Square(Attack):
         else:
             x_best = (x + self._l2_init(x, e, generator)).clamp(0.0, 1.0)
         with torch.inference_mode():
-            m = margin(fwd(x_best), y)
+            logits = fwd(x_best)
+        m = margin(logits, y)
         out = x_best.clone()
-        success = fwd.confirmed(x_best, m < 0, y)
+        success = fwd.wrong(x_best, logits, y)
         st = {"idx": torch.arange(n, device=x.device), "x": x, "y": y, "eps": e,
               "x_best": x_best, "m": m}
         st = restrict(st, ~success)
@@ -92,11 +93,12 @@ class Square(Attack):
             else:
                 x_new = self._l2_candidate(st, p, cpu, generator)
             with torch.inference_mode():
-                m_new = margin(fwd(x_new), st["y"])
+                logits = fwd(x_new)
+            m_new = margin(logits, st["y"])
             improved = m_new < st["m"]
             st["m"] = torch.where(improved, m_new, st["m"])
             st["x_best"] = torch.where(improved[:, None, None, None], x_new, st["x_best"])
-            broke = fwd.confirmed(x_new, m_new < 0, st["y"])
+            broke = fwd.wrong(x_new, logits, st["y"])
             if bool(broke.any()):
                 out[st["idx"][broke]] = x_new[broke]
                 success[st["idx"][broke]] = True
