@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from service.datasets.ingest_archive import SafeArchive
 from service.datasets.ingest_errors import LAYOUT_UNKNOWN, BadRows, DatasetIngestError
-from service.datasets.layouts.common import DEFAULT_SPLIT, Example, Level, Plan
+from service.datasets.layouts.common import Level, Plan
 from service.datasets.layouts.imagefolder import detect_imagefolder
 from service.datasets.layouts.manifest import detect_manifest
 from service.datasets.layouts.published import (
@@ -88,4 +88,4 @@ _DETECTORS: tuple[Callable[[Level, BadRows], Plan | None], ...] = (
     detect_imagefolder,
 )
 
-__all__ = ["DEFAULT_SPLIT", "LAYOUTS", "Example", "Plan", "detect"]
+__all__ = ["LAYOUTS", "Plan", "detect"]
