@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from sqlalchemy.exc import OperationalError
 
 from service import errors
-from service.auth.keys import ensure_key
+from service.auth.keys import KeyCache, ensure_key
+from service.auth.router import router as keys_router
 from service.datasets.router import router as datasets_router
 from service.db import make_engine, make_sessionmaker, transaction
 from service.evaluations.router import router as evaluations_router
+from service.guard import Guard
 from service.leaderboard.router import router as leaderboard_router
 from service.models.router import router as models_router
 from service.ops.router import make_registry
@@ -38,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.database_url)
         app.state.engine = engine
         app.state.sessionmaker = make_sessionmaker(engine)
+        app.state.keys = KeyCache(app.state.sessionmaker, settings.auth_cache_seconds)
         app.state.celery = make_celery(settings)
         app.state.metrics_registry = make_registry(app)
         if settings.bootstrap_key:
@@ -55,18 +58,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
 
-    @app.middleware("http")
-    async def limit_body(request: Request,
-                         call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        """Refuse a body whose declared size is over every upload limit before reading it."""
-        length = request.headers.get("content-length")
-        limit = max(settings.max_checkpoint_bytes, settings.max_dataset_bytes) + (1 << 20)
-        if length and length.isdigit() and int(length) > limit:
-            return errors.problem(413, "payload-too-large", "Upload too large",
-                                  f"the body is {length} bytes; the limit is {limit}")
-        return await call_next(request)
+    app.add_middleware(Guard, settings=settings,
+                       authenticate=lambda key: app.state.keys.verify(key))
 
-    for router in (models_router, datasets_router, evaluations_router, trainings_router,
-                   sweeps_router, leaderboard_router, theory_router, ops_router):
+    for router in (keys_router, models_router, datasets_router, evaluations_router,
+                   trainings_router, sweeps_router, leaderboard_router, theory_router, ops_router):
         app.include_router(router)
     return app

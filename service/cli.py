@@ -104,7 +104,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     log_path = data_dir / "worker.log"
     with log_path.open("ab") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--queues", "evaluations,webhooks"],
+            [sys.executable, "-m", "service.cli", "worker", "--queues",
+             "evaluations,webhooks,ingest"],
             stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
                             log_level="warning")
@@ -163,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
     api.set_defaults(fn=cmd_api)
 
     worker = sub.add_parser("worker", help="run a worker (one per GPU)")
-    worker.add_argument("--queues", default="evaluations,webhooks")
+    worker.add_argument("--queues", default="evaluations,webhooks,ingest")
     worker.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     worker.add_argument("--pool", default="solo", choices=("solo", "prefork", "threads"))
     worker.set_defaults(fn=cmd_worker)

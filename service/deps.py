@@ -8,10 +8,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from service.auth.keys import authenticate
+from service.auth.keys import KeyCache
 from service.errors import Unauthorized
+from service.guard import bearer_key
 from service.queue import Outbox
 from service.settings import Settings
+from service.storage import run_rollback_hooks
 
 
 def get_settings(request: Request) -> Settings:
@@ -36,8 +38,11 @@ def get_session(
         yield session
         session.commit()
     except BaseException:
-        session.rollback()
-        outbox.discard()
+        try:
+            session.rollback()
+        finally:
+            outbox.discard()
+            run_rollback_hooks(session)
         raise
     finally:
         session.close()
@@ -50,11 +55,16 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def current_owner(request: Request, session: SessionDep) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    """The key's owner: verified by the request guard for a request with a body (before the
+    body was read), else here, on the request's own connection."""
+    owner: str | None = getattr(request.state, "owner", None)
+    if owner is not None:
+        return owner
+    key = bearer_key(request.headers)
+    if key is None:
         raise Unauthorized("send 'Authorization: Bearer <api key>'")
-    return authenticate(session, key.strip()).owner
+    cache: KeyCache = request.app.state.keys
+    return cache.verify(key, session)
 
 
 CurrentOwner = Annotated[str, Depends(current_owner)]

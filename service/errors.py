@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("robustscope.api")
@@ -68,10 +70,27 @@ class Unavailable(DomainError):
     status, type, title = 503, "unavailable", "Service unavailable"
 
 
+class QuotaExceeded(DomainError):
+    status, type, title = 429, "quota-exceeded", "Quota exceeded"
+
+
+#: Seconds a client is asked to wait (``Retry-After``) after a 503 or a 429.
+RETRY_AFTER = {503: 5, 429: 30}
+
+
 def problem(status: int, type_: str, title: str, detail: str, **extra: Any) -> JSONResponse:
     body = {"type": TYPE_BASE + type_, "title": title, "status": status, "detail": detail}
     body.update(extra)
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+    headers = {"Retry-After": str(RETRY_AFTER[status])} if status in RETRY_AFTER else None
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def database_down(exc: BaseException) -> JSONResponse:
+    """503 for a database (or broker) that cannot be reached; the driver's text stays in the
+    log, since it names hosts and ports."""
+    log.warning("backend unavailable: %s: %s", type(exc).__name__, str(exc)[:300])
+    return problem(503, "unavailable", "Service unavailable",
+                   "the database is unavailable; retry shortly")
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -111,8 +130,22 @@ def install(app: FastAPI) -> None:
             exc.status_code, "http-error")
         return problem(exc.status_code, slug, str(exc.detail), str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem(500, "internal-error", "Internal server error",
-                       f"an unexpected {type(exc).__name__} occurred; it has been logged")
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(SATimeoutError)
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        return database_down(exc)
+
+    @app.exception_handler(DataError)
+    async def _data(_: Request, exc: DataError) -> JSONResponse:
+        # Values the edge checks should have refused (e.g. a NUL in a string on PostgreSQL).
+        log.warning("database refused a value: %s", str(exc.orig)[:300])
+        return problem(422, "invalid", "Invalid request",
+                       "a value was refused by the database: "
+                       f"{str(exc.orig).splitlines()[0][:200]}")
+
+
+def unexpected(exc: BaseException) -> JSONResponse:
+    """The one answer to an unexpected error (see ``service.guard``); never re-raised."""
+    return problem(500, "internal-error", "Internal server error",
+                   f"an unexpected {type(exc).__name__} occurred; it has been logged")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Select, and_, or_
@@ -32,8 +32,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, last = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(created), uuid.UUID(last)
-    except (ValueError, TypeError) as exc:
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        # Normalised here: a date near the ends of the calendar overflows in UTC.
+        return when.astimezone(UTC), uuid.UUID(last)
+    except (ValueError, TypeError, OverflowError) as exc:
         raise Invalid("the cursor is not valid; pass next_cursor from a previous page",
                       field="cursor") from exc
 

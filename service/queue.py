@@ -21,8 +21,10 @@ log = logging.getLogger("robustscope.queue")
 EVALUATE_TASK = "robustscope.evaluate"
 TRAIN_TASK = "robustscope.train"  # on the evaluations queue: the GPU workers take both
 WEBHOOK_TASK = "robustscope.webhook"
+INGEST_TASK = "robustscope.ingest"
 EVALUATIONS_QUEUE = "evaluations"
 WEBHOOKS_QUEUE = "webhooks"
+INGEST_QUEUE = "ingest"  # CPU work: any worker may take it, no GPU needed
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -35,7 +37,8 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=EVALUATIONS_QUEUE,
         task_routes={EVALUATE_TASK: {"queue": EVALUATIONS_QUEUE},
                      TRAIN_TASK: {"queue": EVALUATIONS_QUEUE},
-                     WEBHOOK_TASK: {"queue": WEBHOOKS_QUEUE}},
+                     WEBHOOK_TASK: {"queue": WEBHOOKS_QUEUE},
+                     INGEST_TASK: {"queue": INGEST_QUEUE}},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

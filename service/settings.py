@@ -23,6 +23,22 @@ class Settings(BaseSettings):
 
     max_checkpoint_bytes: int = 1 << 30
     max_dataset_bytes: int = 2 << 30
+    max_json_bytes: int = 1 << 20  # any body that is not an upload
+    # Decoded pixels one dataset ingest may hold (checked from image headers before decoding).
+    ingest_max_decoded_bytes: int = 2 << 30
+    # Per owner; 0 turns a quota off.
+    quota_active_jobs: int = 200
+    quota_stored_bytes: int = 100 << 30
+
+    # Webhooks to loopback, link-local and private addresses are refused unless this is set
+    # (an internal deployment whose receivers live on a private network).
+    webhook_allow_private: bool = False
+    # /metrics and the detail of /ready answer without a key only when this is set (an
+    # operator's scraper on a private network); with a key they always answer.
+    metrics_public: bool = False
+    # Seconds a verified API key is trusted in one process before its row is read again.
+    # Revocation through this process is immediate; through another, within this time.
+    auth_cache_seconds: float = 0.0
     api_base_path: str = ""
 
     # Job supervision (seconds).

@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 
+from sqlalchemy.orm import Session
+
 from service.errors import PayloadTooLarge
 
 CHUNK = 1 << 20
@@ -54,3 +56,14 @@ def remove(data_dir: Path, relative: str) -> None:
         shutil.rmtree(target, ignore_errors=True)
     else:
         target.unlink(missing_ok=True)
+
+
+def remove_on_rollback(session: Session, data_dir: Path, relative: str) -> None:
+    """Delete ``relative`` if the request's transaction rolls back (see ``deps.get_session``),
+    so a failed request leaves no file behind."""
+    session.info.setdefault("on_rollback", []).append(lambda: remove(data_dir, relative))
+
+
+def run_rollback_hooks(session: Session) -> None:
+    for hook in session.info.pop("on_rollback", []):
+        hook()

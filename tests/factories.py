@@ -114,3 +114,20 @@ def engine_rows(net: nn.Module, data: EvalData, suite: list[dict[str, Any]], see
         result = benchmarks.run(entry["benchmark"], model, data, params, ctx)
         rows += [r.as_dict() for r in result.rows]
     return rows
+
+
+def upload_dataset(client: TestClient, key: str, rt: Any, archive: Path,
+                   name: str | None = None) -> Any:
+    """POST an archive (202, ``ingesting``), run the worker's ingest task in this process, and
+    return ``GET /datasets/{id}``'s answer (its ``status`` is ``ready`` or ``failed``)."""
+    import uuid
+
+    from workers import ingest
+
+    with archive.open("rb") as f:
+        resp = client.post("/datasets", headers=auth(key), files={"file": (archive.name, f)},
+                           data={"name": name} if name else None)
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["status"] == "ingesting"
+    ingest.run(rt, uuid.UUID(resp.json()["id"]))
+    return client.get(f"/datasets/{resp.json()['id']}", headers=auth(key))

@@ -6,9 +6,9 @@ import uuid
 
 import httpx
 
-from service.queue import EVALUATE_TASK, TRAIN_TASK, WEBHOOK_TASK
+from service.queue import EVALUATE_TASK, INGEST_TASK, TRAIN_TASK, WEBHOOK_TASK
 from service.settings import get_settings
-from workers import jobs, training_jobs, webhooks
+from workers import ingest, jobs, training_jobs, webhooks
 from workers.celery_app import app
 from workers.runtime import runtime
 
@@ -31,3 +31,8 @@ def train(training_id: str) -> str:
           retry_backoff=5, retry_backoff_max=600, retry_jitter=True, max_retries=8)
 def deliver_webhook(evaluation_id: str) -> int | None:
     return webhooks.deliver(runtime(), evaluation_id)
+
+
+@app.task(name=INGEST_TASK, acks_late=True, reject_on_worker_lost=True)
+def ingest_dataset(dataset_id: str) -> str | None:
+    return ingest.run(runtime(), uuid.UUID(dataset_id))

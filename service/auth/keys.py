@@ -1,7 +1,9 @@
 """API keys: ``rs_<prefix>_<secret>``, stored as a SHA-256 hash and looked up by prefix.
 
 The secret has 192 bits of entropy, so a fast hash is enough (no password stretching): a
-stolen table does not yield usable keys.
+stolen table does not yield usable keys. A revoked key is refused on its next request: every
+request reads the key's row (one indexed query), unless ``auth_cache_seconds`` trades that
+for a bounded delay across processes.
 """
 
 from __future__ import annotations
@@ -9,24 +11,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from dataclasses import dataclass
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from service.errors import Unauthorized
-from service.tables import ApiKey
+from service.errors import NotFound, Unauthorized
+from service.tables import ApiKey, utcnow
 
 
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(session: Session, owner: str, key: str | None = None) -> str:
+def create_key(session: Session, owner: str, key: str | None = None,
+               name: str | None = None) -> str:
     """Create a key for ``owner`` (or register a given one, e.g. the bootstrap key)."""
     if key is None:
         key = f"rs_{secrets.token_hex(6)}_{secrets.token_urlsafe(24)}"
     prefix = _prefix(key)
-    session.add(ApiKey(owner=owner, prefix=prefix, key_hash=_hash(key),
+    session.add(ApiKey(owner=owner, prefix=prefix, key_hash=_hash(key), name=name,
                        webhook_secret=secrets.token_hex(32)))
     return key
 
@@ -49,6 +55,36 @@ def authenticate(session: Session, key: str) -> ApiKey:
     return row
 
 
+def owner_of(session: Session, key: str) -> str:
+    """The owner of a valid, unrevoked key (a Core query: no ORM object is built)."""
+    row = session.execute(
+        select(ApiKey.owner, ApiKey.key_hash)
+        .where(ApiKey.prefix == _prefix(key), ApiKey.revoked_at.is_(None))
+    ).first()
+    if row is None or not hmac.compare_digest(row.key_hash, _hash(key)):
+        raise Unauthorized("the API key is not valid")
+    return str(row.owner)
+
+
+def list_keys(session: Session, owner: str) -> list[ApiKey]:
+    return list(session.scalars(
+        select(ApiKey).where(ApiKey.owner == owner).order_by(ApiKey.created_at)))
+
+
+def revoke(session: Session, prefix: str, owner: str | None = None) -> ApiKey:
+    """Revoke the key with ``prefix`` (of ``owner``, when given); idempotent."""
+    query = select(ApiKey).where(ApiKey.prefix == prefix)
+    if owner is not None:
+        query = query.where(ApiKey.owner == owner)
+    row = session.scalar(query)
+    if row is None:
+        raise NotFound(f"no key with prefix {prefix!r}", field="prefix")
+    if row.revoked_at is None:
+        session.execute(update(ApiKey).where(ApiKey.id == row.id).values(revoked_at=utcnow()))
+        session.refresh(row)
+    return row
+
+
 def webhook_secret(session: Session, owner: str) -> str | None:
     row = session.scalar(
         select(ApiKey).where(ApiKey.owner == owner, ApiKey.revoked_at.is_(None))
@@ -57,9 +93,64 @@ def webhook_secret(session: Session, owner: str) -> str | None:
     return row.webhook_secret if row else None
 
 
+def key_prefix(key: str) -> str:
+    return _prefix(key)
+
+
 def _prefix(key: str) -> str:
     # Keys made here are rs_<12 hex>_...; any other string (a bootstrap key) uses its hash.
     parts = key.split("_")
     if len(parts) >= 3 and parts[0] == "rs" and len(parts[1]) == 12:
         return parts[1]
     return "x" + _hash(key)[:15]
+
+
+@dataclass
+class _Verified:
+    owner: str
+    prefix: str
+    at: float
+
+
+class KeyCache:
+    """Verifies keys for the request guard and the dependencies of one API process.
+
+    With ``ttl`` 0 (the default) every call reads the key's row, so a revocation made by any
+    process is honoured on the next request. With ``ttl`` > 0 a verified key is trusted for
+    that long; :meth:`forget` (called when this process revokes a key) drops it at once.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], ttl: float) -> None:
+        self.sessions = sessions
+        self.ttl = ttl
+        self._known: dict[str, _Verified] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, key: str) -> str | None:
+        if self.ttl <= 0:
+            return None
+        entry = self._known.get(_hash(key))
+        if entry is not None and time.monotonic() - entry.at < self.ttl:
+            return entry.owner
+        return None
+
+    def verify(self, key: str, session: Session | None = None) -> str:
+        owner = self.cached(key)
+        if owner is not None:
+            return owner
+        if session is None:
+            with self.sessions() as own:
+                owner = owner_of(own, key)
+        else:
+            owner = owner_of(session, key)
+        if self.ttl > 0:
+            with self._lock:
+                self._known[_hash(key)] = _Verified(owner, _prefix(key), time.monotonic())
+        return owner
+
+    def forget(self, prefix: str) -> None:
+        with self._lock:
+            for digest in [d for d, v in self._known.items() if v.prefix == prefix]:
+                del self._known[digest]
+
+

@@ -1,7 +1,8 @@
 """Turning an uploaded dataset archive into robustscope's canonical ``.npz``, without torch.
 
-The API calls :func:`ingest` on ``POST /datasets``. It runs in the API process, so it uses
-numpy, Pillow and the standard library only, never executes or unpickles anything from the
+A worker calls :func:`ingest` for each ``POST /datasets`` (the ``robustscope.ingest`` task).
+It stays importable by the API (which never calls it): numpy, Pillow and the standard library
+only, never executes or unpickles anything from the
 upload, and never writes archive paths to disk (see :mod:`service.datasets.ingest_archive`).
 
 The canonical file (``np.load(dest, allow_pickle=False)``) holds:
@@ -38,6 +39,7 @@ from service.datasets.ingest_decode import (
     DecodeProblem,
     decode_image,
     decode_mask,
+    decoded_nbytes,
     resize_image,
     resize_mask,
 )
@@ -61,9 +63,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class IngestLimits:
-    """Upper bounds on what one upload may cost the API process.
+    """Upper bounds on what one upload may cost the worker that ingests it.
 
-    ``max_decoded_bytes`` bounds memory: decoded pixels are held until all sizes are known.
+    ``max_decoded_bytes`` bounds memory: decoded pixels are held until all sizes are known,
+    and each file is charged from its header before it is decoded. The assembled array is
+    built while they are freed, so the peak is about twice this.
     """
 
     max_archive_bytes: int = 2 * 1024**3
@@ -196,10 +200,20 @@ def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadR
             for path, data in batch
         ]
 
-    def take(done: list[tuple[str, dict[bool, _Result]]]) -> None:
+    def charge(path: str, data: bytes) -> None:
+        """Charges a file's decoded size, read from its header, before it is decoded."""
         nonlocal budget
+        suffix = PurePosixPath(path).suffix.lower()
+        budget -= sum(decoded_nbytes(data, suffix, is_mask)
+                      for is_mask in {k for _, k in wanted[path]})
+        if budget < 0:
+            raise too_large(
+                f"the decoded images exceed {limits.max_decoded_bytes} bytes; "
+                "upload fewer or smaller images"
+            )
+
+    def take(done: list[tuple[str, dict[bool, _Result]]]) -> None:
         for path, results in done:
-            budget -= sum(r.nbytes for r in results.values() if isinstance(r, np.ndarray))
             for index, is_mask in wanted[path]:
                 result = results[is_mask]
                 ex = examples[index]
@@ -211,11 +225,6 @@ def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadR
                     out.masks[index] = result
                 else:
                     out.images[index] = result
-        if budget < 0:
-            raise too_large(
-                f"the decoded images exceed {limits.max_decoded_bytes} bytes; "
-                "upload fewer or smaller images"
-            )
 
     workers = max(1, min(limits.decode_threads, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
@@ -224,6 +233,7 @@ def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadR
         batch_bytes = 0
         try:
             for path, data in reader.iter_read(wanted):
+                charge(path, data)
                 batch.append((path, data))
                 batch_bytes += len(data)
                 if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:

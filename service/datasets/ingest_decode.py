@@ -147,3 +147,18 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _short(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def decoded_nbytes(data: bytes, suffix: str, is_mask: bool) -> int:
+    """What decoding ``data`` will hold, from its header alone (no pixels are allocated), so
+    the decoded-bytes budget is charged before decoding. An image counts as 3 bytes a pixel, a
+    mask as 1; a ``.npy`` mask as its own length (its array is never larger, see
+    ``_decode_npy_mask``). An unreadable header counts 0: the decoder reports that file."""
+    if suffix == ".npy":
+        return len(data)
+    try:
+        with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
+            width, height = im.size
+    except _DECODE_ERRORS:
+        return 0
+    return width * height * (1 if is_mask else 3)

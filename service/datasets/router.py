@@ -1,39 +1,64 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from service import storage
 from service.datasets import service
-from service.datasets.ingest import IngestLimits
 from service.datasets.schemas import DatasetList, DatasetOut
-from service.deps import CurrentOwner, SessionDep, SettingsDep
+from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
 from service.errors import Invalid, problem_responses
+from service.quotas import check_stored_bytes
+from service.validation import reject_nul
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
-ERRORS = problem_responses(401, 404, 409, 413, 422)
+ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=ERRORS)
+@router.post("", status_code=202, response_model=DatasetOut, responses=ERRORS)
 def upload_dataset(
+    response: Response,
     session: SessionDep,
     owner: CurrentOwner,
     settings: SettingsDep,
+    outbox: OutboxDep,
     file: UploadFile = File(...),
     name: str | None = Form(None),
 ) -> DatasetOut:
     """A zip or tar archive: a manifest, or an ImageFolder / ImageNet-9 / Waterbirds / RIVAL10
-    tree. Images are decoded once, here, into the canonical array file the workers read."""
+    tree. The archive is kept and decoded by a worker (queue ``ingest``) into the canonical
+    array file the workers read; the dataset is ``ingesting`` until then (poll
+    ``GET /datasets/{id}``)."""
     name = (name or (file.filename or "dataset").rsplit(".", 1)[0]).strip()
+    reject_nul(name, "name")
     if not name or len(name) > 200:
         raise Invalid("name must be 1 to 200 characters", field="name")
+    check_stored_bytes(session, owner, settings, 0)
     tmp, sha, size = storage.receive(
         file.file, settings.data_dir, settings.max_dataset_bytes, "dataset archive"
     )
-    limits = IngestLimits(max_archive_bytes=settings.max_dataset_bytes)
-    row = service.upload(session, owner, tmp, sha, size, name, settings.data_dir, limits)
+    try:
+        check_stored_bytes(session, owner, settings, size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    row = service.upload(session, owner, tmp, sha, size, name, settings.data_dir, outbox)
+    response.headers["Location"] = f"/datasets/{row.id}"
     return service.upload_out(row)
 
 
 @router.get("", response_model=DatasetList, responses=ERRORS)
 def list_datasets(session: SessionDep, owner: CurrentOwner) -> DatasetList:
     return DatasetList(items=service.list_all(session, owner))
+
+
+@router.get("/{ref}", response_model=DatasetOut, responses=ERRORS)
+def get_dataset(ref: str, session: SessionDep, owner: CurrentOwner) -> DatasetOut:
+    """A built-in by name, or an upload by id or name, with its ingest ``status``."""
+    return service.get_out(session, owner, ref)
+
+
+@router.delete("/{ref}", status_code=204, responses=ERRORS)
+def delete_dataset(ref: str, session: SessionDep, owner: CurrentOwner,
+                   settings: SettingsDep) -> Response:
+    service.delete(session, owner, ref, settings.data_dir)
+    return Response(status_code=204)

@@ -7,15 +7,19 @@ from pydantic import BaseModel
 
 
 class DatasetOut(BaseModel):
+    """An upload's shape fields are null until its ingest is ``ready``."""
+
     id: str
     name: str
     builtin: bool
-    num_classes: int
-    input_shape: list[int]
-    num_examples: int
+    status: str = "ready"  # ingesting | ready | failed (built-ins are always ready)
+    error: dict[str, Any] | None = None  # the ingest's problem body when ``failed``
+    num_classes: int | None
+    input_shape: list[int] | None
+    num_examples: int | None
     splits: dict[str, int]
-    has_masks: bool
-    has_groups: bool
+    has_masks: bool | None
+    has_groups: bool | None
     class_names: list[str]
     group_names: list[str]
     default_eps: dict[str, float]
@@ -25,6 +29,7 @@ class DatasetOut(BaseModel):
     description: str
     warnings: list[str]
     created_at: datetime | None
+    finished_at: datetime | None = None
 
 
 class DatasetList(BaseModel):

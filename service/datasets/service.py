@@ -7,30 +7,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import storage
 from service.datasets.builtin import get_builtin, list_builtins, validate_params
 from service.datasets.ingest import DatasetIngestError, IngestLimits, ingest
 from service.datasets.schemas import DatasetOut
-from service.errors import Conflict, DomainError, Invalid, NotFound
+from service.errors import Conflict, Invalid, NotFound
 from service.evaluations.suite import Capabilities
-from service.tables import Dataset
+from service.queue import INGEST_TASK, Outbox
+from service.tables import Dataset, Evaluation, Training, utcnow
 
 # Reasonable l_p budgets in [0,1] pixel units when an uploaded dataset names none.
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
 
 
-class IngestFailed(DomainError):
-    """An uploaded archive was refused; carries the ingest error's own type and rows."""
+class DatasetNotReady(Conflict):
+    """An evaluation or training named an upload that is still ingesting, or failed to."""
 
-    def __init__(self, exc: DatasetIngestError) -> None:
-        body = exc.problem()
-        extra = {k: v for k, v in body.items() if k not in ("type", "title", "status", "detail")}
-        super().__init__(exc.detail, **extra)
-        self.status, self.type, self.title = exc.status, exc.type, exc.title
+    type, title = "dataset-not-ready", "Dataset not ready"
+
+    def __init__(self, row: Dataset) -> None:
+        what = ("is still being ingested; retry when GET /datasets/{id} says ready"
+                if row.status == "ingesting" else "failed to ingest; see GET /datasets/{id}")
+        super().__init__(f"dataset {row.name!r} {what}".replace("{id}", str(row.id)),
+                         field="dataset", dataset_status=row.status)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ def resolve(session: Session, owner: str, ref: str) -> ResolvedDataset:
             ),
         )
     row = _find(session, owner, ref)
+    if row.status != "ready":
+        raise DatasetNotReady(row)
     info = row.info
     return ResolvedDataset(
         name=str(row.id),
@@ -110,40 +115,107 @@ def upload(
     size: int,
     name: str,
     data_dir: Path,
-    limits: IngestLimits,
+    outbox: Outbox,
 ) -> Dataset:
-    if get_builtin(name) is not None:
-        archive.unlink(missing_ok=True)
-        raise Conflict(f"{name!r} is the name of a built-in dataset; choose another")
-    if session.scalar(select(Dataset.id).where(Dataset.owner == owner, Dataset.name == name)):
-        archive.unlink(missing_ok=True)
-        raise Conflict(f"you already have a dataset named {name!r}")
-    dataset_id = uuid.uuid4()
-    rel = f"datasets/{dataset_id}.npz"
-    dest = data_dir / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Keeps the archive and queues its ingest; the row is ``ingesting`` until a worker has
+    decoded it (the API process never decodes an upload)."""
     try:
-        info = ingest(archive, dest, name=name, limits=limits)
-    except DatasetIngestError as exc:
-        raise IngestFailed(exc) from exc
-    finally:
+        if get_builtin(name) is not None:
+            raise Conflict(f"{name!r} is the name of a built-in dataset; choose another",
+                           field="name")
+        if session.scalar(select(Dataset.id).where(Dataset.owner == owner,
+                                                   Dataset.name == name)):
+            raise Conflict(f"you already have a dataset named {name!r}", field="name")
+    except Conflict:
         archive.unlink(missing_ok=True)
+        raise
+    dataset_id = uuid.uuid4()
+    storage.keep(archive, data_dir, archive_path(dataset_id))
     row = Dataset(
         id=dataset_id,
         owner=owner,
         name=name,
-        info=info.as_dict(),
+        info={},
         sha256=sha256,
         size_bytes=size,
-        storage_path=rel,
+        storage_path=f"datasets/{dataset_id}.npz",
+        status="ingesting",
     )
     session.add(row)
     try:
         session.flush()
     except IntegrityError as exc:
-        storage.remove(data_dir, rel)
-        raise Conflict(f"you already have a dataset named {name!r}") from exc
+        storage.remove(data_dir, archive_path(dataset_id))
+        raise Conflict(f"you already have a dataset named {name!r}", field="name") from exc
+    storage.remove_on_rollback(session, data_dir, archive_path(dataset_id))
+    outbox.add(INGEST_TASK, str(dataset_id))
     return row
+
+
+def archive_path(dataset_id: uuid.UUID) -> str:
+    return f"datasets/{dataset_id}.upload"
+
+
+def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, data_dir: Path,
+               limits: IngestLimits) -> str | None:
+    """Decodes a queued upload into its canonical npz; the row becomes ``ready`` or ``failed``
+    (with the ingest error's problem body, every bad row named). No transaction is held while
+    the archive is decoded. Returns the final status, or None when there is nothing to do
+    (an unknown id, or an upload already ingested: a redelivered task)."""
+    with sessions() as session:
+        row = session.get(Dataset, dataset_id)
+        if row is None or row.status != "ingesting":
+            return None
+        name, dest = row.name, data_dir / row.storage_path
+    archive = data_dir / archive_path(dataset_id)
+    status, info, error = "failed", None, None
+    try:
+        info = ingest(archive, dest, name=name, limits=limits).as_dict()
+        status = "ready"
+    except DatasetIngestError as exc:
+        error = exc.problem()
+    except FileNotFoundError:
+        error = {"type": "https://robustscope.dev/problems/dataset-archive-missing",
+                 "title": "Archive missing", "status": 422,
+                 "detail": "the uploaded archive is no longer on disk; upload it again"}
+    with sessions() as session, session.begin():
+        row = session.get(Dataset, dataset_id)
+        if row is None or row.status != "ingesting":  # deleted meanwhile
+            dest.unlink(missing_ok=True)
+            archive.unlink(missing_ok=True)
+            return None
+        row.status, row.error, row.finished_at = status, error, utcnow()
+        if info is not None:
+            row.info = info
+    archive.unlink(missing_ok=True)
+    return status
+
+
+def delete(session: Session, owner: str, ref: str, data_dir: Path) -> None:
+    if get_builtin(ref) is not None:
+        raise Conflict(f"{ref!r} is a built-in dataset; it cannot be deleted")
+    row = _find(session, owner, ref)
+    active = session.scalar(
+        select(func.count()).select_from(Evaluation).where(
+            Evaluation.dataset_id == row.id, Evaluation.status.in_(("queued", "running")))
+    ) or 0
+    active += session.scalar(
+        select(func.count()).select_from(Training).where(
+            Training.dataset_id == row.id, Training.status.in_(("queued", "running")))
+    ) or 0
+    if active:
+        raise Conflict(f"dataset {row.name!r} has {active} job(s) queued or running; "
+                       "cancel them first")
+    session.delete(row)
+    session.flush()
+    storage.remove(data_dir, row.storage_path)
+    storage.remove(data_dir, archive_path(row.id))
+
+
+def get_out(session: Session, owner: str, ref: str) -> DatasetOut:
+    if get_builtin(ref) is not None:
+        return builtin_out(ref)
+    return upload_out(_find(session, owner, ref))
 
 
 def list_all(session: Session, owner: str) -> list[DatasetOut]:
@@ -180,6 +252,14 @@ def builtin_out(name: str) -> DatasetOut:
 
 
 def upload_out(row: Dataset) -> DatasetOut:
+    if row.status != "ready":
+        return DatasetOut(
+            id=str(row.id), name=row.name, builtin=False, status=row.status, error=row.error,
+            num_classes=None, input_shape=None, num_examples=None, splits={},
+            has_masks=None, has_groups=None, class_names=[], group_names=[],
+            default_eps=dict(DEFAULT_EPS), parameters={}, layout=None, sha256=row.sha256,
+            description=f"uploaded archive, {row.status}", warnings=[],
+            created_at=row.created_at, finished_at=row.finished_at)
     info = row.info
     return DatasetOut(
         id=str(row.id),
@@ -200,4 +280,5 @@ def upload_out(row: Dataset) -> DatasetOut:
         description=f"uploaded ({info['layout']} layout)",
         warnings=list(info["warnings"]),
         created_at=row.created_at,
+        finished_at=row.finished_at,
     )

@@ -16,9 +16,12 @@ from service.evaluations import report, service
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
 from service.jobs import progress_events
 from service.models import service as models
+from service.quotas import check_active_jobs, check_stored_bytes
+from service.validation import reject_nul
+from service.webhook_policy import check_url
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
-ERRORS = problem_responses(401, 404, 409, 413, 422)
+ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
@@ -46,11 +49,17 @@ async def create_evaluation(
             raise Invalid(f"spec is not valid JSON: {exc}", field="spec") from exc
         if not isinstance(spec_obj, dict):
             raise Invalid("spec must be a JSON object", field="spec")
+        reject_nul(spec_obj, "spec")
         meta_raw, fields = service.merge_spec(spec_obj)
         meta = models.parse_metadata(meta_raw)
         tmp, sha, size = await run_in_threadpool(
             storage.receive, checkpoint.file, settings.data_dir,  # type: ignore[union-attr]
             settings.max_checkpoint_bytes, "checkpoint")
+        try:
+            check_stored_bytes(session, owner, settings, size)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         model = await run_in_threadpool(models.register, session, owner, tmp, sha, size, meta,
                                         settings.data_dir)
         uploaded = model.storage_path
@@ -63,8 +72,11 @@ async def create_evaluation(
             raise Invalid(f"the body is not valid JSON: {exc}") from exc
     try:
         body = _parse_body(raw)
+        await run_in_threadpool(check_url, body.webhook_url, settings.webhook_allow_private)
         row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
                                                idempotency_key)
+        if created:
+            await run_in_threadpool(check_active_jobs, session, owner, settings, 0)
     except BaseException:
         if uploaded is not None:  # the transaction rolls back; the file must go too
             storage.remove(settings.data_dir, uploaded)

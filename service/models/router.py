@@ -9,9 +9,10 @@ from service.deps import CurrentOwner, SessionDep, SettingsDep
 from service.errors import problem_responses
 from service.models import service
 from service.models.schemas import ModelList, ModelOut
+from service.quotas import check_stored_bytes
 
 router = APIRouter(prefix="/models", tags=["models"])
-ERRORS = problem_responses(401, 404, 409, 413, 422)
+ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
 
 
 @router.post("", status_code=201, response_model=ModelOut, responses=ERRORS)
@@ -20,8 +21,14 @@ def upload_model(
     file: UploadFile = File(...), metadata: str = Form(...),
 ) -> ModelOut:
     meta = service.parse_metadata(metadata)
+    check_stored_bytes(session, owner, settings, 0)
     tmp, sha, size = storage.receive(file.file, settings.data_dir, settings.max_checkpoint_bytes,
                                      "checkpoint")
+    try:
+        check_stored_bytes(session, owner, settings, size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     row = service.register(session, owner, tmp, sha, size, meta, settings.data_dir)
     return service.to_out(row)
 

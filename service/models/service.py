@@ -15,6 +15,7 @@ from service.errors import Conflict, Invalid, NotFound
 from service.models.schemas import ModelMetadata, ModelOut
 from service.models.sniff import check_architecture, sniff
 from service.tables import Evaluation, Model
+from service.validation import reject_nul
 
 
 def parse_metadata(raw: str | dict[str, object]) -> ModelMetadata:
@@ -22,6 +23,7 @@ def parse_metadata(raw: str | dict[str, object]) -> ModelMetadata:
         data = json.loads(raw) if isinstance(raw, str) else raw
     except ValueError as exc:
         raise Invalid(f"metadata is not valid JSON: {exc}", field="metadata") from exc
+    reject_nul(data, "metadata")
     try:
         return ModelMetadata.model_validate(data)
     except ValidationError as exc:
@@ -49,6 +51,7 @@ def register(session: Session, owner: str, upload: Path, sha256: str, size: int,
     model_id = uuid.uuid4()
     suffix = {"safetensors": ".safetensors", "torchscript": ".pt", "torch_export": ".pt2"}
     rel = storage.keep(upload, data_dir, f"models/{model_id}{suffix[sniffed.format]}")
+    storage.remove_on_rollback(session, data_dir, rel)
     row = Model(
         id=model_id, owner=owner, name=meta.name, format=sniffed.format,
         architecture=meta.architecture if sniffed.format == "safetensors" else None,

@@ -13,6 +13,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
+from service.errors import RETRY_AFTER, Unauthorized, problem_responses
+from service.guard import bearer_key
 from service.tables import Evaluation
 
 router = APIRouter(tags=["operations"])
@@ -23,8 +25,24 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _operator(request: Request) -> bool:
+    """Whether the caller may see operational detail: a valid key, or ``metrics_public``."""
+    if request.app.state.settings.metrics_public:
+        return True
+    key = bearer_key(request.headers)
+    if key is None:
+        return False
+    try:
+        request.app.state.keys.verify(key)
+    except Unauthorized:
+        return False
+    return True
+
+
 @router.get("/ready")
 def ready(request: Request) -> JSONResponse:
+    """Readiness of the database and the broker. Without a key only the verdict is shown:
+    the drivers' errors name hosts and ports."""
     checks: dict[str, Any] = {}
     try:
         with request.app.state.engine.connect() as conn:
@@ -39,13 +57,24 @@ def ready(request: Request) -> JSONResponse:
     except Exception as exc:  # kombu raises transport-specific errors
         checks["broker"] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
     ok = all(v == "ok" for v in checks.values())
+    shown = checks if _operator_or_down(request, checks) else {
+        k: "ok" if v == "ok" else "unavailable" for k, v in checks.items()}
     if ok:
-        return JSONResponse({"status": "ready", "checks": checks})
+        return JSONResponse({"status": "ready", "checks": shown})
     down = ", ".join(k for k, v in checks.items() if v != "ok")
     return JSONResponse(
         {"type": "https://robustscope.dev/problems/not-ready", "title": "Not ready",
-         "status": 503, "detail": f"unavailable: {down}", "checks": checks},
-        status_code=503, media_type="application/problem+json")
+         "status": 503, "detail": f"unavailable: {down}", "checks": shown},
+        status_code=503, media_type="application/problem+json",
+        headers={"Retry-After": str(RETRY_AFTER[503])})
+
+
+def _operator_or_down(request: Request, checks: dict[str, Any]) -> bool:
+    if checks.get("database") != "ok":
+        # Keys cannot be checked without the database; only the metrics_public setting shows
+        # detail then.
+        return bool(request.app.state.settings.metrics_public)
+    return _operator(request)
 
 
 class JobCollector(Collector):
@@ -78,7 +107,12 @@ def make_registry(app: Any) -> CollectorRegistry:
     return registry
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses=problem_responses(401))
 def metrics(request: Request) -> Response:
+    """Prometheus metrics (job counts across owners): for a valid key, or for anyone when
+    ``ROBUSTSCOPE_METRICS_PUBLIC`` is set."""
+    if not _operator(request):
+        raise Unauthorized("send 'Authorization: Bearer <api key>' (or set "
+                           "ROBUSTSCOPE_METRICS_PUBLIC for an operator's scraper)")
     return Response(generate_latest(request.app.state.metrics_registry),
                     media_type=CONTENT_TYPE_LATEST)

@@ -7,8 +7,9 @@ from fastapi import APIRouter, Body, Query, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import CurrentOwner, OutboxDep, SessionDep
+from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
 from service.errors import Invalid, problem_responses
+from service.quotas import check_active_jobs
 from service.sweeps import service
 from service.sweeps.schemas import SweepIn, SweepOut, SweepPage
 
@@ -20,7 +21,8 @@ ERRORS = problem_responses(401, 404, 409, 422)
              openapi_extra={"requestBody": {"content": {"application/json": {
                  "schema": SweepIn.model_json_schema()}}}})
 async def create_sweep(response: Response, session: SessionDep, owner: CurrentOwner,
-                       outbox: OutboxDep, raw: Annotated[Any, Body()] = None) -> SweepOut:
+                       outbox: OutboxDep, settings: SettingsDep,
+                       raw: Annotated[Any, Body()] = None) -> SweepOut:
     """Queue one training per grid point, each evaluated with the sweep's suite."""
     try:
         body = SweepIn.model_validate(raw)
@@ -30,6 +32,7 @@ async def create_sweep(response: Response, session: SessionDep, owner: CurrentOw
         raise Invalid("invalid fields: " + "; ".join(
             f"{e['field'] or 'body'}: {e['message']}" for e in errors), errors=errors) from exc
     row = await run_in_threadpool(service.create, session, outbox, owner, body)
+    await run_in_threadpool(check_active_jobs, session, owner, settings, 0)
     response.headers["Location"] = f"/sweeps/{row.id}"
     return await run_in_threadpool(service.to_out, session, row)
 

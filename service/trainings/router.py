@@ -8,9 +8,10 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import CurrentOwner, OutboxDep, SessionDep
+from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
 from service.errors import Invalid, problem_responses
 from service.jobs import progress_events
+from service.quotas import check_active_jobs
 from service.trainings import service
 from service.trainings.schemas import TrainingIn, TrainingOut, TrainingPage
 
@@ -24,13 +25,16 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_lengt
                  "schema": TrainingIn.model_json_schema()}}}})
 async def create_training(
     response: Response, session: SessionDep, owner: CurrentOwner, outbox: OutboxDep,
-    raw: Annotated[Any, Body()] = None, idempotency_key: IdempotencyKey = None,
+    settings: SettingsDep, raw: Annotated[Any, Body()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> TrainingOut:
     """Queue a training; ``Location`` names the job. A repeated ``Idempotency-Key`` with the
     same body answers 200 with the original job, with another body 409."""
     body = _parse_body(raw)
     row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
                                            idempotency_key)
+    if created:
+        await run_in_threadpool(check_active_jobs, session, owner, settings, 0)
     response.headers["Location"] = f"/trainings/{row.id}"
     response.status_code = 202 if created else 200
     return service.to_out(row)

@@ -26,6 +26,7 @@ from tests.factories import (
     settings,
     torchscript_bytes,
     upload,
+    upload_dataset,
 )
 from tests.service.ingest_fixtures import npy, png, write_zip
 from workers import jobs
@@ -107,11 +108,10 @@ def _rows(job: dict[str, Any]) -> list[Any]:
 def test_imagenet9_upload_runs_the_natural_benchmarks(env: Any, tmp_path: Path) -> None:
     client, key, rt = env
     archive = imagenet9_archive(tmp_path / "in9.zip")
-    with archive.open("rb") as f:
-        resp = client.post("/datasets", headers=auth(key), files={"file": ("in9.zip", f)},
-                           data={"name": "in9-mini"})
-    assert resp.status_code == 201, resp.text
+    resp = upload_dataset(client, key, rt, archive, "in9-mini")
+    assert resp.status_code == 200, resp.text
     ds = resp.json()
+    assert ds["status"] == "ready"
     assert (ds["layout"], ds["num_examples"], ds["num_classes"]) == ("imagenet9", 45, 9)
     assert ds["has_masks"] is True
     assert ds["has_groups"] is False
@@ -136,10 +136,8 @@ def test_imagenet9_upload_runs_the_natural_benchmarks(env: Any, tmp_path: Path) 
 def test_waterbirds_upload_runs_groups(env: Any, tmp_path: Path) -> None:
     client, key, rt = env
     archive = waterbirds_archive(tmp_path / "wb.zip")
-    with archive.open("rb") as f:
-        resp = client.post("/datasets", headers=auth(key), files={"file": ("wb.zip", f)})
-    assert resp.status_code == 201, resp.text
-    ds = resp.json()
+    ds = upload_dataset(client, key, rt, archive).json()
+    assert ds["status"] == "ready"
     assert (ds["layout"], ds["num_examples"], ds["has_groups"]) == ("waterbirds", 40, True)
     assert ds["group_names"] == ["landbird_on_land", "landbird_on_water", "waterbird_on_land",
                                  "waterbird_on_water"]
@@ -173,20 +171,30 @@ def test_every_natural_benchmark_on_builtin_data(env: Any) -> None:
 
 
 def test_bad_dataset_uploads(env: Any, tmp_path: Path) -> None:
-    client, key, _ = env
-    resp = client.post("/datasets", headers=auth(key),
-                       files={"file": ("x.zip", b"not an archive at all")})
-    assert resp.status_code == 422
-    assert resp.headers["content-type"].startswith("application/problem+json")
+    client, key, rt = env
+    junk = tmp_path / "x.zip"
+    junk.write_bytes(b"not an archive at all")
+    failed = upload_dataset(client, key, rt, junk).json()
+    assert failed["status"] == "failed"
+    assert failed["error"]["status"] == 422
     manifest = write_zip(tmp_path / "m.zip", {
         "manifest.csv": b"path,label\nmissing.png,0\nimg.png,x\n",
         "img.png": png(np.zeros((8, 8, 3), np.uint8))})
-    with manifest.open("rb") as f:
-        resp = client.post("/datasets", headers=auth(key), files={"file": ("m.zip", f)})
-    assert resp.status_code == 422
-    body = resp.json()
-    assert body["type"].endswith("dataset-bad-row")
-    assert {e["path"] for e in body["errors"]} == {"missing.png", "img.png"}
+    body = upload_dataset(client, key, rt, manifest).json()
+    assert body["status"] == "failed"
+    assert body["error"]["type"].endswith("dataset-bad-row")
+    assert {e["path"] for e in body["error"]["errors"]} == {"missing.png", "img.png"}
+    # Nothing of a failed upload stays on disk: no archive, no canonical file.
+    assert sorted(p.name for p in (rt.settings.data_dir / "datasets").iterdir()
+                  if body["id"] in p.name) == []
+    # An evaluation on a dataset that is not ready is a 409 naming the field.
+    model = upload(client, key, torchscript_bytes(net(2)),
+                   {"name": "n2", "num_classes": 2, "input_shape": [3, 32, 32]}).json()
+    refused = client.post("/evaluations", headers=auth(key), json={
+        "model_id": model["id"], "dataset": body["id"], "suite": [{"benchmark": "clean"}]})
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["type"].endswith("dataset-not-ready")
+    assert refused.json()["field"] == "dataset"
     with imagenet9_archive(tmp_path / "in9.zip").open("rb") as f:
         resp = client.post("/datasets", headers=auth(key), files={"file": ("in9.zip", f)},
                            data={"name": "shapes-32"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -15,12 +16,14 @@ from typing import Any
 import pytest
 import torch
 from sqlalchemy import update
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from service.auth.keys import webhook_secret
 from service.db import make_engine, make_sessionmaker
 from service.queue import WEBHOOK_TASK
 from service.settings import Settings
 from service.tables import Evaluation, Result
+from service.webhook_policy import standard_secret
 from tests.factories import api, auth, new_key, settings, tiny_net, torchscript_bytes, upload
 from workers import jobs, webhooks
 from workers.runtime import Runtime
@@ -52,11 +55,18 @@ def test_a_finished_job_sends_a_signed_webhook(sqlite_url: str, tmp_path: Path,
     key = new_key(sqlite_url, "hooked")
     with api(settings(sqlite_url, tmp_path)) as client:
         model = upload(client, key, torchscript_bytes(tiny_net())).json()
+        refused = client.post("/evaluations", headers=auth(key), json={
+            "model_id": model["id"], "dataset": "shapes-32", "webhook_url": url,
+            "suite": [{"benchmark": "clean"}]})
+        assert refused.status_code == 422  # 127.0.0.1, without webhook_allow_private
+        assert refused.json()["field"] == "webhook_url"
+    with api(settings(sqlite_url, tmp_path, webhook_allow_private=True)) as client:
         ev = client.post("/evaluations", headers=auth(key), json={
             "model_id": model["id"], "dataset": "shapes-32", "webhook_url": url,
             "suite": [{"benchmark": "clean"}]}).json()
     engine = make_engine(sqlite_url)
-    rt = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path), engine=engine,
+    rt = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path,
+                                   webhook_allow_private=True), engine=engine,
                  sessions=make_sessionmaker(engine), device=torch.device("cpu"), name="w")
     sent: list[tuple[str, list[str]]] = []
     assert jobs.run(rt, uuid.UUID(ev["id"]),
@@ -67,8 +77,16 @@ def test_a_finished_job_sends_a_signed_webhook(sqlite_url: str, tmp_path: Path,
     with rt.sessions() as s:
         secret = webhook_secret(s, "hooked")
     assert secret
-    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    assert headers[webhooks.SIGNATURE_HEADER] == expected
+    # Standard Webhooks: HMAC-SHA256 over "id.timestamp.body", base64, with the owner's
+    # secret (no deployment secret is configured here); the receiver's library verifies it.
+    lowered = {k.lower(): v for k, v in headers.items()}
+    signed = f"{lowered['webhook-id']}.{lowered['webhook-timestamp']}.".encode() + body
+    mac = base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest()).decode()
+    assert lowered["webhook-signature"] == f"v1,{mac}"
+    assert lowered["webhook-id"] == f"msg_{uuid.UUID(ev['id']).hex}_succeeded"
+    Webhook(standard_secret(secret)).verify(body, lowered)  # raises on a bad signature
+    with pytest.raises(WebhookVerificationError):
+        Webhook(standard_secret("another secret")).verify(body, lowered)
     payload = json.loads(body)
     assert payload["event"] == "evaluation.succeeded"
     assert payload["evaluation"]["id"] == ev["id"]
@@ -98,7 +116,8 @@ def test_events_stream_until_a_final_state_and_the_report_and_metrics(
         assert json.loads(events[1][1].removeprefix("data: "))["results"][0]["value"] == 0.75
         report = client.get(f"/evaluations/{ev['id']}/report", headers=auth(key))
         assert "0.7500" in report.text
-        metrics = client.get("/metrics").text
+        assert client.get("/metrics").status_code == 401
+        metrics = client.get("/metrics", headers=auth(key)).text
         assert 'robustscope_evaluations{status="succeeded"} 1.0' in metrics
 
 

@@ -20,7 +20,7 @@ from sqlalchemy import update
 from service.db import make_engine, make_sessionmaker
 from service.queue import EVALUATE_TASK, TRAIN_TASK
 from service.tables import Training, utcnow
-from tests.factories import api, auth, new_key, settings
+from tests.factories import api, auth, new_key, settings, upload_dataset
 from tests.service.ingest_fixtures import png, solid, write_zip
 from workers import jobs, reconciler, training_jobs
 from workers.engine.data import load_builtin
@@ -279,10 +279,8 @@ def test_a_training_on_an_uploaded_dataset(rt: Runtime, client: TestClient, key:
         lines.append(f"img/{i}.png,{label},{split}")
     files["manifest.csv"] = ("\n".join(lines) + "\n").encode()
     archive = write_zip(tmp_path / "two.zip", files)
-    with archive.open("rb") as f:
-        up = client.post("/datasets", headers=auth(key), files={"file": ("two.zip", f)},
-                         data={"name": "two-colours"})
-    assert up.status_code == 201, up.text
+    up = upload_dataset(client, key, rt, archive, "two-colours")
+    assert up.json()["status"] == "ready", up.text
     tid = _submit(client, key, dataset="two-colours", method="trades", epochs=1, batch_size=8,
                   train_examples=None, eval_examples=8)
     assert _get(client, key, tid)["held_out_split"] == "test"

@@ -1,0 +1,177 @@
+"""The request guard: the first code a request meets, as plain ASGI.
+
+- A request that carries a body (POST, PUT, PATCH, DELETE) must hold a valid key before one
+  byte of its body is read, so an unauthenticated upload costs nothing (no spooling, no
+  parsing).
+- Body size limits are enforced on the bytes as they arrive, chunked bodies included: an
+  upload route may take its upload limit, any other body ``max_json_bytes``.
+- Strings with a NUL character are refused in query strings and JSON bodies, naming the field.
+- Any exception that escapes the application becomes one problem+json answer (503 for a
+  database that cannot be reached, else 500), and is never re-raised into the server, so the
+  connection is kept alive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from anyio import to_thread
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import errors
+from service.settings import Settings
+from service.validation import find_nul
+
+log = logging.getLogger("robustscope.api")
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: A multipart body holds its form fields and boundaries besides the file.
+MULTIPART_SLACK = 1 << 20
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once a body passes its limit; an HTTPException so that the
+    framework's body parsing passes it on instead of calling it a parse error."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the body is larger than the limit of {limit} bytes")
+        self.limit = limit
+
+
+def bearer_key(headers: Headers) -> str | None:
+    scheme, _, key = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    return key.strip()
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, settings: Settings,
+                 authenticate: Callable[[str], str]) -> None:
+        self.app = app
+        self.settings = settings
+        self.authenticate = authenticate
+
+    def body_limit(self, path: str, method: str) -> int:
+        s = self.settings
+        base = s.api_base_path.rstrip("/")
+        if method == "POST" and path in (base + "/models", base + "/evaluations"):
+            return s.max_checkpoint_bytes + MULTIPART_SLACK
+        if method == "POST" and path == base + "/datasets":
+            return s.max_dataset_bytes + MULTIPART_SLACK
+        return s.max_json_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            receive = await self._admit(scope, receive)
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:  # the one place an escaped error is answered
+            response = self._answer(scope, exc)
+            if started:
+                log.error("error after the response started on %s %s: %r",
+                          scope["method"], scope["path"], exc)
+                return
+            await response(scope, receive, send)
+
+    def _answer(self, scope: Scope, exc: Exception) -> Any:
+        if isinstance(exc, errors.DomainError):
+            return errors.problem(exc.status, exc.type, exc.title, exc.detail, **exc.extra)
+        if isinstance(exc, BodyTooLarge):
+            return errors.problem(413, "payload-too-large", "Upload too large", exc.detail,
+                                  limit=exc.limit)
+        if isinstance(exc, OperationalError | InterfaceError | SATimeoutError) or (
+                isinstance(exc, DBAPIError) and exc.connection_invalidated):
+            return errors.database_down(exc)
+        log.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=exc)
+        return errors.unexpected(exc)
+
+    async def _admit(self, scope: Scope, receive: Receive) -> Receive:
+        """Checks what can be checked before the body is read; returns the receive to use."""
+        query = scope.get("query_string", b"")
+        if b"%00" in query or b"\x00" in query:
+            for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+                if "\x00" in name or "\x00" in value:
+                    raise errors.Invalid(f"query parameter {name.strip(chr(0))!r} contains a "
+                                         "NUL character", field=name.strip("\x00"))
+        method = scope["method"]
+        if method not in BODY_METHODS:
+            return receive
+        headers = Headers(scope=scope)
+        key = bearer_key(headers)
+        if key is None:
+            raise errors.Unauthorized("send 'Authorization: Bearer <api key>'")
+        owner = await to_thread.run_sync(self.authenticate, key)
+        scope.setdefault("state", {})["owner"] = owner
+        limit = self.body_limit(scope["path"], method)
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise BodyTooLarge(limit)
+        limited = _limited(receive, limit)
+        if headers.get("content-type", "").split(";")[0].strip().endswith("json"):
+            return await _checked_json(limited)
+        return limited
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return wrapped
+
+
+async def _checked_json(receive: Receive) -> Receive:
+    """Reads a JSON body (already bounded), refuses NULs in its strings, and replays it."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    if b"\\u0000" in body:
+        try:
+            where = find_nul(json.loads(body))
+        except ValueError:
+            where = None  # malformed JSON: the framework answers it
+        if where is not None:
+            raise errors.Invalid(f"{where} contains a NUL character", field=where)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
