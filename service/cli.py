@@ -31,14 +31,50 @@ def cmd_apikey(args: argparse.Namespace) -> int:
     from service.auth.keys import create_key, webhook_secret
     from service.db import make_engine, make_sessionmaker, transaction
     from service.settings import get_settings
+    from service.webhook_policy import standard_secret
 
     engine = make_engine(get_settings().database_url)
     with transaction(make_sessionmaker(engine)) as session:
-        key = create_key(session, args.owner)
+        key = create_key(session, args.owner, name=args.name)
         session.flush()
         secret = webhook_secret(session, args.owner)
     print(key)
-    print(f"webhook signing secret for {args.owner}: {secret}", file=sys.stderr)
+    print(f"webhook signing secret for {args.owner} (unless the deployment sets "
+          f"ROBUSTSCOPE_WEBHOOK_SIGNING_SECRET): {standard_secret(secret or '')}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_apikey_list(args: argparse.Namespace) -> int:
+    from service.auth.keys import list_keys
+    from service.db import make_engine, make_sessionmaker
+    from service.settings import get_settings
+
+    engine = make_engine(get_settings().database_url)
+    with make_sessionmaker(engine)() as session:
+        rows = list_keys(session, args.owner)
+    for row in rows:
+        state = f"revoked {row.revoked_at.isoformat()}" if row.revoked_at else "active"
+        print(f"{row.prefix}\t{row.created_at.isoformat()}\t{state}\t{row.name or ''}")
+    return 0
+
+
+def cmd_apikey_revoke(args: argparse.Namespace) -> int:
+    from service.auth.keys import key_prefix, revoke
+    from service.db import make_engine, make_sessionmaker, transaction
+    from service.errors import NotFound
+    from service.settings import get_settings
+
+    # A whole key or its prefix (the second part of rs_<prefix>_<secret>, as listed).
+    prefix = key_prefix(args.key) if args.key.startswith("rs_") else args.key
+    engine = make_engine(get_settings().database_url)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            row = revoke(session, prefix)
+    except NotFound as exc:
+        print(f"robustscope: {exc.detail}", file=sys.stderr)
+        return 1
+    print(f"revoked key {row.prefix} of {row.owner}")
     return 0
 
 
@@ -177,7 +213,14 @@ def parser() -> argparse.ArgumentParser:
     key_sub = key.add_subparsers(dest="action", required=True)
     create = key_sub.add_parser("create", help="create a key for OWNER and print it")
     create.add_argument("owner")
+    create.add_argument("--name", default=None, help="a label shown by 'apikey list'")
     create.set_defaults(fn=cmd_apikey)
+    listing = key_sub.add_parser("list", help="list OWNER's keys (prefix, created, state)")
+    listing.add_argument("owner")
+    listing.set_defaults(fn=cmd_apikey_list)
+    rev = key_sub.add_parser("revoke", help="revoke a key, given whole or by its prefix")
+    rev.add_argument("key")
+    rev.set_defaults(fn=cmd_apikey_revoke)
 
     ev = sub.add_parser("evaluate", help="submit a checkpoint and (with --wait) gate on results")
     ev.add_argument("checkpoint")
