@@ -79,11 +79,14 @@ def cmd_apikey_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    """One process per core is the production default: the API is CPU-bound Python, so one
+    process saturates one core. Each process has its own connection pool (5 + 10 overflow)."""
     import uvicorn
 
-    from service.app import create_app
-
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    workers = args.workers or int(os.environ.get("ROBUSTSCOPE_API_WORKERS", "0")) or (
+        os.cpu_count() or 1)
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
+                workers=workers, log_level=args.log_level, access_log=False)
     return 0
 
 
@@ -197,6 +200,9 @@ def parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="run the API server (production shape)")
     api.add_argument("--host", default="0.0.0.0")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=0,
+                     help="API processes (default: ROBUSTSCOPE_API_WORKERS, else one per core)")
+    api.add_argument("--log-level", default="info")
     api.set_defaults(fn=cmd_api)
 
     worker = sub.add_parser("worker", help="run a worker (one per GPU)")

@@ -16,12 +16,14 @@ from service.settings import Settings
 from service.storage import run_rollback_hooks
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies without I/O are ``async`` so FastAPI runs them on the event loop; a plain
+# ``def`` would cost a thread hop per request each.
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_outbox(request: Request) -> Outbox:
+async def get_outbox(request: Request) -> Outbox:
     return Outbox(request.app.state.celery)
 
 

@@ -180,9 +180,11 @@ def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, data_dir:
                  "detail": "the uploaded archive is no longer on disk; upload it again"}
     with sessions() as session, session.begin():
         row = session.get(Dataset, dataset_id)
-        if row is None or row.status != "ingesting":  # deleted meanwhile
+        if row is None:  # deleted meanwhile
             dest.unlink(missing_ok=True)
             archive.unlink(missing_ok=True)
+            return None
+        if row.status != "ingesting":  # a redelivered task finished first; its file stays
             return None
         row.status, row.error, row.finished_at = status, error, utcnow()
         if info is not None:
