@@ -380,3 +380,63 @@ def test_a_dataset_upload_is_ingested_by_a_worker_not_the_api(
     assert (tmp_path / "datasets" / f"{resp.json()['id']}.upload").exists()
 
 
+
+
+_INGEST = """
+import sys, uuid
+from pathlib import Path
+from service.datasets.ingest import IngestLimits
+from service.datasets.service import run_ingest
+from service.db import make_engine, make_sessionmaker
+url, dataset_id, data_dir = sys.argv[1:4]
+status = run_ingest(make_sessionmaker(make_engine(url)), uuid.UUID(dataset_id), Path(data_dir),
+                    IngestLimits(decode_threads=1))
+print(status)
+"""
+
+
+def test_polling_stays_fast_and_the_api_small_while_a_worker_ingests(
+        sqlite_url: str, tmp_path: Path) -> None:
+    import statistics
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    key = new_key(sqlite_url, "poller")
+    rng = np.random.default_rng(0)
+    files = {f"c{i % 4}/img{i:03d}.png": png(rng.integers(0, 255, (256, 256, 3), np.uint8))
+             for i in range(240)}
+    archive = write_zip(tmp_path / "noisy.zip", files)  # 47 MB decoded, incompressible
+    cfg = settings(sqlite_url, tmp_path)
+    with serve(create_app(cfg)) as port, httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers=auth(key)) as client:
+        with archive.open("rb") as f:
+            made = client.post("/datasets", files={"file": ("noisy.zip", f)})
+        assert made.status_code == 202
+        dataset_id = made.json()["id"]
+
+        def poll(n: int) -> list[float]:
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                assert client.get(f"/datasets/{dataset_id}").status_code == 200
+                times.append(time.perf_counter() - t0)
+            return times
+
+        baseline = statistics.median(poll(40))
+        rss_before = _rss()
+        worker = subprocess.Popen([sys.executable, "-c", _INGEST, sqlite_url, dataset_id,
+                                   str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        during: list[float] = []
+        while worker.poll() is None:
+            during += poll(5)
+        out, _ = worker.communicate()
+        assert out.strip() == "ready"
+        assert client.get(f"/datasets/{dataset_id}").json()["num_examples"] == 240
+        assert len(during) >= 5
+        # The API does none of the decoding: it stays small, and a poll stays a poll (the
+        # bound is loose because the worker shares this machine's cores).
+        assert _rss() - rss_before < 32 * MB
+        assert statistics.median(during) < 5 * baseline + 0.05
