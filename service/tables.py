@@ -94,6 +94,7 @@ class Dataset(Base):
     status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last ingest sent
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 

@@ -15,18 +15,42 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
-from service.queue import EVALUATE_TASK, TRAIN_TASK
-from service.tables import Evaluation, Training, utcnow
+from service.queue import EVALUATE_TASK, INGEST_TASK, TRAIN_TASK
+from service.tables import Dataset, Evaluation, Training, utcnow
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.reconciler")
 
 
 def reconcile_once(rt: Runtime, send_task: Callable[..., Any]) -> list[str]:
-    """Re-send lost evaluations and trainings; returns their ids."""
+    """Re-send lost evaluations, trainings and dataset ingests; returns their ids."""
     resent: list[str] = []
     for table, task in ((Evaluation, EVALUATE_TASK), (Training, TRAIN_TASK)):
         resent += _reconcile(rt, send_task, table, task)
+    return resent + _reconcile_ingests(rt, send_task)
+
+
+def _reconcile_ingests(rt: Runtime, send_task: Callable[..., Any]) -> list[str]:
+    """Uploads still ``ingesting`` long after their ingest was sent. A re-sent ingest that
+    meets one still running only repeats work: the first to finish decides the state."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=rt.settings.requeue_queued_after)
+    with rt.sessions.begin() as s:
+        q = select(Dataset.id).where(Dataset.status == "ingesting",
+                                     Dataset.enqueued_at < cutoff).limit(100)
+        if rt.engine.dialect.name == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        ids = list(s.scalars(q))
+        if ids:
+            s.execute(update(Dataset).where(Dataset.id.in_(ids)).values(enqueued_at=now)
+                      .execution_options(synchronize_session=False))
+    resent = [str(i) for i in ids]
+    for did in resent:
+        try:
+            send_task(INGEST_TASK, args=[did])
+            log.info("re-sent dataset ingest %s", did)
+        except Exception:
+            log.warning("could not re-send ingest %s; will retry", did, exc_info=True)
     return resent
 
 

@@ -22,6 +22,7 @@ def upgrade() -> None:
                                       server_default='ready'))
         batch_op.add_column(sa.Column('error', sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('enqueued_at', sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.add_column(sa.Column('name', sa.String(length=200), nullable=True))
 
@@ -30,6 +31,7 @@ def downgrade() -> None:
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.drop_column('name')
     with op.batch_alter_table('datasets', schema=None) as batch_op:
+        batch_op.drop_column('enqueued_at')
         batch_op.drop_column('finished_at')
         batch_op.drop_column('error')
         batch_op.drop_column('status')

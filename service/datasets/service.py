@@ -140,6 +140,7 @@ def upload(
         size_bytes=size,
         storage_path=f"datasets/{dataset_id}.npz",
         status="ingesting",
+        enqueued_at=utcnow(),
     )
     session.add(row)
     try:

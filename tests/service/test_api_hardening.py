@@ -440,3 +440,30 @@ def test_polling_stays_fast_and_the_api_small_while_a_worker_ingests(
         # bound is loose because the worker shares this machine's cores).
         assert _rss() - rss_before < 32 * MB
         assert statistics.median(during) < 5 * baseline + 0.05
+
+
+def test_a_lost_ingest_is_resent_by_the_reconciler(sqlite_url: str, tmp_path: Path) -> None:
+    from workers import ingest as ingest_task
+    from workers import reconciler
+
+    key = new_key(sqlite_url, "lost")
+    archive = write_zip(tmp_path / "a.zip", {"manifest.csv": b"path,label\nx.png,0\n",
+                                              "x.png": png(np.zeros((8, 8, 3), np.uint8))})
+    with api(settings(sqlite_url, tmp_path)) as client, archive.open("rb") as f:
+        dataset_id = client.post("/datasets", headers=auth(key),
+                                 files={"file": ("a.zip", f)}).json()["id"]
+    engine = make_engine(sqlite_url)
+    fresh = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path),
+                    engine=engine, sessions=make_sessionmaker(engine),
+                    device=torch.device("cpu"), name="w")
+    sent: list[tuple[str, list[str]]] = []
+    assert reconciler.reconcile_once(fresh, lambda name, args: sent.append((name, args))) == []
+    rt = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path,
+                                   requeue_queued_after=0), engine=engine,
+                 sessions=make_sessionmaker(engine), device=torch.device("cpu"), name="w")
+    assert reconciler.reconcile_once(rt, lambda name, args: sent.append((name, args))) == [
+        dataset_id]
+    assert sent == [("robustscope.ingest", [dataset_id])]
+    assert ingest_task.run(rt, uuid.UUID(dataset_id)) == "ready"
+    assert ingest_task.run(rt, uuid.UUID(dataset_id)) is None  # a redelivery does nothing
+    assert reconciler.reconcile_once(rt, lambda name, args: sent.append((name, args))) == []
