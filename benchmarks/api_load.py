@@ -132,6 +132,24 @@ async def run_load(base: str, key: str, args: argparse.Namespace, ids: list[str]
     return polled, submitted
 
 
+def cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of ``root`` and its children (the API's worker processes)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry), int(fields[1])
+        if pid == root or ppid == root:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -183,12 +201,17 @@ def main() -> int:
                                    "suite": [{"benchmark": "clean"}]}
         ids = [httpx.post(f"{base}/evaluations", json=body, headers=headers).json()["id"]
                for _ in range(50)]
+        cpu_before = cpu_seconds(proc.pid)
         polled, submitted = asyncio.run(run_load(base, key, args, ids, body))
+        cpu = cpu_seconds(proc.pid) - cpu_before
+        answered = len(polled.latencies) + len(submitted.latencies)
         print(f"{args.duration:.0f} s, target {args.rate:.0f} polls/s over {args.pollers} "
               f"connections, {args.submitters} submitters, {args.workers} API processes, "
               f"{os.cpu_count()} CPUs")
         print(polled.line("poll GET /evaluations/{id}"))
         print(submitted.line("submit POST /evaluations"))
+        print(f"API processes: {cpu:.1f} CPU-seconds for {answered} requests, "
+              f"{1000 * cpu / max(answered, 1):.2f} ms of CPU per request")
     finally:
         if proc is not None:
             proc.terminate()
