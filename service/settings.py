@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     database_url: str = ""  # default: SQLite in data_dir
     broker_url: str = ""  # default: an embedded SQLAlchemy/SQLite broker in data_dir
+    # Prepended to every Redis key the broker uses, so deployments can share one Redis.
+    broker_key_prefix: str = ""
     bootstrap_key: str | None = None
     webhook_signing_secret: str = _PLACEHOLDER
 
