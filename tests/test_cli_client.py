@@ -75,7 +75,8 @@ def test_missing_files_exit_2_without_a_traceback(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_args(tmp_path, checkpoint=str(tmp_path / "nope.pt"))) == 2
     err = capsys.readouterr().err
-    assert "no such checkpoint file" in err and "Traceback" not in err
+    assert "no such checkpoint file" in err
+    assert "Traceback" not in err
     assert main(_args(tmp_path, **{"--metadata": str(tmp_path / "nope.json")})) == 2
     assert main(_args(tmp_path, **{"--min": "accuracy"})) == 2
     assert main(_args(tmp_path, **{"--api-key": ""})) == 2

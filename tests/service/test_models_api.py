@@ -178,7 +178,8 @@ def test_list_pages_newest_first_and_filters_by_sha256(client: TestClient) -> No
     assert [m["id"] for m in first["items"]] == [ids[2], ids[1]]
     rest = client.get("/models", params={"limit": 2, "cursor": first["next_cursor"]},
                       headers=auth(key)).json()
-    assert [m["id"] for m in rest["items"]] == [ids[0]] and rest["next_cursor"] is None
+    assert [m["id"] for m in rest["items"]] == [ids[0]]
+    assert rest["next_cursor"] is None
     import hashlib
 
     same = client.get("/models", params={"sha256": hashlib.sha256(a).hexdigest()},
