@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import Conflict
-from service.tables import FINAL_STATES, Evaluation, Training, utcnow
+from service.tables import FINAL_STATES, Evaluation, Sweep, Training, utcnow
 
 
 def request_cancel(row: Evaluation | Training, what: str) -> None:
@@ -37,7 +37,7 @@ def request_hash(body: BaseModel) -> str:
     return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
 
 
-J = TypeVar("J", Evaluation, Training)
+J = TypeVar("J", Evaluation, Training, Sweep)
 
 
 def replay(session: Session, table: type[J], owner: str, idempotency_key: str | None,
