@@ -25,7 +25,6 @@ class Settings(BaseSettings):
 
     max_checkpoint_bytes: int = 1 << 30
     max_dataset_bytes: int = 2 << 30
-    api_base_path: str = ""
 
     # Job supervision (seconds).
     heartbeat_interval: float = 5.0
