@@ -228,7 +228,9 @@ def parser() -> argparse.ArgumentParser:
     rev.add_argument("key")
     rev.set_defaults(fn=cmd_apikey_revoke)
 
-    ev = sub.add_parser("evaluate", help="submit a checkpoint and (with --wait) gate on results")
+    ev = sub.add_parser(
+        "evaluate", help="submit a checkpoint and (with --wait) gate on results",
+        description=client.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("checkpoint")
     ev.add_argument("--metadata", required=True, help="model metadata JSON/YAML file")
     ev.add_argument("--dataset", required=True)
@@ -239,8 +241,10 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--public", action="store_true")
     ev.add_argument("--wait", action="store_true", help="follow progress; print the results")
-    ev.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE",
-                    help="fail (exit 3) if a result is below VALUE; repeatable")
+    ev.add_argument("--min", action="append", default=[],
+                    metavar="[BENCHMARK.]METRIC[@KEY=VALUE,...]=MINIMUM",
+                    help="fail (exit 3) unless every result row this selects reaches MINIMUM; "
+                         "a bare METRIC must belong to one benchmark only; repeatable")
     ev.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     ev.set_defaults(fn=cmd_evaluate)
     return p

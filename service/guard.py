@@ -62,10 +62,9 @@ class Guard:
 
     def body_limit(self, path: str, method: str) -> int:
         s = self.settings
-        base = s.api_base_path.rstrip("/")
-        if method == "POST" and path in (base + "/models", base + "/evaluations"):
+        if method == "POST" and path in ("/models", "/evaluations"):
             return s.max_checkpoint_bytes + MULTIPART_SLACK
-        if method == "POST" and path == base + "/datasets":
+        if method == "POST" and path == "/datasets":
             return s.max_dataset_bytes + MULTIPART_SLACK
         return s.max_json_bytes
 

@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol, TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.sse import ServerSentEvent
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import Conflict
-from service.tables import FINAL_STATES, Evaluation, Training, utcnow
+from service.tables import FINAL_STATES, Evaluation, Sweep, Training, utcnow
 
 
 def request_cancel(row: Evaluation | Training, what: str) -> None:
@@ -37,7 +37,7 @@ def request_hash(body: BaseModel) -> str:
     return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
 
 
-J = TypeVar("J", Evaluation, Training)
+J = TypeVar("J", Evaluation, Training, Sweep)
 
 
 def replay(session: Session, table: type[J], owner: str, idempotency_key: str | None,
@@ -70,35 +70,34 @@ class JobOut(Protocol):
     def model_dump_json(self) -> str: ...
 
 
-def progress_events(request: Request, read: Callable[[Session], JobOut],
-                    poll_seconds: float = 0.5) -> StreamingResponse:
+async def progress_events(request: Request, read: Callable[[Session], JobOut],
+                          poll_seconds: float = 0.5) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events for a job: ``progress`` (status, fraction, stage, message) whenever
-    one of them changes, then ``end`` with the whole record at a final state. ``read`` loads
-    the record; it runs in the thread pool, in a session of its own, every ``poll_seconds``
-    until the job ends or the client goes away."""
+    one of them changes, then ``end`` with the whole record at a final state; each event has
+    an increasing ``id``. ``read`` loads the record; it runs in the thread pool, in a session of
+    its own, every ``poll_seconds`` until the job ends or the client goes away. The route
+    declares ``response_class=EventSourceResponse``, which adds keep-alive comments while
+    nothing changes."""
     factory = request.app.state.sessionmaker
 
     def snapshot() -> JobOut:
         with factory() as s:
             return read(s)
 
-    async def stream() -> AsyncIterator[str]:
-        last = None
-        while True:
-            out = await run_in_threadpool(snapshot)
-            p = out.progress
-            state = (out.status, p.fraction, p.stage, p.message)
-            if state != last:
-                last = state
-                data = json.dumps({"status": out.status, "fraction": p.fraction,
-                                   "stage": p.stage, "message": p.message})
-                yield f"event: progress\ndata: {data}\n\n"
-            if out.status in FINAL_STATES:
-                yield f"event: end\ndata: {out.model_dump_json()}\n\n"
-                return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(poll_seconds)
-
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    last = None
+    seq = 0
+    while True:
+        out = await run_in_threadpool(snapshot)
+        p = out.progress
+        state = (out.status, p.fraction, p.stage, p.message)
+        if state != last:
+            last, seq = state, seq + 1
+            data = json.dumps({"status": out.status, "fraction": p.fraction,
+                               "stage": p.stage, "message": p.message})
+            yield ServerSentEvent(event="progress", id=str(seq), raw_data=data)
+        if out.status in FINAL_STATES:
+            yield ServerSentEvent(event="end", id=str(seq + 1), raw_data=out.model_dump_json())
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(poll_seconds)

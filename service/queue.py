@@ -46,8 +46,10 @@ def make_celery(settings: Settings) -> Celery:
     if not settings.embedded_broker:
         # Redis redelivers an unacked message after this long; the reconciler acts sooner.
         # (The SQLAlchemy transport passes its options to create_engine, so none there.)
-        app.conf.broker_transport_options = {
-            "visibility_timeout": settings.broker_visibility_timeout}
+        options: dict[str, Any] = {"visibility_timeout": settings.broker_visibility_timeout}
+        if settings.broker_key_prefix:
+            options["global_keyprefix"] = settings.broker_key_prefix
+        app.conf.broker_transport_options = options
     return app
 
 

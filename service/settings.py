@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     database_url: str = ""  # default: SQLite in data_dir
     broker_url: str = ""  # default: an embedded SQLAlchemy/SQLite broker in data_dir
+    # Prepended to every Redis key the broker uses, so deployments can share one Redis.
+    broker_key_prefix: str = ""
     bootstrap_key: str | None = None
     webhook_signing_secret: str = _PLACEHOLDER
 
@@ -39,7 +41,6 @@ class Settings(BaseSettings):
     # Seconds a verified API key is trusted in one process before its row is read again.
     # Revocation through this process is immediate; through another, within this time.
     auth_cache_seconds: float = 0.0
-    api_base_path: str = ""
 
     # Job supervision (seconds).
     heartbeat_interval: float = 5.0

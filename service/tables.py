@@ -233,12 +233,16 @@ class Sweep(Base):
     """A grid of trainings (methods x threats), each evaluated with the same suite."""
 
     __tablename__ = "sweeps"
-    __table_args__ = (Index("ix_sweeps_owner_created", "owner", "created_at"),)
+    __table_args__ = (Index("ix_sweeps_owner_created", "owner", "created_at"),
+                      UniqueConstraint("owner", "idempotency_key",
+                                       name="uq_sweeps_owner_idempotency_key"))
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     owner: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     training_ids: Mapped[list[str]] = mapped_column(JSON)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -69,8 +69,24 @@ def empty_pg_url(pg_url: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# Modules left out of the fast tier (``./scripts/test --fast``): attack strength against
+# references, training to a measured accuracy, whole worker paths and subprocess scans. CI runs
+# them all.
+SLOW_MODULES = frozenset({
+    "test_attack_torchattacks.py", "test_attack_bf16.py", "test_attack_linear.py",
+    "test_natural_training.py", "test_training_jobs.py", "test_import_rules.py",
+    "test_attack_reference.py",
+})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests run where a CUDA device is present; CI has none, so they are skipped there."""
+    """Slow modules are marked ``slow``. GPU tests run where a CUDA device is present; CI has
+    none, so they are skipped there."""
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        if "pg_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.services)
     import torch
 
     if torch.cuda.is_available():

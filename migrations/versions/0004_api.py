@@ -1,7 +1,7 @@
 """dataset ingest state, key names, key last-use
 
 Revision ID: 0004_api
-Revises: 0003
+Revises: 0004_sweep_idempotency
 Create Date: 2026-12-01 04:10:00.000000
 """
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ from alembic import op
 
 
 revision: str = '0004_api'
-down_revision: str | None = '0003'
+down_revision: str | None = '0004_sweep_idempotency'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -121,13 +123,20 @@ def cancel_evaluation(evaluation_id: uuid.UUID, session: SessionDep,
     return service.to_out(service.cancel(session, owner, evaluation_id))
 
 
-@router.get("/{evaluation_id}/events", responses=ERRORS)
-def evaluation_events(evaluation_id: uuid.UUID, request: Request, session: SessionDep,
-                      owner: CurrentOwner) -> StreamingResponse:
+def _evaluation_visible(evaluation_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> str:
+    """404 before a stream starts; the owner for the stream's own reads."""
+    service.get(session, owner, evaluation_id)
+    return owner
+
+
+@router.get("/{evaluation_id}/events", response_class=EventSourceResponse, responses=ERRORS)
+async def evaluation_events(evaluation_id: uuid.UUID, request: Request,
+                          owner: Annotated[str, Depends(_evaluation_visible)]
+                          ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: a ``progress`` event on every change, ``end`` at a final state."""
-    service.get(session, owner, evaluation_id)  # 404 before the stream starts
-    return progress_events(request, lambda s: service.to_out(service.get(s, owner,
-                                                                         evaluation_id)))
+    async for event in progress_events(
+            request, lambda s: service.to_out(service.get(s, owner, evaluation_id))):
+        yield event
 
 
 @router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from service import storage
 from service.deps import CurrentOwner, SessionDep, SettingsDep
@@ -34,8 +35,16 @@ def upload_model(
 
 
 @router.get("", response_model=ModelList, responses=ERRORS)
-def list_models(session: SessionDep, owner: CurrentOwner) -> ModelList:
-    return ModelList(items=[service.to_out(m) for m in service.list_models(session, owner)])
+def list_models(
+    session: SessionDep, owner: CurrentOwner,
+    sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$",
+                                        description="only models with these exact bytes")] = None,
+    name: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 50,
+) -> ModelList:
+    rows, next_cursor = service.list_page(session, owner, sha256=sha256, name=name,
+                                          cursor=cursor, limit=limit)
+    return ModelList(items=[service.to_out(m) for m in rows], next_cursor=next_cursor)
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=ERRORS)

@@ -52,3 +52,4 @@ class ModelOut(BaseModel):
 
 class ModelList(BaseModel):
     items: list[ModelOut]
+    next_cursor: str | None = None

@@ -14,6 +14,7 @@ from service import storage
 from service.errors import Conflict, Invalid, NotFound
 from service.models.schemas import ModelMetadata, ModelOut
 from service.models.sniff import check_architecture, sniff
+from service.pagination import newest_first
 from service.tables import Evaluation, Model
 from service.validation import reject_nul
 
@@ -70,10 +71,17 @@ def get(session: Session, owner: str, model_id: uuid.UUID) -> Model:
     return row
 
 
-def list_models(session: Session, owner: str) -> list[Model]:
-    return list(session.scalars(
-        select(Model).where(Model.owner == owner).order_by(Model.created_at.desc())
-    ))
+def list_page(session: Session, owner: str, *, sha256: str | None = None,
+              name: str | None = None, cursor: str | None = None,
+              limit: int = 50) -> tuple[list[Model], str | None]:
+    """One page of the owner's models, newest first, optionally only those with these bytes
+    (``sha256``) or this name."""
+    q = select(Model).where(Model.owner == owner)
+    if sha256 is not None:
+        q = q.where(Model.sha256 == sha256)
+    if name is not None:
+        q = q.where(Model.name == name)
+    return newest_first(session, q, Model, cursor, limit)
 
 
 def delete(session: Session, owner: str, model_id: uuid.UUID, data_dir: Path) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -20,10 +20,15 @@ ERRORS = problem_responses(401, 404, 409, 422)
 @router.post("", status_code=202, response_model=SweepOut, responses=ERRORS,
              openapi_extra={"requestBody": {"content": {"application/json": {
                  "schema": SweepIn.model_json_schema()}}}})
-async def create_sweep(response: Response, session: SessionDep, owner: CurrentOwner,
-                       outbox: OutboxDep, settings: SettingsDep,
-                       raw: Annotated[Any, Body()] = None) -> SweepOut:
-    """Queue one training per grid point, each evaluated with the sweep's suite."""
+async def create_sweep(
+    response: Response, session: SessionDep, owner: CurrentOwner, outbox: OutboxDep,
+    settings: SettingsDep, raw: Annotated[Any, Body()] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+    = None,
+) -> SweepOut:
+    """Queue one training per grid point, each evaluated with the sweep's suite. A repeated
+    ``Idempotency-Key`` with the same body answers 200 with the original sweep, with another
+    body 409."""
     try:
         body = SweepIn.model_validate(raw)
     except ValidationError as exc:
@@ -31,9 +36,12 @@ async def create_sweep(response: Response, session: SessionDep, owner: CurrentOw
                   for e in exc.errors()]
         raise Invalid("invalid fields: " + "; ".join(
             f"{e['field'] or 'body'}: {e['message']}" for e in errors), errors=errors) from exc
-    row = await run_in_threadpool(service.create, session, outbox, owner, body)
-    await run_in_threadpool(check_active_jobs, session, owner, settings, 0)
+    row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
+                                           idempotency_key)
+    if created:
+        await run_in_threadpool(check_active_jobs, session, owner, settings, 0)
     response.headers["Location"] = f"/sweeps/{row.id}"
+    response.status_code = 202 if created else 200
     return await run_in_threadpool(service.to_out, session, row)
 
 

@@ -7,8 +7,10 @@ import uuid
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from service import jobs
 from service.datasets.service import resolve
 from service.errors import Conflict, Invalid, NotFound
 from service.evaluations import service as evaluations
@@ -38,7 +40,14 @@ def default_suite(session: Session, owner: str, body: SweepIn) -> list[dict[str,
     return suite
 
 
-def create(session: Session, outbox: Outbox, owner: str, body: SweepIn) -> Sweep:
+def create(session: Session, outbox: Outbox, owner: str, body: SweepIn,
+           idempotency_key: str | None = None) -> tuple[Sweep, bool]:
+    """Queue the grid's trainings (or return the sweep this Idempotency-Key made, so a retried
+    request never queues the grid twice)."""
+    request_hash = jobs.request_hash(body)
+    existing = jobs.replay(session, Sweep, owner, idempotency_key, request_hash)
+    if existing is not None:
+        return existing, False
     suite = body.suite if body.suite is not None else default_suite(session, owner, body)
     ids: list[str] = []
     for method, norm, eps in body.grid():
@@ -57,10 +66,14 @@ def create(session: Session, outbox: Outbox, owner: str, body: SweepIn) -> Sweep
         row, _ = trainings.create(session, outbox, owner, spec, None)
         ids.append(str(row.id))
     sweep = Sweep(owner=owner, spec={**body.model_dump(mode="json"), "suite": suite},
-                  training_ids=ids)
+                  training_ids=ids, idempotency_key=idempotency_key, request_hash=request_hash)
     session.add(sweep)
-    session.flush()
-    return sweep
+    try:
+        session.flush()
+    except IntegrityError as exc:  # a concurrent retry with the same key won the race
+        raise Conflict("a request with this Idempotency-Key is being processed; retry",
+                       reason="idempotency-key-race") from exc
+    return sweep, True
 
 
 def list_page(session: Session, owner: str, *, cursor: str | None,

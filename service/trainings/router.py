@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -75,10 +76,18 @@ def cancel_training(training_id: uuid.UUID, session: SessionDep,
     return service.to_out(service.cancel(session, owner, training_id))
 
 
-@router.get("/{training_id}/events", responses=ERRORS)
-def training_events(training_id: uuid.UUID, request: Request, session: SessionDep,
-                    owner: CurrentOwner) -> StreamingResponse:
+def _training_visible(training_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> str:
+    """404 before a stream starts; the owner for the stream's own reads."""
+    service.get(session, owner, training_id)
+    return owner
+
+
+@router.get("/{training_id}/events", response_class=EventSourceResponse, responses=ERRORS)
+async def training_events(training_id: uuid.UUID, request: Request,
+                          owner: Annotated[str, Depends(_training_visible)]
+                          ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: a ``progress`` event on every change (epochs, the held-out
     evaluation), ``end`` with the whole record at a final state."""
-    service.get(session, owner, training_id)  # 404 before the stream starts
-    return progress_events(request, lambda s: service.to_out(service.get(s, owner, training_id)))
+    async for event in progress_events(
+            request, lambda s: service.to_out(service.get(s, owner, training_id))):
+        yield event

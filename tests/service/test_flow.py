@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -64,25 +63,30 @@ def net() -> nn.Module:
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
-    db = random.randint(1, 15)
-    url = f"{REDIS_URL}/{db}"
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the shared Redis; only its keys are removed after."""
+    prefix = f"robustscope-test-{uuid.uuid4().hex[:12]}:"
+    client = redis.Redis.from_url(REDIS_URL)
     try:
-        redis.Redis.from_url(url).flushdb()
+        client.ping()
     except redis.ConnectionError:
         if os.environ.get("CI"):
             pytest.fail(f"Redis is not reachable at {REDIS_URL}; .ci/run starts it")
         pytest.skip("Redis is not reachable")
-    yield url
-    redis.Redis.from_url(url).flushdb()
+    yield prefix
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
 
 
 Worker = Callable[[], subprocess.Popen[bytes]]
 
 
 @pytest.fixture
-def stack(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, Worker]]:
-    env = {**os.environ, "ROBUSTSCOPE_DATABASE_URL": pg_url, "ROBUSTSCOPE_BROKER_URL": redis_url,
+def stack(pg_url: str, redis_prefix: str,
+          tmp_path: Path) -> Iterator[tuple[TestClient, Worker]]:
+    env = {**os.environ, "ROBUSTSCOPE_DATABASE_URL": pg_url, "ROBUSTSCOPE_BROKER_URL": REDIS_URL,
+           "ROBUSTSCOPE_BROKER_KEY_PREFIX": redis_prefix,
            "ROBUSTSCOPE_DATA_DIR": str(tmp_path), "ROBUSTSCOPE_HEARTBEAT_INTERVAL": "0.5",
            "ROBUSTSCOPE_STALE_AFTER": "4", "ROBUSTSCOPE_RECONCILE_INTERVAL": "1",
            "ROBUSTSCOPE_BATCH_SIZE": "100", "PYTHONUNBUFFERED": "1"}
@@ -95,7 +99,8 @@ def stack(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[tuple[TestCli
         procs.append(proc)
         return proc
 
-    with api(settings(pg_url, tmp_path, broker_url=redis_url)) as client:
+    with api(settings(pg_url, tmp_path, broker_url=REDIS_URL,
+                      broker_key_prefix=redis_prefix)) as client:
         yield client, start_worker
     for p in procs:
         if p.poll() is None:

@@ -168,3 +168,23 @@ def test_worker_loads_each_accepted_format(tmp_path: Path) -> None:
         spec = ModelSpec.from_metadata(fmt.value, {**META, "architecture": "small_cnn"})
         model = load(path, spec)
         torch.testing.assert_close(model(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_list_pages_newest_first_and_filters_by_sha256(client: TestClient) -> None:
+    key = client.key  # type: ignore[attr-defined]
+    a, b = torchscript_bytes(tiny_net()), torchscript_bytes(small_cnn(4, 3))
+    ids = [upload(client, key, data).json()["id"] for data in (a, b, a)]
+    first = client.get("/models", params={"limit": 2}, headers=auth(key)).json()
+    assert [m["id"] for m in first["items"]] == [ids[2], ids[1]]
+    rest = client.get("/models", params={"limit": 2, "cursor": first["next_cursor"]},
+                      headers=auth(key)).json()
+    assert [m["id"] for m in rest["items"]] == [ids[0]]
+    assert rest["next_cursor"] is None
+    import hashlib
+
+    same = client.get("/models", params={"sha256": hashlib.sha256(a).hexdigest()},
+                      headers=auth(key)).json()
+    assert sorted(m["id"] for m in same["items"]) == sorted([ids[0], ids[2]])
+    other = new_key(client.app.state.settings.database_url, "bob")  # type: ignore[attr-defined]
+    assert client.get("/models", headers=auth(other)).json()["items"] == []
+    _problem(client.get("/models", params={"sha256": "xyz"}, headers=auth(key)), 422, "")

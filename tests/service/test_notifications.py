@@ -110,10 +110,15 @@ def test_events_stream_until_a_final_state_and_the_report_and_metrics(
         with client.stream("GET", f"/evaluations/{ev['id']}/events", headers=auth(key)) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
             text = "".join(r.iter_text())
-        events = [block.split("\n") for block in text.strip().split("\n\n")]
-        assert [e[0] for e in events] == ["event: progress", "event: end"]
-        assert json.loads(events[0][1].removeprefix("data: "))["fraction"] == 1.0
-        assert json.loads(events[1][1].removeprefix("data: "))["results"][0]["value"] == 0.75
+        events = [dict(line.split(": ", 1) for line in block.split("\n"))
+                  for block in text.strip().split("\n\n")]
+        assert [(e["event"], e["id"]) for e in events] == [("progress", "1"), ("end", "2")]
+        assert json.loads(events[0]["data"])["fraction"] == 1.0
+        assert json.loads(events[1]["data"])["results"][0]["value"] == 0.75
+        spec = client.get("/openapi.json").json()["paths"]
+        for path in ("/evaluations/{evaluation_id}/events", "/trainings/{training_id}/events"):
+            assert list(spec[path]["get"]["responses"]["200"]["content"]) == [
+                "text/event-stream"]
         report = client.get(f"/evaluations/{ev['id']}/report", headers=auth(key))
         assert "0.7500" in report.text
         assert client.get("/metrics").status_code == 401

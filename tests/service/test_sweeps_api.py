@@ -161,3 +161,22 @@ def test_sweeps_are_listed_newest_first_per_owner(client: TestClient, key: str,
     bad = client.get("/sweeps", headers=auth(key), params={"cursor": "nonsense"})
     assert bad.status_code == 422
     assert client.get("/sweeps").status_code == 401
+
+
+def test_a_retried_sweep_with_its_idempotency_key_queues_nothing_twice(
+        client: TestClient, key: str) -> None:
+    headers = {**auth(key), "Idempotency-Key": "sweep-1"}
+    first = client.post("/sweeps", headers=headers, json=SWEEP)
+    assert first.status_code == 202, first.text
+    again = client.post("/sweeps", headers=headers, json=SWEEP)
+    assert again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert len(client.get("/trainings", params={"limit": 100},
+                          headers=auth(key)).json()["items"]) == 7
+    other = client.post("/sweeps", headers=headers, json={**SWEEP, "seed": 3})
+    assert other.status_code == 409
+    assert other.json()["type"].endswith("conflict")
+    # another owner's identical key is theirs alone
+    bob = new_key(client.app.state.settings.database_url, "bob")  # type: ignore[attr-defined]
+    assert client.post("/sweeps", headers={**auth(bob), "Idempotency-Key": "sweep-1"},
+                       json=SWEEP).status_code == 202

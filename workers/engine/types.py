@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -168,12 +169,23 @@ def strict_fp32() -> tuple[bool, bool]:
     return before
 
 
+def float32_decimal(value: float) -> float:
+    """The shortest decimal that rounds to the same float32 as ``value``."""
+    return float(str(np.float32(value)))
+
+
 @dataclass(frozen=True)
 class MetricRow:
+    """One reported number. Metrics are measured in float32, so the value is the shortest
+    decimal that reads back as the same float32 (0.49, not 0.49000000953674316)."""
+
     benchmark: str
     metric: str
     value: float
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value", float32_decimal(self.value))
 
     def as_dict(self) -> dict[str, Any]:
         return {"benchmark": self.benchmark, "metric": self.metric,

@@ -1,0 +1,114 @@
+"""``robustscope evaluate`` without a server: usage errors, threshold matching, reuse."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service import client
+from service.cli import main
+
+ROWS = [
+    {"benchmark": "clean", "metric": "accuracy", "value": 0.9, "params": {}},
+    {"benchmark": "groups", "metric": "accuracy", "value": 0.5, "params": {"group": "a"}},
+    {"benchmark": "groups", "metric": "accuracy", "value": 0.7, "params": {"group": "b"}},
+    {"benchmark": "adversarial", "metric": "robust_accuracy", "value": 0.4,
+     "params": {"attack": "pgd", "norm": "linf", "eps": 0.0314}},
+    {"benchmark": "adversarial", "metric": "robust_accuracy", "value": 0.2,
+     "params": {"attack": "pgd", "norm": "l2", "eps": 0.5}},
+]
+JOB = {"results": ROWS}
+
+
+def failures(*specs: str) -> list[str]:
+    return client.check_thresholds(JOB, client.parse_thresholds(list(specs)))
+
+
+def test_qualified_metric_selects_only_its_benchmark() -> None:
+    assert failures("clean.accuracy=0.9") == []
+    assert failures("clean.accuracy=0.91") == ["clean.accuracy=0.91 {}: 0.9000 < 0.91"]
+
+
+def test_bare_metric_reported_by_two_benchmarks_is_ambiguous() -> None:
+    [msg] = failures("accuracy=0.1")
+    assert msg == ("accuracy=0.1: ambiguous, accuracy is reported by 2 benchmarks; name one "
+                   "(clean.accuracy or groups.accuracy)")
+
+
+def test_every_selected_row_must_reach_the_minimum() -> None:
+    assert failures("groups.accuracy=0.6") == ["groups.accuracy=0.6 {'group': 'a'}: 0.5000 < 0.6"]
+    assert len(failures("robust_accuracy=0.3")) == 1  # only the l2 row fails
+
+
+def test_param_filters_compare_numbers_as_numbers() -> None:
+    assert failures("adversarial.robust_accuracy@norm=linf,eps=0.031400=0.4") == []
+    assert failures("robust_accuracy@norm=l2=0.3") == [
+        "robust_accuracy@norm=l2=0.3 {'attack': 'pgd', 'norm': 'l2', 'eps': 0.5}: 0.2000 < 0.3"]
+    assert failures("robust_accuracy@norm=l1=0.1") == [
+        "robust_accuracy@norm=l1=0.1: no such result in this evaluation"]
+
+
+@pytest.mark.parametrize("spec", ["accuracy", "=0.3", "clean.accuracy=high", "acc@norm=0.1x",
+                                  "acc@=x=0.1", "acc=nan"])
+def test_malformed_thresholds_are_usage_errors(spec: str) -> None:
+    with pytest.raises(client.ClientError) as info:
+        client.parse_thresholds([spec])
+    assert info.value.code == client.EXIT_USAGE
+
+
+def _args(tmp_path: Path, **over: str) -> list[str]:
+    ckpt, meta = tmp_path / "m.pt", tmp_path / "meta.json"
+    ckpt.write_bytes(b"weights")
+    meta.write_text(json.dumps({"name": "n", "num_classes": 2, "input_shape": [3, 8, 8]}))
+    opts = {"--metadata": str(meta), "--dataset": "shapes-32", "--api-key": "k",
+            "--server": "http://127.0.0.1:9"} | over
+    return ["evaluate", over.pop("checkpoint", str(ckpt)),
+            *[x for kv in opts.items() if kv[0] != "checkpoint" for x in kv]]
+
+
+def test_missing_files_exit_2_without_a_traceback(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_args(tmp_path, checkpoint=str(tmp_path / "nope.pt"))) == 2
+    err = capsys.readouterr().err
+    assert "no such checkpoint file" in err
+    assert "Traceback" not in err
+    assert main(_args(tmp_path, **{"--metadata": str(tmp_path / "nope.json")})) == 2
+    assert main(_args(tmp_path, **{"--min": "accuracy"})) == 2
+    assert main(_args(tmp_path, **{"--api-key": ""})) == 2
+
+
+def test_unreachable_server_exits_4(tmp_path: Path) -> None:
+    assert main(_args(tmp_path)) == 4
+
+
+def _transport(models: list[dict[str, Any]], seen: list[httpx.Request]) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.method == "GET":
+            return httpx.Response(200, json={"items": models, "next_cursor": None})
+        return httpx.Response(202, json={"id": "e1", "status": "queued"})
+    return httpx.MockTransport(handle)
+
+
+def test_an_uploaded_checkpoint_is_reused(tmp_path: Path) -> None:
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"weights")
+    meta = {"name": "n", "num_classes": 2, "input_shape": [3, 8, 8]}
+    stored = {"id": "m1", "format": "torchscript", "architecture": None, "mean": None,
+              "std": None, "class_names": None, **meta}
+    seen: list[httpx.Request] = []
+    with httpx.Client(base_url="http://x", transport=_transport([stored], seen)) as c:
+        client.submit(c, ckpt, meta, "shapes-32", "standard", 0, False)
+    assert seen[0].url.params["sha256"] == hashlib.sha256(b"weights").hexdigest()
+    assert json.loads(seen[1].content)["model_id"] == "m1"
+
+    seen.clear()
+    other = {**stored, "num_classes": 3}  # same bytes, other metadata: a new model
+    with httpx.Client(base_url="http://x", transport=_transport([other], seen)) as c:
+        client.submit(c, ckpt, meta, "shapes-32", "standard", 0, False)
+    assert seen[1].headers["content-type"].startswith("multipart/form-data")
