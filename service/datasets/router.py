@@ -20,17 +20,22 @@ def upload_dataset(
     settings: SettingsDep,
     file: UploadFile = File(...),
     name: str | None = Form(None),
+    channels: int | None = Form(None),
 ) -> DatasetOut:
     """A zip or tar archive: a manifest, or an ImageFolder / ImageNet-9 / Waterbirds / RIVAL10
     tree. Images are decoded once, here, into the canonical array file the workers read."""
     name = (name or (file.filename or "dataset").rsplit(".", 1)[0]).strip()
+    if channels not in (None, 1, 3):
+        raise Invalid("channels must be 1 (grey) or 3 (RGB); leave it out to keep each "
+                      "dataset's own", field="channels")
     if not name or len(name) > 200:
         raise Invalid("name must be 1 to 200 characters", field="name")
     tmp, sha, size = storage.receive(
         file.file, settings.data_dir, settings.max_dataset_bytes, "dataset archive"
     )
     limits = IngestLimits(max_archive_bytes=settings.max_dataset_bytes)
-    row = service.upload(session, owner, tmp, sha, size, name, settings.data_dir, limits)
+    row = service.upload(session, owner, tmp, sha, size, name, settings.data_dir, limits,
+                         channels=channels)
     return service.upload_out(row)
 
 

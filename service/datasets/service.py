@@ -111,6 +111,7 @@ def upload(
     name: str,
     data_dir: Path,
     limits: IngestLimits,
+    channels: int | None = None,
 ) -> Dataset:
     if get_builtin(name) is not None:
         archive.unlink(missing_ok=True)
@@ -123,7 +124,7 @@ def upload(
     dest = data_dir / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        info = ingest(archive, dest, name=name, limits=limits)
+        info = ingest(archive, dest, name=name, limits=limits, channels=channels)
     except DatasetIngestError as exc:
         raise IngestFailed(exc) from exc
     finally:
