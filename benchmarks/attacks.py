@@ -35,21 +35,22 @@ from workers.engine.threats import Norm
 from workers.engine.types import RunContext, fast_bf16, strict_fp32
 
 
-def synthetic(n: int, seed: int, size: int = 32, channels: int = 3) -> tuple[Tensor, Tensor]:
+def synthetic(n: int, seed: int, size: int = 32, channels: int = 3,
+              noise: float = 0.25) -> tuple[Tensor, Tensor]:
     """Smooth per-class templates plus noise: learnable in minutes, not trivially."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(10, channels, 4, 4, generator=torch.Generator().manual_seed(1234))
     templates = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
     y = torch.randint(0, 10, (n,), generator=g)
-    x = templates[y] * 0.3 + 0.35 + 0.25 * torch.randn(n, channels, size, size, generator=g)
+    x = templates[y] * 0.3 + 0.35 + noise * torch.randn(n, channels, size, size, generator=g)
     return x.clamp(0, 1), y
 
 
 def train(model: nn.Module, steps: int, eps: float, batch: int, size: int,
-          channels: int) -> nn.Module:
+          channels: int, noise: float) -> nn.Module:
     """FGSM-RS adversarial training (Wong et al. 2020), Adam by hand (torch.optim's first step
     imports the compiler stack: seconds of start-up)."""
-    x, y = synthetic(steps * batch, seed=1, size=size, channels=channels)
+    x, y = synthetic(steps * batch, seed=1, size=size, channels=channels, noise=noise)
     params = list(model.parameters())
     m1 = [torch.zeros_like(p) for p in params]
     m2 = [torch.zeros_like(p) for p in params]
@@ -195,19 +196,22 @@ def main() -> None:
               "passes vs pyaa", "speed vs pyaa", "robust here, broken by pyaa / reverse"]
     print(" | ".join(header), flush=True)
     linf = norm is Norm.LINF
-    # name: (constructor, channels, size, examples, train steps, train eps, eval eps)
+    # name: (constructor, channels, size, noise, examples, train steps, train eps, eval eps)
     setups = {
-        "small": (small_cnn, 3, 32, args.n, args.train_steps, 8 / 255, 8 / 255 if linf else 0.5),
-        "resnet18": (resnet18_cifar, 3, 32, args.n_resnet, args.train_steps_resnet, 4 / 255,
-                     4 / 255 if linf else 0.25),
-        "mnist": (small_cnn, 1, 28, args.n, args.train_steps, 0.1, 0.1 if linf else 1.0),
+        "small": (small_cnn, 3, 32, 0.25, args.n, args.train_steps, 8 / 255,
+                  8 / 255 if linf else 0.5),
+        "resnet18": (resnet18_cifar, 3, 32, 0.25, args.n_resnet, args.train_steps_resnet,
+                     4 / 255, 4 / 255 if linf else 0.25),
+        "mnist": (small_cnn, 1, 28, 0.15, args.n, args.train_steps, 0.05,
+                  0.05 if linf else 1.0),
     }
     table: list[list[str]] = []
     for name in args.models.split(","):
-        build, channels, size, n, steps, train_eps, eps = setups[name]
+        build, channels, size, noise, n, steps, train_eps, eps = setups[name]
         t0 = time.perf_counter()
-        model = train(build(10, channels), steps, train_eps, 32, size, channels).to(device)
-        x, y = synthetic(n, seed=99, size=size, channels=channels)
+        model = train(build(10, channels), steps, train_eps, 32, size, channels, noise)
+        model = model.to(device)
+        x, y = synthetic(n, seed=99, size=size, channels=channels, noise=noise)
         with torch.inference_mode():
             clean = float((model(x).argmax(1) == y).float().mean())
         print(f"# {name}: trained {steps} steps in {time.perf_counter() - t0:.0f}s, clean "
