@@ -113,13 +113,13 @@ def test_the_audit_finds_what_a_crippled_preset_missed(grey_cnn: Setup) -> None:
     ctx = RunContext(seed=1)
     reference = autoattack_stages(Norm.LINF, 10, STEPS, square_queries=QUERIES)
     weak = run_cascade(model, x, y, Norm.LINF, eps, [Stage("fgsm", FGSM(Norm.LINF))], ctx)
-    found = audit(model, x, y, Norm.LINF, eps, weak, 60, ctx, stages=reference)
+    found = audit(model, x, y, Norm.LINF, eps, weak, 60, reference, ctx)
     assert found.sample.numel() == 60
     # Exactly the sampled examples FGSM left robust and AutoAttack broke.
     expected = int((weak.robust[found.sample] & ~found.reference.robust).sum())
     assert found.missed == expected > 0
     strong = run_cascade(model, x, y, Norm.LINF, eps, efficient_stages(Norm.LINF, 10, STEPS), ctx)
-    assert audit(model, x, y, Norm.LINF, eps, strong, 60, ctx, stages=reference).missed == 0
+    assert audit(model, x, y, Norm.LINF, eps, strong, 60, reference, ctx).missed == 0
 
 
 def test_the_audit_sample_is_seeded(grey_cnn: Setup) -> None:
@@ -127,9 +127,9 @@ def test_the_audit_sample_is_seeded(grey_cnn: Setup) -> None:
     weak = run_cascade(model, x, y, Norm.LINF, 0.0, [Stage("fgsm", FGSM(Norm.LINF))],
                        RunContext())
     stages = [Stage("fgsm", FGSM(Norm.LINF))]
-    a = audit(model, x, y, Norm.LINF, 0.0, weak, 10, RunContext(seed=3), stages=stages)
-    b = audit(model, x, y, Norm.LINF, 0.0, weak, 10, RunContext(seed=3), stages=stages)
-    c = audit(model, x, y, Norm.LINF, 0.0, weak, 10, RunContext(seed=4), stages=stages)
+    a = audit(model, x, y, Norm.LINF, 0.0, weak, 10, stages, RunContext(seed=3))
+    b = audit(model, x, y, Norm.LINF, 0.0, weak, 10, stages, RunContext(seed=3))
+    c = audit(model, x, y, Norm.LINF, 0.0, weak, 10, stages, RunContext(seed=4))
     assert torch.equal(a.sample, b.sample)
     assert not torch.equal(a.sample, c.sample)
     assert len(set(a.sample.tolist())) == 10

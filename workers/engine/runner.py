@@ -246,19 +246,18 @@ class Audit:
 
 
 def audit(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
-          audited: CascadeResult, n: int, ctx: RunContext, *, clean: CleanPass | None = None,
-          fwd: Forward | None = None, stages: list[Stage] | None = None) -> Audit:
-    """Run AutoAttack (``stages``, default its standard protocol) on ``n`` examples drawn
-    without replacement by the job's seed, and compare per example with ``audited``."""
+          audited: CascadeResult, n: int, stages: list[Stage], ctx: RunContext, *,
+          clean: CleanPass | None = None, fwd: Forward | None = None,
+          progress: ProgressFn | None = None) -> Audit:
+    """Run the reference ``stages`` (AutoAttack's standard protocol in evaluations) on ``n``
+    examples drawn without replacement by the job's seed, and compare per example with
+    ``audited``. ``progress`` (default the context's) also carries cancellation."""
     g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 7919)
     sample = torch.randperm(x.shape[0], generator=g)[:min(n, x.shape[0])].sort().values
-    num_classes = int(clean.logits.shape[1]) if clean is not None and clean.logits.numel() \
-        else int(y.max()) + 1
     ref_clean = None if clean is None else CleanPass(clean.correct[sample],
                                                      clean.logits[sample])
-    ref = run_cascade(model, x[sample], y[sample], norm, eps,
-                      stages or autoattack_stages(norm, max(num_classes, 2)), ctx,
-                      clean=ref_clean, fwd=fwd, progress=lambda f, m: None)
+    ref = run_cascade(model, x[sample], y[sample], norm, eps, stages, ctx, clean=ref_clean,
+                      fwd=fwd, progress=progress)
     missed = int((audited.robust[sample] & ~ref.robust).sum())
     return Audit(sample, missed, ref)
 

@@ -231,8 +231,12 @@ def adversarial(model: nn.Module, data: EvalData, params: dict[str, Any],
                                       {**params_eps, "stage": name}))
         rows.extend(_cost_rows(res, params_eps, len(data)))
         if p.audit is not None:
-            found = audit(model, data.x, data.y, p.norm, eps, res, p.audit, ctx, clean=clean,
-                          fwd=fwd)
+            def audit_progress(frac: float, msg: str, j: int = j) -> None:
+                ctx.progress((j + 1) / len(p.eps), f"audit: {msg}")
+
+            found = audit(model, data.x, data.y, p.norm, eps, res, p.audit,
+                          autoattack_stages(p.norm, p.num_classes), ctx, clean=clean, fwd=fwd,
+                          progress=audit_progress)
             sample = int(found.sample.numel())
             rows.append(MetricRow("adversarial", "audit_missed", float(found.missed),
                                   {**params_eps, "sample": sample,
