@@ -1,23 +1,20 @@
-"""robustscope's attack engine against torchattacks 3.5.1: one table, same run, same inputs.
+"""AutoAttack's strength at a fraction of its cost: robustscope's ``autoattack`` and
+``efficient`` cascades against the original AutoAttack code (``pyautoattack``, by its
+authors) and torchattacks' AutoAttack, on the same models, examples, eps and budgets.
 
-For each model (a small CNN and a ResNet-18 at 32x32, adversarially trained for a few
-hundred steps on a synthetic 10-class task so that robust accuracy is neither 0 nor 1) and
-each attack (PGD-10 l_inf, APGD-CE l_inf, the AutoAttack cascade APGD-CE -> APGD-T -> FAB-T ->
-Square), both libraries attack the same examples with the same eps and step/query budgets.
-Ours runs through the evaluation runner (clean pass, cascade, fp32 re-check of every break),
-so its time is the whole evaluation, not just the attack loop. Runs alternate ours/ref and
-report the best of ``--repeats`` (the machine may be shared); wall time and process CPU time
-are both measured, images/s uses wall time. "Broken by one only" counts the examples one
-library broke and the other did not (summed over seeds): two equally strong attacks with
-different random starts differ on a few examples either way, so a strength comparison wants
-``--seeds`` > 1.
+Models: a small CNN at 32x32, ResNet-18 at 32x32, and an MNIST-style CNN on 1x28x28 grey
+images, each FGSM-RS adversarially trained for a few hundred steps on a synthetic 10-class
+task so that robust accuracy is neither 0 nor the clean accuracy. Per method: robust accuracy
+(the mean over ``--seeds``), forward and backward passes per example (example-forwards and
+example-backwards that reach the input, the clean pass and every fp32 re-check included; the
+references are counted by a wrapper around the model, robustscope by its own counters, which
+the tests prove equal to such a wrapper's), wall time of seed 0, the ratios of passes and wall
+time to pyautoattack's, and per-example disagreement with it (examples this method left
+robust that pyautoattack broke / the other way round, summed over seeds).
 
-On a GPU it adds ResNet-50 at 224x224 (random weights: a throughput measurement only) in bf16
-with channels_last: PGD image-steps/s and the fraction of the measured bf16 matmul peak.
-
-    uv run python benchmarks/attacks.py                       # a few minutes on 2 CPU cores
-    uv run python benchmarks/attacks.py --n 512 --aa-steps 100 --queries 5000   # AA standard
-    uv run python benchmarks/attacks.py --stages --only alone   # APGD-T, FAB-T, Square alone
+    uv run python benchmarks/attacks.py                 # AutoAttack's budgets: 100 steps, 5000 q
+    uv run python benchmarks/attacks.py --n 64 --queries 1000 --models small,mnist --seeds 2
+    uv run python benchmarks/attacks.py --no-torchattacks --norm l2
 """
 
 from __future__ import annotations
@@ -29,32 +26,32 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchattacks
 from torch import Tensor, nn
 
-from workers.engine.attacks import APGD, PGD
-from workers.engine.attacks.base import Forward, ce_loss
+from benchmarks.reference import AA_NORMS, Counting, pyautoattack_robust
 from workers.engine.nets import resnet18_cifar, small_cnn
-from workers.engine.runner import Stage, autoattack_stages, run_cascade
+from workers.engine.runner import autoattack_stages, efficient_stages, run_cascade
 from workers.engine.threats import Norm
-from workers.engine.types import RunContext, bf16_speedup, fast_bf16, strict_fp32
+from workers.engine.types import RunContext, fast_bf16, strict_fp32
 
 
-def synthetic(n: int, seed: int, size: int = 32) -> tuple[Tensor, Tensor]:
-    """Smooth per-class colour templates plus noise: learnable in minutes, not trivially."""
+def synthetic(n: int, seed: int, size: int = 32, channels: int = 3,
+              noise: float = 0.25) -> tuple[Tensor, Tensor]:
+    """Smooth per-class templates plus noise: learnable in minutes, not trivially."""
     g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(1234))
+    coarse = torch.rand(10, channels, 4, 4, generator=torch.Generator().manual_seed(1234))
     templates = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
     y = torch.randint(0, 10, (n,), generator=g)
-    x = templates[y] * 0.3 + 0.35 + 0.25 * torch.randn(n, 3, size, size, generator=g)
+    x = templates[y] * 0.3 + 0.35 + noise * torch.randn(n, channels, size, size, generator=g)
     return x.clamp(0, 1), y
 
 
-def train(model: nn.Module, steps: int, eps: float, batch: int = 64) -> nn.Module:
-    """FGSM-RS adversarial training (Wong et al. 2020; eps = 0: standard training), Adam by
-    hand (torch.optim's first step imports the compiler stack: seconds of start-up)."""
-    x, y = synthetic(steps * batch, seed=1)
-    params = [p for p in model.parameters()]
+def train(model: nn.Module, steps: int, eps: float, batch: int, size: int,
+          channels: int, noise: float) -> nn.Module:
+    """FGSM-RS adversarial training (Wong et al. 2020), Adam by hand (torch.optim's first step
+    imports the compiler stack: seconds of start-up)."""
+    x, y = synthetic(steps * batch, seed=1, size=size, channels=channels, noise=noise)
+    params = list(model.parameters())
     m1 = [torch.zeros_like(p) for p in params]
     m2 = [torch.zeros_like(p) for p in params]
     g = torch.Generator().manual_seed(2)
@@ -79,235 +76,151 @@ def train(model: nn.Module, steps: int, eps: float, batch: int = 64) -> nn.Modul
 
 
 @dataclass
-class Timed:
-    wall: float
-    cpu: float
+class Run:
     robust: Tensor  # bool per example
+    forwards: int
+    backwards: int
 
 
-def timed(fn: Callable[[], Tensor], repeats: int) -> Timed:
-    best: Timed | None = None
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        acc = fn()
-        t = Timed(time.perf_counter() - w0, time.process_time() - c0, acc)
-        best = t if best is None or t.wall < best.wall else best
-    assert best is not None
-    return best
+Method = Callable[[nn.Module, Tensor, Tensor, int], Run]
 
 
-def step_costs(model: nn.Module, x: Tensor, y: Tensor, amp: bool) -> str:
-    """One gradient step and one forward on the whole batch, torchattacks' way (the model in
-    fp32) and the search's way (:class:`Forward`: bf16 where native, channels_last, folded
-    BatchNorm): the ratio is what precision and layout alone can gain, before any algorithmic
-    saving (dropping broken examples, FAB's single forward per step)."""
-    fwd = Forward(model, amp=amp, channels_last=True, optimise=True)
-
-    def ref_step() -> None:
-        xg = x.clone().requires_grad_(True)
-        torch.autograd.grad(F.cross_entropy(model(xg), y), xg)
-
-    def ref_forward() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    def our_forward() -> None:
-        with torch.inference_mode():
-            fwd(x)
-
-    def best_ms(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times) * 1000
-
-    grad_ref, grad_ours = best_ms(ref_step), best_ms(lambda: fwd.loss_grad(x, y, ce_loss))
-    fwd_ref, fwd_ours = best_ms(ref_forward), best_ms(our_forward)
-    return (f"one gradient step on {len(y)} images: {grad_ref:.0f} ms fp32, {grad_ours:.0f} ms "
-            f"search ({grad_ref / grad_ours:.2f}x); one forward: {fwd_ref:.0f} ms fp32, "
-            f"{fwd_ours:.0f} ms search ({fwd_ref / fwd_ours:.2f}x)")
+def ours(preset: str, norm: Norm, eps: float, args: argparse.Namespace) -> Method:
+    def go(model: nn.Module, x: Tensor, y: Tensor, seed: int) -> Run:
+        stages = (autoattack_stages(norm, 10, args.steps, square_queries=args.queries)
+                  if preset == "autoattack" else efficient_stages(norm, 10, args.steps))
+        res = run_cascade(model, x, y, norm, eps, stages,
+                          RunContext(batch_size=len(y), seed=seed, amp=args.amp))
+        clean = len(y)  # the clean pass: one fp32 forward per example
+        return Run(res.robust, clean + sum(c.forwards for c in res.cost),
+                   sum(c.backwards for c in res.cost))
+    return go
 
 
-def robust_of(model: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:
-    with torch.inference_mode():
-        return model(x_adv).argmax(1) == y
+def counted(attack: Callable[[nn.Module, Tensor, Tensor, int], Tensor]) -> Method:
+    def go(model: nn.Module, x: Tensor, y: Tensor, seed: int) -> Run:
+        wrapped = Counting(model)
+        x_adv_robust = attack(wrapped, x, y, seed)
+        return Run(x_adv_robust, wrapped.forwards, wrapped.backwards)
+    return go
 
 
-Case = tuple[str, Callable[[], Tensor], Callable[[], Tensor]]
+def reference(norm: Norm, eps: float, args: argparse.Namespace) -> Method:
+    return counted(lambda m, x, y, seed: pyautoattack_robust(
+        m, x, y, norm, eps, seed=seed, steps=args.steps, queries=args.queries))
 
 
-def cases(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.Namespace,
-          seed: int) -> list[Case]:
-    """(label, ours, reference) per attack; each returns the per-example robust flags."""
-    ctx = RunContext(batch_size=len(y), seed=seed, amp=args.amp)
-    s, q = args.aa_steps, args.queries
+def torchattacks_aa(norm: Norm, eps: float, args: argparse.Namespace) -> Method:
+    import torchattacks
 
-    def ours(stages: list[Stage]) -> Callable[[], Tensor]:
-        return lambda: run_cascade(model, x, y, Norm.LINF, eps, stages, ctx).robust
+    def attack(m: nn.Module, x: Tensor, y: Tensor, seed: int) -> Tensor:
+        s, q, nm = args.steps, args.queries, AA_NORMS[norm]
+        multi = torchattacks.MultiAttack([
+            torchattacks.APGD(m, norm=nm, eps=eps, steps=s, loss="ce", seed=seed),
+            torchattacks.APGDT(m, norm=nm, eps=eps, steps=s, n_classes=10, seed=seed),
+            torchattacks.FAB(m, norm=nm, eps=eps, steps=s, multi_targeted=True, n_classes=10,
+                             seed=seed),
+            torchattacks.Square(m, norm=nm, eps=eps, n_queries=q, seed=seed),
+        ])
+        x_adv = multi(x, y)
+        with torch.no_grad():
+            return m(x_adv).argmax(1) == y
+    return counted(attack)
 
-    def ref(make: Callable[[], Callable[[Tensor, Tensor], Tensor]]) -> Callable[[], Tensor]:
-        def go() -> Tensor:
-            torch.manual_seed(seed)  # torchattacks' PGD draws its start from the global RNG
-            return robust_of(model, make()(x, y), y)
-        return go
 
-    aa = autoattack_stages(Norm.LINF, 10, s, square_queries=q)
-    rows: list[Case] = [
-        ("PGD-10 linf", ours([Stage("pgd", PGD(Norm.LINF, 10, step_size=eps / 4))]),
-         ref(lambda: torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=10,
-                                      random_start=True))),
-        (f"APGD-CE-{s} linf", ours([Stage("apgd-ce", APGD(Norm.LINF, s))]),
-         ref(lambda: torchattacks.APGD(model, eps=eps, steps=s, loss="ce", seed=seed))),
-        (f"AutoAttack ({s} it, {q} q)", ours(aa),
-         ref(lambda: torchattacks.MultiAttack([
-             torchattacks.APGD(model, eps=eps, steps=s, loss="ce", seed=seed),
-             torchattacks.APGDT(model, eps=eps, steps=s, n_classes=10, seed=seed),
-             torchattacks.FAB(model, eps=eps, steps=s, multi_targeted=True, n_classes=10,
-                              seed=seed),
-             torchattacks.Square(model, eps=eps, n_queries=q, seed=seed),
-         ]))),
+def compare(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
+            args: argparse.Namespace, label: str) -> list[list[str]]:
+    methods: list[tuple[str, Method]] = [
+        ("pyautoattack", reference(norm, eps, args)),
+        ("robustscope autoattack", ours("autoattack", norm, eps, args)),
+        ("robustscope efficient", ours("efficient", norm, eps, args)),
     ]
-    if not args.stages:
-        return rows
-    # AutoAttack's later stages alone, on every example: the cascade's own Stage objects.
-    refs: list[Callable[[], Callable[[Tensor, Tensor], Tensor]]] = [
-        lambda: torchattacks.APGDT(model, eps=eps, steps=s, n_classes=10, seed=seed),
-        lambda: torchattacks.FAB(model, eps=eps, steps=s, multi_targeted=True, n_classes=10,
-                                 seed=seed),
-        lambda: torchattacks.Square(model, eps=eps, n_queries=q, seed=seed),
-    ]
-    for stage, make in zip(aa[1:], refs, strict=True):
-        budget = f"{q} q" if stage.name == "square" else f"{s} it"
-        rows.append((f"{stage.name} alone ({budget})", ours([stage]), ref(make)))
-    return rows
-
-
-def compare(model: nn.Module, x: Tensor, y: Tensor, eps: float, args: argparse.Namespace,
-            name: str) -> list[list[str]]:
-    """Times seed 0 (best of ``--repeats``); with ``--seeds`` > 1 both libraries also attack
-    with further seeds, untimed, and the robust accuracy is the mean over seeds."""
-    per_seed = [cases(model, x, y, eps, args, seed) for seed in range(max(args.seeds, 1))]
+    if args.torchattacks:
+        methods.append(("torchattacks AutoAttack", torchattacks_aa(norm, eps, args)))
+    n = len(y)
+    results: dict[str, tuple[list[Run], float]] = {}
+    for name, method in methods:
+        t0 = time.perf_counter()
+        first = method(model, x, y, 0)
+        wall = time.perf_counter() - t0
+        runs = [first] + [method(model, x, y, seed) for seed in range(1, max(args.seeds, 1))]
+        results[name] = (runs, wall)
+    ref_runs, ref_wall = results["pyautoattack"]
+    ref_passes = ref_runs[0].forwards + ref_runs[0].backwards
     rows = []
-    for k, (label, ours_fn, ref_fn) in enumerate(per_seed[0]):
-        if args.only and args.only not in label.lower():
-            continue
-        ours = timed(ours_fn, args.repeats)
-        ref = timed(ref_fn, args.repeats)
-        robust_ours, robust_ref = [ours.robust], [ref.robust]
-        for more in per_seed[1:]:
-            robust_ours.append(more[k][1]())
-            robust_ref.append(more[k][2]())
-        a, b = torch.stack(robust_ours), torch.stack(robust_ref)
-        n = len(y)
-        rows.append([name, label, f"{n / ours.wall:,.1f}", f"{n / ref.wall:,.1f}",
-                     f"{a.float().mean():.3f}", f"{b.float().mean():.3f}",
-                     f"{int((~a & b).sum())} / {int((a & ~b).sum())}",
-                     f"{ref.wall / ours.wall:.2f}x", f"{ref.cpu / max(ours.cpu, 1e-9):.2f}x"])
-        print(" | ".join(rows[-1]), flush=True)
+    for name, (runs, wall) in results.items():
+        robust = torch.stack([r.robust for r in runs])
+        ref = torch.stack([r.robust for r in ref_runs])
+        passes = runs[0].forwards + runs[0].backwards
+        row = [label, name, f"{robust.float().mean():.4f}", f"{runs[0].forwards / n:,.0f}",
+               f"{runs[0].backwards / n:,.0f}", f"{wall:.1f}",
+               f"{passes / ref_passes:.3f}", f"{ref_wall / wall:.2f}x",
+               f"{int((robust & ~ref).sum())} / {int((~robust & ref).sum())}"]
+        print(" | ".join(row), flush=True)
+        rows.append(row)
     return rows
-
-
-def gpu_resnet50(args: argparse.Namespace) -> list[str]:
-    """bf16 + channels_last PGD on ResNet-50 224x224: image-steps/s and fraction of peak."""
-    import torchvision
-
-    dev = torch.device("cuda")
-    model = torchvision.models.resnet50(weights=None).to(dev).eval()
-    model = model.to(memory_format=torch.channels_last)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    n, steps = args.gpu_batch, 10
-    x = torch.rand(n, 3, 224, 224, device=dev)
-    with torch.inference_mode():
-        y = model(x).argmax(1)  # labels = clean predictions: every example starts robust
-    ctx = RunContext(device=dev, amp=True, batch_size=n)
-    # No early stop can help a random model's throughput number: eps = 0 keeps every example
-    # robust, so every step runs on the full batch.
-    stage = [Stage("pgd", PGD(Norm.LINF, steps, step_size=1e-3))]
-    run_cascade(model, x.cpu(), y.cpu(), Norm.LINF, 0.0, stage, ctx)  # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    run_cascade(model, x.cpu(), y.cpu(), Norm.LINF, 0.0, stage, ctx)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    image_steps = n * steps / wall
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        a @ a
-    torch.cuda.synchronize()
-    peak = 20 * 2 * 8192**3 / (time.perf_counter() - t0)
-    flops_per_step = 3 * 4.1e9  # forward + input-gradient backward (~2x forward) per image
-    frac = image_steps * flops_per_step / peak
-    return [f"ResNet-50 224 bf16 PGD-{steps}: {image_steps:,.0f} image-steps/s, "
-            f"{frac:.1%} of measured bf16 matmul peak ({peak / 1e12:.0f} TFLOP/s)"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=256, help="examples for the small CNN")
-    ap.add_argument("--n-resnet", type=int, default=48, help="examples for ResNet-18")
-    ap.add_argument("--eps", type=float, default=8 / 255, help="eps for the small CNN")
-    ap.add_argument("--eps-resnet", type=float, default=4 / 255,
-                    help="eps for ResNet-18 (trained without adversarial examples: CPU budget)")
-    ap.add_argument("--aa-steps", type=int, default=20, help="APGD/APGD-T/FAB-T iterations")
-    ap.add_argument("--queries", type=int, default=300, help="Square queries")
+    ap.add_argument("--n", type=int, default=128, help="examples per model")
+    ap.add_argument("--n-resnet", type=int, default=32, help="examples for ResNet-18")
+    ap.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    ap.add_argument("--steps", type=int, default=100, help="APGD/APGD-T/FAB-T iterations")
+    ap.add_argument("--queries", type=int, default=5000, help="Square queries")
+    ap.add_argument("--models", default="small,resnet18,mnist")
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--train-steps-resnet", type=int, default=80)
-    ap.add_argument("--models", default="small,resnet18")
+    ap.add_argument("--seeds", type=int, default=1, help="attack seeds (robust acc: the mean)")
+    ap.add_argument("--no-torchattacks", dest="torchattacks", action="store_false")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                    help="auto: search under bf16 autocast where it is measurably faster, as "
-                         "workers do (every break confirmed in fp32); bf16: always; fp32: never")
-    ap.add_argument("--only", default="", help="run only attacks whose label contains this")
-    ap.add_argument("--stages", action="store_true",
-                    help="also compare AutoAttack's APGD-T, FAB-T and Square stages run alone")
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--seeds", type=int, default=1,
-                    help="attack with this many seeds (robust accuracy: the mean; time: seed 0)")
+                    help="robustscope's search: auto (bf16 where measurably faster, every "
+                         "break confirmed in fp32), bf16, fp32; the references run fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--gpu-batch", type=int, default=128)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.amp = fast_bf16(device) if args.precision == "auto" else args.precision == "bf16"
     if device.type == "cuda":
-        strict_fp32()  # as workers do: fp32 references are IEEE fp32, not TF32
+        strict_fp32()
     torch.manual_seed(0)  # a script, not library code: fixes the model initialisation
-    header = ["model", "attack", "img/s ours", "img/s ref", "robust ours", "robust ref",
-              "broken by one only (ours / ref)", "speed (wall)", "speed (cpu)"]
-    print(f"torch {torch.__version__}, torchattacks {torchattacks.__version__}, "
-          f"threads {torch.get_num_threads()}, eps {args.eps:.4f}, "
-          f"search in {'bf16' if args.amp else 'fp32'} (torchattacks: fp32)"
-          f"{f', probe bf16 speed-up {bf16_speedup():.2f}x' if device.type == 'cpu' else ''}",
-          flush=True)
+    norm = Norm(args.norm)
+    import pyautoattack
+
+    print(f"torch {torch.__version__}, pyautoattack {pyautoattack.__version__}, threads "
+          f"{torch.get_num_threads()}, {norm.value}, {args.steps} steps, {args.queries} "
+          f"queries, {args.seeds} seed(s), robustscope search in "
+          f"{'bf16' if args.amp else 'fp32'}", flush=True)
+    header = ["model", "method", "robust acc", "fwd/ex", "bwd/ex", "wall s (seed 0)",
+              "passes vs pyaa", "speed vs pyaa", "robust here, broken by pyaa / reverse"]
     print(" | ".join(header), flush=True)
+    linf = norm is Norm.LINF
+    # name: (constructor, channels, size, noise, examples, train steps, train eps, eval eps)
+    setups = {
+        "small": (small_cnn, 3, 32, 0.25, args.n, args.train_steps, 8 / 255,
+                  8 / 255 if linf else 0.5),
+        "resnet18": (resnet18_cifar, 3, 32, 0.25, args.n_resnet, args.train_steps_resnet,
+                     4 / 255, 4 / 255 if linf else 0.25),
+        "mnist": (small_cnn, 1, 28, 0.15, args.n, args.train_steps, 0.05,
+                  0.05 if linf else 1.0),
+    }
     table: list[list[str]] = []
-    builders = {"small": (small_cnn, args.n, args.train_steps, args.eps, args.eps, 64),
-                "resnet18": (resnet18_cifar, args.n_resnet, args.train_steps_resnet, 0.0,
-                             args.eps_resnet, 32)}
     for name in args.models.split(","):
-        build, n, steps, train_eps, eps, batch = builders[name]
+        build, channels, size, noise, n, steps, train_eps, eps = setups[name]
         t0 = time.perf_counter()
-        model = train(build(10, 3), steps, train_eps, batch)
-        x, y = synthetic(n, seed=99)
+        model = train(build(10, channels), steps, train_eps, 32, size, channels, noise)
+        model = model.to(device)
+        x, y = synthetic(n, seed=99, size=size, channels=channels, noise=noise)
         with torch.inference_mode():
             clean = float((model(x).argmax(1) == y).float().mean())
-        print(f"# {name}: trained {steps} steps in {time.perf_counter() - t0:.0f}s, "
-              f"clean accuracy {clean:.3f} on {n} test examples", flush=True)
-        print(f"# {name}: {step_costs(model, x, y, args.amp)}", flush=True)
-        table += compare(model, x, y, eps, args, f"{name} (eps {eps * 255:.0f}/255)")
+        print(f"# {name}: trained {steps} steps in {time.perf_counter() - t0:.0f}s, clean "
+              f"accuracy {clean:.3f} on {n} examples, eps {eps:.4g}", flush=True)
+        table += compare(model, x, y, norm, eps, args, name)
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     print()
     for r in [header, ["-" * w for w in widths], *table]:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-    if torch.cuda.is_available():
-        for line in gpu_resnet50(args):
-            print(line)
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
 
 
 if __name__ == "__main__":

@@ -117,16 +117,17 @@ def engine_rows(net: nn.Module, data: EvalData, suite: list[dict[str, Any]], see
 
 
 def upload_dataset(client: TestClient, key: str, rt: Any, archive: Path,
-                   name: str | None = None) -> Any:
+                   name: str | None = None, channels: int | None = None) -> Any:
     """POST an archive (202, ``ingesting``), run the worker's ingest task in this process, and
     return ``GET /datasets/{id}``'s answer (its ``status`` is ``ready`` or ``failed``)."""
     import uuid
 
     from workers import ingest
 
+    form = {k: str(v) for k, v in (("name", name), ("channels", channels)) if v is not None}
     with archive.open("rb") as f:
         resp = client.post("/datasets", headers=auth(key), files={"file": (archive.name, f)},
-                           data={"name": name} if name else None)
+                           data=form or None)
     assert resp.status_code == 202, resp.text
     assert resp.json()["status"] == "ingesting"
     ingest.run(rt, uuid.UUID(resp.json()["id"]))

@@ -111,8 +111,12 @@ class DatasetInfo:
         return asdict(self)
 
 
-def ingest(archive: Path, dest: Path, *, name: str, limits: IngestLimits) -> DatasetInfo:
+def ingest(archive: Path, dest: Path, *, name: str, limits: IngestLimits,
+           channels: int | None = None) -> DatasetInfo:
     """Reads ``archive``, writes the canonical npz to ``dest`` (atomically) and describes it.
+
+    ``channels``: None keeps a grey dataset grey (``[1, H, W]`` when every image is grey; a
+    mix is stored as RGB); 1 or 3 converts every image (see ``ingest_decode``).
 
     Raises :class:`DatasetIngestError` (``status`` 413 for size limits, else 422).
     """
@@ -131,7 +135,7 @@ def ingest(archive: Path, dest: Path, *, name: str, limits: IngestLimits) -> Dat
     with SafeArchive(archive, archive_limits) as reader:
         plan = detect(reader, bad, max_classes=limits.max_classes)
         _check_counts(plan, limits)
-        decoded = _decode_all(reader, plan, limits, bad)
+        decoded = _decode_all(reader, plan, limits, bad, channels)
     bad.raise_if_any()
     arrays, warnings = _assemble(plan, decoded, limits)
     _write_npz(dest, arrays)
@@ -163,7 +167,8 @@ _BATCH_FILES = 64
 _BATCH_BYTES = 16 * 1024 * 1024
 
 
-def _decode_file(path: str, data: bytes, kinds: set[bool], max_side: int) -> dict[bool, _Result]:
+def _decode_file(path: str, data: bytes, kinds: set[bool], max_side: int,
+                 channels: int | None = None) -> dict[bool, _Result]:
     """Decodes one file as an image and/or a mask (a file may be both, for odd manifests)."""
     results: dict[bool, _Result] = {}
     for is_mask in kinds:
@@ -172,13 +177,14 @@ def _decode_file(path: str, data: bytes, kinds: set[bool], max_side: int) -> dic
                 suffix = PurePosixPath(path).suffix.lower()
                 results[is_mask] = decode_mask(data, suffix, max_side)
             else:
-                results[is_mask] = decode_image(data, max_side)
+                results[is_mask] = decode_image(data, max_side, channels)
         except DecodeProblem as exc:
             results[is_mask] = exc
     return results
 
 
-def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadRows) -> _Decoded:
+def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadRows,
+                channels: int | None = None) -> _Decoded:
     """Decodes every referenced file once into per-example slots.
 
     The archive is read in order on this thread while a few threads decode: Pillow releases
@@ -196,7 +202,8 @@ def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadR
 
     def decode_batch(batch: list[tuple[str, bytes]]) -> list[tuple[str, dict[bool, _Result]]]:
         return [
-            (path, _decode_file(path, data, {k for _, k in wanted[path]}, limits.max_side))
+            (path, _decode_file(path, data, {k for _, k in wanted[path]}, limits.max_side,
+                                channels))
             for path, data in batch
         ]
 
@@ -276,7 +283,8 @@ def _assemble(
     count = len(examples)
     height, width = _target_size(decoded, limits)
     warnings = list(plan.warnings)
-    images = np.empty((count, height, width, 3), dtype=np.uint8)
+    grey = all(img is None or img.shape[2] == 1 for img in decoded.images)
+    images = np.empty((count, height, width, 1 if grey else 3), dtype=np.uint8)
     masks = np.empty((count, height, width), dtype=np.uint8) if plan.has_masks else None
     resized = 0
     for index in range(count):
@@ -284,6 +292,8 @@ def _assemble(
         assert image is not None  # every missing image was reported as a bad row
         if image.shape[:2] != (height, width):
             resized += 1
+        if not grey and image.shape[2] == 1:  # grey among colour: replicated, as RGB does
+            image = np.repeat(image, 3, axis=2)
         images[index] = resize_image(image, (height, width))
         decoded.images[index] = None  # free as we go: peak memory stays near one copy
         if masks is not None:
@@ -346,7 +356,7 @@ def _describe(
         layout=plan.layout,
         num_examples=int(images.shape[0]),
         num_classes=len(plan.class_names),
-        input_shape=[3, int(images.shape[1]), int(images.shape[2])],
+        input_shape=[int(images.shape[3]), int(images.shape[1]), int(images.shape[2])],
         splits={str(k): int(v) for k, v in sorted(splits.items())},
         has_masks="masks" in arrays,
         has_groups="groups" in arrays,

@@ -4,10 +4,11 @@ Only PNG and JPEG are decoded (Pillow is told so, so no other of its many parser
 untrusted bytes), and ``.npy`` masks are loaded with ``allow_pickle=False`` after their header
 has been checked: ``np.load`` would otherwise allocate whatever shape the header claims.
 
-Conversions follow what a torchvision ``ImageFolder`` user expects, so that accuracy measured
-here matches accuracy measured on their own loader: ``convert("RGB")`` for every mode
-(alpha is dropped, grey is replicated), except 16-bit grey, which Pillow would clip and which
-is scaled to 8 bits instead.
+Channels: a grey image (modes ``1``, ``L``, ``LA``, ``I``, ``I;16``) keeps its single channel,
+so an uploaded set of grey PNGs is ``[1, H, W]`` as an MNIST model expects; every other mode
+becomes RGB as torchvision's ``convert("RGB")`` makes it (alpha is dropped). ``channels`` (1 or
+3) converts explicitly: 1 to Pillow's ``L`` (ITU-R 601-2 luma), 3 to RGB (grey replicated).
+16-bit grey, which Pillow would clip, is scaled to 8 bits instead.
 """
 
 from __future__ import annotations
@@ -48,20 +49,27 @@ def _check_side(width: int, height: int, max_side: int, what: str) -> None:
         )
 
 
-def decode_image(data: bytes, max_side: int) -> np.ndarray:
-    """An HxWx3 uint8 RGB array."""
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L"})
+
+
+def decode_image(data: bytes, max_side: int, channels: int | None = None) -> np.ndarray:
+    """An HxWxC uint8 array: C = 1 for a grey image, 3 otherwise, or ``channels`` if given."""
     try:
         with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
             _check_side(im.width, im.height, max_side, "image")
+            grey_source = im.mode in GREY_MODES
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 grey = np.asarray(im).astype(np.uint32)
-                grey8 = (np.clip(grey, 0, 65535) >> 8).astype(np.uint8)
-                return np.repeat(grey8[:, :, None], 3, axis=2)
-            rgb = im if im.mode == "RGB" else im.convert("RGB")
-            arr = np.asarray(rgb)
+                arr = (np.clip(grey, 0, 65535) >> 8).astype(np.uint8)[:, :, None]
+            elif channels == 1 or (channels is None and grey_source):
+                arr = np.asarray(im if im.mode == "L" else im.convert("L"))[:, :, None]
+            else:
+                arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except _DECODE_ERRORS as exc:
         raise DecodeProblem(f"not a decodable PNG or JPEG image ({_short(exc)})") from exc
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+    if arr.shape[2:] == (1,) and channels == 3:
+        arr = np.repeat(arr, 3, axis=2)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (1, 3):
         raise DecodeProblem(f"decoded to an unexpected array {arr.dtype}{arr.shape}")
     return arr
 
@@ -131,8 +139,10 @@ def resize_image(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     if arr.shape[:2] == (height, width):
         return arr
-    out = Image.fromarray(arr).resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(out)
+    grey = arr.ndim == 3 and arr.shape[2] == 1
+    out = Image.fromarray(arr[:, :, 0] if grey else arr).resize((width, height),
+                                                                 Image.Resampling.BILINEAR)
+    return np.asarray(out)[:, :, None] if grey else np.asarray(out)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

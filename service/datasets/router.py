@@ -23,6 +23,7 @@ def upload_dataset(
     outbox: OutboxDep,
     file: UploadFile = File(...),
     name: str | None = Form(None),
+    channels: int | None = Form(None),
 ) -> DatasetOut:
     """A zip or tar archive: a manifest, or an ImageFolder / ImageNet-9 / Waterbirds / RIVAL10
     tree. The archive is kept and decoded by a worker (queue ``ingest``) into the canonical
@@ -30,6 +31,9 @@ def upload_dataset(
     ``GET /datasets/{id}``)."""
     name = (name or (file.filename or "dataset").rsplit(".", 1)[0]).strip()
     reject_nul(name, "name")
+    if channels not in (None, 1, 3):
+        raise Invalid("channels must be 1 (grey) or 3 (RGB); leave it out to keep each "
+                      "dataset's own", field="channels")
     if not name or len(name) > 200:
         raise Invalid("name must be 1 to 200 characters", field="name")
     check_stored_bytes(session, owner, settings, 0)
@@ -41,7 +45,8 @@ def upload_dataset(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    row = service.upload(session, owner, tmp, sha, size, name, settings.data_dir, outbox)
+    row = service.upload(session, owner, tmp, sha, size, name, settings.data_dir, outbox,
+                         channels=channels)
     response.headers["Location"] = f"/datasets/{row.id}"
     return service.upload_out(row)
 

@@ -116,9 +116,11 @@ def upload(
     name: str,
     data_dir: Path,
     outbox: Outbox,
+    channels: int | None = None,
 ) -> Dataset:
     """Keeps the archive and queues its ingest; the row is ``ingesting`` until a worker has
-    decoded it (the API process never decodes an upload)."""
+    decoded it (the API process never decodes an upload). ``channels`` (1 or 3) converts every
+    image when the worker decodes them; None keeps a grey dataset grey."""
     try:
         if get_builtin(name) is not None:
             raise Conflict(f"{name!r} is the name of a built-in dataset; choose another",
@@ -135,7 +137,7 @@ def upload(
         id=dataset_id,
         owner=owner,
         name=name,
-        info={},
+        info={"requested_channels": channels} if channels is not None else {},
         sha256=sha256,
         size_bytes=size,
         storage_path=f"datasets/{dataset_id}.npz",
@@ -168,10 +170,11 @@ def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, data_dir:
         if row is None or row.status != "ingesting":
             return None
         name, dest = row.name, data_dir / row.storage_path
+        channels = (row.info or {}).get("requested_channels")
     archive = data_dir / archive_path(dataset_id)
     status, info, error = "failed", None, None
     try:
-        info = ingest(archive, dest, name=name, limits=limits).as_dict()
+        info = ingest(archive, dest, name=name, limits=limits, channels=channels).as_dict()
         status = "ready"
     except DatasetIngestError as exc:
         error = exc.problem()

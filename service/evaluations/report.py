@@ -49,13 +49,20 @@ def _label(params: dict[str, Any], skip: str | None = None) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != skip) or "-"
 
 
+# Cost rows (passes per example, seconds) are listed in the table but kept out of the plot,
+# whose scale is the accuracies'.
+_COST_METRICS = frozenset({"forward_passes", "backward_passes", "attack_seconds"})
+
+
 def _section(name: str, rows: list[ResultOut]) -> str:
     e = html.escape
+    plotted = [r for r in rows if r.metric not in _COST_METRICS]
     table = "".join(
         f"<tr><td>{e(r.metric)}</td><td>{e(_label(r.params))}</td><td>{r.value:.4f}</td></tr>"
         for r in rows
     )
-    return (f"<h2>{e(name)}</h2>{_plot(rows)}<table><tr><th>metric</th><th>parameters</th>"
+    return (f"<h2>{e(name)}</h2>{_plot(plotted) if plotted else ''}"
+            f"<table><tr><th>metric</th><th>parameters</th>"
             f"<th>value</th></tr>{table}</table>")
 
 

@@ -33,6 +33,7 @@ class Attack(StrEnum):
     CW = "cw"
     AUTOATTACK = "autoattack"
     FAST = "fast"
+    EFFICIENT = "efficient"
 
 
 # The engine's corruptions (CIFAR-10-C constants); ``frost`` runs only on workers that have
@@ -64,6 +65,7 @@ class Adversarial(_Entry):
     step_size: float | None = Field(None, gt=0)
     queries: int | None = Field(None, ge=1, le=100_000)
     n_targets: int | None = Field(None, ge=1, le=999)
+    audit: int | None = Field(None, ge=1, le=100_000)  # AutoAttack re-run on this many examples
 
     @field_validator("eps")
     @classmethod

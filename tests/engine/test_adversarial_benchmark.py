@@ -227,3 +227,39 @@ def test_curve_area_definition() -> None:
     # RA(e) on [0.1, 0.3]: 2/4 until 0.3 (0.1 is broken at 0.1) -> mean 0.5.
     assert curve_area(norms, [0.1, 0.3]) == pytest.approx(0.5)
     assert curve_area(norms, [0.05]) == pytest.approx(0.75)
+
+
+def test_cost_rows_count_every_pass_the_model_saw() -> None:
+    from benchmarks.reference import Counting
+
+    inner, data = _data(n=24)
+    model = Counting(inner)
+    res = run("adversarial", model, data,
+              {"attack": "efficient", "norm": "linf", "eps": 0.02, "steps": 10}, RunContext())
+    fwd = {r.params["stage"]: r for r in _rows(res, "forward_passes")}
+    bwd = {r.params["stage"]: r for r in _rows(res, "backward_passes")}
+    assert list(fwd) == ["total", "apgd-ce", "apgd-t"]
+    assert fwd["total"].params["passes"] == fwd["apgd-ce"].params["passes"] + \
+        fwd["apgd-t"].params["passes"]
+    assert fwd["total"].value == fwd["total"].params["passes"] / 24
+    # Everything else the benchmark ran: sanity checks (two forwards and one gradient on 24
+    # examples) and the clean pass (24).
+    assert fwd["total"].params["passes"] == model.forwards - 3 * 24 - 24
+    assert bwd["total"].params["passes"] == model.backwards - 24 > 0
+    seconds = {r.params["stage"]: r.value for r in _rows(res, "attack_seconds")}
+    assert seconds["total"] == pytest.approx(seconds["apgd-ce"] + seconds["apgd-t"])
+
+
+def test_the_audit_flags_a_weak_attack_through_the_benchmark() -> None:
+    model, data = _data(n=32)
+    params = {"norm": "linf", "eps": 0.02, "audit": 12}
+    crippled = {"attack": "pgd", "steps": 1, "step_size": 1e-4}  # a step that goes nowhere
+    weak = run("adversarial", model, data, {**params, **crippled}, RunContext())
+    check = next(c for c in weak.checks if c.name == "autoattack_audit")
+    missed = _rows(weak, "audit_missed")[0]
+    assert missed.params["sample"] == 12
+    assert not check.passed
+    assert missed.value == check.params["missed"] > 0
+    strong = run("adversarial", model, data, {**params, "attack": "efficient", "steps": 20},
+                 RunContext())
+    assert next(c for c in strong.checks if c.name == "autoattack_audit").passed

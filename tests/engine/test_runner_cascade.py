@@ -159,12 +159,12 @@ def test_fp32_recheck_rejects_a_low_precision_break() -> None:
     stages = [Stage("pgd", PGD(Norm.LINF, steps=2))]
     # The attack checks its claims in fp32 before it stops on them: nothing false comes out.
     res = run_cascade(model, x, y, Norm.LINF, 1e-4, stages, RunContext(),
-                      fwd=Forward(model, amp=True))
+                      fwd=Forward(model, amp=True, probe=False))
     assert res.robust_accuracy == 1.0
     assert res.rejected == 0
     # An attack that trusted bf16 would claim all 32; the runner's own re-check rejects them.
     res = run_cascade(model, x, y, Norm.LINF, 1e-4, stages, RunContext(),
-                      fwd=TrustingForward(model, amp=True))
+                      fwd=TrustingForward(model, amp=True, probe=False))
     assert res.robust_accuracy == 1.0
     assert res.rejected == 32
     # Without the fake, the same cascade does break examples at a larger eps.

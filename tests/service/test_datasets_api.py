@@ -199,3 +199,22 @@ def test_bad_dataset_uploads(env: Any, tmp_path: Path) -> None:
         resp = client.post("/datasets", headers=auth(key), files={"file": ("in9.zip", f)},
                            data={"name": "shapes-32"})
     assert resp.status_code == 409  # a built-in's name
+
+
+@pytest.mark.parametrize(("channels", "shape"), [(None, [1, 8, 8]), (3, [3, 8, 8])])
+def test_the_channels_option_reaches_the_workers_ingest(env: Any, tmp_path: Path,
+                                                        channels: int | None,
+                                                        shape: list[int]) -> None:
+    client, key, rt = env
+    grey = [np.full((8, 8), 40 * i, dtype=np.uint8) for i in range(4)]
+    files = {f"{i}.png": png(img) for i, img in enumerate(grey)}
+    files["manifest.csv"] = ("path,label\n" + "".join(f"{i}.png,{i % 2}\n" for i in range(4))
+                             ).encode()
+    ds = upload_dataset(client, key, rt, write_zip(tmp_path / "g.zip", files),
+                        f"grey-{channels}", channels=channels).json()
+    assert ds["status"] == "ready", ds
+    assert ds["input_shape"] == shape
+    bad = client.post("/datasets", headers=auth(key), files={"file": ("g.zip", b"x")},
+                      data={"channels": "2"})
+    assert bad.status_code == 422
+    assert bad.json()["field"] == "channels"

@@ -29,6 +29,7 @@ from workers.engine.attacks.base import (
     AttackOutput,
     Forward,
     Loss,
+    Ranking,
     dlr_loss,
     over_targets,
     restrict,
@@ -47,6 +48,7 @@ class APGD(Attack):
     loss: Loss = Loss.CE
     rho: float = 0.75
     large_eps: bool = False  # l_1: start at 3 eps, then 2 eps, then eps
+    stall: int | None = None  # see APGDTargeted
     name: str = "apgd-ce"
 
     def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
@@ -65,13 +67,18 @@ class APGDTargeted(Attack):
     rho: float = 0.75
     large_eps: bool = False
     loss: Loss = Loss.DLR
+    # Drop an example whose best loss has not risen over this many consecutive checkpoints
+    # (it has converged; more steps of this run will not break it). None: AutoAttack's rule,
+    # every example takes every step.
+    stall: int | None = None
+    ranking: Ranking = Ranking.LOGITS
     name: str = "apgd-t"
 
     def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
             clean_logits: Tensor | None = None) -> AttackOutput:
         e = per_example(eps, x)
         return over_targets(fwd, x, y, clean_logits, self.n_targets, lambda i, t: run_restarts(
-            self, fwd, x[i], y[i], e[i], generator, t))
+            self, fwd, x[i], y[i], e[i], generator, t), self.ranking, self.norm)
 
 
 def too_few_increases(hist: Tensor, i: int, k: int, rho: float) -> Tensor:
@@ -151,6 +158,8 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
         "loss_best_check": values.clone(),
         "topk": torch.full((n,), 0.2, device=dev),
         "sp_old": torch.full((n,), float(n_fts), device=dev),
+        "stalls": torch.zeros(n, dtype=torch.long, device=dev),
+        "stall_ref": values.clone(),
     }
     if target is not None:
         st["target"] = target
@@ -215,9 +224,15 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
             st["x_adv"] = torch.where(reduce[:, None, None, None], st["x_best"], st["x_adv"])
             st["grad"] = torch.where(reduce[:, None, None, None], st["grad_best"], st["grad"])
             counter = 0
-        if early_stop and bool(broke.any()):
-            best_points[idx[broke]] = st["x_best"][broke]
-            st = restrict(st, ~broke)
+            rose = st["loss_best"] > st["stall_ref"]
+            st["stalls"] = torch.where(rose, 0, st["stalls"] + 1)
+            st["stall_ref"] = st["loss_best"].clone()
+        leave = broke
+        if cfg.stall is not None and early_stop and i < steps - 1:
+            leave = broke | (st["stalls"] >= cfg.stall)
+        if early_stop and bool(leave.any()):
+            best_points[idx[leave]] = st["x_best"][leave]
+            st = restrict(st, ~leave)
     best_points[st["idx"]] = st["x_best"]
     # Examples never broken report their highest-loss point (useful as a warm start).
     out = torch.where(success[:, None, None, None], out, best_points)

@@ -30,18 +30,29 @@ class Forward:
     convolutions on GPUs and, through oneDNN, on CPUs) and, with ``optimise``, on a private
     copy of the model with eval-mode BatchNorm folded into the convolutions (see
     :func:`search_copy`); logits always come back as float32. ``fp32`` is the reference: the
-    model itself, without autocast, used to confirm a break before it counts. ``calls`` counts
-    forwards so tests and benchmarks can see how much work an attack did.
+    model itself, without autocast, used to confirm a break before it counts.
+
+    The first search forward probes the optimised form (see :meth:`_probe`): a model that
+    rejects channels_last (a ``.view`` after its convolutions) or bf16, or whose logits differ
+    from plain fp32 in that form, is searched without it, so nothing that runs in plain fp32
+    fails here. ``fallback`` says what was given up and why.
+
+    Cost is data: ``calls`` counts batched forwards, ``examples`` the example-forwards (the
+    probe's included) and ``gradients`` the example-backwards (input gradients), so results
+    can report passes per example the way the AutoAttack and A^3 papers count them.
     """
 
     def __init__(self, model: nn.Module, amp: bool = False, channels_last: bool = False,
-                 optimise: bool = False) -> None:
+                 optimise: bool = False, probe: bool = True) -> None:
         self.model = model
         self.search: nn.Module | None = None if optimise else model
         self.amp = amp
         self.channels_last = channels_last
         self.calls = 0
         self.examples = 0
+        self.gradients = 0
+        self.probed = not probe  # probe=False: tests of the re-checks behind the probe
+        self.fallback: str | None = None
         self.margin_error: float | None = None  # largest |search - reference| margin seen
 
     @property
@@ -53,13 +64,68 @@ class Forward:
     def __call__(self, x: Tensor) -> Tensor:
         if self.search is None:
             self.search = search_copy(self.model, x, self.channels_last)
+        if not self.probed:
+            self._probe(x)
         self.calls += 1
         self.examples += int(x.shape[0])
+        return self._search(x)
+
+    def _search(self, x: Tensor) -> Tensor:
+        assert self.search is not None
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.search(x)
         return out.float()
+
+    def _probe(self, x: Tensor) -> None:
+        """One forward and input gradient in the optimised form on a few rows of ``x``,
+        compared with the model in plain fp32; on an error or a mismatch, drop channels_last
+        (and the folded copy that carries it), then bf16, until the search runs and agrees.
+
+        Tolerances: fp32 layouts agree to 1e-3 of the logits' scale; bf16 (8 bits of
+        mantissa) only has to stay finite and within a quarter of it, because the margin
+        checks of :meth:`wrong` and :meth:`confirmed` already absorb its ordinary error.
+        """
+        self.probed = True
+        if self.exact:
+            return
+        with torch.inference_mode(False):  # the probe takes a gradient, wherever it is called
+            self._probe_rows(x[:4].detach().float().clone())
+
+    def _probe_rows(self, sample: Tensor) -> None:
+        with torch.autocast(sample.device.type, enabled=False), torch.no_grad():
+            ref = self.model(sample).float()
+        self.calls += 1
+        self.examples += int(sample.shape[0])
+        scale = float(ref.abs().max()) + 1e-6
+        reasons = []
+        while True:
+            try:
+                with torch.enable_grad():
+                    xg = sample.clone().requires_grad_(True)
+                    got = self._search(xg)
+                    torch.autograd.grad(got.sum(), xg)
+                self.calls += 1
+                self.examples += int(sample.shape[0])
+                self.gradients += int(sample.shape[0])
+                got = got.detach()
+                tol = (0.25 if self.amp else 1e-3) * scale
+                agree = got.shape == ref.shape and bool((got - ref).abs().max() <= tol)
+                problem = None if agree else "logits differ from plain fp32"
+            except Exception as err:  # the model's own code rejected the form
+                problem = f"{type(err).__name__}: {str(err)[:120]}"
+            if problem is None:
+                break
+            if self.channels_last or self.search is not self.model:
+                reasons.append(f"channels_last/folded copy off ({problem})")
+                self.channels_last, self.search = False, self.model
+            elif self.amp:
+                reasons.append(f"bf16 off ({problem})")
+                self.amp = False
+            else:  # plain fp32 is the reference itself: nothing left to give up
+                break
+        self.fallback = "; ".join(reasons) or None
 
     def fp32(self, x: Tensor) -> Tensor:
         self.calls += 1
@@ -139,6 +205,7 @@ class Forward:
             logits = self(xg)
             values = loss(logits, y, target)
             (grad,) = torch.autograd.grad(values.sum(), xg)
+        self.gradients += int(x.shape[0])
         return logits.detach(), values.detach(), grad.detach()
 
 
@@ -253,6 +320,44 @@ class Attack(ABC):
             clean_logits: Tensor | None = None) -> AttackOutput: ...
 
 
+class Ranking(StrEnum):
+    """How targeted attacks order the wrong classes: by clean logit (AutoAttack), or by the
+    gradient-normalised margin (MALT)."""
+
+    LOGITS = "logits"
+    NORMALISED_MARGIN = "normalised-margin"
+
+
+DUAL_ORDER = {Norm.LINF: 1.0, Norm.L2: 2.0, Norm.L1: float("inf")}
+
+
+def margin_ranked_targets(fwd: Forward, x: Tensor, y: Tensor, clean_logits: Tensor,
+                          n_targets: int, norm: Norm, candidates: int = 9) -> Tensor:
+    """The ``n_targets`` wrong classes nearest to the boundary to first order, nearest first
+    ``[N, k]`` (MALT, Melamed et al., NeurIPS 2024).
+
+    For each of the ``candidates`` most likely wrong classes j, the linearised distance to
+    the j-boundary is (z_y - z_j) / ||grad_x (z_y - z_j)||_q (q the dual norm): a class with
+    a small logit gap but a steep one is nearer than its logit says. One forward and one
+    input gradient per candidate; the ranking is among the candidates only.
+    """
+    cand = top_targets(clean_logits, y, candidates)
+    scores = torch.empty(cand.shape, device=x.device)
+    q = DUAL_ORDER[norm]
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        logits = fwd(xg)
+        z_y = logits.gather(1, y[:, None]).squeeze(1)
+        for j in range(cand.shape[1]):
+            gap = z_y - logits.gather(1, cand[:, j:j + 1]).squeeze(1)
+            (grad,) = torch.autograd.grad(gap.sum(), xg, retain_graph=j < cand.shape[1] - 1)
+            fwd.gradients += int(x.shape[0])
+            dual = grad.flatten(1).norm(p=q, dim=1)
+            scores[:, j] = gap.detach() / dual.clamp_min(1e-12)
+    order = scores.argsort(dim=1)
+    return cand.gather(1, order)[:, : min(n_targets, cand.shape[1])]
+
+
 def top_targets(clean_logits: Tensor, y: Tensor, n_targets: int) -> Tensor:
     """The ``n_targets`` most likely wrong classes per example, most likely first ``[N, k]``."""
     order = clean_logits.masked_fill(
@@ -263,14 +368,18 @@ def top_targets(clean_logits: Tensor, y: Tensor, n_targets: int) -> Tensor:
 
 def over_targets(fwd: Forward, x: Tensor, y: Tensor, clean_logits: Tensor | None,
                  n_targets: int,
-                 attack: Callable[[Tensor, Tensor], AttackOutput]) -> AttackOutput:
+                 attack: Callable[[Tensor, Tensor], AttackOutput],
+                 ranking: Ranking = Ranking.LOGITS, norm: Norm = Norm.LINF) -> AttackOutput:
     """Targeted attacks (APGD-T, PGD-T) try the top wrong classes in turn; each target runs
     only on the examples no earlier target broke. ``attack(index, targets)`` attacks
     ``x[index]`` towards ``targets``."""
     if clean_logits is None:
         with torch.inference_mode():
             clean_logits = fwd.fp32(x)
-    targets = top_targets(clean_logits, y, n_targets)
+    if ranking is Ranking.NORMALISED_MARGIN:
+        targets = margin_ranked_targets(fwd, x, y, clean_logits, n_targets, norm)
+    else:
+        targets = top_targets(clean_logits, y, n_targets)
     out = x.clone()
     success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for k in range(targets.shape[1]):

@@ -76,6 +76,7 @@ class CarliniWagnerL2(Attack):
                 f = (margin(logits, y) + self.kappa).clamp_min(0.0)
                 loss = (dist + c * f).sum()
                 (grad,) = torch.autograd.grad(loss, w)
+            fwd.gradients += int(x.shape[0])
             with torch.no_grad():
                 is_adv = logits.argmax(1) != y
                 norm = dist.sqrt()

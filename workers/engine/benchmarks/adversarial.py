@@ -1,10 +1,18 @@
 """The adversarial axis: ``adversarial`` (robust accuracy per eps) and ``robustness_curve``.
 
 ``adversarial`` params: ``attack`` (fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab-t, square, cw,
-autoattack, fast), ``norm`` (linf, l2, l1), ``eps`` (a number or a list; one cascade per eps),
-optional ``steps``, ``restarts``, ``targeted``, ``step_size`` (PGD), ``queries`` (Square),
-``n_targets``. Rows: ``clean_accuracy`` once, ``robust_accuracy`` per eps, and for cascades
+autoattack, fast, efficient), ``norm`` (linf, l2, l1), ``eps`` (a number or a list; one cascade
+per eps), optional ``steps``, ``restarts``, ``targeted``, ``step_size`` (PGD), ``queries``
+(Square), ``n_targets``, ``audit`` (re-run AutoAttack's standard protocol on that many examples,
+drawn by the seed). Rows: ``clean_accuracy`` once, ``robust_accuracy`` per eps, and for cascades
 ``robust_accuracy_after`` per stage (params gain ``stage``).
+
+Cost rows, per eps: ``forward_passes`` and ``backward_passes`` (example-forwards and
+example-backwards of the model per evaluated example, fp32 re-checks included) and
+``attack_seconds``, once with ``stage: "total"`` and once per stage; params also carry the
+integer totals (``passes``) and the example count (``examples``). With ``audit``: a row
+``audit_missed`` (examples of the sample the attack left robust and AutoAttack broke; params
+``sample``) and a check ``autoattack_audit`` that fails when it is not zero.
 
 ``robustness_curve`` params: ``norm``, ``eps`` (the grid), optional ``steps``, ``n_targets``.
 One minimal-perturbation run (FAB-T over the most likely wrong classes) gives each example
@@ -45,8 +53,10 @@ from workers.engine.runner import (
     CascadeResult,
     CleanPass,
     Stage,
+    audit,
     autoattack_stages,
     clean_pass,
+    efficient_stages,
     fast_stages,
     run_cascade,
 )
@@ -72,6 +82,7 @@ class AttackName(StrEnum):
     CW = "cw"
     AUTOATTACK = "autoattack"
     FAST = "fast"
+    EFFICIENT = "efficient"
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,8 @@ class AttackParams:
     targeted: bool = False
     step_size: float | None = None
     queries: int | None = None
-    n_targets: int = 9
+    n_targets: int | None = None  # None: each attack's default
+    audit: int | None = None
 
 
 ALL_NORMS = frozenset(Norm)
@@ -94,14 +106,14 @@ SUPPORTED_NORMS: dict[AttackName, frozenset[Norm]] = {
     AttackName.APGD_DLR: ALL_NORMS, AttackName.APGD_T: ALL_NORMS,
     AttackName.FAB_T: ALL_NORMS, AttackName.SQUARE: frozenset({Norm.LINF, Norm.L2}),
     AttackName.CW: frozenset({Norm.L2}), AttackName.AUTOATTACK: ALL_NORMS,
-    AttackName.FAST: ALL_NORMS,
+    AttackName.FAST: ALL_NORMS, AttackName.EFFICIENT: ALL_NORMS,
 }
 
 
 def _pgd(p: AttackParams) -> list[Stage]:
     base = PGD(p.norm, steps=p.steps or 10, restarts=p.restarts or 1, step_size=p.step_size)
     if p.targeted:
-        return [Stage("pgd-t", PGDTargeted(base, n_targets=p.n_targets))]
+        return [Stage("pgd-t", PGDTargeted(base, n_targets=p.n_targets or 9))]
     return [Stage("pgd", base)]
 
 
@@ -110,7 +122,7 @@ def _apgd(loss: Loss) -> Callable[[AttackParams], list[Stage]]:
         steps, large = p.steps or 100, p.norm is Norm.L1
         restarts = p.restarts or (5 if large else 1)
         if p.targeted:
-            return [Stage("apgd-t", APGDTargeted(p.norm, steps, n_targets=p.n_targets,
+            return [Stage("apgd-t", APGDTargeted(p.norm, steps, n_targets=p.n_targets or 9,
                                                  restarts=p.restarts or 1, large_eps=large))]
         return [Stage(f"apgd-{loss.value}", APGD(p.norm, steps, restarts, loss, large_eps=large))]
 
@@ -118,7 +130,7 @@ def _apgd(loss: Loss) -> Callable[[AttackParams], list[Stage]]:
 
 
 def _apgd_t(p: AttackParams) -> list[Stage]:
-    return [Stage("apgd-t", APGDTargeted(p.norm, p.steps or 100, n_targets=p.n_targets,
+    return [Stage("apgd-t", APGDTargeted(p.norm, p.steps or 100, n_targets=p.n_targets or 9,
                                          restarts=p.restarts or 1,
                                          large_eps=p.norm is Norm.L1))]
 
@@ -130,17 +142,20 @@ BUILDERS: dict[AttackName, Callable[[AttackParams], list[Stage]]] = {
     AttackName.APGD_DLR: _apgd(Loss.DLR),
     AttackName.APGD_T: _apgd_t,
     AttackName.FAB_T: lambda p: [Stage("fab-t", FABTargeted(
-        p.norm, p.steps or 100, n_targets=p.n_targets, restarts=p.restarts or 1))],
+        p.norm, p.steps or 100, n_targets=p.n_targets or 9, restarts=p.restarts or 1))],
     AttackName.SQUARE: lambda p: [Stage("square", Square(p.norm, p.queries or 5000),
                                         white_box=False)],
     AttackName.CW: lambda p: [Stage("cw", CarliniWagnerL2(steps=p.steps or 100))],
     AttackName.AUTOATTACK: lambda p: autoattack_stages(
-        p.norm, p.num_classes, p.steps or 100, p.n_targets, p.queries or 5000),
-    AttackName.FAST: lambda p: fast_stages(p.norm, p.num_classes, p.steps or 100, p.n_targets),
+        p.norm, p.num_classes, p.steps or 100, p.n_targets or 9, p.queries or 5000),
+    AttackName.FAST: lambda p: fast_stages(p.norm, p.num_classes, p.steps or 100,
+                                           p.n_targets or 9),
+    AttackName.EFFICIENT: lambda p: efficient_stages(p.norm, p.num_classes, p.steps or 100,
+                                                     p.n_targets or 2),
 }
 
 _KNOWN = {"attack", "norm", "eps", "steps", "restarts", "targeted", "step_size", "queries",
-          "n_targets", "seed", "benchmark"}
+          "n_targets", "audit", "seed", "benchmark"}
 _TARGETABLE = {AttackName.PGD, AttackName.APGD_CE, AttackName.APGD_DLR, AttackName.APGD_T,
                AttackName.FAB_T}
 
@@ -164,7 +179,7 @@ def parse_params(params: dict[str, Any], data: EvalData) -> AttackParams:
     if targeted and attack not in _TARGETABLE:
         raise BenchmarkError(f"adversarial: attack {attack.value!r} has no targeted variant")
     num_classes = max(len(data.class_names), int(data.y.max()) + 1 if len(data) else 2)
-    n_targets = _int(params.get("n_targets"), "n_targets", 1, 999) or 9
+    n_targets = _int(params.get("n_targets"), "n_targets", 1, 999)
     if (attack in (AttackName.APGD_T, AttackName.FAB_T) or targeted) and num_classes < 2:
         raise BenchmarkError("adversarial: targeted attacks need at least 2 classes")
     step_size = params.get("step_size")
@@ -182,7 +197,8 @@ def parse_params(params: dict[str, Any], data: EvalData) -> AttackParams:
         attack=attack, norm=norm, eps=eps, num_classes=num_classes,
         steps=_int(params.get("steps"), "steps", 1, 100_000),
         restarts=_int(params.get("restarts"), "restarts", 1, 1000), targeted=targeted,
-        step_size=step_size, queries=queries, n_targets=n_targets)
+        step_size=step_size, queries=queries, n_targets=n_targets,
+        audit=_int(params.get("audit"), "audit", 1, 100_000))
 
 
 @register("adversarial")
@@ -213,6 +229,25 @@ def adversarial(model: nn.Module, data: EvalData, params: dict[str, Any],
             for name, acc in res.stage_robust:
                 rows.append(MetricRow("adversarial", "robust_accuracy_after", acc,
                                       {**params_eps, "stage": name}))
+        rows.extend(_cost_rows(res, params_eps, len(data)))
+        if p.audit is not None:
+            def audit_progress(frac: float, msg: str, j: int = j) -> None:
+                ctx.progress((j + 1) / len(p.eps), f"audit: {msg}")
+
+            found = audit(model, data.x, data.y, p.norm, eps, res, p.audit,
+                          autoattack_stages(p.norm, p.num_classes), ctx, clean=clean, fwd=fwd,
+                          progress=audit_progress)
+            sample = int(found.sample.numel())
+            rows.append(MetricRow("adversarial", "audit_missed", float(found.missed),
+                                  {**params_eps, "sample": sample,
+                                   "reference": "autoattack"}))
+            result.checks.append(Check(
+                "autoattack_audit", found.missed == 0,
+                "" if found.missed == 0 else f"AutoAttack broke {found.missed} of {sample} "
+                f"sampled examples that {p.attack.value} left robust at eps={eps:g}: its robust "
+                "accuracy is an overestimate",
+                {"eps": eps, "sample": sample, "missed": found.missed,
+                 "reference_robust_accuracy": found.reference.robust_accuracy}))
         accs.append((eps, res.robust_accuracy))
         result.checks.extend(_cascade_checks(stages, res, eps, len(data)))
         if ctx.artifact_dir is not None:
@@ -323,6 +358,22 @@ def sanity_checks(model: nn.Module, data: EvalData, ctx: RunContext,
                         "input gradient: gradient masking is likely",
                         {"zero_gradient_examples": zero}))
     return checks
+
+
+def _cost_rows(res: CascadeResult, params: dict[str, Any], n: int) -> list[MetricRow]:
+    """Passes per evaluated example and seconds, for the whole cascade and per stage (stages
+    resumed from saved state spent nothing in this process and have no row)."""
+    out = []
+    per = max(n, 1)
+    total = ("total", sum(c.forwards for c in res.cost), sum(c.backwards for c in res.cost),
+             sum(c.seconds for c in res.cost))
+    for name, fwd, bwd, sec in [total, *((c.name, c.forwards, c.backwards, c.seconds)
+                                         for c in res.cost)]:
+        base = {**params, "stage": name, "examples": n}
+        out += [MetricRow("adversarial", "forward_passes", fwd / per, {**base, "passes": fwd}),
+                MetricRow("adversarial", "backward_passes", bwd / per, {**base, "passes": bwd}),
+                MetricRow("adversarial", "attack_seconds", sec, base)]
+    return out
 
 
 def _cascade_checks(stages: list[Stage], res: CascadeResult, eps: float, n: int) -> list[Check]:

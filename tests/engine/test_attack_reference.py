@@ -1,0 +1,147 @@
+"""Strength against the original AutoAttack code (``pyautoattack``, by its authors).
+
+Small CNNs and a narrow ResNet at 32x32, adversarially trained in the test for a few seconds
+on a synthetic 10-class task so that robust accuracy is neither 0 nor the clean accuracy.
+On the same examples, eps and (reduced, equal) budgets, robust accuracy of the engine's
+``autoattack`` and of its ``efficient`` preset must be at most pyautoattack's + 0.5 points,
+at l_inf and at l_2; the efficient preset must also spend a small fraction of the passes.
+The audit must flag a deliberately crippled preset, and stay quiet for the efficient one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from benchmarks.reference import Counting, pyautoattack_robust
+from tests.engine.attack_helpers import (  # noqa: F401  (one_thread is an autouse fixture)
+    TinyCNN,
+    one_thread,
+    template_data,
+    train,
+)
+from workers.engine.attacks import FGSM, Forward
+from workers.engine.nets import BasicBlock
+from workers.engine.runner import Stage, audit, autoattack_stages, efficient_stages, run_cascade
+from workers.engine.threats import Norm
+from workers.engine.types import RunContext
+
+TOLERANCE = 0.005
+STEPS, QUERIES = 20, 200  # every stage's budget reduced alike, ours and the reference's
+EPS = {Norm.LINF: 0.04, Norm.L2: 0.5}
+
+Setup = tuple[nn.Module, Tensor, Tensor, dict[Norm, float]]
+
+
+class NarrowResNet(nn.Module):
+    """A ResNet for 32x32 inputs (3x3 stem, BasicBlocks with BatchNorm, two stages), narrow
+    enough to train and attack on one CPU thread in seconds."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(BasicBlock(width, width), BasicBlock(width, 2 * width, 2),
+                                    BasicBlock(2 * width, 2 * width, 2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(2 * width, 10))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def _setup(model: nn.Module, shape: tuple[int, int, int], n: int, adv_eps: float,
+           eps: dict[Norm, float], noise: float = 0.22, steps: int = 250,
+           batch: int = 64) -> Setup:
+    torch.set_num_threads(1)
+    x, y = template_data(1000 + n, classes=10, shape=shape, noise=noise, seed=3)
+    train(model, x[:1000], y[:1000], steps=steps, batch=batch, adv_eps=adv_eps)
+    return model, x[1000:], y[1000:], eps
+
+
+@pytest.fixture(scope="module")
+def grey_cnn() -> Setup:
+    torch.manual_seed(0)  # parameter init of the test model only
+    return _setup(TinyCNN(1, 10, 8), (1, 16, 16), 120, 0.02, EPS)
+
+
+@pytest.fixture(scope="module")
+def resnet32() -> Setup:
+    torch.manual_seed(0)
+    return _setup(NarrowResNet(8), (3, 32, 32), 32, 8 / 255, {Norm.LINF: 8 / 255, Norm.L2: 0.5},
+                  noise=0.25, steps=120, batch=32)
+
+
+def _compare(setup: Setup, norm: Norm, steps: int = STEPS, queries: int = QUERIES,
+             fraction: float = 1 / 5) -> None:
+    model, x, y, eps_of = setup
+    eps = eps_of[norm]
+    counted = Counting(model)
+    ref = pyautoattack_robust(counted, x, y, norm, eps, steps=steps, queries=queries)
+    with torch.no_grad():
+        clean = float((model(x).argmax(1) == y).float().mean())
+    ref_acc = float(ref.float().mean())
+    assert 0.05 < ref_acc < clean - 0.05, f"degenerate setup: ref {ref_acc}, clean {clean}"
+    aa = run_cascade(model, x, y, norm, eps,
+                     autoattack_stages(norm, 10, steps, square_queries=queries), RunContext())
+    eff = run_cascade(model, x, y, norm, eps, efficient_stages(norm, 10, steps), RunContext())
+    for name, res in (("autoattack", aa), ("efficient", eff)):
+        assert res.robust_accuracy <= ref_acc + TOLERANCE, (
+            f"{name} {res.robust_accuracy:.3f} weaker than pyautoattack {ref_acc:.3f}")
+    # Less work at equal strength, each way (at these reduced budgets the ranking's fixed nine
+    # gradients weigh more than at AutoAttack's 100 steps; the benchmark measures those).
+    fwd = sum(c.forwards for c in eff.cost)
+    bwd = sum(c.backwards for c in eff.cost)
+    assert fwd <= counted.forwards * fraction, (fwd, counted.forwards)
+    assert bwd <= counted.backwards * fraction, (bwd, counted.backwards)
+
+
+@pytest.mark.parametrize("norm", [Norm.LINF, Norm.L2])
+def test_small_cnn_at_most_as_robust_as_pyautoattack(grey_cnn: Setup, norm: Norm) -> None:
+    _compare(grey_cnn, norm)
+
+
+@pytest.mark.parametrize("norm", [Norm.LINF, Norm.L2])
+def test_resnet_32_at_most_as_robust_as_pyautoattack(resnet32: Setup, norm: Norm) -> None:
+    _compare(resnet32, norm, steps=10, queries=100, fraction=1 / 3)
+
+
+def test_the_audit_finds_what_a_crippled_preset_missed(grey_cnn: Setup) -> None:
+    model, x, y, eps_of = grey_cnn
+    eps = eps_of[Norm.LINF]
+    ctx = RunContext(seed=1)
+    reference = autoattack_stages(Norm.LINF, 10, STEPS, square_queries=QUERIES)
+    weak = run_cascade(model, x, y, Norm.LINF, eps, [Stage("fgsm", FGSM(Norm.LINF))], ctx)
+    found = audit(model, x, y, Norm.LINF, eps, weak, 60, reference, ctx)
+    assert found.sample.numel() == 60
+    # Exactly the sampled examples FGSM left robust and AutoAttack broke.
+    expected = int((weak.robust[found.sample] & ~found.reference.robust).sum())
+    assert found.missed == expected > 0
+    strong = run_cascade(model, x, y, Norm.LINF, eps, efficient_stages(Norm.LINF, 10, STEPS), ctx)
+    assert audit(model, x, y, Norm.LINF, eps, strong, 60, reference, ctx).missed == 0
+
+
+def test_the_audit_sample_is_seeded(grey_cnn: Setup) -> None:
+    model, x, y, eps_of = grey_cnn
+    weak = run_cascade(model, x, y, Norm.LINF, 0.0, [Stage("fgsm", FGSM(Norm.LINF))],
+                       RunContext())
+    stages = [Stage("fgsm", FGSM(Norm.LINF))]
+    a = audit(model, x, y, Norm.LINF, 0.0, weak, 10, stages, RunContext(seed=3))
+    b = audit(model, x, y, Norm.LINF, 0.0, weak, 10, stages, RunContext(seed=3))
+    c = audit(model, x, y, Norm.LINF, 0.0, weak, 10, stages, RunContext(seed=4))
+    assert torch.equal(a.sample, b.sample)
+    assert not torch.equal(a.sample, c.sample)
+    assert len(set(a.sample.tolist())) == 10
+
+
+def test_forward_counts_match_the_models_own(grey_cnn: Setup) -> None:
+    """The pass counters are exact: the model counts its own calls, and so does the engine."""
+    model, x, y, eps_of = grey_cnn
+    counted = Counting(model)
+    fwd = Forward(counted)
+    res = run_cascade(counted, x[:40], y[:40], Norm.LINF, eps_of[Norm.LINF],
+                      efficient_stages(Norm.LINF, 10, 10), RunContext(), fwd=fwd)
+    assert sum(c.forwards for c in res.cost) == fwd.examples
+    assert fwd.examples == counted.forwards - 40  # the clean pass runs on its own Forward
+    assert sum(c.backwards for c in res.cost) == fwd.gradients == counted.backwards > 0
