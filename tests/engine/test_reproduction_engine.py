@@ -4,7 +4,6 @@ overfitting."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +96,9 @@ def test_collapse_rule() -> None:
 
 
 @pytest.fixture
-def _tiny(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _tiny(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(models.ENGINE_ARCHITECTURES, "tiny_guard",
                         lambda k, c: nn.Sequential(nn.Flatten(), nn.Linear(c * 16, k)))
-    return
 
 
 @pytest.mark.usefixtures("_tiny")
