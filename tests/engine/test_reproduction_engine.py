@@ -143,3 +143,25 @@ def test_pgd_training_has_no_guard(monkeypatch: pytest.MonkeyPatch) -> None:
                      threat=ThreatSpec(Norm.LINF, 0.03, steps=2), epochs=3, batch_size=8,
                      lr=0.1)
     assert len(train(spec, data, data).history) == 3
+
+
+def test_feature_scales_of_the_waterbirds_set() -> None:
+    """core_scale 1 paints every bird its class's tint; background_scale 0 leaves one grey
+    background for all; the image outside the mask is still exactly the stored background."""
+    from workers.engine.data import load_builtin
+    from workers.engine.data.builtin import BIRD_TINTS
+
+    d = load_builtin("waterbirds-32", "val", core_scale=1.0, background_scale=0.0,
+                     assets="procedural")
+    x, m, bg = d.x * 255, d.masks.bool(), d.backgrounds * 255
+    assert torch.equal(bg.round(), torch.full_like(bg, 128.0))
+    assert torch.equal((x * ~m).round(), (bg * ~m).round())
+    for c, tint in enumerate(BIRD_TINTS):
+        pixels = x[d.y == c].permute(1, 0, 2, 3)[:, m[d.y == c][:, 0]]
+        assert torch.equal(pixels.round(), torch.tensor(tint, dtype=torch.float32)[:, None]
+                           .expand_as(pixels))
+    plain = load_builtin("waterbirds-32", "val", assets="procedural")
+    half = load_builtin("waterbirds-32", "val", core_scale=0.5, assets="procedural")
+    assert torch.equal(plain.masks, half.masks)
+    assert torch.equal(plain.backgrounds, half.backgrounds)
+    assert not torch.equal(plain.x, half.x)
