@@ -25,18 +25,16 @@ LINF = 2 / 255
 
 # Per training: clean, RFS, BG-gap, worst-group and APGD robust accuracy per (norm, eps).
 STANDARD = (0.9, 0.30, 0.05, 0.70, {("l2", 0.25): 0.20, ("linf", LINF): 0.10, ("l1", 4.0): 0.05})
-VALUES = {
-    ("standard", None, 0.95, None): STANDARD,
-    ("pgd", "l2", 0.95, None): (0.85, 0.10, 0.15, 0.60,
+VALUES = {  # (method, training norm, train correlation, test correlation)
+    ("standard", None, 0.95, 0.95): STANDARD,
+    ("pgd", "l2", 0.95, 0.95): (0.85, 0.10, 0.15, 0.60,
                                 {("l2", 0.25): 0.60, ("linf", LINF): 0.30, ("l1", 4.0): 0.20}),
-    ("pgd", "linf", 0.95, None): (0.80, 0.35, 0.03, 0.65,
+    ("pgd", "linf", 0.95, 0.95): (0.80, 0.35, 0.03, 0.65,
                                   {("l2", 0.25): 0.50, ("linf", LINF): 0.55, ("l1", 4.0): 0.10}),
-    ("pgd", "l1", 0.95, None): (0.82, 0.05, 0.20, 0.50,
+    ("pgd", "l1", 0.95, 0.95): (0.82, 0.05, 0.20, 0.50,
                                 {("l2", 0.25): 0.40, ("linf", LINF): 0.20, ("l1", 4.0): 0.45}),
-    ("standard", None, 0.95, 0.95): (0.93, 0.2, 0.1, 0.6,
-                                     {("l2", 0.25): 0.25, ("linf", LINF): 0.15, ("l1", 4.0): 0.1}),
     ("standard", None, 0.5, 0.95): (0.88, 0.4, 0.0, 0.8,
-                                    {("l2", 0.25): 0.2, ("linf", LINF): 0.15, ("l1", 4.0): 0.05}),
+                                    {("l2", 0.25): 0.15, ("linf", LINF): 0.1, ("l1", 4.0): 0.05}),
 }
 
 
@@ -96,15 +94,21 @@ def test_reproduce_prints_the_tables_computed_from_the_rows(client: TestClient,
                             interval=0, sleep=_worker(sqlite_url))
     assert code == 0, err.getvalue()
     sweeps = client.get("/sweeps").json()["items"][::-1]  # oldest first
-    assert [s["spec"]["methods"] for s in sweeps] == [["standard", "pgd"], ["standard"],
-                                                     ["standard"]]
+    params = reproduce.SCALES["tiny"].dataset_params
+    assert [s["spec"]["methods"] for s in sweeps] == [["standard", "pgd"], ["standard"]]
     assert [s["spec"]["dataset_params"] for s in sweeps] == [
-        {"correlation": 0.95}, {"correlation": 0.95, "test_correlation": 0.95},
-        {"correlation": 0.5, "test_correlation": 0.95}]
+        {**params, "correlation": 0.95, "test_correlation": 0.95},
+        {**params, "correlation": 0.5, "test_correlation": 0.95}]
     assert all(s["spec"]["n_examples"] == 32 for s in sweeps)
-    assert [e["benchmark"] for e in sweeps[0]["spec"]["suite"]] == [
-        "clean", "adversarial", "adversarial", "adversarial", "backgrounds", "fg_bg_noise",
-        "groups"]
+    assert sweeps[0]["spec"]["suite"] == [
+        {"benchmark": "clean"},
+        {"benchmark": "adversarial", "attack": "apgd-ce", "norm": "l2", "eps": [0.25],
+         "steps": 5, "restarts": 1},
+        {"benchmark": "adversarial", "attack": "apgd-ce", "norm": "linf", "eps": [LINF],
+         "steps": 5, "restarts": 1},
+        {"benchmark": "adversarial", "attack": "apgd-ce", "norm": "l1", "eps": [4.0],
+         "steps": 5, "restarts": 1},
+        {"benchmark": "backgrounds"}, {"benchmark": "fg_bg_noise"}, {"benchmark": "groups"}]
 
     rows = reproduce.tradeoff_rows(sweeps[0])
     assert rows[0] == TradeoffRow("small_cnn-standard", "standard", None, None, 0.9, None, 0.3,
@@ -116,12 +120,12 @@ def test_reproduce_prints_the_tables_computed_from_the_rows(client: TestClient,
     assert rows[3].robust == 0.45
     assert [(v.norm, v.more_reliant, v.of) for v in reproduce.verdicts(rows)] == [
         ("l2", 1, 1), ("linf", 0, 1), ("l1", 1, 1)]
-    pres = reproduce.preserved_rows(sweeps[1], sweeps[2])
+    pres = reproduce.preserved_rows(sweeps[0], sweeps[1])
     assert pres == [
-        PreservedRow("small_cnn-standard", 0.95, 0.95, 0.93,
-                     {"l2:0.25": 0.25, "linf:0.007843": 0.15, "l1:4": 0.1}),
+        PreservedRow("small_cnn-standard", 0.95, 0.95, 0.9,
+                     {"l2:0.25": 0.2, "linf:0.007843": 0.1, "l1:4": 0.05}),
         PreservedRow("small_cnn-standard", 0.5, 0.95, 0.88,
-                     {"l2:0.25": 0.2, "linf:0.007843": 0.15, "l1:4": 0.05})]
+                     {"l2:0.25": 0.15, "linf:0.007843": 0.1, "l1:4": 0.05})]
 
     text = out.getvalue()
     table = """\
@@ -140,13 +144,14 @@ l1: lower RFS than the standard model (more background reliance) at 1 of 1 eps
     preserved = """\
 | model              | train corr | test corr | clean | APGD l1 4 | APGD l2 0.25 | APGD linf 2/255 |
 |--------------------|------------|-----------|-------|-----------|--------------|-----------------|
-| small_cnn-standard | 0.95       | 0.95      | 0.930 | 0.100     | 0.250        | 0.150           |
-| small_cnn-standard | 0.50       | 0.95      | 0.880 | 0.050     | 0.200        | 0.150           |
+| small_cnn-standard | 0.95       | 0.95      | 0.900 | 0.050     | 0.200        | 0.100           |
+| small_cnn-standard | 0.50       | 0.95      | 0.880 | 0.050     | 0.150        | 0.100           |
 
-trained with the correlation: more robust at 2 of 3 threats than trained without it (same test split)
+trained with the correlation: more robust at 1 of 3 threats than trained without it (same test split)
 """  # noqa: E501
     assert preserved in text
     assert f"tradeoff: http://srv/sweeps/{sweeps[0]['id']}/report" in text
+    assert f"removed: http://srv/sweeps/{sweeps[1]['id']}/report" in text
 
 
 def test_reproduce_fails_clearly_when_a_job_fails(client: TestClient, sqlite_url: str) -> None:
