@@ -196,7 +196,7 @@ def parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("reproduce", help="run the paper's trade-off through the API and "
                          "print its tables (docs/REPRODUCTION.md)")
-    rep.add_argument("--scale", default="default", choices=("tiny", "default", "paper"))
+    rep.add_argument("--scale", default="default", choices=("tiny", "small", "default", "paper"))
     rep.add_argument("--correlation", type=float, default=None,
                      help="train background correlation (default: the scale's)")
     rep.add_argument("--seed", type=int, default=0)

@@ -26,14 +26,14 @@ LINF = 2 / 255
 # Per training: clean, RFS, BG-gap, worst-group and APGD robust accuracy per (norm, eps).
 STANDARD = (0.9, 0.30, 0.05, 0.70, {("l2", 0.25): 0.20, ("linf", LINF): 0.10, ("l1", 4.0): 0.05})
 VALUES = {  # (method, training norm, train correlation, test correlation)
-    ("standard", None, 0.95, 0.95): STANDARD,
-    ("pgd", "l2", 0.95, 0.95): (0.85, 0.10, 0.15, 0.60,
+    ("standard", None, 0.9, 0.9): STANDARD,
+    ("pgd", "l2", 0.9, 0.9): (0.85, 0.10, 0.15, 0.60,
                                 {("l2", 0.25): 0.60, ("linf", LINF): 0.30, ("l1", 4.0): 0.20}),
-    ("pgd", "linf", 0.95, 0.95): (0.80, 0.35, 0.03, 0.65,
+    ("pgd", "linf", 0.9, 0.9): (0.80, 0.35, 0.03, 0.65,
                                   {("l2", 0.25): 0.50, ("linf", LINF): 0.55, ("l1", 4.0): 0.10}),
-    ("pgd", "l1", 0.95, 0.95): (0.82, 0.05, 0.20, 0.50,
+    ("pgd", "l1", 0.9, 0.9): (0.82, 0.05, 0.20, 0.50,
                                 {("l2", 0.25): 0.40, ("linf", LINF): 0.20, ("l1", 4.0): 0.45}),
-    ("standard", None, 0.5, 0.95): (0.88, 0.4, 0.0, 0.8,
+    ("standard", None, 0.5, 0.9): (0.88, 0.4, 0.0, 0.8,
                                     {("l2", 0.25): 0.15, ("linf", LINF): 0.1, ("l1", 4.0): 0.05}),
 }
 
@@ -97,9 +97,11 @@ def test_reproduce_prints_the_tables_computed_from_the_rows(client: TestClient,
     params = reproduce.SCALES["tiny"].dataset_params
     assert [s["spec"]["methods"] for s in sweeps] == [["standard", "pgd"], ["standard"]]
     assert [s["spec"]["dataset_params"] for s in sweeps] == [
-        {**params, "correlation": 0.95, "test_correlation": 0.95},
-        {**params, "correlation": 0.5, "test_correlation": 0.95}]
+        {**params, "correlation": 0.9, "test_correlation": 0.9},
+        {**params, "correlation": 0.5, "test_correlation": 0.9}]
     assert all(s["spec"]["n_examples"] == 32 for s in sweeps)
+    assert [(s["spec"]["lr"], s["spec"]["steps"], s["spec"]["batch_size"]) for s in sweeps] == [
+        (0.02, 3, 32), (0.02, 3, 32)]
     assert sweeps[0]["spec"]["suite"] == [
         {"benchmark": "clean"},
         {"benchmark": "adversarial", "attack": "apgd-ce", "norm": "l2", "eps": [0.25],
@@ -122,9 +124,9 @@ def test_reproduce_prints_the_tables_computed_from_the_rows(client: TestClient,
         ("l2", 1, 1), ("linf", 0, 1), ("l1", 1, 1)]
     pres = reproduce.preserved_rows(sweeps[0], sweeps[1])
     assert pres == [
-        PreservedRow("small_cnn-standard", 0.95, 0.95, 0.9,
+        PreservedRow("small_cnn-standard", 0.9, 0.9, 0.9,
                      {"l2:0.25": 0.2, "linf:0.007843": 0.1, "l1:4": 0.05}),
-        PreservedRow("small_cnn-standard", 0.5, 0.95, 0.88,
+        PreservedRow("small_cnn-standard", 0.5, 0.9, 0.88,
                      {"l2:0.25": 0.15, "linf:0.007843": 0.1, "l1:4": 0.05})]
 
     text = out.getvalue()
@@ -144,8 +146,8 @@ l1: lower RFS than the standard model (more background reliance) at 1 of 1 eps
     preserved = """\
 | model              | train corr | test corr | clean | APGD l1 4 | APGD l2 0.25 | APGD linf 2/255 |
 |--------------------|------------|-----------|-------|-----------|--------------|-----------------|
-| small_cnn-standard | 0.95       | 0.95      | 0.900 | 0.050     | 0.200        | 0.100           |
-| small_cnn-standard | 0.50       | 0.95      | 0.880 | 0.050     | 0.150        | 0.100           |
+| small_cnn-standard | 0.90       | 0.90      | 0.900 | 0.050     | 0.200        | 0.100           |
+| small_cnn-standard | 0.50       | 0.90      | 0.880 | 0.050     | 0.150        | 0.100           |
 
 trained with the correlation: more robust at 1 of 3 threats than trained without it (same test split)
 """  # noqa: E501
