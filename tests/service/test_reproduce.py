@@ -60,7 +60,7 @@ def _worker(sqlite_url: str, fail: str | None = None) -> reproduce.Callable[[flo
                     continue
                 params = t.dataset_params
                 key = (t.method, None if t.method == "standard" else t.threat["norm"],
-                       params["correlation"], params.get("test_correlation"))
+                       params["correlation"], params["test_correlation"])
                 clean, rfs, gap, worst, robust = VALUES[key]
                 ev = Evaluation(owner=t.owner, model_name=t.name, dataset=t.dataset,
                                 dataset_params=params, split="test", suite=t.evaluate or [],
