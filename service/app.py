@@ -20,6 +20,7 @@ from service.leaderboard.router import router as leaderboard_router
 from service.models.router import router as models_router
 from service.ops.router import make_registry
 from service.ops.router import router as ops_router
+from service.pages import docs
 from service.queue import make_celery
 from service.settings import Settings, get_settings
 from service.sweeps.router import router as sweeps_router
@@ -52,11 +53,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         engine.dispose()
 
-    app = FastAPI(title="robustscope", version=VERSION, lifespan=lifespan,
+    app = FastAPI(title="robustscope", version=VERSION, lifespan=lifespan, docs_url=None,
                   description="Adversarial and natural distributional robustness of image "
                               "classifiers, measured side by side.")
     app.state.settings = settings
     errors.install(app)
+    docs.install(app)  # Swagger UI from a package, so /docs works offline
 
     app.add_middleware(Guard, settings=settings,
                        authenticate=lambda key: app.state.keys.verify(key))

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service import client
+from service import client, reproduce
 
 
 def _settings_env(data_dir: str | None) -> None:
@@ -247,6 +247,18 @@ def parser() -> argparse.ArgumentParser:
                          "a bare METRIC must belong to one benchmark only; repeatable")
     ev.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     ev.set_defaults(fn=cmd_evaluate)
+
+    rep = sub.add_parser("reproduce", help="run the paper's trade-off through the API and "
+                         "print its tables (docs/REPRODUCTION.md)")
+    rep.add_argument("--scale", default="default", choices=("tiny", "small", "default", "paper"))
+    rep.add_argument("--correlation", type=float, default=None,
+                     help="train background correlation (default: the scale's)")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--server", default=os.environ.get("ROBUSTSCOPE_SERVER",
+                                                        "http://127.0.0.1:8000"))
+    rep.add_argument("--api-key", default=os.environ.get("ROBUSTSCOPE_API_KEY"))
+    rep.set_defaults(fn=lambda a: reproduce.main(a.server, a.api_key, a.scale, a.seed,
+                                                 a.correlation))
     return p
 
 

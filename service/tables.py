@@ -139,6 +139,8 @@ class Evaluation(Base):
     artifacts: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     completed_entries: Mapped[list[int]] = mapped_column(JSON, default=list)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    # n_examples (a seeded subset of the split) and class_map (model class -> dataset class)
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -30,6 +30,7 @@ from workers.engine import ENGINE_VERSION, benchmarks
 from workers.engine.data import DatasetFormatError, load_builtin, load_npz
 from workers.engine.models import CheckpointError, ModelSpec
 from workers.engine.models import load as load_model
+from workers.engine.scope import scoped
 from workers.engine.types import (
     BenchmarkError,
     BenchmarkResult,
@@ -70,6 +71,7 @@ class Job:
     dataset_path: Path | None
     dataset_params: dict[str, Any]
     split: str
+    options: dict[str, Any] | None = None  # n_examples, class_map
 
 
 JobTable = type[Evaluation] | type[Training]
@@ -121,6 +123,7 @@ def load_job(rt: Runtime, eid: uuid.UUID, token: int) -> Job:
             model_spec=ModelSpec.from_metadata(model.format, model.model_metadata),
             dataset=ev.dataset, dataset_path=dataset_path,
             dataset_params=dict(ev.dataset_params or {}), split=ev.split,
+            options=dict(ev.options or {}),
         )
 
 
@@ -251,11 +254,14 @@ def _load_data(rt: Runtime, job: Job) -> EvalData:
 def _run_suite(rt: Runtime, job: Job, sup: Supervisor) -> None:
     n = len(job.suite)
     sup.progress(len(job.completed) / n, "loading", "loading the model and the data")
-    model = load_model(job.model_path, job.model_spec, rt.device)
+    model: torch.nn.Module = load_model(job.model_path, job.model_spec, rt.device)
     data = _load_data(rt, job)
     if data.x.shape[1:] != tuple(job.model_spec.input_shape):
         raise BenchmarkError(f"the data has shape {list(data.x.shape[1:])} but the model takes "
                              f"{list(job.model_spec.input_shape)}")
+    opts = job.options or {}
+    model, data = scoped(model, data, n_examples=opts.get("n_examples"),
+                         class_map=opts.get("class_map"), seed=job.seed, device=rt.device)
     _set_device_info(rt, job)
     _record_data_source(rt, job, data)
     artifact_dir = rt.settings.data_dir / "artifacts" / str(job.id)

@@ -64,6 +64,7 @@ class TrainingJob:
     train_examples: int | None
     eval_examples: int
     evaluate: list[dict[str, Any]] | None
+    n_examples: int | None = None  # of the evaluation the training queues
 
 
 def load_job(rt: Runtime, tid: uuid.UUID, token: int) -> TrainingJob:
@@ -91,7 +92,7 @@ def load_job(rt: Runtime, tid: uuid.UUID, token: int) -> TrainingJob:
             dataset_path=dataset_path, dataset_params=dict(row.dataset_params or {}),
             held_out_split=row.held_out_split, train_examples=opts.get("train_examples"),
             eval_examples=int(opts.get("eval_examples") or 1000),
-            evaluate=row.evaluate)
+            evaluate=row.evaluate, n_examples=opts.get("n_examples"))
 
 
 def run(rt: Runtime, tid: uuid.UUID, send_task: Any = None) -> str:
@@ -211,7 +212,7 @@ def _succeed(rt: Runtime, job: TrainingJob, state: dict[str, torch.Tensor],
             if job.evaluate is not None:
                 ev, _ = evaluations.create(s, outbox, job.owner, EvaluationIn(
                     model_id=model.id, dataset=job.dataset, dataset_params=job.dataset_params,
-                    suite=job.evaluate, seed=job.spec.seed), None)
+                    suite=job.evaluate, seed=job.spec.seed, n_examples=job.n_examples), None)
                 row.evaluation_id = ev.id
             row.model_id, row.history = model.id, history
             row.status, row.finished_at, row.error = "succeeded", utcnow(), None

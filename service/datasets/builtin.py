@@ -87,6 +87,20 @@ def _scene_params(correlation: float, test: float = 0.5) -> dict[str, BuiltinPar
     }
 
 
+def _bird_params() -> dict[str, BuiltinParameter]:
+    """The Waterbirds-style sets also set the strength of each feature (the linear theory's
+    core and spurious scales)."""
+    return {
+        **_scene_params(0.95),
+        "core_scale": {"default": 0.0, "description": (
+            "in [0, 1]: blends each bird towards its class's tint (landbird magenta, waterbird "
+            "yellow); 0 leaves the drawings, a shape-only core feature")},
+        "background_scale": {"default": 1.0, "description": (
+            "in [0, 1]: the backgrounds' contrast around mid-grey; 0 removes the spurious "
+            "feature")},
+    }
+
+
 _SHAPES = ["circle", "square", "triangle", "cross"]
 _BIRDS = ["landbird", "waterbird"]
 _BIRD_GROUPS = [f"{c} on {p}" for c in _BIRDS for p in ("land", "water")]
@@ -129,7 +143,7 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
             [3000, 800, 800],
             _BIRD_GROUPS,
             _EPS_32,
-            _scene_params(0.95),
+            _bird_params(),
             _WATERBIRDS_DOC,
         ),
         _entry(
@@ -139,7 +153,7 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
             [3000, 800, 800],
             _BIRD_GROUPS,
             {"linf": 8 / 255, "l2": 1.0, "l1": 24.0},
-            _scene_params(0.95),
+            _bird_params(),
             _WATERBIRDS_DOC,
         ),
         _entry(

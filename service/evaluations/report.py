@@ -1,48 +1,123 @@
-"""A self-contained HTML report: a results table and an inline SVG plot per benchmark.
+"""A self-contained HTML report: per benchmark, a chart with labelled axes, one line saying
+what the metric means and which direction is better, and the results table; the sanity
+checks with what each one guards against; links to the model, its training and its sweep.
+While the job runs, the page reloads itself.
 
-No plotting library and no JavaScript: the report is a single file a user can attach to a
-ticket. A numeric parameter (eps, sigma, severity) becomes a line plot's x axis; anything
-else becomes bars.
+No plotting library and no JavaScript (charts are inline SVG from :mod:`service.pages.svg`):
+the report is a single file a user can attach to a ticket. A numeric parameter (eps, sigma,
+severity) becomes a line chart's x axis; anything else becomes bars.
 """
 
 from __future__ import annotations
 
 import html
+import uuid
 from collections import defaultdict
 from typing import Any
 
 from service.evaluations.schemas import EvaluationOut, ResultOut
+from service.pages.svg import COLORS, Axis, Series, bars, chart, page
 
 _X_PARAMS = ("eps", "sigma", "severity")
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
+_X_TITLES = {
+    "eps": "eps, perturbation budget (pixel scale [0, 1]; l_inf 8/255 = 0.0314)",
+    "sigma": "sigma, std of the Gaussian noise (pixel scale [0, 1])",
+    "severity": "corruption severity (1 = mildest, 5 = strongest)",
+}
+
+# One line per benchmark: what its metrics mean and which direction is better (METRICS.md).
+MEANING = {
+    "clean": "Top-1 accuracy on the unperturbed test images. Higher is better.",
+    "adversarial": "Robust accuracy: the fraction of examples classified correctly that no "
+                   "attack in the run could flip within the eps-ball (worst case over attacks "
+                   "and restarts). Higher is better; it can only fall as eps grows.",
+    "robustness_curve": "Robust accuracy as a function of eps from one minimal-perturbation "
+                        "run. Higher is better.",
+    "fg_bg_noise": "Accuracy with noise on the object (fg) or on the background (bg), and "
+                   "RFS = (acc_bg - acc_fg) / (2 min(a, 1 - a)) in [-1, 1]: higher means the "
+                   "model relies more on the object, the core feature. Higher RFS is better.",
+    "backgrounds": "Accuracy on ImageNet-9-style variants (object on black, background "
+                   "only, object on a same-class or a random background). BG-gap = "
+                   "acc(mixed_same) - acc(mixed_rand): how much the background sways the "
+                   "model. Lower BG-gap is better.",
+    "groups": "Accuracy per (label, background) group; worst-group accuracy is the lowest. "
+              "Higher is better.",
+    "corruptions": "Accuracy under common corruptions per type and severity. Higher is better.",
+    "spurious_shift": "Accuracy when the background's correlation with the label is kept, "
+                      "removed or reversed. Higher is better; a large drop means reliance on "
+                      "the background.",
+}
+
+# What each sanity check guards against (AutoAttack's pitfalls and ours).
+CHECKS = {
+    "degenerate_predictions": "Fails when the model predicts one class for (nearly) every "
+                              "input: its accuracy is that class's share and its robust "
+                              "accuracy equals its clean accuracy, so neither means anything.",
+    "monotone_in_eps": "Robust accuracy must not rise with eps; if it does, an attack is weak "
+                       "or misconfigured.",
+    "blackbox_not_stronger": "A black-box attack (Square) must not break examples the "
+                             "white-box attacks missed; if it does, gradients are masked.",
+    "nonzero_gradients": "Input gradients must be non-zero; zero gradients make white-box "
+                         "attacks fail silently (gradient masking).",
+    "deterministic_forward": "Two forward passes on the same input must agree; randomness "
+                             "in the model defeats the attacks' bookkeeping.",
+    "logits_not_softmax": "The model should output logits, not probabilities; softmax outputs "
+                          "flatten the attacks' gradients.",
+    "dataset_assets": "What drew a built-in dataset's pictures (installed art or the "
+                      "procedural fallback); results compare only within one.",
+}
+
+FINAL = ("succeeded", "failed", "cancelled")
 
 
-def render(ev: EvaluationOut) -> str:
+def render(ev: EvaluationOut, training_id: uuid.UUID | None = None,
+           sweep_id: uuid.UUID | None = None) -> str:
     e = html.escape
     by_bench: dict[str, list[ResultOut]] = defaultdict(list)
     for r in ev.results:
         by_bench[r.benchmark].append(r)
     sections = [_section(name, rows) for name, rows in by_bench.items()]
-    checks = "".join(
-        f"<li class='{'ok' if c.get('passed') else 'flag'}'>{e(str(c.get('name')))}: "
-        f"{'passed' if c.get('passed') else 'FLAGGED'} {e(str(c.get('detail', '')))}</li>"
-        for c in ev.checks
-    )
+    checks = "".join(_check(c) for c in ev.checks)
     error = (f"<p class='flag'>Error ({e(ev.error.type)}): {e(ev.error.detail)}</p>"
              if ev.error else "")
-    return f"""<!doctype html><html><head><meta charset="utf-8">
-<title>robustscope report {ev.id}</title><style>
-body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;
-text-align:left;font-size:14px}}.flag{{color:#b00}}.ok{{color:#070}}svg{{background:#fafafa}}
-</style></head><body>
+    links = [f"<a href='/evaluations/{ev.id}'>evaluation JSON</a>"]
+    if ev.model_id:
+        links.append(f"<a class='model' href='/models/{ev.model_id}'>model</a>")
+    if training_id:
+        links.append(f"<a class='training' href='/trainings/{training_id}'>training</a>")
+    if sweep_id:
+        links.append(f"<a class='sweep' href='/sweeps/{sweep_id}/report'>sweep report</a>")
+    scope = (f"a seeded subset of {ev.n_examples} examples of the {e(ev.split)} split"
+             if ev.n_examples else f"the whole {e(ev.split)} split")
+    cmap = ev.class_map if isinstance(ev.class_map, str) else (
+        "a given map" if ev.class_map else None)
+    running = ev.status not in FINAL
+    progress = (f"<p>Running: {100 * ev.progress.fraction:.0f}% · {e(ev.progress.stage)}: "
+                f"{e(ev.progress.message)} (this page reloads every 5 s)</p>" if running else "")
+    body = f"""
+<nav>{' '.join(links)}</nav>
 <h1>Evaluation of {e(ev.model_name)} on {e(ev.dataset)}</h1>
-<p>Status <b>{e(ev.status)}</b> · seed {ev.seed} · device {e(ev.device or '-')} ·
-engine {e(ev.engine_version or '-')} · attempts {ev.attempts} · finished {ev.finished_at or '-'}
-</p>{error}
-<h2>Sanity checks</h2><ul>{checks or '<li>none reported</li>'}</ul>
+<p>Status <b>{e(ev.status)}</b> · measured on {scope}
+{f'· model classes mapped with {e(cmap)}' if cmap else ''} · seed {ev.seed} ·
+device {e(ev.device or '-')} · engine {e(ev.engine_version or '-')} ·
+attempts {ev.attempts} · finished {ev.finished_at or '-'}</p>{progress}{error}
+<h2>Sanity checks</h2>
+<p class='note'>Each check guards against a way an evaluation can look better than it is;
+a red one means the numbers below should not be trusted as they stand.</p>
+<ul>{checks or '<li>none reported yet</li>'}</ul>
 {''.join(sections)}
-</body></html>"""
+"""
+    return page(f"robustscope report {ev.id}", body, refresh=5 if running else None)
+
+
+def _check(c: dict[str, Any]) -> str:
+    e = html.escape
+    name = str(c.get("name"))
+    ok = bool(c.get("passed"))
+    why = CHECKS.get(name, "")
+    return (f"<li class='{'ok' if ok else 'flag'}'><b>{e(name)}</b>: "
+            f"{'passed' if ok else 'FLAGGED'}. {e(str(c.get('detail', '')))}"
+            + (f"<div class='note'>{e(why)}</div>" if why else "") + "</li>")
 
 
 def _label(params: dict[str, Any], skip: str | None = None) -> str:
@@ -58,15 +133,23 @@ def _section(name: str, rows: list[ResultOut]) -> str:
     e = html.escape
     plotted = [r for r in rows if r.metric not in _COST_METRICS]
     table = "".join(
-        f"<tr><td>{e(r.metric)}</td><td>{e(_label(r.params))}</td><td>{r.value:.4f}</td></tr>"
-        for r in rows
+        f"<tr><td>{e(r.metric)}</td><td>{e(_label(r.params))}</td>"
+        f"<td class='num'>{r.value:.4f}</td></tr>" for r in rows
     )
-    return (f"<h2>{e(name)}</h2>{_plot(plotted) if plotted else ''}"
-            f"<table><tr><th>metric</th><th>parameters</th>"
-            f"<th>value</th></tr>{table}</table>")
+    meaning = MEANING.get(name)
+    note = f"<p class='note meaning'>{e(meaning)}</p>" if meaning else ""
+    return (f"<h2>{e(name)}</h2>{note}{_plot(name, plotted) if plotted else ''}"
+            f"<table><tr><th>metric</th><th>parameters</th><th>value</th></tr>{table}</table>")
 
 
-def _plot(rows: list[ResultOut]) -> str:
+def _y_title(rows: list[ResultOut]) -> str:
+    metrics = sorted({r.metric for r in rows})
+    if all("accuracy" in m for m in metrics):
+        return "accuracy (fraction of examples)"
+    return ", ".join(metrics)
+
+
+def _plot(bench: str, rows: list[ResultOut]) -> str:
     x_param = next((p for p in _X_PARAMS
                     if sum(isinstance(r.params.get(p), int | float) for r in rows) >= 2), None)
     if x_param is not None:
@@ -75,47 +158,13 @@ def _plot(rows: list[ResultOut]) -> str:
             x = r.params.get(x_param)
             if isinstance(x, int | float):
                 series[f"{r.metric} ({_label(r.params, x_param)})"].append((float(x), r.value))
-        return _lines(series, x_param)
-    return _bars([(f"{r.metric} {_label(r.params)}", r.value) for r in rows])
-
-
-def _lines(series: dict[str, list[tuple[float, float]]], x_name: str) -> str:
-    w, h, pad = 640, 260, 40
-    xs = [x for pts in series.values() for x, _ in pts]
-    ys = [y for pts in series.values() for _, y in pts]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(0.0, min(ys)), max(1.0, max(ys))
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (pad + (x - x0) / (x1 - x0) * (w - 2 * pad),
-                h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad))
-
-    parts = [f"<svg width='{w}' height='{h + 20 * len(series)}' xmlns='http://www.w3.org/2000/svg'>",
-             f"<line x1='{pad}' y1='{h - pad}' x2='{w - pad}' y2='{h - pad}' stroke='#888'/>",
-             f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{h - pad}' stroke='#888'/>",
-             f"<text x='{w / 2}' y='{h - 8}' font-size='12'>{html.escape(x_name)}</text>",
-             f"<text x='4' y='{pad}' font-size='11'>{y1:.2f}</text>",
-             f"<text x='4' y='{h - pad}' font-size='11'>{y0:.2f}</text>"]
-    for i, (name, pts) in enumerate(series.items()):
-        color = _COLORS[i % len(_COLORS)]
-        xy = [px(x, y) for x, y in sorted(pts)]
-        parts.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' "
-                     f"points='{' '.join(f'{a:.1f},{b:.1f}' for a, b in xy)}'/>")
-        parts += [f"<circle cx='{a:.1f}' cy='{b:.1f}' r='3' fill='{color}'/>" for a, b in xy]
-        parts.append(f"<text x='{pad}' y='{h + 14 + 20 * i}' font-size='12' fill='{color}'>"
-                     f"{html.escape(name)}</text>")
-    return "".join(parts) + "</svg>"
-
-
-def _bars(items: list[tuple[str, float]]) -> str:
-    w, bar = 640, 18
-    top = max([1.0, *[v for _, v in items]])
-    parts = [f"<svg width='{w}' height='{bar * len(items) + 10}' "
-             "xmlns='http://www.w3.org/2000/svg'>"]
-    for i, (label, value) in enumerate(items):
-        length = max(0.0, value) / top * (w - 330)
-        parts.append(f"<text x='0' y='{i * bar + 13}' font-size='11'>"
-                     f"{html.escape(label[:48])}</text><rect x='300' y='{i * bar + 3}' "
-                     f"width='{length:.1f}' height='{bar - 5}' fill='#1f77b4'/><text "
-                     f"x='{305 + length:.1f}' y='{i * bar + 13}' font-size='11'>{value:.3f}</text>")
-    return "".join(parts) + "</svg>"
+        ys = [v for pts in series.values() for _, v in pts]
+        y = Axis(_y_title(rows), min(0.0, *ys), max(1.0, *ys))
+        return chart(f"{bench}: {_y_title(rows)} against {x_param}",
+                     Axis(_X_TITLES[x_param]), y,
+                     [Series(n, pts, COLORS[i % len(COLORS)])
+                      for i, (n, pts) in enumerate(series.items())])
+    values = [r.value for r in rows]
+    return bars(f"{bench}: {_y_title(rows)}", [(f"{r.metric} {_label(r.params)}", r.value)
+                                                for r in rows],
+                Axis(_y_title(rows), min(0.0, *values), max(1.0, *values)))

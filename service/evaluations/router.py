@@ -18,6 +18,7 @@ from service.evaluations import report, service
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
 from service.jobs import progress_events
 from service.models import service as models
+from service.pages.links import origin
 from service.quotas import check_active_jobs, check_stored_bytes
 from service.validation import reject_nul
 from service.webhook_policy import check_url
@@ -142,7 +143,8 @@ async def evaluation_events(evaluation_id: uuid.UUID, request: Request,
 @router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)
 def evaluation_report(evaluation_id: uuid.UUID, session: SessionDep,
                       owner: CurrentOwner) -> HTMLResponse:
-    return HTMLResponse(report.render(service.to_out(service.get(session, owner, evaluation_id))))
+    ev = service.to_out(service.get(session, owner, evaluation_id))
+    return HTMLResponse(report.render(ev, *origin(session, owner, evaluation_id)))
 
 
 @router.get("/{evaluation_id}/artifacts/{name:path}", responses=ERRORS)

@@ -18,6 +18,8 @@ class EvaluationIn(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     public: bool = False
     webhook_url: str | None = Field(None, pattern=r"^https?://", max_length=2000)
+    n_examples: int | None = Field(None, ge=1, le=10_000_000)
+    class_map: str | list[int] | None = None
 
 
 class Progress(BaseModel):
@@ -61,6 +63,8 @@ class EvaluationOut(BaseModel):
     checks: list[dict[str, Any]]
     timings: dict[str, float]
     artifacts: list[str]
+    n_examples: int | None = None
+    class_map: str | list[int] | None = None
 
 
 class EvaluationPage(BaseModel):

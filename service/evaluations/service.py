@@ -44,9 +44,7 @@ def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
         raise Invalid(
             f"the model takes inputs of shape {model.input_shape} but dataset "
             f"{body.dataset!r} has images of shape {dataset.input_shape}", field="dataset")
-    if model.num_classes < dataset.num_classes:
-        raise Invalid(f"the model has {model.num_classes} classes but dataset {body.dataset!r}"
-                      f" has {dataset.num_classes}", field="dataset")
+    _check_class_map(body, model.num_classes, dataset.num_classes)
     entries = suites.expand(body.suite, dataset.capabilities)
     row = Evaluation(
         owner=owner, model_id=model.id, model_name=model.name, dataset=dataset.name,
@@ -56,6 +54,7 @@ def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
         request_hash=request_hash, status="queued", progress_stage="queued",
         progress_message="waiting for a worker", enqueued_at=utcnow(), checks=[],
         artifacts={}, completed_entries=[], timings={},
+        options={"n_examples": body.n_examples, "class_map": body.class_map},
     )
     session.add(row)
     try:
@@ -65,6 +64,44 @@ def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
                        reason="idempotency-key-race") from exc
     outbox.add(EVALUATE_TASK, str(row.id))
     return row, True
+
+
+# Class maps the engine knows by name: (model classes, dataset classes). ``imagenet9`` maps the
+# 1000 ImageNet-1k classes onto the 9 ImageNet-9 superclasses as the backgrounds challenge does.
+NAMED_CLASS_MAPS = {"imagenet9": (1000, 9)}
+
+
+def _check_class_map(body: EvaluationIn, model_classes: int, dataset_classes: int) -> None:
+    """A model whose classes are not the dataset's needs a map from its classes to them."""
+    cmap = body.class_map
+    if cmap is None:
+        if model_classes != dataset_classes:
+            raise Invalid(
+                f"the model has {model_classes} classes but dataset {body.dataset!r} has "
+                f"{dataset_classes}; give a class_map (a list with the dataset class, or -1, "
+                f"of each model class, or a built-in name: {', '.join(NAMED_CLASS_MAPS)})",
+                field="class_map")
+        return
+    if isinstance(cmap, str):
+        if cmap not in NAMED_CLASS_MAPS:
+            raise Invalid(f"unknown class map {cmap!r}; known: {', '.join(NAMED_CLASS_MAPS)}",
+                          field="class_map")
+        need = NAMED_CLASS_MAPS[cmap]
+        if (model_classes, dataset_classes) != need:
+            raise Invalid(f"class map {cmap!r} maps {need[0]} model classes onto {need[1]} "
+                          f"dataset classes; this model has {model_classes} and the dataset "
+                          f"{dataset_classes}", field="class_map")
+        return
+    if len(cmap) != model_classes:
+        raise Invalid(f"class_map has {len(cmap)} entries; the model has {model_classes} "
+                      "classes", field="class_map")
+    if any(c < -1 or c >= dataset_classes for c in cmap):
+        raise Invalid(f"class_map entries must be -1 or a dataset class 0..{dataset_classes - 1}",
+                      field="class_map")
+    missing = sorted(set(range(dataset_classes)) - set(cmap))
+    if missing:
+        raise Invalid(f"class_map maps no model class to dataset class(es) {missing}",
+                      field="class_map")
 
 
 def get(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation:
@@ -108,6 +145,8 @@ def to_out(row: Evaluation) -> EvaluationOut:
         results=[_result(r) for r in row.results],
         checks=list(row.checks or []), timings=dict(row.timings or {}),
         artifacts=sorted(row.artifacts or {}),
+        n_examples=(row.options or {}).get("n_examples"),
+        class_map=(row.options or {}).get("class_map"),
     )
 
 

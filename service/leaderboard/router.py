@@ -7,11 +7,13 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 from sqlalchemy import or_, select
 
 from service.deps import CurrentOwner, SessionDep
 from service.errors import Invalid, problem_responses
+from service.pages import leaderboard as leaderboard_page
 from service.tables import Evaluation, Result
 
 router = APIRouter(tags=["leaderboard"])
@@ -82,3 +84,18 @@ def leaderboard(
 
 def _close(value: Any, target: float) -> bool:
     return isinstance(value, int | float) and abs(value - target) <= 1e-4 * max(1.0, abs(target))
+
+
+@router.get("/leaderboard/page", response_class=HTMLResponse,
+            responses=problem_responses(401, 422))
+def leaderboard_html(
+    session: SessionDep, owner: CurrentOwner, dataset: str = "waterbirds-32",
+    metric: str = "robust_accuracy", benchmark: str = "adversarial", threat: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> HTMLResponse:
+    """The same ranking as a page, with both axes beside each row and a filter form."""
+    board = leaderboard(session, owner, dataset, metric, benchmark, threat or None, limit)
+    datasets = sorted({dataset, *session.scalars(
+        select(Evaluation.dataset).where(or_(Evaluation.owner == owner,
+                                             Evaluation.public.is_(True))).distinct())})
+    return HTMLResponse(leaderboard_page.render(session, board, owner, datasets))

@@ -4,11 +4,13 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi.responses import HTMLResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
 from service.errors import Invalid, problem_responses
+from service.pages import sweep as sweep_page
 from service.quotas import check_active_jobs
 from service.sweeps import service
 from service.sweeps.schemas import SweepIn, SweepOut, SweepPage
@@ -63,3 +65,10 @@ def get_sweep(sweep_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> 
 def cancel_sweep(sweep_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> SweepOut:
     """Cancel every training and evaluation of the sweep that has not finished."""
     return service.to_out(session, service.cancel(session, owner, sweep_id))
+
+
+@router.get("/{sweep_id}/report", response_class=HTMLResponse, responses=ERRORS)
+def sweep_report(sweep_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> HTMLResponse:
+    """The trade-off as a page: robust accuracy against RFS and BG-gap, the per-model table."""
+    return HTMLResponse(sweep_page.render(service.to_out(session,
+                                                         service.get(session, owner, sweep_id))))

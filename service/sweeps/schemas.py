@@ -24,16 +24,18 @@ class SweepIn(BaseModel):
     architecture: str = Field(min_length=1, max_length=100)
     methods: list[Method] = Field(min_length=1, max_length=4)
     threats: dict[Norm, list[Eps]] = Field(default_factory=dict)
+    # Left out: each method's defaults (service/trainings/defaults.py).
     steps: int | None = Field(None, ge=1, le=1000)
-    epochs: int = Field(ge=1, le=1000)
-    batch_size: int = Field(ge=2, le=4096)
-    lr: float = Field(gt=0, le=10)
+    epochs: int | None = Field(None, ge=1, le=1000)
+    batch_size: int | None = Field(None, ge=2, le=4096)
+    lr: float | None = Field(None, gt=0, le=10)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     suite: str | list[dict[str, Any]] | None = None
-    optimizer: Optimizer = Optimizer.SGD
-    lr_schedule: LrSchedule = LrSchedule.COSINE
+    optimizer: Optimizer | None = None
+    lr_schedule: LrSchedule | None = None
     train_examples: int | None = Field(None, ge=2)
     eval_examples: int = Field(1000, ge=1, le=100_000)
+    n_examples: int | None = Field(None, ge=1, le=10_000_000)  # of every evaluation
 
     @model_validator(mode="after")
     def _grid(self) -> SweepIn:
@@ -76,6 +78,9 @@ class SweepRow(BaseModel):
     bg_gap: float | None
     mixed_rand_accuracy: float | None
     rfs: float | None
+    worst_group_accuracy: float | None = None
+    degenerate: bool | None = None  # the degenerate_predictions check flagged the model
+    name: str | None = None
 
 
 class SweepOut(BaseModel):

@@ -25,7 +25,8 @@ from service.trainings.schemas import Method, ThreatIn, TrainingIn
 
 def default_suite(session: Session, owner: str, body: SweepIn) -> list[dict[str, Any]]:
     """Both axes: clean and APGD-CE robust accuracy at the grid's threats, and, where the
-    dataset has foreground masks, the backgrounds benchmark (BG-gap) and RFS."""
+    dataset has foreground masks, the backgrounds benchmark (BG-gap) and RFS, and where it
+    has groups, worst-group accuracy."""
     try:
         caps = resolve(session, owner, body.dataset).capabilities
     except NotFound as exc:
@@ -37,6 +38,8 @@ def default_suite(session: Session, owner: str, body: SweepIn) -> list[dict[str,
                "eps": sorted(values)} for norm, values in threats.items()]
     if caps.has_masks:
         suite += [{"benchmark": "backgrounds"}, {"benchmark": "fg_bg_noise"}]
+    if caps.has_groups:
+        suite.append({"benchmark": "groups"})
     return suite
 
 
@@ -62,7 +65,8 @@ def create(session: Session, outbox: Outbox, owner: str, body: SweepIn,
             architecture=body.architecture, method=method, threat=threat, epochs=body.epochs,
             batch_size=body.batch_size, lr=body.lr, seed=body.seed, evaluate=suite, name=name,
             optimizer=body.optimizer, lr_schedule=body.lr_schedule,
-            train_examples=body.train_examples, eval_examples=body.eval_examples)
+            train_examples=body.train_examples, eval_examples=body.eval_examples,
+            n_examples=body.n_examples)
         row, _ = trainings.create(session, outbox, owner, spec, None)
         ids.append(str(row.id))
     sweep = Sweep(owner=owner, spec={**body.model_dump(mode="json"), "suite": suite},
@@ -130,7 +134,10 @@ def _row(t: Training, ev: Evaluation | None) -> SweepRow:
         eps=None if standard else t.threat["eps"], training_status=t.status,
         model_id=t.model_id, evaluation_id=t.evaluation_id,
         evaluation_status=ev.status if ev else None, clean_accuracy=None, robust_accuracy={},
-        bg_gap=None, mixed_rand_accuracy=None, rfs=None)
+        bg_gap=None, mixed_rand_accuracy=None, rfs=None, name=t.name,
+        degenerate=None if ev is None or ev.status != "succeeded" else any(
+            c.get("name") == "degenerate_predictions" and not c.get("passed")
+            for c in ev.checks or []))
     for r in ev.results if ev else []:
         if (r.benchmark, r.metric) == ("clean", "accuracy"):
             row.clean_accuracy = r.value
@@ -143,6 +150,8 @@ def _row(t: Training, ev: Evaluation | None) -> SweepRow:
             row.mixed_rand_accuracy = r.value
         elif (r.benchmark, r.metric) == ("fg_bg_noise", "rfs") and r.params.get("sigma") == "mean":
             row.rfs = r.value
+        elif (r.benchmark, r.metric) == ("groups", "worst_group_accuracy"):
+            row.worst_group_accuracy = r.value
     return row
 
 

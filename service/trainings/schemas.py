@@ -47,17 +47,19 @@ class TrainingIn(BaseModel):
     architecture: str = Field(min_length=1, max_length=100)
     method: Method
     threat: ThreatIn | None = None
-    epochs: int = Field(ge=1, le=1000)
-    batch_size: int = Field(ge=2, le=4096)
-    lr: float = Field(gt=0, le=10)
+    # Left out: the method's defaults (service/trainings/defaults.py).
+    epochs: int | None = Field(None, ge=1, le=1000)
+    batch_size: int | None = Field(None, ge=2, le=4096)
+    lr: float | None = Field(None, gt=0, le=10)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     evaluate: str | list[dict[str, Any]] | None = None
     name: str | None = Field(None, min_length=1, max_length=200)
-    optimizer: Optimizer = Optimizer.SGD
-    lr_schedule: LrSchedule = LrSchedule.COSINE
+    optimizer: Optimizer | None = None
+    lr_schedule: LrSchedule | None = None
     beta: float = Field(6.0, gt=0, le=100)
     train_examples: int | None = Field(None, ge=2)
     eval_examples: int = Field(1000, ge=1, le=100_000)
+    n_examples: int | None = Field(None, ge=1, le=10_000_000)  # of the `evaluate` run
 
     @model_validator(mode="after")
     def _threat_fits_the_method(self) -> TrainingIn:
@@ -92,6 +94,7 @@ class TrainingOut(BaseModel):
     beta: float | None
     train_examples: int | None
     eval_examples: int
+    n_examples: int | None = None
     evaluate: list[dict[str, Any]] | None
     history: list[dict[str, Any]]
     created_at: datetime

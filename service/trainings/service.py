@@ -19,9 +19,8 @@ from service.models.sniff import _shape_table
 from service.pagination import newest_first
 from service.queue import TRAIN_TASK, Outbox
 from service.tables import Training, utcnow
+from service.trainings import defaults
 from service.trainings.schemas import Method, ThreatIn, TrainingIn, TrainingOut
-
-DEFAULT_STEPS = 10  # PGD and TRADES inner steps when the threat names none
 
 
 def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
@@ -33,7 +32,10 @@ def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
         return existing, False
     dataset = _dataset(session, owner, body)
     _check_architecture(body.architecture, dataset)
-    threat = _threat(body, dataset)
+    d = defaults.fill(body.method, optimizer=body.optimizer, lr=body.lr,
+                      lr_schedule=body.lr_schedule,
+                      steps=body.threat.steps if body.threat is not None else None)
+    threat = _threat(body, dataset, d.steps)
     evaluate = (suites.expand(body.evaluate, dataset.capabilities)
                 if body.evaluate is not None else None)
     held_out = "val" if "val" in dataset.splits else "test"
@@ -43,10 +45,12 @@ def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
         owner=owner, name=name, dataset=dataset.name, dataset_id=dataset.id,
         dataset_params=body.dataset_params, held_out_split=held_out,
         architecture=body.architecture, method=body.method.value, threat=threat,
-        epochs=body.epochs, batch_size=body.batch_size, lr=body.lr, seed=body.seed,
-        options={"optimizer": body.optimizer.value, "lr_schedule": body.lr_schedule.value,
+        epochs=body.epochs or defaults.EPOCHS, batch_size=body.batch_size or defaults.BATCH_SIZE,
+        lr=d.lr, seed=body.seed,
+        options={"optimizer": d.optimizer.value, "lr_schedule": d.lr_schedule.value,
                  "beta": body.beta if body.method is Method.TRADES else None,
-                 "train_examples": body.train_examples, "eval_examples": body.eval_examples},
+                 "train_examples": body.train_examples, "eval_examples": body.eval_examples,
+                 "n_examples": body.n_examples},
         evaluate=evaluate, idempotency_key=idempotency_key, request_hash=request_hash,
         status="queued", progress_stage="queued", progress_message="waiting for a worker",
         enqueued_at=utcnow(), history=[],
@@ -88,7 +92,7 @@ def _check_architecture(architecture: str, dataset: ResolvedDataset) -> None:
                       f"{channels}", field="architecture")
 
 
-def _threat(body: TrainingIn, dataset: ResolvedDataset) -> dict[str, Any]:
+def _threat(body: TrainingIn, dataset: ResolvedDataset, steps: int) -> dict[str, Any]:
     """The threat with its defaults filled in, as the job record shows it.
 
     For ``standard`` training it is only what the held-out robust accuracy is measured
@@ -100,7 +104,6 @@ def _threat(body: TrainingIn, dataset: ResolvedDataset) -> dict[str, Any]:
         steps = 1
         step_size = t.step_size if t.step_size is not None else 1.25 * t.eps
     else:
-        steps = t.steps or DEFAULT_STEPS
         step_size = t.step_size if t.step_size is not None else 2.5 * t.eps / steps
     return {"norm": t.norm.value, "eps": t.eps, "steps": steps, "step_size": step_size}
 
@@ -138,6 +141,7 @@ def to_out(row: Training) -> TrainingOut:
         seed=row.seed, optimizer=opts.get("optimizer", "sgd"),
         lr_schedule=opts.get("lr_schedule", "cosine"), beta=opts.get("beta"),
         train_examples=opts.get("train_examples"), eval_examples=opts.get("eval_examples", 0),
+        n_examples=opts.get("n_examples"),
         evaluate=row.evaluate, history=list(row.history or []), created_at=row.created_at,
         started_at=row.started_at, finished_at=row.finished_at, attempts=row.attempts,
         device=row.device, engine_version=row.engine_version,

@@ -118,9 +118,14 @@ def test_a_job_runs_and_records_everything(rt: Runtime) -> None:
     assert ev.started_at is not None
     assert ev.finished_at is not None
     assert ev.completed_entries == [0, 1]
-    assert ev.checks == [{"name": "dataset_assets", "passed": True, "entry": None,
-                          "detail": "shapes-32 objects: procedural, backgrounds: procedural",
-                          "params": {"objects": "procedural", "backgrounds": "procedural"}}]
+    assert ev.checks[0] == {"name": "dataset_assets", "passed": True, "entry": None,
+                            "detail": "shapes-32 objects: procedural, backgrounds: procedural",
+                            "params": {"objects": "procedural", "backgrounds": "procedural"}}
+    # The untrained tiny net answers class 3 for every image: flagged by the clean entry.
+    assert ev.checks[1]["name"] == "degenerate_predictions"
+    assert (ev.checks[1]["passed"], ev.checks[1]["entry"]) == (False, 0)
+    assert ev.checks[1]["params"] == {"top_class": 3, "share": 1.0, "label_share": 0.25}
+    assert len(ev.checks) == 2
     assert set(ev.timings) == {"0:clean", "1:test_counted"}
     with rt.sessions() as s:
         rows = s.scalars(select(Result).where(Result.evaluation_id == eid)

@@ -54,7 +54,8 @@ def test_a_sweep_queues_one_training_per_grid_point(client: TestClient, key: str
              {"benchmark": "adversarial", "attack": "apgd-ce", "norm": "linf",
               "eps": [0.0157, 0.0314]},
              {"benchmark": "adversarial", "attack": "apgd-ce", "norm": "l2", "eps": [0.5]},
-             {"benchmark": "backgrounds"}, {"benchmark": "fg_bg_noise"}]
+             {"benchmark": "backgrounds"}, {"benchmark": "fg_bg_noise"},
+             {"benchmark": "groups"}]
     assert sweep["spec"]["suite"] == suite
     listed = client.get("/trainings", headers=auth(key)).json()["items"]
     assert sorted(t["id"] for t in listed) == sorted(sweep["training_ids"])

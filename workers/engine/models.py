@@ -296,3 +296,90 @@ if __name__ == "__main__":
     import sys
 
     json.dump(shape_table(), sys.stdout, separators=(",", ":"), sort_keys=True)
+
+
+# ImageNet-1k class indices of each ImageNet-9 superclass, in ImageNet-9's class order (dog,
+# bird, vehicle, reptile, carnivore, insect, instrument, primate, fish), as the backgrounds
+# challenge's ``in_to_in9.json`` (Xiao et al., 2020) assigns them; the other 578 ImageNet
+# classes belong to none.
+IMAGENET9_RANGES: tuple[tuple[tuple[int, int], ...], ...] = (
+    ((151, 170), (173, 268)),
+    ((7, 24), (87, 100), (127, 146)),
+    ((407, 408), (428, 428), (436, 436), (444, 444), (468, 468), (511, 511), (547, 547),
+     (555, 555), (561, 561), (565, 565), (569, 569), (573, 573), (586, 586), (603, 603),
+     (609, 609), (612, 612), (627, 627), (656, 656), (661, 661), (665, 665), (670, 671),
+     (675, 675), (690, 690), (705, 705), (717, 717), (734, 734), (751, 751), (757, 757),
+     (791, 791), (802, 803), (817, 817), (820, 820), (829, 829), (847, 847), (864, 864),
+     (866, 867), (870, 870), (880, 880)),
+    ((33, 68),),
+    ((269, 280), (286, 299), (356, 362), (387, 388)),
+    ((300, 326),),
+    ((401, 402), (420, 420), (432, 432), (486, 486), (494, 494), (513, 513), (541, 541),
+     (546, 546), (558, 558), (566, 566), (577, 577), (579, 579), (593, 594), (641, 642),
+     (683, 684), (687, 687), (699, 699), (776, 776), (822, 822), (875, 875), (881, 881),
+     (889, 889)),
+    ((365, 384),),
+    ((0, 6), (389, 397)),
+)
+
+
+def imagenet9_map() -> list[int]:
+    """For each of the 1000 ImageNet classes, its ImageNet-9 superclass, or -1."""
+    out = [-1] * 1000
+    for target, ranges in enumerate(IMAGENET9_RANGES):
+        for lo, hi in ranges:
+            for i in range(lo, hi + 1):
+                out[i] = target
+    return out
+
+
+NAMED_CLASS_MAPS = {"imagenet9": imagenet9_map}
+
+
+def resolve_class_map(class_map: str | Sequence[int]) -> list[int]:
+    """A named map (``imagenet9``) or an explicit one: model class -> dataset class or -1."""
+    if isinstance(class_map, str):
+        try:
+            return NAMED_CLASS_MAPS[class_map]()
+        except KeyError:
+            raise CheckpointError(f"unknown class map {class_map!r}; known: "
+                                  f"{', '.join(sorted(NAMED_CLASS_MAPS))}") from None
+    return [int(c) for c in class_map]
+
+
+class ClassMapped(nn.Module):
+    """Turns a model's logits over its own classes into logits over the dataset's classes.
+
+    The logit of dataset class ``c`` is the largest logit among the model classes mapped to
+    ``c``, so the top-1 prediction is the superclass of the best mapped model class, and the
+    gradient reaches that class's logit (attacks stay white-box). Model classes mapped to -1
+    are ignored. The backgrounds challenge instead takes the model's top-1 over all classes and
+    counts an unmapped one as wrong; here the prediction is restricted to the mapped classes,
+    which can only score the same or higher.
+    """
+
+    index: Tensor
+
+    def __init__(self, model: nn.Module, class_map: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        cmap = [int(c) for c in class_map]
+        if any(c < -1 or c >= num_classes for c in cmap):
+            raise CheckpointError(f"a class map entry is outside -1..{num_classes - 1}")
+        members = [[i for i, c in enumerate(cmap) if c == t] for t in range(num_classes)]
+        if any(not m for m in members):
+            missing = [t for t, m in enumerate(members) if not m]
+            raise CheckpointError(f"no model class is mapped to dataset class(es) {missing}")
+        width = max(len(m) for m in members)
+        # Pad each class's member list by repeating its first member: max is unchanged.
+        padded = [m + [m[0]] * (width - len(m)) for m in members]
+        self.model = model
+        self.register_buffer("index", torch.tensor(padded, dtype=torch.long))
+
+    def train(self, mode: bool = True) -> ClassMapped:
+        self.training = mode
+        self.model.train(mode)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits: Tensor = self.model(x)  # its width was checked against the map at load
+        return logits[:, self.index].amax(dim=2)

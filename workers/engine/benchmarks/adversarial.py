@@ -49,6 +49,7 @@ from workers.engine.attacks import (
     Square,
 )
 from workers.engine.benchmarks import register
+from workers.engine.benchmarks.clean import degenerate_check
 from workers.engine.runner import (
     CascadeResult,
     CleanPass,
@@ -209,6 +210,7 @@ def adversarial(model: nn.Module, data: EvalData, params: dict[str, Any],
     state_root = None if ctx.state_dir is None else ctx.state_dir / "adversarial"
     checks = sanity_checks(model, data, ctx)
     clean = clean_pass(model, data.x, data.y, ctx, state_root)
+    checks.append(degenerate_check(clean.logits.argmax(1), data.y))
     base = {"attack": p.attack.value, "norm": p.norm.value}
     rows = [MetricRow("adversarial", "clean_accuracy", _mean(clean.correct), dict(base))]
     result = BenchmarkResult(rows=rows, checks=checks)

@@ -12,6 +12,7 @@ from workers.engine.data.builtin import (
     load_builtin,
 )
 from workers.engine.data.npz import DatasetFormatError, load_npz
+from workers.engine.data.subset import seeded_subset
 
 __all__ = [
     "BUILTINS",
@@ -21,4 +22,5 @@ __all__ = [
     "builtin_names",
     "load_builtin",
     "load_npz",
+    "seeded_subset",
 ]

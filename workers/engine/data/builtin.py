@@ -86,7 +86,9 @@ class Builtin:
 def _scene(spec: SceneSpec) -> Callable[[int, str, int, float, Mapping[str, Any]], Arrays]:
     def make(n: int, split: str, seed: int, correlation: float,
              params: Mapping[str, Any]) -> Arrays:
-        return scenes.generate(spec, n, split, seed, correlation, str(params["assets"]))
+        return scenes.generate(spec, n, split, seed, correlation, str(params["assets"]),
+                               float(params.get("core_scale", 0.0)),
+                               float(params.get("background_scale", 1.0)))
 
     return make
 
@@ -95,6 +97,11 @@ def _colored_mnist(n: int, split: str, seed: int, correlation: float,
                    params: Mapping[str, Any]) -> Arrays:
     return digits.generate(n, split, seed, correlation, float(params["label_noise"]))
 
+
+# The Waterbirds-style sets' feature scales (scenes.generate): landbirds tinted magenta,
+# waterbirds yellow, colours neither background family uses.
+BIRD_TINTS = ((230, 40, 200), (240, 220, 30))
+FEATURE_SCALES = {"core_scale": 0.0, "background_scale": 1.0}
 
 _WATERBIRDS_DOC = ("Waterbirds-style: land birds and water birds on land or water backgrounds; "
                    "correlation = P(background matches label) in train, balanced groups in "
@@ -114,14 +121,14 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
         "waterbirds-32", _WATERBIRDS_DOC, ("landbird", "waterbird"), (3, 32, 32),
         {"train": 3000, "val": 800, "test": 800}, 0.95, 0.5,
         _scene(SceneSpec(32, ("landbird", "waterbird"), (bgs.LAND, bgs.WATER),
-                         _WATERBIRD_EMOJI, _bird_drawings, (0.5, 0.75))),
-        {"assets": "auto"}),
+                         _WATERBIRD_EMOJI, _bird_drawings, (0.5, 0.75), BIRD_TINTS)),
+        {"assets": "auto", **FEATURE_SCALES}),
     Builtin(
         "waterbirds-64", _WATERBIRDS_DOC, ("landbird", "waterbird"), (3, 64, 64),
         {"train": 3000, "val": 800, "test": 800}, 0.95, 0.5,
         _scene(SceneSpec(64, ("landbird", "waterbird"), (bgs.LAND, bgs.WATER),
-                         _WATERBIRD_EMOJI, _bird_drawings, (0.4, 0.7))),
-        {"assets": "auto"}),
+                         _WATERBIRD_EMOJI, _bird_drawings, (0.4, 0.7), BIRD_TINTS)),
+        {"assets": "auto", **FEATURE_SCALES}),
     Builtin(
         "scenes-9",
         "ImageNet-9-style: nine super-classes, each with its own background family "
@@ -151,7 +158,7 @@ def _check_params(spec: Builtin, params: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"correlation": spec.correlation,
                            "test_correlation": spec.test_correlation, **spec.extra_params}
     out.update(params)
-    for key in ("correlation", "test_correlation", "label_noise"):
+    for key in ("correlation", "test_correlation", "label_noise", *FEATURE_SCALES):
         if key in out and not 0.0 <= float(out[key]) <= 1.0:
             raise ValueError(f"{spec.name}: {key} must lie in [0, 1], got {out[key]!r}")
         if key in out:

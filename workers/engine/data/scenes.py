@@ -45,6 +45,7 @@ class SceneSpec:
     emoji: tuple[tuple[str, ...], ...] | None  # per class; None = always procedural
     drawings: Callable[[], tuple[tuple[np.ndarray, ...], ...]]  # per class RGBA fallbacks
     object_frac: tuple[float, float] = (0.5, 0.8)  # longer side of the object / image side
+    tints: tuple[tuple[int, int, int], ...] | None = None  # per class, for ``core_scale``
 
 
 def split_seed(seed: int, split: str, stream: int) -> np.random.Generator:
@@ -81,7 +82,13 @@ def group_structure(labels: np.ndarray, places: np.ndarray, match: np.ndarray,
 
 
 def generate(spec: SceneSpec, n: int, split: str, seed: int, correlation: float,
-             assets: str) -> Arrays:
+             assets: str, core_scale: float = 0.0, background_scale: float = 1.0) -> Arrays:
+    """A split of ``n`` images. The two scales set how strong each feature is, the knobs of the
+    linear theory (docs/METRICS.md): ``core_scale`` in [0, 1] blends every object's pixels
+    towards its class's tint (0 = the drawings as they are, a shape-only core feature; higher
+    = a core feature a small network learns in a few epochs), ``background_scale`` in [0, 1]
+    scales each background's contrast around mid-grey (1 = as drawn; 0 = every background the
+    same grey, no spurious feature at all)."""
     k = len(spec.class_names)
     side = spec.side
     layout = split_seed(seed, split, 0)
@@ -113,6 +120,10 @@ def generate(spec: SceneSpec, n: int, split: str, seed: int, correlation: float,
     for f in range(k):
         idx = np.flatnonzero(places == f)
         background[idx] = bgs.draw(spec.families[f], idx.size, side, bg_rng, use_textures)
+    if background_scale != 1.0:
+        background = np.clip(np.rint(127.5 + background_scale * (
+            background.astype(np.float32) - 127.5)), 0, 255).astype(np.uint8)
+    tints = np.asarray(spec.tints if spec.tints is not None else [(0, 0, 0)] * k, np.float32)
 
     fitted: dict[tuple[int, int, int, bool], Sprite] = {}
     images = background.copy()
@@ -126,7 +137,11 @@ def generate(spec: SceneSpec, n: int, split: str, seed: int, correlation: float,
         top = int(pos[i, 0] * (side - h + 1))
         left = int(pos[i, 1] * (side - w + 1))
         region = images[i, top:top + h, left:left + w]
-        region[mask] = rgb[mask]
+        pixels = rgb[mask]
+        if core_scale:
+            pixels = np.rint((1 - core_scale) * pixels.astype(np.float32)
+                             + core_scale * tints[labels[i]]).astype(np.uint8)
+        region[mask] = pixels
         masks[i, top:top + h, left:left + w] = mask
 
     groups, group_names = group_structure(labels, places, match, spec.class_names,

@@ -29,6 +29,17 @@ from workers.engine.training import checkpoint
 from workers.engine.training.methods import Method, ThreatSpec, batch_loss
 from workers.engine.types import EvalData, ProgressFn, _no_progress
 
+# FGSM-RS's guard against catastrophic overfitting (Wong et al., 2020, section 5.3): held-out
+# PGD accuracy that falls to at most half its best, and by at least 10 points, ends the run,
+# with the weights of the best epoch restored.
+GUARD_RATIO = 0.5
+GUARD_MIN_DROP = 0.10
+
+
+def collapsed(best_robust: float, robust: float) -> bool:
+    """Whether held-out robust accuracy ``robust`` is a collapse from ``best_robust``."""
+    return robust <= GUARD_RATIO * best_robust and best_robust - robust >= GUARD_MIN_DROP
+
 
 class TrainingError(ValueError):
     """The training cannot run as specified (a user error, reported as such)."""
@@ -174,13 +185,17 @@ def train(spec: TrainSpec, train_data: EvalData, held_out: EvalData, *,
         saved = checkpoint.load(checkpoint_path, model, optimizer, fingerprint)
         if saved is not None:
             start, history = saved.epoch, saved.history
+    best = _Best.restore(checkpoint_path, history, device)
+    first = start
+    if history and history[-1].get("guard", {}).get("stopped"):
+        first = spec.epochs  # the guard ended this run before it was interrupted
     x_all, y_all = train_data.x.to(device), train_data.y.to(device)
     n = x_all.shape[0]
     batches = [(i, min(i + spec.batch_size, n)) for i in range(0, n, spec.batch_size)]
     if len(batches) > 1 and batches[-1][1] - batches[-1][0] < 2:
         batches.pop()  # BatchNorm cannot train on a batch of one
     total = spec.epochs * len(batches)
-    for epoch in range(start, spec.epochs):
+    for epoch in range(first, spec.epochs):
         began = time.perf_counter()
         order = torch.randperm(n, generator=_generator(torch.device("cpu"), spec.seed, epoch, 0))
         order = order.to(device)
@@ -218,10 +233,69 @@ def train(spec: TrainSpec, train_data: EvalData, held_out: EvalData, *,
                                                      total),
             "seconds": round(time.perf_counter() - began, 3),
         })
+        stop = False
+        if spec.method is Method.FGSM_RS:
+            stop = _guard(model, history, best, checkpoint_path)
         if checkpoint_path is not None:
             checkpoint.save(checkpoint_path, model, optimizer, epoch + 1, history, fingerprint)
         if on_epoch is not None:
             on_epoch(list(history))
+        if stop:
+            break
     model.eval()
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     return Trained(model=model, history=history, resumed_epochs=start, state=state)
+
+
+@dataclass
+class _Best:
+    """The epoch with the best held-out robust accuracy so far and its weights (kept beside
+    the checkpoint as ``best.safetensors`` so a resumed run can still roll back to it)."""
+
+    epoch: int = 0
+    robust: float = -1.0
+    state: dict[str, Tensor] | None = None
+
+    @classmethod
+    def restore(cls, path: Path | None, history: list[dict[str, Any]],
+                device: torch.device) -> _Best:
+        best = cls()
+        for h in history:
+            if h["robust_accuracy"] > best.robust:
+                best.epoch, best.robust = int(h["epoch"]), float(h["robust_accuracy"])
+        if path is not None and history and _best_path(path).exists():
+            from safetensors.torch import load_file
+
+            best.state = load_file(str(_best_path(path)), device=str(device))
+        return best
+
+
+def _best_path(path: Path) -> Path:
+    return path.with_name("best.safetensors")
+
+
+def _guard(model: nn.Module, history: list[dict[str, Any]], best: _Best,
+           checkpoint_path: Path | None) -> bool:
+    """FGSM-RS's guard: track the best epoch; on a collapse, restore its weights, record the
+    decision in the epoch's history entry and tell the loop to stop."""
+    h = history[-1]
+    robust = float(h["robust_accuracy"])
+    if robust > best.robust:
+        best.epoch, best.robust = int(h["epoch"]), robust
+        best.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if checkpoint_path is not None:
+            from safetensors.torch import save_file
+
+            checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.cpu().contiguous() for k, v in best.state.items()},
+                      str(_best_path(checkpoint_path)))
+        return False
+    if not collapsed(best.robust, robust) or best.state is None:
+        return False
+    model.load_state_dict(best.state)
+    h["guard"] = {"stopped": True, "restored_epoch": best.epoch,
+                  "best_robust_accuracy": best.robust,
+                  "reason": (f"held-out PGD accuracy fell from {best.robust:.3f} (epoch "
+                             f"{best.epoch}) to {robust:.3f}: catastrophic overfitting; the "
+                             f"weights of epoch {best.epoch} were restored")}
+    return True

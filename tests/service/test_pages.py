@@ -1,0 +1,37 @@
+"""The pages' HTML without a browser: the chart axes' ticks, a running report that reloads
+itself, links, and 404s (the browser checks are in test_pages_browser.py)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.pages.svg import fit, fmt, nice_ticks
+from tests.factories import auth, new_key, settings, tiny_net, torchscript_bytes, upload
+
+
+def test_nice_ticks_cover_the_range_with_round_steps() -> None:
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert nice_ticks(0.0039, 0.0314) == [0.0, 0.01, 0.02, 0.03, 0.04]
+    assert nice_ticks(-0.2, 0.35) == [-0.2, 0.0, 0.2, 0.4]
+    assert nice_ticks(0.5, 0.5) == [0.4, 0.6, 0.8, 1.0]  # a point range widens upwards
+    assert [fmt(v) for v in (0.0, 0.25, 0.0314, 12.0, 0.0001)] == ["0", "0.25", "0.0314", "12",
+                                                                    "0.0001"]
+    assert fit("a" * 100, 66) == "a" * 9 + "…"
+    assert fit("short", 66) == "short"
+
+
+def test_a_running_evaluation_report_reloads_itself(sqlite_url: str, tmp_path: Path) -> None:
+    key = new_key(sqlite_url, "bob")
+    with TestClient(create_app(settings(sqlite_url, tmp_path))) as client:
+        model = upload(client, key, torchscript_bytes(tiny_net())).json()
+        ev = client.post("/evaluations", headers=auth(key), json={
+            "model_id": model["id"], "dataset": "shapes-32",
+            "suite": [{"benchmark": "clean"}]}).json()
+        html = client.get(f"/evaluations/{ev['id']}/report", headers=auth(key)).text
+        assert "<meta http-equiv='refresh' content='5'>" in html
+        assert f"<a class='model' href='/models/{model['id']}'>model</a>" in html
+        assert client.get(f"/sweeps/{uuid.uuid4()}/report", headers=auth(key)).status_code == 404
