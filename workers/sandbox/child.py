@@ -54,14 +54,17 @@ _PATHS = re.compile(r"(/[\w.@+-]+)+/")
 def classify(exc: BaseException) -> dict[str, str]:
     """A short, typed error for the user. Exceptions the engine raises on purpose keep their
     message; anything else came from the model (or crashed under it) and is reported by its
-    type and first line, with directory names removed."""
+    type and last line, with directory names removed. Running out of memory is recognised
+    wherever it happened (a model that exhausts memory while it is probed at load time)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, MemoryError) or _OOM.search(str(cause)):
+            return {"type": "out-of-memory",
+                    "detail": "the model ran out of memory (its process has a memory cap)"}
+        cause = cause.__cause__ or cause.__context__
     for cls, name in _TYPED:
         if isinstance(exc, cls):
             return {"type": name, "detail": _short(str(exc)) or cls.__name__}
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, MemoryError) or _OOM.search(text):
-        return {"type": "out-of-memory",
-                "detail": "the model ran out of memory (its process has a memory cap)"}
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # TorchScript puts its interpreter traceback first and the raised message last.
     return {"type": "model-crashed",
@@ -190,6 +193,7 @@ def main() -> None:
     def emit(message: dict[str, Any]) -> None:
         out.write(json.dumps(message) + "\n")
 
+    emit({"t": "ready"})  # torch and the engine are imported
     line = sys.stdin.readline()  # the child is started ahead of its job and waits here
     if not line:
         return

@@ -66,6 +66,9 @@ class JailConfig:
                 "--setenv", "MALLOC_ARENA_MAX", "2"]
         for p in self.readonly_paths():
             args += ["--ro-bind", p, p]
+        # The CPU topology and cache sizes: kernels pick their blocking (and so their exact
+        # float results) from them, and a jailed run must compute what an unjailed one does.
+        args += ["--ro-bind-try", "/sys/devices/system/cpu", "/sys/devices/system/cpu"]
         args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
                  "--ro-bind", str(slot / "in"), "/job", "--bind", str(slot / "scratch"),
                  "/scratch", "--chdir", "/scratch"]
