@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
@@ -227,6 +228,9 @@ def run_work(rt: Runtime, table: JobTable, jid: uuid.UUID,
             status = "cancelled"
         except TimeLimit as exc:
             status, error = "failed", {"type": "time-limit", "detail": str(exc)}
+        except SoftTimeLimitExceeded:  # Celery's own limit (prefork), a minute after ours
+            status, error = "failed", {"type": "time-limit", "detail": (
+                f"the job ran past its time limit of {rt.settings.job_time_limit:g} s")}
         except JobFailed as exc:
             status, error = "failed", exc.error
     if status != "succeeded" or table is Evaluation:
@@ -321,6 +325,8 @@ def _supervise(rt: Runtime, sup: Supervisor, work: Work, child: Child, scratch: 
                 if kind in ("entry", "epoch", "trained"):
                     sync.run()  # the state that goes with this report, before it is recorded
                 _dispatch_or_kill(sup, work, message, scratch, child)
+        if (done or error is not None) and not child.alive():
+            break
         if time.monotonic() - last_sync > rt.settings.heartbeat_interval:
             sync.run()
             last_sync = time.monotonic()

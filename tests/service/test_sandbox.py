@@ -77,7 +77,7 @@ class ReadsFile(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         data = torch.from_file(self.path, False, self.size, dtype=torch.uint8)
-        values: list[int] = data.tolist()
+        values: list[int] = data.long().tolist()
         text = ""
         for v in values:
             text += chr(v)
@@ -87,13 +87,14 @@ class ReadsFile(nn.Module):
 class WritesFile(nn.Module):
     """Writes its input with torch.save wherever it is told to."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, paths: list[str]) -> None:
         super().__init__()
-        self.path = path
+        self.paths = paths
         self.fc = nn.Linear(3, 4)
 
     def forward(self, x: Tensor) -> Tensor:
-        torch.save(x, self.path)
+        for path in self.paths:
+            torch.save(x, path)
         return self.fc(x.mean((2, 3)))
 
 
@@ -232,16 +233,25 @@ def test_a_torchscript_model_that_reads_a_secret_cannot_leak_it(
 
 def test_a_torchscript_model_that_writes_a_file_writes_only_in_its_scratch(
         rt: Runtime, unjailed: Runtime, client: TestClient, tmp_path: Path) -> None:
-    target = tmp_path / "written.pt"
-    model = scripted(WritesFile(str(target)))
+    """One write to /tmp (which the jail has, privately) and one over another owner's
+    checkpoint (which the jail does not have)."""
+    loose = Path(f"/tmp/robustscope-test-{uuid.uuid4().hex}.pt")
+    theirs = rt.settings.data_dir / "models" / "someone-elses.pt"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"their checkpoint")
+    model = scripted(WritesFile([str(loose), str(theirs)]))
     assert _refused(client, model, "torchscript-operator-refused")["operators"] == [
         "torch.save"]
-    eid = _job(rt, model)
-    assert jobs.run(rt, eid) == "failed"  # the path does not exist inside the jail
-    assert not target.exists()
-    assert _get(rt, eid).error["type"] == "checkpoint-error"  # type: ignore[index]
-    assert jobs.run(unjailed, _job(unjailed, model)) == "succeeded"
-    assert target.exists()
+    try:
+        eid = _job(rt, model)
+        assert jobs.run(rt, eid) == "succeeded"  # its writes landed in the jail, then vanished
+        assert not loose.exists()
+        assert theirs.read_bytes() == b"their checkpoint"
+        assert jobs.run(unjailed, _job(unjailed, model)) == "succeeded"
+        assert loose.exists()
+        assert theirs.read_bytes() != b"their checkpoint"
+    finally:
+        loose.unlink(missing_ok=True)
 
 
 def test_a_spinning_model_fails_with_time_limit_and_the_worker_goes_on(

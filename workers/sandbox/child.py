@@ -73,8 +73,10 @@ def classify(exc: BaseException) -> dict[str, str]:
 
 
 def _short(text: str) -> str:
-    text = _PATHS.sub("", text)
-    return text[:500]
+    """At most 500 characters: the start (what failed) and the end (TorchScript's own
+    traceback sits between them and the message that says why)."""
+    text = _PATHS.sub("", text).strip()
+    return text if len(text) <= 500 else f"{text[:200]} ... {text[-295:]}"
 
 
 def run_job(job: dict[str, Any], emit: Emit) -> None:
