@@ -120,7 +120,7 @@ class Hungry(nn.Module):
         self.fc = nn.Linear(3, 4)
 
     def forward(self, x: Tensor) -> Tensor:
-        big = torch.empty([2 ** 31], dtype=torch.float32)
+        big = torch.empty([2147483648], dtype=torch.float32)  # 2**31
         return self.fc(x.mean((2, 3))) + float(big.numel()) * 0.0
 
 
@@ -337,7 +337,8 @@ def test_the_jail_holds_no_secret_no_network_and_no_other_files(
     assert not [k for k in seen["env"] if k.startswith("ROBUSTSCOPE_")]
     assert "bootstrap-secret" not in res.stdout.decode()
     assert set(seen["env"]) <= {"PATH", "HOME", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE",
-                                "PYTHONNOUSERSITE", "MALLOC_ARENA_MAX", "PWD"}
+                                "PYTHONNOUSERSITE", "MALLOC_ARENA_MAX", "PWD",
+                                "LC_CTYPE"}  # Python's own locale coercion
     assert (seen["other"], seen["passwd"]) == ("FileNotFoundError", "FileNotFoundError")
     assert seen["net"] != "open"
     assert seen["job"] == "OSError"
