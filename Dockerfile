@@ -21,10 +21,16 @@ HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http:/
 CMD ["robustscope", "api", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
+# bubblewrap jails each uploaded model in a child process (docs/SECURITY.md).
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
 RUN uv sync --frozen --no-dev --extra worker --no-install-project
 COPY service ./service
 COPY workers ./workers
 COPY migrations ./migrations
 RUN uv sync --frozen --no-dev --extra worker
+RUN useradd --system --uid 10001 --home-dir /data robustscope \
+    && mkdir -p /data && chown robustscope /data
 ENV PATH=/app/.venv/bin:$PATH ROBUSTSCOPE_DATA_DIR=/data
+USER robustscope
 CMD ["robustscope", "worker", "--queues", "evaluations,webhooks"]

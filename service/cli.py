@@ -90,11 +90,36 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sandbox_refused() -> str | None:
+    """Why this machine cannot run models in the sandbox, or None where it can (or where
+    ``ROBUSTSCOPE_SANDBOX=off`` says not to)."""
+    from service.settings import get_settings
+    from workers.sandbox.jail import JailConfig, SandboxUnavailable, probe
+
+    cfg = get_settings()
+    if cfg.sandbox == "off":
+        print("robustscope: ROBUSTSCOPE_SANDBOX=off: uploaded models run inside the worker "
+              "process, with its secrets and files (a single trusted user only)",
+              file=sys.stderr)
+        return None
+    try:
+        probe(JailConfig(slot_root=cfg.data_dir / "sandbox"))
+    except SandboxUnavailable as exc:
+        return (f"robustscope: the worker cannot build its sandbox ({exc}); it refuses to run "
+                "uploaded models without one. Set ROBUSTSCOPE_SANDBOX=off only for a single "
+                "trusted user.")
+    return None
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Become a Celery worker (exec: same pid, signals go straight to Celery).
 
     The worker code lives in ``workers/``, which imports torch; this module never imports it.
     """
+    refused = _sandbox_refused()
+    if refused:
+        print(refused, file=sys.stderr)
+        return 2
     if args.device:
         os.environ["ROBUSTSCOPE_DEVICE"] = args.device
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
@@ -138,6 +163,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     os.environ["ROBUSTSCOPE_DATA_DIR"] = str(data_dir)
     get_settings.cache_clear()
     settings = get_settings()
+    refused = _sandbox_refused()
+    if refused:
+        print(refused, file=sys.stderr)
+        return 2
     upgrade(settings.database_url)
     key = _local_key(data_dir)
     log_path = data_dir / "worker.log"

@@ -60,6 +60,15 @@ class Settings(BaseSettings):
     precision: str = Field("auto", pattern="^(auto|bf16|fp32)$")
     batch_size: int = 256
     queues: list[str] = Field(default_factory=lambda: ["evaluations"])
+    # Untrusted models run in a jailed child process (docs/SECURITY.md). "on" refuses to
+    # start a worker that cannot build the jail; "off" runs models inside the worker (a
+    # single trusted user only).
+    sandbox: str = Field("on", pattern="^(on|off)$")
+    # The jailed child's address-space cap (RLIMIT_AS, bytes) on CPU devices. Address space,
+    # not resident memory: importing torch alone reserves about 3.5 GB of it.
+    sandbox_memory_limit: int = 16 << 30
+    # Start the next job's child ahead of time (torch imported, waiting for its job).
+    sandbox_prewarm: bool = True
 
     @model_validator(mode="after")
     def _defaults_and_secrets(self) -> Settings:

@@ -38,3 +38,12 @@ def test_no_unsafe_torch_load_in_sources() -> None:
             if "torch.load(" in line and "weights_only=True" not in line:
                 offenders.append(f"{path.relative_to(ROOT)}:{n}")
     assert offenders == []
+
+
+def test_the_engine_child_imports_no_service_or_database_code() -> None:
+    """The jailed child holds no settings, secrets or connections: it cannot import them."""
+    mods = _modules_after("import workers.sandbox.child")
+    banned = ("fastapi", "starlette", "celery", "sqlalchemy", "service", "kombu", "psycopg",
+              "redis", "pydantic_settings")
+    found = sorted(m for m in mods if m.split(".")[0] in banned)
+    assert found == []

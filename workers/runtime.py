@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db import make_engine, make_sessionmaker
 from service.settings import Settings, get_settings
 from workers.engine.types import fast_bf16, strict_fp32
+from workers.sandbox.jail import Jail, JailConfig, probe
 
 
 @dataclass
@@ -23,6 +25,17 @@ class Runtime:
     sessions: sessionmaker[Session]
     device: torch.device
     name: str
+    _jail: Jail | None = field(default=None, repr=False, compare=False)
+
+    def jail(self) -> Jail:
+        """The sandbox this worker runs models in (built once, checked when built)."""
+        if self._jail is None:
+            config = JailConfig(slot_root=self.settings.data_dir / "sandbox",
+                                gpu=self.device.type == "cuda")
+            probe(config)
+            self._jail = Jail(config, prewarm=self.settings.sandbox_prewarm)
+            weakref.finalize(self, self._jail.close)
+        return self._jail
 
     @property
     def bf16_search(self) -> bool:

@@ -13,8 +13,8 @@ from workers.celery_app import app
 from workers.runtime import runtime
 
 
-# The soft limit applies under the prefork pool; jobs.Supervisor enforces the same limit
-# cooperatively between batches under every pool (the solo pool has no timers).
+# The job's time limit is enforced by the supervisor killing the engine child; Celery's soft
+# limit (prefork pool only) is a backstop a minute later.
 @app.task(name=EVALUATE_TASK, acks_late=True, reject_on_worker_lost=True,
           soft_time_limit=get_settings().job_time_limit + 60)
 def evaluate(evaluation_id: str) -> str:

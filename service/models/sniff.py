@@ -5,10 +5,17 @@
 - torch.export (``torch.export.save``): a zip with an ``archive_format`` entry.
 - ``torch.save`` output (a zip with ``data.pkl`` and no code, or a bare pickle stream) is a
   pickle: loading it runs arbitrary code, so it is refused with a way to convert.
+
+The archive formats are then read, without running them, as a first line of defence (the
+engine child's jail is the second, docs/SECURITY.md): a TorchScript graph may call only tensor
+operators (no file, process, network or print operators, no custom operator libraries), and a
+torch.export archive may hold only plain tensors and standard ``aten`` operators (no opaque or
+custom objects, no pickled constants, no AOTInductor package or shared library).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import struct
 import zipfile
@@ -64,10 +71,13 @@ def _sniff_zip(path: Path) -> Sniffed:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             if any(n.rsplit("/", 1)[-1] == "archive_format" for n in names):
+                _check_export_contents(zf, names)
                 _check_export_payloads(zf, names)
+                _check_export_graph(zf, names)
                 return Sniffed("torch_export")
             if any("/code/" in n for n in names) and any(
                     n.endswith("constants.pkl") for n in names):
+                _check_torchscript_code(zf, names)
                 return Sniffed("torchscript")
     except zipfile.BadZipFile as exc:
         raise CheckpointRefused(f"the zip archive is damaged: {exc}") from exc
@@ -96,6 +106,110 @@ def _check_export_payloads(zf: zipfile.ZipFile, names: list[str]) -> None:
                     f"({', '.join(pickled[:3])}); save it with plain dense tensors. "
                     + CONVERT_HINT
                 )
+
+
+# Operators a TorchScript graph may not call: they read or write files, start processes, talk to
+# the network, print, or reach into torch's internals. Anything under ``ops.<ns>`` other than
+# the standard namespaces is a custom operator library and refused as well.
+TORCHSCRIPT_REFUSED = frozenset({
+    "from_file", "save", "load", "print", "open", "exec", "eval", "compile", "__import__",
+    "setattr", "system", "popen", "spawn", "fork", "socket", "connect", "remove",
+    "unlink", "rmdir", "mkdir", "rename", "chdir", "listdir", "_C", "_ops", "classes",
+    "hub", "distributed", "multiprocessing", "Print", "_load_for_lite_interpreter",
+    "UntypedStorage", "from_buffer",
+})
+_STANDARD_OPS = frozenset({"aten", "prim", "quantized", "_quantized", "prepacked"})
+_EXPORT_OPS = ("torch.ops.aten.", "torch.ops.prim.", "_operator.", "builtins.",
+               "torch.ops.higher_order.", "<built-in function ", "torch._assert",
+               "torch.sym_", "math.")
+
+
+def _call_name(node: ast.expr) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def _check_torchscript_code(zf: zipfile.ZipFile, names: list[str]) -> None:
+    """Read the archive's TorchScript source (never run it) and refuse what it must not call."""
+    found: set[str] = set()
+    for name in names:
+        if "/code/" not in name or not name.endswith(".py"):
+            continue
+        try:
+            tree = ast.parse(zf.read(name).decode("utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointRefused(f"unreadable TorchScript code in {name}",
+                                    reason="torchscript-unreadable") from exc
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                dotted = _call_name(node.func)
+            elif isinstance(node, ast.Attribute):
+                dotted = _call_name(node)
+            else:
+                continue
+            parts = dotted.split(".")
+            if parts[0] == "ops" and len(parts) > 1 and parts[1] not in _STANDARD_OPS:
+                found.add(dotted)
+            elif parts[0] in ("torch", "ops", "__torch__") or isinstance(node, ast.Call):
+                bad = [p for p in parts if p in TORCHSCRIPT_REFUSED]
+                if bad and parts[0] != "__torch__":
+                    found.add(dotted)
+    if found:
+        raise CheckpointRefused(
+            "this TorchScript model calls operators robustscope does not run (file, process, "
+            f"network, print or custom operators): {', '.join(sorted(found)[:10])}",
+            reason="torchscript-operator-refused", operators=sorted(found)[:20])
+
+
+def _check_export_contents(zf: zipfile.ZipFile, names: list[str]) -> None:
+    """Opaque and custom objects are pickles whatever their config says; an AOTInductor
+    package holds a shared library the loader would dlopen; a legacy constants file is a
+    pickle."""
+    found: list[str] = []
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if (base.startswith(("opaque_obj_", "custom_obj_"))
+                or "/aotinductor/" in f"/{name}" or base.endswith((".so", ".dll", ".dylib"))
+                or "/data/constants/" in name and base.endswith(".pt")
+                or "/extra/" in name or "/executorch/" in name or "/mtia/" in name):
+            found.append(name)
+    if found:
+        raise CheckpointRefused(
+            "this torch.export archive holds objects robustscope does not load (opaque or "
+            "custom objects, pickled constants, AOTInductor packages or shared libraries): "
+            + ", ".join(found[:5]), reason="export-payload-refused", entries=found[:20])
+
+
+def _check_export_graph(zf: zipfile.ZipFile, names: list[str]) -> None:
+    """Every node of the exported graph must call a standard operator."""
+    found: set[str] = set()
+    for name in names:
+        if "/models/" not in name or not name.endswith(".json"):
+            continue
+        try:
+            program = json.loads(zf.read(name))
+        except ValueError as exc:
+            raise CheckpointRefused(f"unreadable torch.export program {name}") from exc
+        stack: list[Any] = [program]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                target = item.get("target")
+                if isinstance(target, str) and not target.startswith(_EXPORT_OPS):
+                    found.add(target)
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+    if found:
+        raise CheckpointRefused(
+            "this torch.export graph calls operators outside torch's standard set (custom "
+            f"operators are not loaded): {', '.join(sorted(found)[:10])}",
+            reason="export-operator-refused", operators=sorted(found)[:20])
 
 
 def _safetensors_header(path: Path, n: int, size: int) -> dict[str, list[int]]:

@@ -27,8 +27,10 @@ from workers.runtime import Runtime
 
 @pytest.fixture
 def rt(sqlite_url: str, tmp_path: Path) -> Runtime:
+    # These tests register benchmarks in this process, so the engine runs here; the jailed
+    # child is tested in test_sandbox.py and the other job tests.
     cfg = Settings(database_url=sqlite_url, data_dir=tmp_path, heartbeat_interval=0.2,
-                   stale_after=1.0, max_attempts=3)
+                   stale_after=1.0, max_attempts=3, sandbox="off")
     engine = make_engine(sqlite_url)
     return Runtime(settings=cfg, engine=engine, sessions=make_sessionmaker(engine),
                    device=torch.device("cpu"), name="test-worker")
@@ -112,7 +114,7 @@ def test_a_job_runs_and_records_everything(rt: Runtime) -> None:
     ev = _get(rt, eid)
     assert (ev.status, ev.attempts, ev.progress_fraction) == ("succeeded", 1, 1.0)
     search = "bf16" if fast_bf16(torch.device("cpu")) else "fp32"
-    assert ev.device == f"cpu ({torch.get_num_threads()} threads, {search} search)"
+    assert ev.device == f"cpu ({torch.get_num_threads()} threads, {search} search; no sandbox)"
     assert ev.engine_version
     assert ev.engine_version.startswith("0.1.0")
     assert ev.started_at is not None
@@ -144,9 +146,9 @@ def test_a_restarted_job_resumes_after_the_last_finished_entry(rt: Runtime) -> N
     # First attempt: entry 0 finishes, entry 1 crashes the "worker" mid-run.
     token = jobs.claim(rt, eid)
     assert token == 1
-    job = jobs.load_job(rt, eid, token)
-    with jobs.Supervisor(rt, job) as sup, pytest.raises(RuntimeError, match="boom"):
-        jobs._run_suite(rt, job, sup)
+    work = jobs.EvaluationWork.load(rt, eid, token)
+    with jobs.Supervisor(rt, work) as sup, pytest.raises(jobs.JobFailed, match="boom"):
+        jobs.execute(rt, sup, work)
     assert CALLS == ["first", "second"]
     assert jobs.run(rt, eid) == "skipped"  # heartbeat still fresh: not stealable yet
     with rt.sessions.begin() as s:  # the worker died: its heartbeat goes stale
@@ -166,14 +168,16 @@ def test_a_superseded_worker_writes_nothing(rt: Runtime) -> None:
     eid = _job(rt, [{"benchmark": "test_counted", "tag": "x"}])
     token_a = jobs.claim(rt, eid)
     assert token_a is not None
-    job_a = jobs.load_job(rt, eid, token_a)
+    job_a = jobs.EvaluationWork.load(rt, eid, token_a)
     with rt.sessions.begin() as s:
         s.execute(update(Evaluation).where(Evaluation.id == eid).values(
             heartbeat_at=utcnow() - timedelta(seconds=60)))
     token_b = jobs.claim(rt, eid)
     assert token_b == token_a + 1
     with pytest.raises(jobs.Superseded):
-        jobs._write_entry(rt, job_a, 0, BenchmarkResult(rows=[MetricRow("x", "y", 1.0)]), 0.1)
+        job_a.handle({"t": "entry", "index": 0, "seconds": 0.1, "checks": [], "artifacts": {},
+                      "rows": [MetricRow("x", "y", 1.0).as_dict()]},
+                     jobs.Scratch(*[rt.settings.data_dir] * 5))
     assert _result_count(rt, eid) == 0
 
 
@@ -200,17 +204,17 @@ def test_a_database_outage_leaves_the_job_for_the_reconciler(rt: Runtime) -> Non
     from sqlalchemy.exc import OperationalError
 
     eid = _job(rt, [{"benchmark": "test_counted", "tag": "a"}])
-    original = jobs._write_entry
+    original = jobs.EvaluationWork._write_entry
 
     def outage(*args: Any) -> None:
         raise OperationalError("INSERT", {}, Exception("server closed the connection"))
 
-    jobs._write_entry = outage  # type: ignore[assignment]
+    jobs.EvaluationWork._write_entry = outage  # type: ignore[method-assign]
     try:
         with pytest.raises(OperationalError):
             jobs.run(rt, eid)
     finally:
-        jobs._write_entry = original  # type: ignore[assignment]
+        jobs.EvaluationWork._write_entry = original  # type: ignore[method-assign]
     ev = _get(rt, eid)
     assert (ev.status, ev.error, ev.attempts) == ("running", None, 1)
     with rt.sessions.begin() as s:  # its heartbeat goes stale
@@ -224,7 +228,7 @@ def test_a_database_outage_leaves_the_job_for_the_reconciler(rt: Runtime) -> Non
 def test_engine_errors_fail_the_job_with_a_typed_error(rt: Runtime) -> None:
     eid = _job(rt, [{"benchmark": "test_counted", "crash": True}])
     assert jobs.run(rt, eid) == "failed"
-    assert _get(rt, eid).error == {"type": "internal-error", "detail": "RuntimeError: boom"}
+    assert _get(rt, eid).error == {"type": "model-crashed", "detail": "RuntimeError: boom"}
     bad = _job(rt, [{"benchmark": "clean"}], model_bytes=torchscript_bytes(tiny_net(7)))
     assert jobs.run(rt, bad) == "failed"  # 7 classes where the metadata says 4
     err = _get(rt, bad).error

@@ -1,0 +1,214 @@
+"""The engine child: everything that touches a user's model happens in this process.
+
+Started by the supervisor inside the jail (``python -m workers.sandbox.child FD``), it imports
+torch and the engine first, then waits for one job as a JSON line on stdin, so that a child can
+be started ahead of its job. It reports on file descriptor ``FD`` in JSON lines: ``progress``,
+``assets``, ``device``, ``entry`` (one finished suite entry), ``epoch`` (training history after
+a checkpoint), ``trained``, then ``error`` or ``done``. It holds no secret, no database and no
+broker: the supervisor writes everything. Model output on stdout/stderr never reaches the user.
+
+With the sandbox off, the supervisor calls :func:`run_job` in its own process with the same
+messages, and may stop it by raising from ``emit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.engine import benchmarks
+from workers.engine.data import DatasetFormatError, load_builtin, load_npz
+from workers.engine.models import CheckpointError, ModelSpec
+from workers.engine.models import load as load_model
+from workers.engine.scope import scoped
+from workers.engine.threats import Norm
+from workers.engine.training import (
+    LrSchedule,
+    Method,
+    Optimizer,
+    ThreatSpec,
+    TrainingError,
+    TrainSpec,
+    train,
+)
+from workers.engine.types import BenchmarkError, EvalData, RunContext
+
+Emit = Callable[[dict[str, Any]], None]
+
+_TYPED: tuple[tuple[type[Exception], str], ...] = (
+    (CheckpointError, "checkpoint-error"), (BenchmarkError, "benchmark-error"),
+    (DatasetFormatError, "dataset-error"), (TrainingError, "training-error"),
+)
+_OOM = re.compile(r"can't allocate memory|out of memory|std::bad_alloc|cannot allocate",
+                  re.IGNORECASE)
+_PATHS = re.compile(r"(/[\w.@+-]+)+/")
+
+
+def classify(exc: BaseException) -> dict[str, str]:
+    """A short, typed error for the user. Exceptions the engine raises on purpose keep their
+    message; anything else came from the model (or crashed under it) and is reported by its
+    type and last line, with directory names removed. Running out of memory is recognised
+    wherever it happened (a model that exhausts memory while it is probed at load time)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, MemoryError) or _OOM.search(str(cause)):
+            return {"type": "out-of-memory",
+                    "detail": "the model ran out of memory (its process has a memory cap)"}
+        cause = cause.__cause__ or cause.__context__
+    for cls, name in _TYPED:
+        if isinstance(exc, cls):
+            return {"type": name, "detail": _short(str(exc)) or cls.__name__}
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # TorchScript puts its interpreter traceback first and the raised message last.
+    return {"type": "model-crashed",
+            "detail": _short(f"{type(exc).__name__}: {lines[-1]}" if lines
+                             else type(exc).__name__)}
+
+
+def _short(text: str) -> str:
+    """At most 500 characters: the start (what failed) and the end (TorchScript's own
+    traceback sits between them and the message that says why)."""
+    text = _PATHS.sub("", text).strip()
+    return text if len(text) <= 500 else f"{text[:200]} ... {text[-295:]}"
+
+
+def run_job(job: dict[str, Any], emit: Emit) -> None:
+    if job.get("memory_limit"):  # set before any of the model's code runs; never raised again
+        import resource
+
+        cap = int(job["memory_limit"])
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    torch.set_num_threads(int(job["threads"]))
+    if job["kind"] == "evaluate":
+        _evaluate(job, emit)
+    elif job["kind"] == "train":
+        _train(job, emit)
+    else:
+        raise ValueError(f"unknown job kind {job['kind']!r}")
+
+
+def _data(job: dict[str, Any], split: str) -> EvalData:
+    if job.get("dataset_path"):
+        return load_npz(Path(job["dataset_path"]), split)
+    return load_builtin(job["dataset"], split, **job["dataset_params"])
+
+
+def _evaluate(job: dict[str, Any], emit: Emit) -> None:
+    device = torch.device(job["device"])
+    suite: list[dict[str, Any]] = job["suite"]
+    completed = set(job["completed"])
+    n = len(suite)
+    emit({"t": "progress", "fraction": len(completed) / n, "stage": "loading",
+          "message": "loading the model and the data"})
+    spec = ModelSpec.from_metadata(job["model_format"], job["model_metadata"])
+    model: torch.nn.Module = load_model(Path(job["model_path"]), spec, device)
+    data = _data(job, job["split"])
+    if data.x.shape[1:] != tuple(spec.input_shape):
+        raise BenchmarkError(f"the data has shape {list(data.x.shape[1:])} but the model takes "
+                             f"{list(spec.input_shape)}")
+    model, data = scoped(model, data, n_examples=job.get("n_examples"),
+                         class_map=job.get("class_map"), seed=int(job["seed"]), device=device)
+    emit({"t": "device"})
+    assets = getattr(data.source, "assets", None)
+    if assets:
+        emit({"t": "assets", "assets": [list(a) for a in assets]})
+    state_root, artifact_root = Path(job["state_dir"]), Path(job["artifact_dir"])
+    for i, entry in enumerate(suite):
+        if i in completed:
+            continue
+        name = entry["benchmark"]
+        params = {k: v for k, v in entry.items() if k != "benchmark"}
+
+        def progress(fraction: float, message: str, i: int = i, name: str = name) -> None:
+            emit({"t": "progress", "fraction": (i + fraction) / n, "stage": name,
+                  "message": message})
+
+        progress(0.0, f"starting {name}")
+        ctx = RunContext(device=device, seed=int(job["seed"]), batch_size=int(job["batch_size"]),
+                         amp=bool(job["amp"]), progress=progress,
+                         state_dir=state_root / f"entry-{i}",
+                         artifact_dir=artifact_root / f"entry-{i}")
+        ctx.state_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        ctx.artifact_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        start = time.perf_counter()
+        result = benchmarks.run(name, model, data, params, ctx)
+        emit({"t": "entry", "index": i, "seconds": time.perf_counter() - start,
+              "rows": [r.as_dict() for r in result.rows],
+              "checks": [c.as_dict() for c in result.checks],
+              "artifacts": {k: str(Path(p).relative_to(artifact_root))
+                            for k, p in result.artifacts.items()}})
+
+
+def train_spec(d: dict[str, Any]) -> TrainSpec:
+    t = d["threat"]
+    return TrainSpec(
+        architecture=d["architecture"], method=Method(d["method"]),
+        threat=ThreatSpec(Norm(t["norm"]), float(t["eps"]), int(t["steps"]),
+                          float(t["step_size"])),
+        epochs=int(d["epochs"]), batch_size=int(d["batch_size"]), lr=float(d["lr"]),
+        seed=int(d["seed"]), optimizer=Optimizer(d["optimizer"]),
+        lr_schedule=LrSchedule(d["lr_schedule"]), beta=float(d["beta"]))
+
+
+def _train(job: dict[str, Any], emit: Emit) -> None:
+    from safetensors.torch import save_file
+
+    emit({"t": "progress", "fraction": 0.0, "stage": "loading", "message": "loading the data"})
+    try:
+        data = _data(job, "train")
+        held_out = _data(job, job["held_out_split"])
+    except ValueError as exc:
+        if isinstance(exc, DatasetFormatError | BenchmarkError):
+            raise
+        raise TrainingError(str(exc)) from exc
+    if job.get("train_examples") is not None:
+        data = data.subset(torch.arange(min(int(job["train_examples"]), len(data))))
+    held_out = held_out.subset(torch.arange(min(int(job["eval_examples"]), len(held_out))))
+    emit({"t": "device"})
+
+    def progress(fraction: float, message: str) -> None:
+        emit({"t": "progress", "fraction": 0.98 * fraction, "stage": "training",
+              "message": message})
+
+    def on_epoch(history: list[dict[str, Any]]) -> None:
+        emit({"t": "epoch", "history": history})
+
+    trained = train(train_spec(job["spec"]), data, held_out, device=torch.device(job["device"]),
+                    progress=progress, checkpoint_path=Path(job["checkpoint"]),
+                    on_epoch=on_epoch)
+    weights = Path(job["weights"])
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file(trained.state, str(weights))
+    emit({"t": "trained", "history": trained.history, "num_classes": len(data.class_names),
+          "input_shape": [int(d) for d in data.x.shape[1:]],
+          "class_names": list(data.class_names)})
+
+
+def main() -> None:
+    out = os.fdopen(int(sys.argv[1]), "w", buffering=1)
+
+    def emit(message: dict[str, Any]) -> None:
+        out.write(json.dumps(message) + "\n")
+
+    emit({"t": "ready"})  # torch and the engine are imported
+    line = sys.stdin.readline()  # the child is started ahead of its job and waits here
+    if not line:
+        return
+    try:
+        run_job(json.loads(line), emit)
+    except Exception as exc:  # reported as data; the supervisor decides what the user sees
+        emit({"t": "error", **classify(exc)})
+        return
+    emit({"t": "done"})
+
+
+if __name__ == "__main__":
+    main()
