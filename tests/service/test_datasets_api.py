@@ -83,7 +83,8 @@ def net(num_classes: int) -> torch.nn.Module:
 @pytest.fixture
 def env(sqlite_url: str, tmp_path: Path) -> Any:
     engine = make_engine(sqlite_url)
-    rt = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path), engine=engine,
+    rt = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path,
+                                   precision="fp32"), engine=engine,
                  sessions=make_sessionmaker(engine), device=torch.device("cpu"), name="w")
     with api(settings(sqlite_url, tmp_path)) as client:
         yield client, new_key(sqlite_url, f"u-{uuid.uuid4().hex[:6]}"), rt

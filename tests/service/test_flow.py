@@ -89,7 +89,8 @@ def stack(pg_url: str, redis_prefix: str,
            "ROBUSTSCOPE_BROKER_KEY_PREFIX": redis_prefix,
            "ROBUSTSCOPE_DATA_DIR": str(tmp_path), "ROBUSTSCOPE_HEARTBEAT_INTERVAL": "0.5",
            "ROBUSTSCOPE_STALE_AFTER": "4", "ROBUSTSCOPE_RECONCILE_INTERVAL": "1",
-           "ROBUSTSCOPE_BATCH_SIZE": "100", "PYTHONUNBUFFERED": "1"}
+           "ROBUSTSCOPE_BATCH_SIZE": "100", "ROBUSTSCOPE_PRECISION": "fp32",
+           "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen[bytes]] = []
 
     def start_worker() -> subprocess.Popen[bytes]:
