@@ -1,6 +1,6 @@
 """sweeps honour Idempotency-Key
 
-Revision ID: 0004_sweep_idempotency
+Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-01 04:30:00.000000
 """
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision: str = '0004_sweep_idempotency'
+revision: str = '0004'
 down_revision: str | None = '0003'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

@@ -1,7 +1,7 @@
 """dataset ingest state, key names, key last-use
 
-Revision ID: 0004_api
-Revises: 0004_sweep_idempotency
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-01 04:10:00.000000
 """
 from collections.abc import Sequence
@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision: str = '0004_api'
-down_revision: str | None = '0004_sweep_idempotency'
+revision: str = '0005'
+down_revision: str | None = '0004'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

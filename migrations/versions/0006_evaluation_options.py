@@ -1,7 +1,7 @@
 """evaluation options: n_examples (a seeded subset) and class_map
 
-Revision ID: 0004_reproduce
-Revises: 0003
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-01 04:10:00.000000
 """
 from collections.abc import Sequence
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0004_reproduce'
-down_revision: str | None = '0003'
+revision: str = '0006'
+down_revision: str | None = '0005'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
