@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from pydantic.json_schema import models_json_schema
 from sqlalchemy.exc import OperationalError
 
 from service import errors
@@ -15,6 +17,7 @@ from service.auth.router import router as keys_router
 from service.datasets.router import router as datasets_router
 from service.db import make_engine, make_sessionmaker, transaction
 from service.evaluations.router import router as evaluations_router
+from service.evaluations.schemas import EvaluationIn, EvaluationUpload
 from service.guard import Guard
 from service.leaderboard.router import router as leaderboard_router
 from service.models.router import router as models_router
@@ -63,7 +66,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Guard, settings=settings,
                        authenticate=lambda key: app.state.keys.verify(key))
 
+    _document_hand_parsed_bodies(app)
     for router in (keys_router, models_router, datasets_router, evaluations_router,
                    trainings_router, sweeps_router, leaderboard_router, theory_router, ops_router):
         app.include_router(router)
     return app
+
+
+def _document_hand_parsed_bodies(app: FastAPI) -> None:
+    """``POST /evaluations`` takes JSON or a multipart form on one route, so it reads its body
+    itself; its two schemas are added to the OpenAPI components it references."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()
+            _, defs = models_json_schema(
+                [(EvaluationIn, "validation"), (EvaluationUpload, "validation")],
+                ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                defs.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.auth.keys import KeyCache
@@ -56,7 +57,14 @@ OutboxDep = Annotated[Outbox, Depends(get_outbox)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def current_owner(request: Request, session: SessionDep) -> str:
+_BEARER = HTTPBearer(
+    auto_error=False, scheme_name="apiKey",
+    description="An API key: `Authorization: Bearer rs_…` (`robustscope apikey create OWNER`, "
+                "or the key `robustscope up` prints).")
+
+
+def current_owner(request: Request, session: SessionDep,
+                  _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> str:
     """The key's owner: verified by the request guard for a request with a body (before the
     body was read), else here, on the request's own connection."""
     owner: str | None = getattr(request.state, "owner", None)

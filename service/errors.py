@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -93,6 +94,25 @@ def database_down(exc: BaseException) -> JSONResponse:
                    "the database is unavailable; retry shortly")
 
 
+def field_errors(exc: ValidationError | RequestValidationError,
+                 prefix: str = "") -> list[dict[str, str]]:
+    """A validation failure as ``[{field, message}]``, the dotted field path under ``prefix``
+    (the one shape every 422 of the API carries)."""
+    out = []
+    for e in exc.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        out.append({"field": ".".join([prefix, *loc] if prefix else loc),
+                    "message": str(e.get("msg", ""))})
+    return out
+
+
+def invalid(exc: ValidationError, prefix: str = "", what: str = "invalid fields") -> Invalid:
+    """The 422 for a pydantic validation failure of a request part (a body, a form field)."""
+    errors = field_errors(exc, prefix)
+    return Invalid(what + ": " + "; ".join(f"{e['field'] or 'body'}: {e['message']}"
+                                           for e in errors), errors=errors)
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` for the problem+json errors an endpoint may return."""
     return {status: _problem_schema() for status in statuses}
@@ -110,19 +130,21 @@ def _problem_schema() -> dict[str, Any]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        return problem(exc.status, exc.type, exc.title, exc.detail, **exc.extra)
+        extra = dict(exc.extra)
+        # A problem about the request's fields names them the same way everywhere: ``field``
+        # (the first) and ``errors`` (every one, with its message).
+        if extra.get("field") and "errors" not in extra:
+            extra["errors"] = [{"field": extra["field"], "message": exc.detail}]
+        elif extra.get("errors") and "field" not in extra:
+            extra["field"] = extra["errors"][0]["field"]
+        return problem(exc.status, exc.type, exc.title, exc.detail, **extra)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"),
-             "message": e.get("msg", "")}
-            for e in exc.errors()
-        ]
-        fields = ", ".join(e["field"] for e in errors if e["field"])
-        return problem(422, "validation-error", "Invalid request",
-                       f"invalid fields: {fields}" if fields else "invalid request",
-                       errors=errors)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await _domain(request, Invalid(
+            "invalid fields: " + "; ".join(f"{e['field'] or 'body'}: {e['message']}"
+                                           for e in field_errors(exc)),
+            errors=field_errors(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

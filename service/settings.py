@@ -59,7 +59,6 @@ class Settings(BaseSettings):
     # bf16: always search in bf16. fp32: never.
     precision: str = Field("auto", pattern="^(auto|bf16|fp32)$")
     batch_size: int = 256
-    queues: list[str] = Field(default_factory=lambda: ["evaluations"])
     # Untrusted models run in a jailed child process (docs/SECURITY.md). "on" refuses to
     # start a worker that cannot build the jail; "off" runs models inside the worker (a
     # single trusted user only).

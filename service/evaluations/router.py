@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import storage
 from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, NotFound, problem_responses
+from service.errors import Invalid, NotFound, invalid, problem_responses
 from service.evaluations import report, service
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
 from service.jobs import progress_events
@@ -33,7 +33,11 @@ def _accepted(response: Response, row_id: uuid.UUID, created: bool) -> None:
     response.status_code = 202 if created else 200
 
 
-@router.post("", status_code=202, response_model=EvaluationOut, responses=ERRORS)
+@router.post("", status_code=202, response_model=EvaluationOut, responses=ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"$ref": "#/components/schemas/EvaluationIn"}},
+                 "multipart/form-data": {
+                     "schema": {"$ref": "#/components/schemas/EvaluationUpload"}}}}})
 async def create_evaluation(
     request: Request, response: Response, session: SessionDep, owner: CurrentOwner,
     outbox: OutboxDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None,
@@ -92,10 +96,7 @@ def _parse_body(raw: object) -> EvaluationIn:
     try:
         return EvaluationIn.model_validate(raw)
     except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                  for e in exc.errors()]
-        raise Invalid("invalid fields: " + ", ".join(e["field"] for e in errors),
-                      errors=errors) from exc
+        raise invalid(exc) from exc
 
 
 @router.get("", response_model=EvaluationPage, responses=ERRORS)

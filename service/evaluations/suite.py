@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from service.errors import Invalid
+from service.errors import Invalid, invalid
 
 
 class Norm(StrEnum):
@@ -164,10 +164,7 @@ def expand(suite: Any, caps: Capabilities) -> list[dict[str, Any]]:
     try:
         entries = _ENTRIES.validate_python(suite)
     except ValidationError as exc:
-        errors = [{"field": "suite." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                  for e in exc.errors()]
-        raise Invalid("invalid suite: " + "; ".join(f"{e['field']}: {e['message']}"
-                                                      for e in errors), errors=errors) from exc
+        raise invalid(exc, "suite", "invalid suite") from exc
     out = []
     for i, entry in enumerate(entries):
         _check_supported(i, entry, caps)

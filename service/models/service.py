@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service import storage
-from service.errors import Conflict, Invalid, NotFound
+from service.errors import Conflict, Invalid, NotFound, invalid
 from service.models.schemas import ModelMetadata, ModelOut
 from service.models.sniff import check_architecture, sniff
 from service.pagination import newest_first
@@ -28,10 +28,7 @@ def parse_metadata(raw: str | dict[str, object]) -> ModelMetadata:
     try:
         return ModelMetadata.model_validate(data)
     except ValidationError as exc:
-        errors = [{"field": "".join(["metadata", *(f".{p}" for p in e["loc"])]),
-                   "message": e["msg"]} for e in exc.errors()]
-        names = ", ".join(e["field"] for e in errors)
-        raise Invalid(f"invalid model metadata: {names}", errors=errors) from exc
+        raise invalid(exc, "metadata", "invalid model metadata") from exc
 
 
 def register(session: Session, owner: str, upload: Path, sha256: str, size: int,

@@ -1,15 +1,14 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import HTMLResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, problem_responses
+from service.errors import problem_responses
 from service.pages import sweep as sweep_page
 from service.quotas import check_active_jobs
 from service.sweeps import service
@@ -19,25 +18,16 @@ router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 ERRORS = problem_responses(401, 404, 409, 422)
 
 
-@router.post("", status_code=202, response_model=SweepOut, responses=ERRORS,
-             openapi_extra={"requestBody": {"content": {"application/json": {
-                 "schema": SweepIn.model_json_schema()}}}})
+@router.post("", status_code=202, response_model=SweepOut, responses=ERRORS)
 async def create_sweep(
-    response: Response, session: SessionDep, owner: CurrentOwner, outbox: OutboxDep,
-    settings: SettingsDep, raw: Annotated[Any, Body()] = None,
+    body: SweepIn, response: Response, session: SessionDep, owner: CurrentOwner,
+    outbox: OutboxDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
     = None,
 ) -> SweepOut:
     """Queue one training per grid point, each evaluated with the sweep's suite. A repeated
     ``Idempotency-Key`` with the same body answers 200 with the original sweep, with another
     body 409."""
-    try:
-        body = SweepIn.model_validate(raw)
-    except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                  for e in exc.errors()]
-        raise Invalid("invalid fields: " + "; ".join(
-            f"{e['field'] or 'body'}: {e['message']}" for e in errors), errors=errors) from exc
     row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
                                            idempotency_key)
     if created:

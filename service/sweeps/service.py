@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from service import jobs
 from service.datasets.service import resolve
-from service.errors import Conflict, Invalid, NotFound
+from service.errors import Conflict, NotFound
 from service.evaluations import service as evaluations
 from service.evaluations.schemas import Progress
 from service.pagination import newest_first
@@ -27,10 +27,7 @@ def default_suite(session: Session, owner: str, body: SweepIn) -> list[dict[str,
     """Both axes: clean and APGD-CE robust accuracy at the grid's threats, and, where the
     dataset has foreground masks, the backgrounds benchmark (BG-gap) and RFS, and where it
     has groups, worst-group accuracy."""
-    try:
-        caps = resolve(session, owner, body.dataset).capabilities
-    except NotFound as exc:
-        raise Invalid(exc.detail, field="dataset") from exc
+    caps = resolve(session, owner, body.dataset).capabilities
     suite: list[dict[str, Any]] = [{"benchmark": "clean"}]
     threats: dict[str, list[float]] = {str(n): v for n, v in body.threats.items()} or {
         "linf": [caps.default_eps["linf"]]}

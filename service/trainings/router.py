@@ -2,15 +2,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, problem_responses
+from service.errors import problem_responses
 from service.jobs import progress_events
 from service.quotas import check_active_jobs
 from service.trainings import service
@@ -21,17 +20,13 @@ ERRORS = problem_responses(401, 404, 409, 422)
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
-@router.post("", status_code=202, response_model=TrainingOut, responses=ERRORS,
-             openapi_extra={"requestBody": {"content": {"application/json": {
-                 "schema": TrainingIn.model_json_schema()}}}})
+@router.post("", status_code=202, response_model=TrainingOut, responses=ERRORS)
 async def create_training(
-    response: Response, session: SessionDep, owner: CurrentOwner, outbox: OutboxDep,
-    settings: SettingsDep, raw: Annotated[Any, Body()] = None,
-    idempotency_key: IdempotencyKey = None,
+    body: TrainingIn, response: Response, session: SessionDep, owner: CurrentOwner,
+    outbox: OutboxDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None,
 ) -> TrainingOut:
     """Queue a training; ``Location`` names the job. A repeated ``Idempotency-Key`` with the
     same body answers 200 with the original job, with another body 409."""
-    body = _parse_body(raw)
     row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
                                            idempotency_key)
     if created:
@@ -39,16 +34,6 @@ async def create_training(
     response.headers["Location"] = f"/trainings/{row.id}"
     response.status_code = 202 if created else 200
     return service.to_out(row)
-
-
-def _parse_body(raw: object) -> TrainingIn:
-    try:
-        return TrainingIn.model_validate(raw)
-    except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                  for e in exc.errors()]
-        raise Invalid("invalid fields: " + "; ".join(
-            f"{e['field'] or 'body'}: {e['message']}" for e in errors), errors=errors) from exc
 
 
 @router.get("", response_model=TrainingPage, responses=ERRORS)

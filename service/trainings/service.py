@@ -66,10 +66,7 @@ def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
 
 
 def _dataset(session: Session, owner: str, body: TrainingIn) -> ResolvedDataset:
-    try:
-        dataset = resolve(session, owner, body.dataset)
-    except NotFound as exc:  # in a request body, an unknown name is a validation error
-        raise Invalid(exc.detail, field="dataset") from exc
+    dataset = resolve(session, owner, body.dataset)
     check_params(body.dataset, body.dataset_params)
     if "train" not in dataset.splits:
         raise Invalid(f"dataset {body.dataset!r} has no 'train' split to train on; it has "

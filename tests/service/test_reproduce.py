@@ -179,7 +179,7 @@ def test_reproduce_fails_clearly_when_the_server_is_unreachable(
 
 def test_a_refused_sweep_is_reported(client: TestClient) -> None:
     scale = reproduce.replace(reproduce.SCALES["tiny"], dataset="no-such-set")
-    with pytest.raises(reproduce.ClientError, match="the server refused the sweep: 422"):
+    with pytest.raises(reproduce.ClientError, match="the server refused the sweep: 404"):
         reproduce.follow(client, "http://srv", "tiny", scale, 0, io.StringIO(), io.StringIO(),
                          interval=0)
 

@@ -121,7 +121,9 @@ def test_a_sweep_measures_both_axes_and_defaults_per_method(client: TestClient,
 
 @pytest.fixture
 def rt(sqlite_url: str, tmp_path: Path) -> Runtime:
-    cfg = Settings(database_url=sqlite_url, data_dir=tmp_path)
+    # The job runs the child's code in this process (sandbox off): the benchmark below is
+    # registered here, where a jailed child could not see it.
+    cfg = Settings(database_url=sqlite_url, data_dir=tmp_path, sandbox="off")
     engine = make_engine(sqlite_url)
     return Runtime(settings=cfg, engine=engine, sessions=make_sessionmaker(engine),
                    device=torch.device("cpu"), name="test-worker")

@@ -76,7 +76,6 @@ def test_a_sweep_queues_one_training_per_grid_point(client: TestClient, key: str
                   "l1": [1.0 * i for i in range(1, 9)]}}, "at most 32"),
     ({"threats": {"l5": [0.1]}}, "threats.l5"),
     ({"suite": [{"benchmark": "groups", "x": 1}]}, "suite"),
-    ({"dataset": "nope"}, "dataset"),
 ])
 def test_bad_sweeps_are_422_and_create_nothing(client: TestClient, key: str,
                                                change: dict[str, Any], needle: str) -> None:
@@ -84,6 +83,13 @@ def test_bad_sweeps_are_422_and_create_nothing(client: TestClient, key: str,
     assert resp.status_code == 422, resp.text
     assert resp.headers["content-type"].startswith("application/problem+json")
     assert needle in resp.text
+    assert client.get("/trainings", headers=auth(key)).json()["items"] == []
+
+
+def test_an_unknown_dataset_is_a_404_and_creates_nothing(client: TestClient, key: str) -> None:
+    resp = _create(client, key, {**SWEEP, "dataset": "nope"})
+    assert resp.status_code == 404
+    assert resp.json()["field"] == "dataset"
     assert client.get("/trainings", headers=auth(key)).json()["items"] == []
 
 

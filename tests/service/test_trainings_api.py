@@ -100,7 +100,6 @@ def test_method_defaults(client: TestClient, key: str) -> None:
     ({"lr": -1}, "lr"),
     ({"seed": -1}, "seed"),
     ({"surprise": 1}, "surprise"),
-    ({"dataset": "cifar-10"}, "dataset"),
     ({"architecture": "resnet9000"}, "architecture"),
     ({"dataset_params": {"colour": 1}}, "dataset_params"),
     ({"evaluate": [{"benchmark": "nonsense"}]}, "suite"),
@@ -114,6 +113,15 @@ def test_bad_specs_are_422_problems(client: TestClient, key: str, change: dict[s
     problem = resp.json()
     assert problem["status"] == 422
     assert field in resp.text
+    assert client.get("/trainings", headers=auth(key)).json()["items"] == []
+
+
+def test_an_unknown_dataset_is_a_404_naming_the_field(client: TestClient, key: str) -> None:
+    """As for evaluations: a dataset this owner cannot see is not found, whatever the domain."""
+    resp = _create(client, key, {**SPEC, "dataset": "cifar-10"})
+    assert resp.status_code == 404
+    assert resp.json()["field"] == "dataset"
+    assert resp.json()["errors"][0]["field"] == "dataset"
     assert client.get("/trainings", headers=auth(key)).json()["items"] == []
 
 

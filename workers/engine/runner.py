@@ -18,7 +18,6 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +39,6 @@ class Stage:
     name: str
     attack: Attack
     white_box: bool = True
-
-
-class Preset(StrEnum):
-    AUTOATTACK = "autoattack"
-    FAST = "fast"
-    EFFICIENT = "efficient"
 
 
 def autoattack_stages(norm: Norm, num_classes: int, steps: int = 100, n_targets: int = 9,
