@@ -47,3 +47,11 @@ def test_the_engine_child_imports_no_service_or_database_code() -> None:
               "redis", "pydantic_settings")
     found = sorted(m for m in mods if m.split(".")[0] in banned)
     assert found == []
+
+
+def test_the_contract_imports_neither_torch_nor_web_nor_database_code() -> None:
+    """Both the API and the engine import the contract, so it must suit both."""
+    mods = _modules_after("import contract.attacks, contract.metrics")
+    banned = ("torch", "fastapi", "starlette", "celery", "sqlalchemy", "service", "workers",
+              "numpy")
+    assert sorted(m for m in mods if m.split(".")[0] in banned) == []

@@ -8,33 +8,13 @@ expanded, validated entries as plain dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from contract import attacks as limits
+from contract.attacks import QUERY_ATTACKS, STEP_SIZE_ATTACKS, TARGETABLE, Attack, Norm, unsupported
 from service.errors import Invalid, invalid
-
-
-class Norm(StrEnum):
-    LINF = "linf"
-    L2 = "l2"
-    L1 = "l1"
-
-
-class Attack(StrEnum):
-    FGSM = "fgsm"
-    PGD = "pgd"
-    APGD_CE = "apgd-ce"
-    APGD_DLR = "apgd-dlr"
-    APGD_T = "apgd-t"
-    FAB_T = "fab-t"
-    SQUARE = "square"
-    CW = "cw"
-    AUTOATTACK = "autoattack"
-    FAST = "fast"
-    EFFICIENT = "efficient"
-
 
 # The engine's corruptions (CIFAR-10-C constants); ``frost`` runs only on workers that have
 # the ImageNet-C frost overlays installed, and fails the entry with a clear error otherwise.
@@ -59,28 +39,33 @@ class Adversarial(_Entry):
     attack: Attack = Attack.PGD
     norm: Norm = Norm.LINF
     eps: Eps | list[Eps] | None = None  # None: the dataset's default for the norm
-    steps: int | None = Field(None, ge=1, le=10_000)
-    restarts: int | None = Field(None, ge=1, le=100)
+    steps: int | None = Field(None, ge=limits.STEPS[0], le=limits.STEPS[1])
+    restarts: int | None = Field(None, ge=limits.RESTARTS[0], le=limits.RESTARTS[1])
     targeted: bool = False
     step_size: float | None = Field(None, gt=0)
-    queries: int | None = Field(None, ge=1, le=100_000)
-    n_targets: int | None = Field(None, ge=1, le=999)
-    audit: int | None = Field(None, ge=1, le=100_000)  # AutoAttack re-run on this many examples
+    queries: int | None = Field(None, ge=limits.QUERIES[0], le=limits.QUERIES[1])
+    n_targets: int | None = Field(None, ge=limits.N_TARGETS[0], le=limits.N_TARGETS[1])
+    # AutoAttack re-run on this many examples
+    audit: int | None = Field(None, ge=limits.AUDIT[0], le=limits.AUDIT[1])
 
     @field_validator("eps")
     @classmethod
     def _eps_list(cls, v: float | list[float] | None) -> float | list[float] | None:
-        if isinstance(v, list) and not 1 <= len(v) <= 32:
-            raise ValueError("eps takes 1 to 32 values")
+        lo, hi = limits.EPS_VALUES
+        if isinstance(v, list) and not lo <= len(v) <= hi:
+            raise ValueError(f"eps takes {lo} to {hi} values")
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError("eps contains duplicates")
         return v
 
 
 class RobustnessCurve(_Entry):
     benchmark: Literal["robustness_curve"]
     norm: Norm = Norm.LINF
-    eps: list[Eps] | None = Field(None, min_length=1, max_length=64)
-    steps: int | None = Field(None, ge=1, le=10_000)
-    n_targets: int | None = Field(None, ge=1, le=999)
+    eps: list[Eps] | None = Field(None, min_length=limits.CURVE_EPS_VALUES[0],
+                                  max_length=limits.CURVE_EPS_VALUES[1])
+    steps: int | None = Field(None, ge=limits.STEPS[0], le=limits.STEPS[1])
+    n_targets: int | None = Field(None, ge=limits.N_TARGETS[0], le=limits.N_TARGETS[1])
 
 
 class FgBgNoise(_Entry):
@@ -207,19 +192,20 @@ def _check_supported(i: int, entry: BaseModel, caps: Capabilities) -> None:
                           f"{caps.name!r} has none", field=f"suite.{i}.benchmark")
 
 
-_UNSUPPORTED = {
-    (Attack.SQUARE, Norm.L1): "square supports linf and l2",
-    (Attack.CW, Norm.LINF): "cw is an l2 attack",
-    (Attack.CW, Norm.L1): "cw is an l2 attack",
-    (Attack.FAB_T, Norm.L1): "fab-t supports linf and l2 here",
-}
-
-
 def _check_attack(i: int, entry: Adversarial | RobustnessCurve) -> None:
     if isinstance(entry, Adversarial):
-        reason = _UNSUPPORTED.get((entry.attack, entry.norm))
+        reason = unsupported(entry.attack, entry.norm)
         if reason:
             raise Invalid(f"suite[{i}]: {reason}", field=f"suite.{i}.attack")
+        if entry.targeted and entry.attack not in TARGETABLE:
+            raise Invalid(f"suite[{i}]: attack {entry.attack.value!r} has no targeted variant",
+                          field=f"suite.{i}.targeted")
+        if entry.step_size is not None and entry.attack not in STEP_SIZE_ATTACKS:
+            raise Invalid(f"suite[{i}]: 'step_size' applies to pgd only (the other attacks "
+                          "choose their own)", field=f"suite.{i}.step_size")
+        if entry.queries is not None and entry.attack not in QUERY_ATTACKS:
+            raise Invalid(f"suite[{i}]: 'queries' applies to square and autoattack only",
+                          field=f"suite.{i}.queries")
         eps = entry.eps if isinstance(entry.eps, list) else [entry.eps]
         if entry.norm is Norm.LINF and any(e is not None and e > 1 for e in eps):
             raise Invalid(f"suite[{i}]: l_inf eps is in [0,1] pixel units (8/255 = 0.0314)",

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import or_, select
 
+from contract.attacks import Norm
+from contract.metrics import BENCHMARK_METRICS, LOWER_IS_BETTER
 from service.deps import CurrentOwner, SessionDep
 from service.errors import Invalid, problem_responses
 from service.pages import leaderboard as leaderboard_page
@@ -18,72 +21,87 @@ from service.tables import Evaluation, Result
 
 router = APIRouter(tags=["leaderboard"])
 
-# Metrics where smaller is better; everything else (accuracies, rfs, min norms) ranks descending.
-LOWER_IS_BETTER = frozenset({"bg_gap", "mean_corruption_error"})
-
-
 class LeaderboardRow(BaseModel):
-    rank: int
-    value: float
-    params: dict[str, Any]
-    evaluation_id: uuid.UUID
-    model_id: uuid.UUID | None
-    model_name: str
-    owner: str
-    public: bool
-    finished_at: datetime | None
+    rank: int = Field(description="1 for the best value; ties keep the earlier evaluation first")
+    value: float = Field(description="the metric's value")
+    params: dict[str, Any] = Field(description="the result row's parameters (attack, norm, eps…)")
+    evaluation_id: uuid.UUID = Field(description="the evaluation the value comes from")
+    model_id: uuid.UUID | None = Field(description="its model (null once deleted)")
+    model_name: str = Field(description="the model's name when it was evaluated")
+    owner: str = Field(description="who ran the evaluation")
+    public: bool = Field(description="whether every key sees this row")
+    finished_at: datetime | None = Field(description="when the evaluation finished")
 
 
 class Leaderboard(BaseModel):
-    dataset: str
-    benchmark: str
-    metric: str
-    threat: str | None
-    order: str
-    rows: list[LeaderboardRow]
+    dataset: str = Field(description="the dataset ranked on")
+    benchmark: str = Field(description="the benchmark whose metric ranks")
+    metric: str = Field(description="the metric that ranks")
+    threat: str | None = Field(description="`NORM` or `NORM:EPS`, when the rows were filtered")
+    order: str = Field(description="`descending` (higher is better) or `ascending`")
+    rows: list[LeaderboardRow] = Field(description="best first")
 
 
 def _parse_threat(threat: str) -> tuple[str, float | None]:
     """``linf`` or ``linf:0.0314`` (norm, optionally the eps)."""
     norm, _, eps = threat.partition(":")
+    if norm not in {n.value for n in Norm}:
+        raise Invalid(f"threat names a norm ({', '.join(n.value for n in Norm)}), optionally "
+                      "with an eps: linf or linf:0.0314", field="threat")
     try:
-        return norm, float(eps) if eps else None
+        value = float(eps) if eps else None
     except ValueError as exc:
         raise Invalid("threat is NORM or NORM:EPS, e.g. linf:0.0314", field="threat") from exc
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise Invalid("the threat's eps must be a positive number", field="threat")
+    return norm, value
+
+
+def _check_names(benchmark: str, metric: str) -> None:
+    """A misspelt benchmark or metric is a 422 naming what exists, not an empty ranking."""
+    if benchmark not in BENCHMARK_METRICS:
+        raise Invalid(f"unknown benchmark {benchmark!r}; known: "
+                      f"{', '.join(sorted(BENCHMARK_METRICS))}", field="benchmark")
+    if metric not in BENCHMARK_METRICS[benchmark]:
+        raise Invalid(f"benchmark {benchmark!r} reports no metric {metric!r}; it reports "
+                      f"{', '.join(sorted(BENCHMARK_METRICS[benchmark]))}", field="metric")
 
 
 @router.get("/leaderboard", response_model=Leaderboard, responses=problem_responses(401, 422))
 def leaderboard(
-    session: SessionDep, owner: CurrentOwner, dataset: str, metric: str,
-    benchmark: str = "adversarial", threat: str | None = None,
+    session: SessionDep, owner: CurrentOwner,
+    dataset: Annotated[str, Query(max_length=200, description="a dataset's name")],
+    metric: Annotated[str, Query(max_length=100, description="the metric that ranks")],
+    benchmark: Annotated[str, Query(max_length=100)] = "adversarial",
+    threat: Annotated[str | None, Query(max_length=100,
+                                        description="NORM or NORM:EPS, e.g. linf:0.0314")]
+    = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> Leaderboard:
+    """The owner's evaluations and every public one, ranked by one metric in the database
+    (best first), at most ``limit`` rows."""
+    _check_names(benchmark, metric)
     q = (select(Result, Evaluation).join(Evaluation, Result.evaluation_id == Evaluation.id)
          .where(Evaluation.status == "succeeded", Evaluation.dataset == dataset,
                 Result.benchmark == benchmark, Result.metric == metric,
                 or_(Evaluation.owner == owner, Evaluation.public.is_(True))))
-    norm, eps = _parse_threat(threat) if threat else (None, None)
-    rows = []
-    for result, ev in session.execute(q):
-        if norm is not None and result.params.get("norm") != norm:
-            continue
-        if eps is not None and not _close(result.params.get("eps"), eps):
-            continue
-        rows.append((result, ev))
+    if threat:
+        norm, eps = _parse_threat(threat)
+        q = q.where(Result.params["norm"].as_string() == norm)
+        if eps is not None:
+            tol = 1e-4 * max(1.0, eps)
+            q = q.where(Result.params["eps"].as_float().between(eps - tol, eps + tol))
     descending = metric not in LOWER_IS_BETTER
-    rows.sort(key=lambda re: (-re[0].value if descending else re[0].value, re[1].created_at))
+    q = q.order_by(Result.value.desc() if descending else Result.value.asc(),
+                   Evaluation.created_at, Result.id).limit(limit)
     return Leaderboard(
         dataset=dataset, benchmark=benchmark, metric=metric, threat=threat,
         order="descending" if descending else "ascending",
         rows=[LeaderboardRow(rank=i + 1, value=r.value, params=r.params, evaluation_id=ev.id,
                              model_id=ev.model_id, model_name=ev.model_name, owner=ev.owner,
                              public=ev.public, finished_at=ev.finished_at)
-              for i, (r, ev) in enumerate(rows[:limit])],
+              for i, (r, ev) in enumerate(session.execute(q))],
     )
-
-
-def _close(value: Any, target: float) -> bool:
-    return isinstance(value, int | float) and abs(value - target) <= 1e-4 * max(1.0, abs(target))
 
 
 @router.get("/leaderboard/page", response_class=HTMLResponse,

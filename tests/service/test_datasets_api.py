@@ -16,6 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from contract.metrics import BENCHMARK_METRICS
 from service.db import make_engine, make_sessionmaker
 from service.settings import Settings
 from tests.factories import (
@@ -165,6 +166,8 @@ def test_every_natural_benchmark_on_builtin_data(env: Any) -> None:
     shifts = {r["params"].get("shift") for r in job["results"]
               if r["benchmark"] == "spurious_shift"}
     assert {"kept", "removed", "reversed"} <= shifts
+    for r in job["results"]:  # every metric the engine reports is in the contract's table
+        assert r["metric"] in BENCHMARK_METRICS[r["benchmark"]], r
     board = client.get("/leaderboard", headers=auth(key), params={
         "dataset": "waterbirds-32", "benchmark": "groups",
         "metric": "worst_group_accuracy"}).json()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import contract
 import workers
 
 _SYSTEM = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache",
@@ -47,10 +48,11 @@ class JailConfig:
 
     def readonly_paths(self) -> list[str]:
         code = str(Path(workers.__file__).resolve().parent)
+        shared = str(Path(contract.__file__).resolve().parent)  # the API/engine contract
         env = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
         env.add(os.path.dirname(os.path.realpath(sys.executable)))
         paths = [p for p in _SYSTEM if os.path.exists(p)]
-        return paths + sorted(env - set(paths)) + [code]
+        return paths + sorted(env - set(paths)) + [code, shared]
 
     def argv(self, slot: Path, fd: int) -> list[str]:
         if not self.bwrap:

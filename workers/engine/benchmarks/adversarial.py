@@ -29,13 +29,14 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from contract import attacks as contract
+from contract.attacks import Attack, unsupported
 from workers.engine.attacks import (
     APGD,
     FGSM,
@@ -71,19 +72,7 @@ from workers.engine.types import (
     RunContext,
 )
 
-
-class AttackName(StrEnum):
-    FGSM = "fgsm"
-    PGD = "pgd"
-    APGD_CE = "apgd-ce"
-    APGD_DLR = "apgd-dlr"
-    APGD_T = "apgd-t"
-    FAB_T = "fab-t"
-    SQUARE = "square"
-    CW = "cw"
-    AUTOATTACK = "autoattack"
-    FAST = "fast"
-    EFFICIENT = "efficient"
+AttackName = Attack  # the contract's attacks (contract/attacks.py)
 
 
 @dataclass(frozen=True)
@@ -169,37 +158,36 @@ def parse_params(params: dict[str, Any], data: EvalData) -> AttackParams:
                              f"{sorted(_KNOWN - {'benchmark', 'seed'})}")
     attack = _enum(AttackName, params.get("attack", "pgd"), "attack")
     norm = _norm(params.get("norm", "linf"))
-    if norm not in SUPPORTED_NORMS[attack]:
-        ok = ", ".join(sorted(n.value for n in SUPPORTED_NORMS[attack]))
-        raise BenchmarkError(f"adversarial: attack {attack.value!r} does not support norm "
-                             f"{norm.value!r} (supported: {ok})")
+    reason = unsupported(attack, contract.Norm(norm.value))
+    if reason:
+        raise BenchmarkError(f"adversarial: {reason}")
     eps = _eps_list(params.get("eps"), norm, data)
     targeted = params.get("targeted", False)
     if not isinstance(targeted, bool):
         raise BenchmarkError("adversarial: 'targeted' must be true or false")
-    if targeted and attack not in _TARGETABLE:
+    if targeted and attack not in contract.TARGETABLE:
         raise BenchmarkError(f"adversarial: attack {attack.value!r} has no targeted variant")
     num_classes = max(len(data.class_names), int(data.y.max()) + 1 if len(data) else 2)
-    n_targets = _int(params.get("n_targets"), "n_targets", 1, 999)
+    n_targets = _int(params.get("n_targets"), "n_targets", *contract.N_TARGETS)
     if (attack in (AttackName.APGD_T, AttackName.FAB_T) or targeted) and num_classes < 2:
         raise BenchmarkError("adversarial: targeted attacks need at least 2 classes")
     step_size = params.get("step_size")
     if step_size is not None:
-        if attack is not AttackName.PGD:
+        if attack not in contract.STEP_SIZE_ATTACKS:
             raise BenchmarkError("adversarial: 'step_size' applies to pgd only (APGD, FAB, "
                                  "Square and C&W choose their own)")
         if not _is_number(step_size) or not 0 < float(step_size) < math.inf:
             raise BenchmarkError("adversarial: 'step_size' must be a positive number")
         step_size = float(step_size)
-    queries = _int(params.get("queries"), "queries", 1, 1_000_000)
-    if queries is not None and attack not in (AttackName.SQUARE, AttackName.AUTOATTACK):
+    queries = _int(params.get("queries"), "queries", *contract.QUERIES)
+    if queries is not None and attack not in contract.QUERY_ATTACKS:
         raise BenchmarkError("adversarial: 'queries' applies to square and autoattack only")
     return AttackParams(
         attack=attack, norm=norm, eps=eps, num_classes=num_classes,
-        steps=_int(params.get("steps"), "steps", 1, 100_000),
-        restarts=_int(params.get("restarts"), "restarts", 1, 1000), targeted=targeted,
+        steps=_int(params.get("steps"), "steps", *contract.STEPS),
+        restarts=_int(params.get("restarts"), "restarts", *contract.RESTARTS), targeted=targeted,
         step_size=step_size, queries=queries, n_targets=n_targets,
-        audit=_int(params.get("audit"), "audit", 1, 100_000))
+        audit=_int(params.get("audit"), "audit", *contract.AUDIT))
 
 
 @register("adversarial")
@@ -268,8 +256,8 @@ def robustness_curve(model: nn.Module, data: EvalData, params: dict[str, Any],
         raise BenchmarkError(f"robustness_curve: unknown parameter(s) {unknown}")
     norm = _norm(params.get("norm", "linf"))
     grid = sorted(_eps_list(params.get("eps"), norm, data))
-    steps = _int(params.get("steps"), "steps", 1, 100_000) or 100
-    n_targets = _int(params.get("n_targets"), "n_targets", 1, 999) or 9
+    steps = _int(params.get("steps"), "steps", *contract.STEPS) or 100
+    n_targets = _int(params.get("n_targets"), "n_targets", *contract.N_TARGETS) or 9
     checks = sanity_checks(model, data, ctx)
     clean = clean_pass(model, data.x, data.y, ctx, None)
     norms = minimal_norms(model, data, norm, clean, ctx, steps, n_targets)
