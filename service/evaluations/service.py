@@ -5,13 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from service import jobs
 from service.datasets.service import check_params, resolve
-from service.errors import Conflict, Invalid, NotFound
+from service.errors import Conflict, Invalid
 from service.evaluations import suite as suites
 from service.evaluations.schemas import (
     ErrorOut,
@@ -23,6 +22,7 @@ from service.evaluations.schemas import (
 from service.models.service import get as get_model
 from service.pagination import newest_first
 from service.queue import EVALUATE_TASK, Outbox
+from service.repository import owned, owned_rows
 from service.tables import Evaluation, Result, utcnow
 
 
@@ -105,10 +105,8 @@ def _check_class_map(body: EvaluationIn, model_classes: int, dataset_classes: in
 
 
 def get(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation:
-    row = session.get(Evaluation, evaluation_id, options=[selectinload(Evaluation.results)])
-    if row is None or row.owner != owner:
-        raise NotFound(f"no evaluation {evaluation_id}")
-    return row
+    return owned(session, Evaluation, owner, evaluation_id, "evaluation",
+                 options=[selectinload(Evaluation.results)])
 
 
 def cancel(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation:
@@ -120,7 +118,7 @@ def cancel(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation
 def list_page(session: Session, owner: str, *, status: str | None, model_id: uuid.UUID | None,
               dataset: str | None, cursor: str | None, limit: int) -> tuple[list[Evaluation],
                                                                             str | None]:
-    q = select(Evaluation).where(Evaluation.owner == owner)
+    q = owned_rows(Evaluation, owner)
     if status:
         q = q.where(Evaluation.status == status)
     if model_id:

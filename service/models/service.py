@@ -11,10 +11,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service import storage
-from service.errors import Conflict, Invalid, NotFound, invalid
+from service.errors import Conflict, Invalid, invalid
 from service.models.schemas import ModelMetadata, ModelOut
 from service.models.sniff import check_architecture, sniff
 from service.pagination import newest_first
+from service.repository import owned, owned_rows
 from service.tables import Evaluation, Model
 from service.validation import reject_nul
 
@@ -62,10 +63,7 @@ def register(session: Session, owner: str, upload: Path, sha256: str, size: int,
 
 
 def get(session: Session, owner: str, model_id: uuid.UUID) -> Model:
-    row = session.get(Model, model_id)
-    if row is None or row.owner != owner:
-        raise NotFound(f"no model {model_id}")
-    return row
+    return owned(session, Model, owner, model_id, "model")
 
 
 def list_page(session: Session, owner: str, *, sha256: str | None = None,
@@ -73,7 +71,7 @@ def list_page(session: Session, owner: str, *, sha256: str | None = None,
               limit: int = 50) -> tuple[list[Model], str | None]:
     """One page of the owner's models, newest first, optionally only those with these bytes
     (``sha256``) or this name."""
-    q = select(Model).where(Model.owner == owner)
+    q = owned_rows(Model, owner)
     if sha256 is not None:
         q = q.where(Model.sha256 == sha256)
     if name is not None:

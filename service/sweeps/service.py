@@ -12,11 +12,12 @@ from sqlalchemy.orm import Session, selectinload
 
 from service import jobs
 from service.datasets.service import resolve
-from service.errors import Conflict, NotFound
+from service.errors import Conflict
 from service.evaluations import service as evaluations
 from service.evaluations.schemas import Progress
 from service.pagination import newest_first
 from service.queue import Outbox
+from service.repository import owned, owned_rows
 from service.sweeps.schemas import SweepIn, SweepOut, SweepRow
 from service.tables import FINAL_STATES, Evaluation, Sweep, Training
 from service.trainings import service as trainings
@@ -79,14 +80,11 @@ def create(session: Session, outbox: Outbox, owner: str, body: SweepIn,
 
 def list_page(session: Session, owner: str, *, cursor: str | None,
               limit: int) -> tuple[list[Sweep], str | None]:
-    return newest_first(session, select(Sweep).where(Sweep.owner == owner), Sweep, cursor, limit)
+    return newest_first(session, owned_rows(Sweep, owner), Sweep, cursor, limit)
 
 
 def get(session: Session, owner: str, sweep_id: uuid.UUID) -> Sweep:
-    row = session.get(Sweep, sweep_id)
-    if row is None or row.owner != owner:
-        raise NotFound(f"no sweep {sweep_id}")
-    return row
+    return owned(session, Sweep, owner, sweep_id, "sweep")
 
 
 def _members(session: Session, sweep: Sweep) -> tuple[list[Training],

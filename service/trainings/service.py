@@ -6,18 +6,18 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import jobs
 from service.datasets.service import ResolvedDataset, check_params, resolve
-from service.errors import Conflict, Invalid, NotFound
+from service.errors import Conflict, Invalid
 from service.evaluations import suite as suites
 from service.evaluations.schemas import ErrorOut, Progress
 from service.models.sniff import _shape_table
 from service.pagination import newest_first
 from service.queue import TRAIN_TASK, Outbox
+from service.repository import owned, owned_rows
 from service.tables import Training, utcnow
 from service.trainings import defaults
 from service.trainings.schemas import Method, ThreatIn, TrainingIn, TrainingOut
@@ -106,10 +106,7 @@ def _threat(body: TrainingIn, dataset: ResolvedDataset, steps: int) -> dict[str,
 
 
 def get(session: Session, owner: str, training_id: uuid.UUID) -> Training:
-    row = session.get(Training, training_id)
-    if row is None or row.owner != owner:
-        raise NotFound(f"no training {training_id}")
-    return row
+    return owned(session, Training, owner, training_id, "training")
 
 
 def cancel(session: Session, owner: str, training_id: uuid.UUID) -> Training:
@@ -120,7 +117,7 @@ def cancel(session: Session, owner: str, training_id: uuid.UUID) -> Training:
 
 def list_page(session: Session, owner: str, *, status: str | None, cursor: str | None,
               limit: int) -> tuple[list[Training], str | None]:
-    q = select(Training).where(Training.owner == owner)
+    q = owned_rows(Training, owner)
     if status:
         q = q.where(Training.status == status)
     return newest_first(session, q, Training, cursor, limit)

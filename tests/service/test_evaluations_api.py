@@ -104,7 +104,8 @@ def test_standard_preset_expands_to_what_the_dataset_supports(
 
 @pytest.mark.parametrize(("suite", "needle"), [
     ([{"benchmark": "adversarial", "attack": "pgd", "norm": "l3"}], "suite.0.adversarial.norm"),
-    ([{"benchmark": "adversarial", "attack": "cw", "norm": "linf"}], "cw is an l2 attack"),
+    ([{"benchmark": "adversarial", "attack": "cw", "norm": "linf"}],
+     "attack 'cw' does not support norm 'linf' (supported: l2)"),
     ([{"benchmark": "adversarial", "eps": 8}], "pixel units"),
     ([{"benchmark": "nope"}], "suite.0"),
     ([{"benchmark": "clean", "extra": 1}], "suite.0.clean.extra"),
