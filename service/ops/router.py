@@ -59,12 +59,15 @@ def ready(request: Request) -> JSONResponse:
     ok = all(v == "ok" for v in checks.values())
     shown = checks if _operator_or_down(request, checks) else {
         k: "ok" if v == "ok" else "unavailable" for k, v in checks.items()}
+    # Whether workers of this deployment jail models (ROBUSTSCOPE_SANDBOX; each job's
+    # ``device`` says what the worker that ran it did).
+    sandbox = request.app.state.settings.sandbox
     if ok:
-        return JSONResponse({"status": "ready", "checks": shown})
+        return JSONResponse({"status": "ready", "checks": shown, "sandbox": sandbox})
     down = ", ".join(k for k, v in checks.items() if v != "ok")
     return JSONResponse(
         {"type": "https://robustscope.dev/problems/not-ready", "title": "Not ready",
-         "status": 503, "detail": f"unavailable: {down}", "checks": shown},
+         "status": 503, "detail": f"unavailable: {down}", "checks": shown, "sandbox": sandbox},
         status_code=503, media_type="application/problem+json",
         headers={"Retry-After": str(RETRY_AFTER[503])})
 

@@ -60,6 +60,7 @@ def test_up_serves_a_healthy_embedded_stack(up: tuple[str, str, Path]) -> None:
     url, key, work = up
     ready = httpx.get(f"{url}/ready").json()
     assert ready["checks"] == {"database": "ok", "broker": "ok"}
+    assert ready["sandbox"] == "on"
     assert (work / "var" / "robustscope.db").exists()
     names = [d["name"] for d in httpx.get(f"{url}/datasets",
                                           headers={"Authorization": f"Bearer {key}"}
