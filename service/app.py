@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 from sqlalchemy.exc import OperationalError
 
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine.dispose()
 
     app = FastAPI(title="robustscope", version=VERSION, lifespan=lifespan, docs_url=None,
+                  generate_unique_id_function=_operation_id,
                   description="Adversarial and natural distributional robustness of image "
                               "classifiers, measured side by side.")
     app.state.settings = settings
@@ -73,9 +75,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _operation_id(route: APIRoute) -> str:
+    """A route's operationId is its function's name (``upload_model``), so generated clients
+    name their calls after the operation."""
+    return route.name
+
+
 def _document_hand_parsed_bodies(app: FastAPI) -> None:
     """``POST /evaluations`` takes JSON or a multipart form on one route, so it reads its body
-    itself; its two schemas are added to the OpenAPI components it references."""
+    itself; its two schemas are added to the OpenAPI components it references. File fields of
+    multipart forms are marked ``format: binary`` as well, the form client generators read."""
     default = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -86,7 +95,17 @@ def _document_hand_parsed_bodies(app: FastAPI) -> None:
                 ref_template="#/components/schemas/{model}")
             schema.setdefault("components", {}).setdefault("schemas", {}).update(
                 defs.get("$defs", {}))
+            _mark_file_fields(schema["components"]["schemas"])
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _mark_file_fields(schemas: dict[str, Any]) -> None:
+    """FastAPI describes an ``UploadFile`` as a string with a ``contentMediaType``; add the
+    ``format: binary`` that OpenAPI 3.0 tools (and most client generators) look for."""
+    for schema in schemas.values():
+        for prop in schema.get("properties", {}).values():
+            if prop.get("type") == "string" and "contentMediaType" in prop:
+                prop.setdefault("format", "binary")

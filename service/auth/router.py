@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.auth import keys
 from service.deps import CurrentOwner, SessionDep
@@ -16,10 +16,12 @@ ERRORS = problem_responses(401, 404, 422, 503)
 
 
 class KeyOut(BaseModel):
-    prefix: str
-    name: str | None
-    created_at: datetime
-    revoked_at: datetime | None
+    """One of your API keys (never the key itself)."""
+
+    prefix: str = Field(description="the key's first characters; identifies it, e.g. to revoke")
+    name: str | None = Field(description="the name given at creation")
+    created_at: datetime = Field(description="when it was created (UTC)")
+    revoked_at: datetime | None = Field(description="when it was revoked (UTC); null if live")
 
 
 class KeyCreated(KeyOut):
@@ -27,11 +29,17 @@ class KeyCreated(KeyOut):
 
 
 class KeyIn(BaseModel):
-    name: str | None = Field(None, max_length=200)
+    """A new key for the calling owner."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "ci"}]})
+
+    name: str | None = Field(None, max_length=200, description="a name to tell the key by")
 
 
 class KeyList(BaseModel):
-    items: list[KeyOut]
+    """Your keys, revoked ones included."""
+
+    items: list[KeyOut] = Field(description="the keys")
 
 
 @router.get("", response_model=KeyList, responses=ERRORS)

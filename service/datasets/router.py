@@ -21,9 +21,11 @@ def upload_dataset(
     owner: CurrentOwner,
     settings: SettingsDep,
     outbox: OutboxDep,
-    file: UploadFile = File(...),
-    name: str | None = Form(None),
-    channels: int | None = Form(None),
+    file: UploadFile = File(..., description="the archive: zip, tar or gzipped tar"),
+    name: str | None = Form(None, description="a name for the dataset (default: the file's "
+                                              "name without its extension)"),
+    channels: int | None = Form(None, description="convert every image to 1 (grey) or 3 (RGB) "
+                                                  "channels; leave out to keep each image's"),
 ) -> DatasetOut:
     """A zip or tar archive: a manifest, or an ImageFolder / ImageNet-9 / Waterbirds / RIVAL10
     tree. The archive is kept and decoded by a worker (queue ``ingest``) into the canonical

@@ -3,34 +3,47 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class DatasetOut(BaseModel):
     """An upload's shape fields are null until its ingest is ``ready``."""
 
-    id: str
-    name: str
-    builtin: bool
-    status: str = "ready"  # ingesting | ready | failed (built-ins are always ready)
-    error: dict[str, Any] | None = None  # the ingest's problem body when ``failed``
-    num_classes: int | None
-    input_shape: list[int] | None
-    num_examples: int | None
-    splits: dict[str, int]
-    has_masks: bool | None
-    has_groups: bool | None
-    class_names: list[str]
-    group_names: list[str]
-    default_eps: dict[str, float]
-    parameters: dict[str, Any]
-    layout: str | None
-    sha256: str | None
-    description: str
-    warnings: list[str]
-    created_at: datetime | None
-    finished_at: datetime | None = None
+    id: str = Field(description="the dataset's id: a built-in's name, or an upload's id")
+    name: str = Field(description="the dataset's name")
+    builtin: bool = Field(description="true for a dataset that ships with the service")
+    status: str = Field("ready", description="`ingesting`, `ready` or `failed`; built-ins are "
+                                             "always `ready`")
+    error: dict[str, Any] | None = Field(
+        None, description="the ingest's problem body (type, detail) when `failed`")
+    num_classes: int | None = Field(description="the number of classes")
+    input_shape: list[int] | None = Field(description="an image's shape, [channels, height, width]")
+    num_examples: int | None = Field(description="the number of examples over all splits")
+    splits: dict[str, int] = Field(description="examples per split, e.g. {\"test\": 1000}")
+    has_masks: bool | None = Field(
+        description="whether foreground masks come with the images (needed by `backgrounds` "
+                    "and `fg_bg_noise`)")
+    has_groups: bool | None = Field(
+        description="whether examples carry group labels (needed for worst-group accuracy)")
+    class_names: list[str] = Field(description="the classes' names, by label index")
+    group_names: list[str] = Field(description="the groups' names, by group index")
+    default_eps: dict[str, float] = Field(
+        description="the default perturbation budget per norm (`l1`, `l2`, `linf`), in pixel "
+                    "units of images scaled to [0, 1]")
+    parameters: dict[str, Any] = Field(
+        description="a built-in's generator parameters and their defaults (`dataset_params`)")
+    layout: str | None = Field(
+        description="the archive layout an upload was read as: `imagefolder`, `manifest`, "
+                    "`imagenet9` or `waterbirds`; null for a built-in")
+    sha256: str | None = Field(description="the uploaded archive's SHA-256, hex")
+    description: str = Field(description="a one-line description of the dataset")
+    warnings: list[str] = Field(description="what the ingest noticed but accepted")
+    created_at: datetime | None = Field(description="when it was uploaded (UTC); null for a "
+                                                    "built-in")
+    finished_at: datetime | None = Field(None, description="when its ingest ended (UTC)")
 
 
 class DatasetList(BaseModel):
-    items: list[DatasetOut]
+    """The datasets you can evaluate on: the built-ins and your uploads."""
+
+    items: list[DatasetOut] = Field(description="the datasets")

@@ -148,7 +148,9 @@ def evaluation_report(evaluation_id: uuid.UUID, session: SessionDep,
     return HTMLResponse(report.render(ev, *origin(session, owner, evaluation_id)))
 
 
-@router.get("/{evaluation_id}/artifacts/{name:path}", responses=ERRORS)
+@router.get("/{evaluation_id}/artifacts/{name:path}", response_class=Response,
+            responses={**ERRORS, 200: {"description": "the file's bytes", "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 def evaluation_artifact(evaluation_id: uuid.UUID, name: str, session: SessionDep,
                         owner: CurrentOwner, settings: SettingsDep) -> FileResponse:
     """A file a benchmark kept with its results, e.g. per-example robust flags (``.npy``)."""

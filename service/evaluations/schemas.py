@@ -52,50 +52,69 @@ class EvaluationUpload(BaseModel):
 
 
 class Progress(BaseModel):
-    fraction: float
-    stage: str
-    message: str
+    """How far a job has come."""
+
+    fraction: float = Field(description="the share of the work done, 0 to 1")
+    stage: str = Field(description="the step under way, e.g. `queued`, `loading`, `clean`")
+    message: str = Field(description="a human-readable line about the step")
 
 
 class ErrorOut(BaseModel):
-    type: str
-    detail: str
+    """Why a job failed: a problem type and its detail."""
+
+    type: str = Field(description="the problem type, a short token (docs/API.md, Errors)")
+    detail: str = Field(description="what went wrong, for a person")
 
 
 class ResultOut(BaseModel):
-    benchmark: str
-    metric: str
-    value: float
-    params: dict[str, Any]
+    """One measured number."""
+
+    benchmark: str = Field(description="the suite entry's benchmark, e.g. `clean`, `adversarial`")
+    metric: str = Field(description="what was measured, e.g. `accuracy`, `robust_accuracy`")
+    value: float = Field(description="the measured value; accuracies are fractions 0 to 1")
+    params: dict[str, Any] = Field(
+        description="the settings this value was measured at, e.g. {\"norm\": \"linf\", "
+                    "\"eps\": 0.0314}")
 
 
 class EvaluationOut(BaseModel):
-    id: uuid.UUID
-    status: str
-    progress: Progress
-    model_id: uuid.UUID | None
-    model_name: str
-    dataset: str
-    dataset_params: dict[str, Any]
-    split: str
-    suite: list[dict[str, Any]]
-    seed: int
-    public: bool
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    attempts: int
-    device: str | None
-    engine_version: str | None
-    error: ErrorOut | None
-    results: list[ResultOut]
-    checks: list[dict[str, Any]]
-    timings: dict[str, float]
-    artifacts: list[str]
-    n_examples: int | None = None
-    class_map: str | list[int] | None = None
+    """An evaluation job and, once it has run, its results."""
+
+    id: uuid.UUID = Field(description="the evaluation's id")
+    status: str = Field(description="`queued`, `running`, `succeeded`, `failed` or `cancelled`")
+    progress: Progress = Field(description="how far the job has come")
+    model_id: uuid.UUID | None = Field(description="the evaluated model; null once deleted")
+    model_name: str = Field(description="the model's name at upload")
+    dataset: str = Field(description="the dataset's name (built-in) or id (uploaded)")
+    dataset_params: dict[str, Any] = Field(description="a built-in's generator parameters")
+    split: str = Field(description="the split measured on")
+    suite: list[dict[str, Any]] = Field(description="the benchmark entries run, presets expanded")
+    seed: int = Field(description="the seed of the attacks' random starts and any subset drawn")
+    public: bool = Field(description="whether the results are listed on the public leaderboard")
+    created_at: datetime = Field(description="when the job was submitted (UTC)")
+    started_at: datetime | None = Field(description="when a worker started it (UTC)")
+    finished_at: datetime | None = Field(description="when it reached a final state (UTC)")
+    attempts: int = Field(description="how many times a worker has started the job")
+    device: str | None = Field(description="the device it ran on, e.g. `cpu`, `cuda:0`")
+    engine_version: str | None = Field(description="the version of the engine that measured it")
+    error: ErrorOut | None = Field(description="why it failed; null unless `failed`")
+    results: list[ResultOut] = Field(description="the measured numbers, one row each")
+    checks: list[dict[str, Any]] = Field(
+        description="sanity checks on the run (e.g. degenerate predictions), each with "
+                    "`name`, `passed`, `detail` and the suite `entry` it ran with")
+    timings: dict[str, float] = Field(
+        description="seconds spent per suite entry, keyed `<index>:<benchmark>`")
+    artifacts: list[str] = Field(
+        description="names of files to fetch at `/evaluations/{id}/artifacts/{name}`")
+    n_examples: int | None = Field(
+        None, description="the number of examples measured on; null for the whole split")
+    class_map: str | list[int] | None = Field(
+        None, description="the model-to-dataset class map used, if any")
 
 
 class EvaluationPage(BaseModel):
-    items: list[EvaluationOut]
-    next_cursor: str | None
+    """One page of evaluations, newest first."""
+
+    items: list[EvaluationOut] = Field(description="the evaluations on this page")
+    next_cursor: str | None = Field(
+        description="pass as `cursor` for the next page; null on the last page")

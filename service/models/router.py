@@ -19,7 +19,11 @@ ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
 @router.post("", status_code=201, response_model=ModelOut, responses=ERRORS)
 def upload_model(
     session: SessionDep, owner: CurrentOwner, settings: SettingsDep,
-    file: UploadFile = File(...), metadata: str = Form(...),
+    file: UploadFile = File(..., description="the checkpoint: safetensors, TorchScript or "
+                                             "torch.export"),
+    metadata: str = Form(..., description="JSON: the model's metadata (`ModelMetadata`), e.g. "
+                                          "{\"name\": \"net\", \"num_classes\": 10, "
+                                          "\"input_shape\": [3, 32, 32]}"),
 ) -> ModelOut:
     meta = service.parse_metadata(metadata)
     check_stored_bytes(session, owner, settings, 0)

@@ -9,15 +9,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class ModelMetadata(BaseModel):
     """The ``metadata`` JSON of an upload (ARCHITECTURE.md, "Model checkpoints")."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "name": "resnet18-pgd", "architecture": "resnet18", "num_classes": 10,
+        "input_shape": [3, 32, 32], "mean": [0.4914, 0.4822, 0.4465],
+        "std": [0.2471, 0.2435, 0.2616]}]})
 
-    name: str = Field(min_length=1, max_length=200)
-    architecture: str | None = None
-    num_classes: int = Field(ge=2, le=100_000)
-    input_shape: list[int] = Field(min_length=3, max_length=3)
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    class_names: list[str] | None = None
+    name: str = Field(min_length=1, max_length=200, description="a name for the model")
+    architecture: str | None = Field(
+        None, description="a built-in architecture's name; needed for a safetensors state dict, "
+                          "ignored for TorchScript and torch.export")
+    num_classes: int = Field(ge=2, le=100_000, description="the number of classes it predicts")
+    input_shape: list[int] = Field(min_length=3, max_length=3,
+                                   description="the input's shape, [channels, height, width]")
+    mean: list[float] | None = Field(
+        None, description="per-channel mean to normalize inputs by (images are in [0, 1]); "
+                          "leave out if the model normalizes itself")
+    std: list[float] | None = Field(None, description="per-channel standard deviation, with "
+                                                      "`mean`; positive")
+    class_names: list[str] | None = Field(None, description="the classes' names, by output index")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelMetadata:
@@ -36,20 +45,26 @@ class ModelMetadata(BaseModel):
 
 
 class ModelOut(BaseModel):
-    id: uuid.UUID
-    name: str
-    format: str
-    architecture: str | None
-    num_classes: int
-    input_shape: list[int]
-    mean: list[float] | None
-    std: list[float] | None
-    class_names: list[str] | None
-    sha256: str
-    size_bytes: int
-    created_at: datetime
+    """An uploaded model."""
+
+    id: uuid.UUID = Field(description="the model's id")
+    name: str = Field(description="its name")
+    format: str = Field(description="the checkpoint's format: `safetensors`, `torchscript` or "
+                                    "`torch_export`")
+    architecture: str | None = Field(description="the built-in architecture, for safetensors")
+    num_classes: int = Field(description="the number of classes it predicts")
+    input_shape: list[int] = Field(description="the input's shape, [channels, height, width]")
+    mean: list[float] | None = Field(description="per-channel normalization mean, if any")
+    std: list[float] | None = Field(description="per-channel normalization standard deviation")
+    class_names: list[str] | None = Field(description="the classes' names, by output index")
+    sha256: str = Field(description="the checkpoint's SHA-256, hex")
+    size_bytes: int = Field(description="the checkpoint's size in bytes")
+    created_at: datetime = Field(description="when it was uploaded (UTC)")
 
 
 class ModelList(BaseModel):
-    items: list[ModelOut]
-    next_cursor: str | None = None
+    """One page of your models, newest first."""
+
+    items: list[ModelOut] = Field(description="the models on this page")
+    next_cursor: str | None = Field(
+        None, description="pass as `cursor` for the next page; null on the last page")

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -110,7 +110,10 @@ def make_registry(app: Any) -> CollectorRegistry:
     return registry
 
 
-@router.get("/metrics", responses=problem_responses(401))
+@router.get("/metrics", response_class=PlainTextResponse, responses={
+    **problem_responses(401),
+    200: {"description": "the Prometheus text exposition format", "content": {
+        "text/plain": {"schema": {"type": "string"}}}}})
 def metrics(request: Request) -> Response:
     """Prometheus metrics (job counts across owners): for a valid key, or for anyone when
     ``ROBUSTSCOPE_METRICS_PUBLIC`` is set."""

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.evaluations.schemas import Progress
 from service.evaluations.suite import Norm
-from service.trainings.schemas import LrSchedule, Method, Optimizer
+from service.trainings.schemas import COMMON, LrSchedule, Method, Optimizer
 
 MAX_MODELS = 32
 Eps = Annotated[float, Field(gt=0, le=1000)]
@@ -17,25 +17,37 @@ Eps = Annotated[float, Field(gt=0, le=1000)]
 class SweepIn(BaseModel):
     """A grid over methods and threats; every other field is shared by all its trainings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "dataset": "shapes-32", "architecture": "resnet18", "methods": ["standard", "pgd"],
+        "threats": {"linf": [0.0157, 0.0314]}, "epochs": 5, "suite": "efficient"}]})
 
-    dataset: str = Field(min_length=1, max_length=200)
-    dataset_params: dict[str, Any] = Field(default_factory=dict)
-    architecture: str = Field(min_length=1, max_length=100)
-    methods: list[Method] = Field(min_length=1, max_length=4)
-    threats: dict[Norm, list[Eps]] = Field(default_factory=dict)
+    dataset: str = Field(min_length=1, max_length=200, description=COMMON["dataset"])
+    dataset_params: dict[str, Any] = Field(default_factory=dict,
+                                           description=COMMON["dataset_params"])
+    architecture: str = Field(min_length=1, max_length=100, description=COMMON["architecture"])
+    methods: list[Method] = Field(min_length=1, max_length=4,
+                                  description="training methods, each once: `standard`, `pgd`, "
+                                              "`fgsm_rs`, `trades`")
+    threats: dict[Norm, list[Eps]] = Field(
+        default_factory=dict,
+        description="per norm (`l1`, `l2`, `linf`) 1 to 8 budgets; every non-standard method "
+                    "trains once at each")
     # Left out: each method's defaults (service/trainings/defaults.py).
-    steps: int | None = Field(None, ge=1, le=1000)
-    epochs: int | None = Field(None, ge=1, le=1000)
-    batch_size: int | None = Field(None, ge=2, le=4096)
-    lr: float | None = Field(None, gt=0, le=10)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    suite: str | list[dict[str, Any]] | None = None
-    optimizer: Optimizer | None = None
-    lr_schedule: LrSchedule | None = None
-    train_examples: int | None = Field(None, ge=2)
-    eval_examples: int = Field(1000, ge=1, le=100_000)
-    n_examples: int | None = Field(None, ge=1, le=10_000_000)  # of every evaluation
+    steps: int | None = Field(None, ge=1, le=1000,
+                              description="attack steps per batch (default: each method's)")
+    epochs: int | None = Field(None, ge=1, le=1000, description=COMMON["epochs"])
+    batch_size: int | None = Field(None, ge=2, le=4096, description=COMMON["batch_size"])
+    lr: float | None = Field(None, gt=0, le=10, description=COMMON["lr"])
+    seed: int = Field(0, ge=0, le=2**31 - 1, description=COMMON["seed"])
+    suite: str | list[dict[str, Any]] | None = Field(
+        None, description="the suite (preset name or entries) every trained model is evaluated "
+                          "with")
+    optimizer: Optimizer | None = Field(None, description=COMMON["optimizer"])
+    lr_schedule: LrSchedule | None = Field(None, description=COMMON["lr_schedule"])
+    train_examples: int | None = Field(None, ge=2, description=COMMON["train_examples"])
+    eval_examples: int = Field(1000, ge=1, le=100_000, description=COMMON["eval_examples"])
+    n_examples: int | None = Field(None, ge=1, le=10_000_000,
+                                   description="every evaluation measures on this many examples")
 
     @model_validator(mode="after")
     def _grid(self) -> SweepIn:
@@ -65,34 +77,47 @@ class SweepIn(BaseModel):
 class SweepRow(BaseModel):
     """One model of the sweep: how it was trained and what its evaluation measured."""
 
-    training_id: uuid.UUID
-    method: str
-    norm: str | None
-    eps: float | None
-    training_status: str
-    model_id: uuid.UUID | None
-    evaluation_id: uuid.UUID | None
-    evaluation_status: str | None
-    clean_accuracy: float | None
-    robust_accuracy: dict[str, float]  # "<norm>:<eps>" -> robust accuracy
-    bg_gap: float | None
-    mixed_rand_accuracy: float | None
-    rfs: float | None
-    worst_group_accuracy: float | None = None
-    degenerate: bool | None = None  # the degenerate_predictions check flagged the model
-    name: str | None = None
+    training_id: uuid.UUID = Field(description="the model's training")
+    method: str = Field(description="the training method")
+    norm: str | None = Field(description="the threat norm trained against; null for `standard`")
+    eps: float | None = Field(description="the budget trained at; null for `standard`")
+    training_status: str = Field(description="the training's status")
+    model_id: uuid.UUID | None = Field(description="the trained model, once saved")
+    evaluation_id: uuid.UUID | None = Field(description="the model's evaluation, once submitted")
+    evaluation_status: str | None = Field(description="the evaluation's status")
+    clean_accuracy: float | None = Field(description="accuracy on unperturbed inputs, 0 to 1")
+    robust_accuracy: dict[str, float] = Field(
+        description="robust accuracy (0 to 1) per threat, keyed `<norm>:<eps>`")
+    bg_gap: float | None = Field(
+        description="the background gap: accuracy with a background from the same class minus "
+                    "with a random one (`mixed_same` - `mixed_rand`)")
+    mixed_rand_accuracy: float | None = Field(
+        description="accuracy with backgrounds swapped at random, 0 to 1")
+    rfs: float | None = Field(
+        description="relative foreground sensitivity at the mean noise level, -1 to 1; +1: only "
+                    "foreground noise hurts (relies on the object), -1: only background noise")
+    worst_group_accuracy: float | None = Field(None, description="the lowest per-group accuracy")
+    degenerate: bool | None = Field(
+        None, description="true if the model's predictions were flagged degenerate (nearly "
+                          "one class)")
+    name: str | None = Field(None, description="the trained model's name")
 
 
 class SweepOut(BaseModel):
-    id: uuid.UUID
-    status: str
-    progress: Progress
-    spec: dict[str, Any]
-    training_ids: list[uuid.UUID]
-    created_at: datetime
-    table: list[SweepRow]
+    """A sweep: its trainings and a table of their results."""
+
+    id: uuid.UUID = Field(description="the sweep's id")
+    status: str = Field(description="`queued`, `running`, `succeeded`, `failed` or `cancelled`")
+    progress: Progress = Field(description="how far the sweep has come")
+    spec: dict[str, Any] = Field(description="the sweep as submitted (`SweepIn`)")
+    training_ids: list[uuid.UUID] = Field(description="its trainings, one per model")
+    created_at: datetime = Field(description="when it was submitted (UTC)")
+    table: list[SweepRow] = Field(description="one row per model of the grid")
 
 
 class SweepPage(BaseModel):
-    items: list[SweepOut]
-    next_cursor: str | None
+    """One page of sweeps, newest first."""
+
+    items: list[SweepOut] = Field(description="the sweeps on this page")
+    next_cursor: str | None = Field(
+        description="pass as `cursor` for the next page; null on the last page")

@@ -22,7 +22,11 @@ ALL_NORMS: list[NormName] = ["l1", "l2", "linf"]
 
 
 class TheoryIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A linear setting with a core and a spurious feature, and the budgets to solve it at."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "s_c": 1.0, "s_s": 1.0, "rho": 0.9, "s_n": 0.5, "norms": ["l2", "linf"],
+        "eps": [0.0, 0.1, 0.3], "rho_shift": 0.0}]})
 
     s_c: float = Field(1.0, gt=0, le=1e3, description="scale of the core feature")
     s_s: float = Field(1.0, gt=0, le=1e3, description="scale of the spurious feature")
@@ -30,9 +34,11 @@ class TheoryIn(BaseModel):
                                                      "feature with the label")
     s_n: float = Field(0.5, ge=0, le=1e3, description="label noise")
     norms: list[NormName] = Field(default_factory=lambda: list(ALL_NORMS), min_length=1,
-                                  max_length=3)
+                                  max_length=3, description="the threat norms to solve for: "
+                                                            "`l1`, `l2`, `linf`")
     eps: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5], min_length=1,
-                             max_length=200)
+                             max_length=200, description="the perturbation budgets to solve at "
+                                                         "(0 is the standard, non-robust solution)")
     rho_shift: float = Field(0.0, ge=-1, le=1, description="test-time correlation")
 
 
