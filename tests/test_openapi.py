@@ -25,8 +25,6 @@ from tests.factories import META, new_key, settings, tiny_net, torchscript_bytes
 
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
 PUBLIC = {"/health", "/ready", "/metrics", "/openapi.json"}
-# Schemas whose fields are documented with the leaderboard's rewrite.
-UNDOCUMENTED_FOR_NOW = {"Leaderboard", "LeaderboardRow"}
 EVENT_STREAMS = {"/evaluations/{evaluation_id}/events", "/trainings/{training_id}/events"}
 HTML = {"/evaluations/{evaluation_id}/report", "/sweeps/{sweep_id}/report", "/leaderboard/page"}
 MEDIA_TYPES = {
@@ -142,8 +140,7 @@ def test_every_schema_property_has_a_description(spec: dict[str, Any]) -> None:
         for field, prop in schema.get("properties", {}).items():
             if not prop.get("description"):
                 missing.append(f"{name}.{field}")
-    allowed = {m for m in missing if m.split(".")[0] in UNDOCUMENTED_FOR_NOW}
-    assert sorted(set(missing) - allowed) == []
+    assert missing == []
 
 
 def test_file_fields_are_binary_strings(spec: dict[str, Any]) -> None:
