@@ -7,12 +7,23 @@ import base64
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
+from pydantic import BaseModel, Field
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
 
 from service.errors import Invalid
+
+Item = TypeVar("Item")
+
+
+class Page(BaseModel, Generic[Item]):
+    """One page of a listing, newest first; every listing of the API has this shape."""
+
+    items: list[Item] = Field(description="the items on this page")
+    next_cursor: str | None = Field(
+        None, description="pass as `cursor` for the next page; null on the last page")
 
 
 class _Paged(Protocol):

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from service import storage
 from service.datasets import service
@@ -54,8 +56,11 @@ def upload_dataset(
 
 
 @router.get("", response_model=DatasetList, responses=ERRORS)
-def list_datasets(session: SessionDep, owner: CurrentOwner) -> DatasetList:
-    return DatasetList(items=service.list_all(session, owner))
+def list_datasets(session: SessionDep, owner: CurrentOwner, cursor: str | None = None,
+                  limit: Annotated[int, Query(ge=1, le=100)] = 50) -> DatasetList:
+    """The built-ins on the first page, then your uploads, newest first."""
+    items, next_cursor = service.list_page(session, owner, cursor=cursor, limit=limit)
+    return DatasetList(items=items, next_cursor=next_cursor)
 
 
 @router.get("/{ref}", response_model=DatasetOut, responses=ERRORS)

@@ -5,6 +5,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from service.pagination import Page
+
 
 class DatasetOut(BaseModel):
     """An upload's shape fields are null until its ingest is ``ready``."""
@@ -43,7 +45,6 @@ class DatasetOut(BaseModel):
     finished_at: datetime | None = Field(None, description="when its ingest ended (UTC)")
 
 
-class DatasetList(BaseModel):
-    """The datasets you can evaluate on: the built-ins and your uploads."""
-
-    items: list[DatasetOut] = Field(description="the datasets")
+class DatasetList(Page[DatasetOut]):
+    """The datasets you can evaluate on: the built-ins (on the first page) and your uploads,
+    newest first."""

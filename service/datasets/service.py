@@ -17,7 +17,9 @@ from service.datasets.ingest import DatasetIngestError, IngestLimits, ingest
 from service.datasets.schemas import DatasetOut
 from service.errors import Conflict, Invalid, NotFound
 from service.evaluations.suite import Capabilities
+from service.pagination import newest_first
 from service.queue import INGEST_TASK, Outbox
+from service.repository import owned_rows
 from service.tables import Dataset, Evaluation, Training, utcnow
 
 # Reasonable l_p budgets in [0,1] pixel units when an uploaded dataset names none.
@@ -224,12 +226,13 @@ def get_out(session: Session, owner: str, ref: str) -> DatasetOut:
     return upload_out(_find(session, owner, ref))
 
 
-def list_all(session: Session, owner: str) -> list[DatasetOut]:
-    builtins = [builtin_out(b["name"]) for b in list_builtins()]
-    uploads = session.scalars(
-        select(Dataset).where(Dataset.owner == owner).order_by(Dataset.created_at.desc())
-    )
-    return builtins + [upload_out(r) for r in uploads]
+def list_page(session: Session, owner: str, *, cursor: str | None,
+              limit: int) -> tuple[list[DatasetOut], str | None]:
+    """The built-ins (first page only, beside the first ``limit`` uploads), then the owner's
+    uploads newest first."""
+    builtins = [] if cursor else [builtin_out(b["name"]) for b in list_builtins()]
+    rows, next_cursor = newest_first(session, owned_rows(Dataset, owner), Dataset, cursor, limit)
+    return builtins + [upload_out(r) for r in rows], next_cursor
 
 
 def builtin_out(name: str) -> DatasetOut:

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.pagination import Page
+
 
 class EvaluationIn(BaseModel):
     """An evaluation of an uploaded model (``POST /evaluations`` as JSON)."""
@@ -112,9 +114,5 @@ class EvaluationOut(BaseModel):
         None, description="the model-to-dataset class map used, if any")
 
 
-class EvaluationPage(BaseModel):
+class EvaluationPage(Page[EvaluationOut]):
     """One page of evaluations, newest first."""
-
-    items: list[EvaluationOut] = Field(description="the evaluations on this page")
-    next_cursor: str | None = Field(
-        description="pass as `cursor` for the next page; null on the last page")

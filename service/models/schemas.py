@@ -5,6 +5,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.pagination import Page
+
 
 class ModelMetadata(BaseModel):
     """The ``metadata`` JSON of an upload (ARCHITECTURE.md, "Model checkpoints")."""
@@ -62,9 +64,5 @@ class ModelOut(BaseModel):
     created_at: datetime = Field(description="when it was uploaded (UTC)")
 
 
-class ModelList(BaseModel):
+class ModelList(Page[ModelOut]):
     """One page of your models, newest first."""
-
-    items: list[ModelOut] = Field(description="the models on this page")
-    next_cursor: str | None = Field(
-        None, description="pass as `cursor` for the next page; null on the last page")

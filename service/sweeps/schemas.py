@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.evaluations.schemas import Progress
 from service.evaluations.suite import Norm
+from service.pagination import Page
 from service.trainings.schemas import COMMON, LrSchedule, Method, Optimizer
 
 MAX_MODELS = 32
@@ -115,9 +116,5 @@ class SweepOut(BaseModel):
     table: list[SweepRow] = Field(description="one row per model of the grid")
 
 
-class SweepPage(BaseModel):
+class SweepPage(Page[SweepOut]):
     """One page of sweeps, newest first."""
-
-    items: list[SweepOut] = Field(description="the sweeps on this page")
-    next_cursor: str | None = Field(
-        description="pass as `cursor` for the next page; null on the last page")

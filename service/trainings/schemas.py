@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.evaluations.schemas import ErrorOut, Progress
 from service.evaluations.suite import Norm
+from service.pagination import Page
 
 
 class Method(StrEnum):
@@ -145,9 +146,5 @@ class TrainingOut(BaseModel):
                                                         "if `evaluate` was given")
 
 
-class TrainingPage(BaseModel):
+class TrainingPage(Page[TrainingOut]):
     """One page of trainings, newest first."""
-
-    items: list[TrainingOut] = Field(description="the trainings on this page")
-    next_cursor: str | None = Field(
-        description="pass as `cursor` for the next page; null on the last page")
