@@ -70,12 +70,14 @@ def empty_pg_url(pg_url: str) -> Iterator[str]:
 
 
 # Modules left out of the fast tier (``./scripts/test --fast``): attack strength against
-# references, training to a measured accuracy, whole worker paths and subprocess scans. CI runs
-# them all.
+# references, training to a measured accuracy, whole worker paths, jailed children, a browser,
+# private database clusters, fuzzing and subprocess scans. CI runs them all.
 SLOW_MODULES = frozenset({
     "test_attack_torchattacks.py", "test_attack_bf16.py", "test_attack_linear.py",
     "test_natural_training.py", "test_training_jobs.py", "test_import_rules.py",
-    "test_attack_reference.py",
+    "test_attack_reference.py", "test_sandbox.py", "test_api_hardening.py",
+    "test_openapi_fuzz.py", "test_pages_browser.py", "test_reproduce.py",
+    "test_reproduction_api.py", "test_ingest_channels.py",
 })
 
 
