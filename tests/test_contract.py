@@ -106,6 +106,9 @@ def test_training_methods_optimisers_and_schedules_agree() -> None:
     from service.trainings import schemas
     from workers.engine import training
 
-    assert {m.value for m in schemas.Method} == {m.value for m in training.Method}
-    assert {o.value for o in schemas.Optimizer} == {o.value for o in training.Optimizer}
-    assert {s.value for s in schemas.LrSchedule} == {s.value for s in training.LrSchedule}
+    from contract import training as contract_training
+
+    # one definition, used by both sides
+    assert schemas.Method is training.Method is contract_training.Method
+    assert schemas.Optimizer is training.Optimizer is contract_training.Optimizer
+    assert schemas.LrSchedule is training.LrSchedule is contract_training.LrSchedule

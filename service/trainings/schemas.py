@@ -2,31 +2,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from contract.training import LrSchedule, Method, Optimizer
 from service.evaluations.schemas import ErrorOut, Progress
 from service.evaluations.suite import Norm
 from service.pagination import Page
-
-
-class Method(StrEnum):
-    STANDARD = "standard"
-    PGD = "pgd"
-    FGSM_RS = "fgsm_rs"
-    TRADES = "trades"
-
-
-class Optimizer(StrEnum):
-    SGD = "sgd"
-    ADAM = "adam"
-
-
-class LrSchedule(StrEnum):
-    CONSTANT = "constant"
-    COSINE = "cosine"
 
 
 class ThreatIn(BaseModel):

@@ -3,19 +3,16 @@
 Three checkpoint formats are accepted (ARCHITECTURE.md): a safetensors state dict plus an
 architecture name, a TorchScript archive, and a torch.export archive. None of them runs
 Python pickles: safetensors is a JSON header plus raw bytes, TorchScript archives are read
-by TorchScript's own restricted unpickler, and torch.export archives are loaded with every
-``torch.load`` forced to ``weights_only=True`` (torch.export would otherwise fall back to a
-full unpickle for sample inputs).
+by TorchScript's own restricted unpickler, and torch.export archives are read with torch's
+``weights_only`` default (torch >= 2.6); the archive entries torch.export would still unpickle
+(opaque constants) are refused at upload, and every load runs in the worker's jail.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import functools
-import threading
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,27 +201,6 @@ def _load_torchscript(path: Path) -> nn.Module:
     return module
 
 
-_TORCH_LOAD_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _weights_only_torch_load() -> Iterator[None]:
-    """Force ``weights_only=True`` on every torch.load while a torch.export archive loads."""
-    original = torch.load
-
-    @functools.wraps(original)
-    def safe_load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    with _TORCH_LOAD_LOCK:
-        torch.load = safe_load
-        try:
-            yield
-        finally:
-            torch.load = original
-
-
 def _load_export(path: Path) -> nn.Module:
     try:
         with zipfile.ZipFile(path) as zf:
@@ -233,8 +209,9 @@ def _load_export(path: Path) -> nn.Module:
     except zipfile.BadZipFile as exc:
         raise CheckpointError("a torch.export archive is a zip file; this one is not") from exc
     try:
-        with _weights_only_torch_load():
-            program = torch.export.load(str(path))
+        # torch >= 2.6 reads the archive's tensors with weights_only=True; what it would still
+        # unpickle (opaque constants) is refused at upload, and the load runs in the jail.
+        program = torch.export.load(str(path))
     except Exception as exc:  # torch.export raises many unrelated types on a bad archive
         raise CheckpointError(f"the torch.export archive cannot be loaded: {exc}") from exc
     module: nn.Module = program.module()

@@ -16,13 +16,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from contract.training import LrSchedule, Optimizer
 from workers.engine.attacks import PGD, Forward
 from workers.engine.models import build
 from workers.engine.training import checkpoint
@@ -43,16 +43,6 @@ def collapsed(best_robust: float, robust: float) -> bool:
 
 class TrainingError(ValueError):
     """The training cannot run as specified (a user error, reported as such)."""
-
-
-class Optimizer(StrEnum):
-    SGD = "sgd"  # momentum 0.9, weight decay 5e-4 (the adversarial-training standard)
-    ADAM = "adam"
-
-
-class LrSchedule(StrEnum):
-    CONSTANT = "constant"
-    COSINE = "cosine"  # per step, from lr down to 0 over the whole run
 
 
 @dataclass(frozen=True)

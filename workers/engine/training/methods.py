@@ -18,20 +18,13 @@ BatchNorm statistics are not updated by attack forwards; the loss is then taken 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from contract.training import Method
 from workers.engine.threats import Norm, Threat, threat_for
-
-
-class Method(StrEnum):
-    STANDARD = "standard"
-    PGD = "pgd"
-    FGSM_RS = "fgsm_rs"
-    TRADES = "trades"
 
 
 @dataclass(frozen=True)
