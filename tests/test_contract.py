@@ -103,10 +103,9 @@ def test_the_api_architecture_table_is_current() -> None:
 
 
 def test_training_methods_optimisers_and_schedules_agree() -> None:
+    from contract import training as contract_training
     from service.trainings import schemas
     from workers.engine import training
-
-    from contract import training as contract_training
 
     # one definition, used by both sides
     assert schemas.Method is training.Method is contract_training.Method
