@@ -94,7 +94,6 @@ def _sandbox_refused() -> str | None:
     """Why this machine cannot run models in the sandbox, or None where it can (or where
     ``ROBUSTSCOPE_SANDBOX=off`` says not to)."""
     from service.settings import get_settings
-    from workers.sandbox.jail import JailConfig, SandboxUnavailable, probe
 
     cfg = get_settings()
     if cfg.sandbox == "off":
@@ -102,12 +101,16 @@ def _sandbox_refused() -> str | None:
               "process, with its secrets and files (a single trusted user only)",
               file=sys.stderr)
         return None
-    try:
-        probe(JailConfig(slot_root=cfg.data_dir / "sandbox"))
-    except SandboxUnavailable as exc:
-        return (f"robustscope: the worker cannot build its sandbox ({exc}); it refuses to run "
-                "uploaded models without one. Set ROBUSTSCOPE_SANDBOX=off only for a single "
-                "trusted user.")
+    # The probe runs in the worker's code, in a process of its own: this module never imports
+    # workers/.
+    env = {**os.environ, "ROBUSTSCOPE_DATA_DIR": str(cfg.data_dir)}
+    res = subprocess.run([sys.executable, "-m", "workers.sandbox.jail"], env=env,
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        reason = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "unknown"
+        return (f"robustscope: the worker cannot build its sandbox ({reason}); it refuses to "
+                "run uploaded models without one. Set ROBUSTSCOPE_SANDBOX=off only for a "
+                "single trusted user.")
     return None
 
 

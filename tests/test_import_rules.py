@@ -23,6 +23,19 @@ def test_api_process_never_imports_torch_or_the_engine() -> None:
     assert not any(m == "workers" or m.startswith("workers.") for m in mods)
 
 
+def test_no_service_module_imports_workers_even_lazily() -> None:
+    """A function-level import escapes the interpreter check above; read the sources."""
+    offenders = []
+    for path in ROOT.glob("service/**/*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            words = line.split()
+            if words[:2] in (["import", "workers"], ["from", "workers"]) or (
+                    words[:1] in (["import"], ["from"]) and len(words) > 1
+                    and words[1].startswith(("workers.", "torch"))):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}")
+    assert offenders == []
+
+
 def test_engine_imports_no_web_celery_or_database_code() -> None:
     mods = _modules_after("import workers.engine.benchmarks as b\nb.names()\n"
                           "import workers.engine.models, workers.engine.data")

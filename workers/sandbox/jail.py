@@ -225,3 +225,19 @@ def probe(config: JailConfig) -> None:
     if res.returncode != 0:
         raise SandboxUnavailable("bubblewrap cannot build the jail here: "
                                  + res.stderr.decode(errors="replace").strip()[:300])
+
+
+def main() -> int:
+    """``python -m workers.sandbox.jail``: exit 0 where this machine can build the jail,
+    else print why and exit 2 (``robustscope worker`` and ``up`` ask before they start)."""
+    slot_root = Path(os.environ.get("ROBUSTSCOPE_DATA_DIR", "var")) / "sandbox"
+    try:
+        probe(JailConfig(slot_root=slot_root))
+    except SandboxUnavailable as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
