@@ -238,7 +238,7 @@ def test_a_generated_client_runs_the_walkthrough(sqlite_url: str, tmp_path: Path
 
     from service.db import make_engine, make_sessionmaker
     from service.settings import Settings
-    from workers import jobs
+    from workers import evaluation_jobs
     from workers.runtime import Runtime
 
     app = create_app(settings(sqlite_url, tmp_path))
@@ -285,7 +285,7 @@ def test_a_generated_client_runs_the_walkthrough(sqlite_url: str, tmp_path: Path
             assert isinstance(created, m.EvaluationOut), created
             assert created.status == "queued"
 
-            assert jobs.run(rt, uuid.UUID(str(created.id))) == "succeeded"
+            assert evaluation_jobs.run(rt, uuid.UUID(str(created.id))) == "succeeded"
 
             done = get_evaluation.sync(client=client, evaluation_id=created.id)
             assert isinstance(done, m.EvaluationOut), done
@@ -306,7 +306,7 @@ def test_a_generated_client_runs_the_walkthrough(sqlite_url: str, tmp_path: Path
             assert isinstance(second, m.EvaluationOut), second
             assert second.model_name == "tiny-2"
             assert second.status == "queued"
-            assert jobs.run(rt, uuid.UUID(str(second.id))) == "succeeded"
+            assert evaluation_jobs.run(rt, uuid.UUID(str(second.id))) == "succeeded"
         engine.dispose()
     finally:
         sys.path.remove(str(gen))

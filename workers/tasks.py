@@ -1,4 +1,4 @@
-"""Celery tasks: thin glue that takes a job id and hands it to :mod:`workers.jobs`."""
+"""Celery tasks: thin glue that takes a job id and hands it to its job module."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import httpx
 
 from service.queue import EVALUATE_TASK, INGEST_TASK, TRAIN_TASK, WEBHOOK_TASK
 from service.settings import get_settings
-from workers import ingest, jobs, training_jobs, webhooks
+from workers import evaluation_jobs, ingest, training_jobs, webhooks
 from workers.celery_app import app
 from workers.runtime import runtime
 
@@ -18,7 +18,7 @@ from workers.runtime import runtime
 @app.task(name=EVALUATE_TASK, acks_late=True, reject_on_worker_lost=True,
           soft_time_limit=get_settings().job_time_limit + 60)
 def evaluate(evaluation_id: str) -> str:
-    return jobs.run(runtime(), uuid.UUID(evaluation_id), send_task=app.send_task)
+    return evaluation_jobs.run(runtime(), uuid.UUID(evaluation_id), send_task=app.send_task)
 
 
 @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True,

@@ -30,7 +30,7 @@ from tests.factories import (
     upload_dataset,
 )
 from tests.service.ingest_fixtures import npy, png, write_zip
-from workers import jobs
+from workers import evaluation_jobs
 from workers.engine.data import load_builtin, load_npz
 from workers.engine.types import EvalData
 from workers.runtime import Runtime
@@ -97,7 +97,7 @@ def _run(client: TestClient, key: str, rt: Runtime, model_id: str, dataset: str,
         "model_id": model_id, "dataset": dataset, "suite": suite, "seed": 1, **extra})
     assert resp.status_code == 202, resp.text
     eid = resp.json()["id"]
-    assert jobs.run(rt, uuid.UUID(eid)) == "succeeded", client.get(
+    assert evaluation_jobs.run(rt, uuid.UUID(eid)) == "succeeded", client.get(
         f"/evaluations/{eid}", headers=auth(key)).json()["error"]
     out: dict[str, Any] = client.get(f"/evaluations/{eid}", headers=auth(key)).json()
     return out

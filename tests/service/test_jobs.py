@@ -19,7 +19,7 @@ from service.db import make_engine, make_sessionmaker
 from service.settings import Settings
 from service.tables import Evaluation, Model, Result, utcnow
 from tests.factories import META, tiny_net, torchscript_bytes
-from workers import jobs, reconciler
+from workers import evaluation_jobs, jobs, reconciler
 from workers.engine.benchmarks import _REGISTRY, register
 from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext, fast_bf16
 from workers.runtime import Runtime
@@ -110,7 +110,7 @@ def _test_benchmarks() -> Any:
 
 def test_a_job_runs_and_records_everything(rt: Runtime) -> None:
     eid = _job(rt, [{"benchmark": "clean"}, {"benchmark": "test_counted", "tag": "a"}])
-    assert jobs.run(rt, eid) == "succeeded"
+    assert evaluation_jobs.run(rt, eid) == "succeeded"
     ev = _get(rt, eid)
     assert (ev.status, ev.attempts, ev.progress_fraction) == ("succeeded", 1, 1.0)
     search = "bf16" if fast_bf16(torch.device("cpu")) else "fp32"
@@ -136,7 +136,7 @@ def test_a_job_runs_and_records_everything(rt: Runtime) -> None:
                                                            ("counted", "n")]
         assert rows[1].value == 400.0  # shapes-32 has 400 test images
         assert 0.0 <= rows[0].value <= 1.0
-    assert jobs.run(rt, eid) == "skipped"  # a duplicate delivery changes nothing
+    assert evaluation_jobs.run(rt, eid) == "skipped"  # a duplicate delivery changes nothing
     assert _result_count(rt, eid) == 2
 
 
@@ -146,18 +146,18 @@ def test_a_restarted_job_resumes_after_the_last_finished_entry(rt: Runtime) -> N
     # First attempt: entry 0 finishes, entry 1 crashes the "worker" mid-run.
     token = jobs.claim(rt, eid)
     assert token == 1
-    work = jobs.EvaluationWork.load(rt, eid, token)
+    work = evaluation_jobs.EvaluationWork.load(rt, eid, token)
     with jobs.Supervisor(rt, work) as sup, pytest.raises(jobs.JobFailed, match="boom"):
         jobs.execute(rt, sup, work)
     assert CALLS == ["first", "second"]
-    assert jobs.run(rt, eid) == "skipped"  # heartbeat still fresh: not stealable yet
+    assert evaluation_jobs.run(rt, eid) == "skipped"  # heartbeat still fresh: not stealable yet
     with rt.sessions.begin() as s:  # the worker died: its heartbeat goes stale
         s.execute(update(Evaluation).where(Evaluation.id == eid).values(
             heartbeat_at=utcnow() - timedelta(seconds=60),
             suite=[{"benchmark": "test_counted", "tag": "first"},
                    {"benchmark": "test_counted", "tag": "second"}]))
     CALLS.clear()
-    assert jobs.run(rt, eid) == "succeeded"
+    assert evaluation_jobs.run(rt, eid) == "succeeded"
     assert CALLS == ["second"]  # entry 0 was not run again
     ev = _get(rt, eid)
     assert ev.attempts == 2
@@ -168,7 +168,7 @@ def test_a_superseded_worker_writes_nothing(rt: Runtime) -> None:
     eid = _job(rt, [{"benchmark": "test_counted", "tag": "x"}])
     token_a = jobs.claim(rt, eid)
     assert token_a is not None
-    job_a = jobs.EvaluationWork.load(rt, eid, token_a)
+    job_a = evaluation_jobs.EvaluationWork.load(rt, eid, token_a)
     with rt.sessions.begin() as s:
         s.execute(update(Evaluation).where(Evaluation.id == eid).values(
             heartbeat_at=utcnow() - timedelta(seconds=60)))
@@ -184,7 +184,7 @@ def test_a_superseded_worker_writes_nothing(rt: Runtime) -> None:
 def test_cancel_stops_a_running_job_between_batches(rt: Runtime) -> None:
     eid = _job(rt, [{"benchmark": "test_slow"}])
     outcome: dict[str, str] = {}
-    t = threading.Thread(target=lambda: outcome.setdefault("r", jobs.run(rt, eid)))
+    t = threading.Thread(target=lambda: outcome.setdefault("r", evaluation_jobs.run(rt, eid)))
     t.start()
     deadline = time.monotonic() + 20
     while _get(rt, eid).progress_fraction <= 0.05 and time.monotonic() < deadline:
@@ -204,33 +204,33 @@ def test_a_database_outage_leaves_the_job_for_the_reconciler(rt: Runtime) -> Non
     from sqlalchemy.exc import OperationalError
 
     eid = _job(rt, [{"benchmark": "test_counted", "tag": "a"}])
-    original = jobs.EvaluationWork._write_entry
+    original = evaluation_jobs.EvaluationWork._write_entry
 
     def outage(*args: Any) -> None:
         raise OperationalError("INSERT", {}, Exception("server closed the connection"))
 
-    jobs.EvaluationWork._write_entry = outage  # type: ignore[method-assign]
+    evaluation_jobs.EvaluationWork._write_entry = outage  # type: ignore[method-assign]
     try:
         with pytest.raises(OperationalError):
-            jobs.run(rt, eid)
+            evaluation_jobs.run(rt, eid)
     finally:
-        jobs.EvaluationWork._write_entry = original  # type: ignore[method-assign]
+        evaluation_jobs.EvaluationWork._write_entry = original  # type: ignore[method-assign]
     ev = _get(rt, eid)
     assert (ev.status, ev.error, ev.attempts) == ("running", None, 1)
     with rt.sessions.begin() as s:  # its heartbeat goes stale
         s.execute(update(Evaluation).where(Evaluation.id == eid).values(
             heartbeat_at=utcnow() - timedelta(seconds=60)))
-    assert jobs.run(rt, eid) == "succeeded"
+    assert evaluation_jobs.run(rt, eid) == "succeeded"
     assert _get(rt, eid).attempts == 2
     assert _result_count(rt, eid) == 1
 
 
 def test_engine_errors_fail_the_job_with_a_typed_error(rt: Runtime) -> None:
     eid = _job(rt, [{"benchmark": "test_counted", "crash": True}])
-    assert jobs.run(rt, eid) == "failed"
+    assert evaluation_jobs.run(rt, eid) == "failed"
     assert _get(rt, eid).error == {"type": "model-crashed", "detail": "RuntimeError: boom"}
     bad = _job(rt, [{"benchmark": "clean"}], model_bytes=torchscript_bytes(tiny_net(7)))
-    assert jobs.run(rt, bad) == "failed"  # 7 classes where the metadata says 4
+    assert evaluation_jobs.run(rt, bad) == "failed"  # 7 classes where the metadata says 4
     err = _get(rt, bad).error
     assert err is not None
     assert err["type"] == "checkpoint-error"
@@ -240,7 +240,7 @@ def test_engine_errors_fail_the_job_with_a_typed_error(rt: Runtime) -> None:
 def test_a_job_whose_workers_keep_dying_fails(rt: Runtime) -> None:
     eid = _job(rt, [{"benchmark": "clean"}], status="running", attempts=3,
                heartbeat_at=utcnow() - timedelta(seconds=60))
-    assert jobs.run(rt, eid) == "skipped"
+    assert evaluation_jobs.run(rt, eid) == "skipped"
     ev = _get(rt, eid)
     assert ev.status == "failed"
     assert ev.error == {"type": "worker-lost", "detail": "the job's worker died 3 times"}

@@ -25,7 +25,7 @@ from service.settings import Settings
 from service.tables import Evaluation, Result
 from service.webhook_policy import standard_secret
 from tests.factories import api, auth, new_key, settings, tiny_net, torchscript_bytes, upload
-from workers import jobs, webhooks
+from workers import evaluation_jobs, webhooks
 from workers.runtime import Runtime
 
 
@@ -69,7 +69,7 @@ def test_a_finished_job_sends_a_signed_webhook(sqlite_url: str, tmp_path: Path,
                                    webhook_allow_private=True), engine=engine,
                  sessions=make_sessionmaker(engine), device=torch.device("cpu"), name="w")
     sent: list[tuple[str, list[str]]] = []
-    assert jobs.run(rt, uuid.UUID(ev["id"]),
+    assert evaluation_jobs.run(rt, uuid.UUID(ev["id"]),
                     send_task=lambda name, args: sent.append((name, args))) == "succeeded"
     assert sent == [(WEBHOOK_TASK, [ev["id"]])]
     assert webhooks.deliver(rt, ev["id"]) == 204
@@ -140,7 +140,7 @@ def test_per_example_flags_are_served_as_an_artifact(sqlite_url: str, tmp_path: 
         ev = client.post("/evaluations", headers=auth(key), json={
             "model_id": model["id"], "dataset": "shapes-32", "suite": [
                 {"benchmark": "adversarial", "attack": "pgd", "eps": 0.03, "steps": 3}]}).json()
-        assert jobs.run(rt, uuid.UUID(ev["id"])) == "succeeded"
+        assert evaluation_jobs.run(rt, uuid.UUID(ev["id"])) == "succeeded"
         done = client.get(f"/evaluations/{ev['id']}", headers=auth(key)).json()
         [name] = done["artifacts"]
         resp = client.get(f"/evaluations/{ev['id']}/artifacts/{name}", headers=auth(key))

@@ -18,7 +18,7 @@ from service.db import make_engine, make_sessionmaker
 from service.settings import Settings
 from service.tables import Evaluation, Model, Result
 from tests.factories import META, api, auth, new_key, settings, tiny_net, torchscript_bytes, upload
-from workers import jobs
+from workers import evaluation_jobs
 from workers.engine.benchmarks import _REGISTRY, register
 from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext
 from workers.runtime import Runtime
@@ -169,7 +169,7 @@ def test_the_worker_applies_n_examples_and_the_class_map(rt: Runtime,
             s.add(ev)
             s.flush()
             ids.append(ev.id)
-        assert jobs.run(rt, ev.id) == "succeeded"
+        assert evaluation_jobs.run(rt, ev.id) == "succeeded"
     with rt.sessions() as s:
         rows = s.scalars(select(Result).where(Result.evaluation_id == ids[0])).all()
         assert [(r.value, r.params) for r in rows] == [(50.0, {"width": 4})]

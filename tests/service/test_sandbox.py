@@ -28,7 +28,7 @@ from service.db import make_engine, make_sessionmaker
 from service.tables import Evaluation, Model
 from tests.factories import META, api, auth, export_bytes, new_key, settings, tiny_net
 from tests.factories import torchscript_bytes as scripted
-from workers import jobs
+from workers import evaluation_jobs
 from workers.runtime import Runtime
 from workers.sandbox.jail import JailConfig
 
@@ -203,11 +203,12 @@ def test_an_opaque_pt2_constant_is_refused_and_never_unpickled_in_the_child(
     assert body["entries"] == ["archive/data/constants/opaque_obj_0"]
     assert not marker.exists()
     eid = _job(rt, opaque_pt2(marker), "torch_export")
-    assert jobs.run(rt, eid) == "failed"
+    assert evaluation_jobs.run(rt, eid) == "failed"
     assert not marker.exists()
     assert _get(rt, eid).error["type"] == "checkpoint-error"  # type: ignore[index]
     # The same archive in the worker's own process runs its payload.
-    assert jobs.run(unjailed, _job(unjailed, opaque_pt2(marker), "torch_export")) == "failed"
+    job = _job(unjailed, opaque_pt2(marker), "torch_export")
+    assert evaluation_jobs.run(unjailed, job) == "failed"
     assert marker.exists()
 
 
@@ -219,7 +220,7 @@ def test_a_torchscript_model_that_reads_a_secret_cannot_leak_it(
     body = _refused(client, model, "torchscript-operator-refused")
     assert body["operators"] == ["torch.from_file"]
     eid = _job(rt, model)
-    assert jobs.run(rt, eid) == "failed"
+    assert evaluation_jobs.run(rt, eid) == "failed"
     resp = client.get(f"/evaluations/{eid}", headers=auth(client.key))
     assert resp.status_code == 200
     assert resp.json()["error"]["type"] == "checkpoint-error"
@@ -227,7 +228,7 @@ def test_a_torchscript_model_that_reads_a_secret_cannot_leak_it(
     assert str(tmp_path) not in resp.text  # no internal paths either
     # In the worker's own process the same model puts the secret into the user's error.
     leaked = _job(unjailed, model)
-    assert jobs.run(unjailed, leaked) == "failed"
+    assert evaluation_jobs.run(unjailed, leaked) == "failed"
     assert secret.read_text() in json.dumps(_get(unjailed, leaked).error)
 
 
@@ -244,10 +245,11 @@ def test_a_torchscript_model_that_writes_a_file_writes_only_in_its_scratch(
         "torch.save"]
     try:
         eid = _job(rt, model)
-        assert jobs.run(rt, eid) == "succeeded"  # its writes landed in the jail, then vanished
+        # its writes landed in the jail, then vanished
+        assert evaluation_jobs.run(rt, eid) == "succeeded"
         assert not loose.exists()
         assert theirs.read_bytes() == b"their checkpoint"
-        assert jobs.run(unjailed, _job(unjailed, model)) == "succeeded"
+        assert evaluation_jobs.run(unjailed, _job(unjailed, model)) == "succeeded"
         assert loose.exists()
         assert theirs.read_bytes() != b"their checkpoint"
     finally:
@@ -259,23 +261,23 @@ def test_a_spinning_model_fails_with_time_limit_and_the_worker_goes_on(
     rt = _runtime(sqlite_url, tmp_path / "data", job_time_limit=TIME_LIMIT)
     first, spinning, fine = (_job(rt, scripted(tiny_net())), _job(rt, scripted(Spins())),
                              _job(rt, scripted(tiny_net())))
-    assert jobs.run(rt, first) == "succeeded"  # and the next job's child is started
+    assert evaluation_jobs.run(rt, first) == "succeeded"  # and the next job's child is started
     start = time.monotonic()
-    assert jobs.run(rt, spinning) == "failed"
+    assert evaluation_jobs.run(rt, spinning) == "failed"
     assert time.monotonic() - start < TIME_LIMIT + 5
     ev = _get(rt, spinning)
     assert ev.error == {"type": "time-limit",
                         "detail": f"the job ran past its time limit of {TIME_LIMIT:g} s"}
     assert (ev.status, ev.attempts) == ("failed", 1)  # final: the reconciler leaves it
-    assert jobs.run(rt, fine) == "succeeded"
-    assert jobs.run(rt, spinning) == "skipped"
+    assert evaluation_jobs.run(rt, fine) == "succeeded"
+    assert evaluation_jobs.run(rt, spinning) == "skipped"
     rt.jail().close()
 
 
 def test_cancel_of_a_spinning_model_takes_effect_within_seconds(rt: Runtime) -> None:
     eid = _job(rt, scripted(Spins()))
     outcome: dict[str, str] = {}
-    t = threading.Thread(target=lambda: outcome.setdefault("r", jobs.run(rt, eid)))
+    t = threading.Thread(target=lambda: outcome.setdefault("r", evaluation_jobs.run(rt, eid)))
     t.start()
     deadline = time.monotonic() + 120
     while _get(rt, eid).progress_stage != "loading" and time.monotonic() < deadline:
@@ -292,11 +294,11 @@ def test_cancel_of_a_spinning_model_takes_effect_within_seconds(rt: Runtime) -> 
 
 def test_a_model_that_allocates_past_the_cap_fails_out_of_memory(rt: Runtime) -> None:
     hungry, fine = _job(rt, scripted(Hungry())), _job(rt, scripted(tiny_net()))
-    assert jobs.run(rt, hungry) == "failed"
+    assert evaluation_jobs.run(rt, hungry) == "failed"
     assert _get(rt, hungry).error == {
         "type": "out-of-memory",
         "detail": "the model ran out of memory (its process has a memory cap)"}
-    assert jobs.run(rt, fine) == "succeeded"
+    assert evaluation_jobs.run(rt, fine) == "succeeded"
 
 
 def test_the_jail_holds_no_secret_no_network_and_no_other_files(

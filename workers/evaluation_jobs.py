@@ -1,0 +1,171 @@
+"""Evaluation jobs: run a suite in the engine child and record each entry's results.
+
+The same job machinery as trainings (:mod:`workers.jobs`): the claim counts the attempt and
+fences every write. Each suite entry's rows, checks, artifacts and completion are written in one
+transaction, so a job resumed after a killed worker starts after its last finished entry and no
+result is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from service.queue import WEBHOOK_TASK
+from service.tables import Dataset, Evaluation, Model, Result
+from workers.engine import ENGINE_VERSION
+from workers.jobs import JobFailed, JobTable, Scratch, Superseded, device_info, run_work
+from workers.runtime import Runtime
+
+log = logging.getLogger("robustscope.worker")
+
+
+def run(rt: Runtime, eid: uuid.UUID, send_task: Any = None) -> str:
+    """Run evaluation ``eid`` if this worker can claim it; returns what happened."""
+    return run_work(rt, Evaluation, eid,
+                    lambda rt, eid, token: EvaluationWork.load(rt, eid, token, send_task))
+
+
+@dataclass
+class EvaluationWork:
+    rt: Runtime
+    id: uuid.UUID
+    token: int  # the attempt number that owns the job
+    suite: list[dict[str, Any]]
+    completed: set[int]
+    seed: int
+    model_path: Path
+    model_format: str
+    model_metadata: dict[str, Any]
+    dataset: str
+    dataset_path: Path | None
+    dataset_params: dict[str, Any]
+    split: str
+    options: dict[str, Any] = field(default_factory=dict)  # n_examples, class_map
+    send_task: Any = None
+    table: JobTable = Evaluation
+
+    @classmethod
+    def load(cls, rt: Runtime, eid: uuid.UUID, token: int,
+             send_task: Any = None) -> EvaluationWork:
+        with rt.sessions() as s:
+            ev = s.get(Evaluation, eid)
+            assert ev is not None
+            model = s.get(Model, ev.model_id) if ev.model_id else None
+            if model is None:
+                raise JobFailed({"type": "checkpoint-error",
+                                 "detail": "the model of this evaluation was deleted"})
+            dataset_path = None
+            if ev.dataset_id is not None:
+                ds = s.get(Dataset, ev.dataset_id)
+                if ds is None:
+                    raise JobFailed({"type": "benchmark-error",
+                                     "detail": "the dataset of this evaluation was deleted"})
+                dataset_path = rt.settings.data_dir / ds.storage_path
+            return cls(
+                rt=rt, id=eid, token=token, suite=list(ev.suite),
+                completed=set(ev.completed_entries or []), seed=ev.seed,
+                model_path=rt.settings.data_dir / model.storage_path, model_format=model.format,
+                model_metadata=dict(model.model_metadata), dataset=ev.dataset,
+                dataset_path=dataset_path, dataset_params=dict(ev.dataset_params or {}),
+                split=ev.split, options=dict(ev.options or {}), send_task=send_task)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.rt.settings.data_dir / "state" / str(self.id)
+
+    def inputs(self) -> dict[str, Path]:
+        files = {"model": self.model_path}
+        if self.dataset_path is not None:
+            files["dataset.npz"] = self.dataset_path
+        return files
+
+    def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
+        return {"kind": "evaluate", "suite": self.suite, "completed": sorted(self.completed),
+                "seed": self.seed, "batch_size": self.rt.settings.batch_size,
+                "amp": self.rt.bf16_search, "model_path": files["model"],
+                "model_format": self.model_format, "model_metadata": self.model_metadata,
+                "dataset": self.dataset, "dataset_path": files.get("dataset.npz"),
+                "dataset_params": self.dataset_params, "split": self.split,
+                "n_examples": self.options.get("n_examples"),
+                "class_map": self.options.get("class_map"),
+                "state_dir": str(scratch.state), "artifact_dir": str(scratch.artifacts)}
+
+    def handle(self, message: dict[str, Any], scratch: Scratch) -> None:
+        kind = message.get("t")
+        if kind == "device":
+            self._set_device_info()
+        elif kind == "assets":
+            self._record_data_source([tuple(a) for a in message["assets"]])
+        elif kind == "entry":
+            self._write_entry(message, scratch)
+
+    def finished(self, status: str, error: dict[str, str] | None) -> None:
+        with self.rt.sessions() as s:
+            ev = s.get(Evaluation, self.id)
+            webhook = ev.webhook_url if ev is not None and ev.attempts == self.token else None
+        if webhook and self.send_task is not None:
+            try:
+                self.send_task(WEBHOOK_TASK, args=[str(self.id)])
+            except Exception:
+                log.warning("could not enqueue the webhook for %s", self.id, exc_info=True)
+
+    def _set_device_info(self) -> None:
+        with self.rt.sessions.begin() as s:
+            s.execute(update(Evaluation).where(Evaluation.id == self.id,
+                                               Evaluation.attempts == self.token)
+                      .values(device=device_info(self.rt, self.rt.describe_device()),
+                              engine_version=ENGINE_VERSION)
+                      .execution_options(synchronize_session=False))
+
+    def _record_data_source(self, assets: list[tuple[Any, ...]]) -> None:
+        """Say what drew a built-in's pictures (installed art or the procedural fallback):
+        the API cannot know what a worker has installed, and results are comparable only
+        within one."""
+        detail = ", ".join(f"{part}: {kind}" for part, kind in assets)
+        note = {"name": "dataset_assets", "passed": True, "detail": f"{self.dataset} {detail}",
+                "params": {str(part): kind for part, kind in assets}, "entry": None}
+        with self.rt.sessions.begin() as s:
+            ev = s.get(Evaluation, self.id)
+            if ev is not None and ev.attempts == self.token and not any(
+                    c.get("name") == "dataset_assets" for c in ev.checks):
+                ev.checks = [*ev.checks, note]
+
+    def _write_entry(self, message: dict[str, Any], scratch: Scratch) -> None:
+        """Rows, checks, artifacts and the entry's completion in one transaction, fenced by
+        the attempt."""
+        index = int(message["index"])
+        data_dir = self.rt.settings.data_dir
+        artifacts: dict[str, str] = {}
+        for name, rel in message["artifacts"].items():
+            src = (scratch.host_artifacts / rel).resolve()
+            if not src.is_relative_to(scratch.host_artifacts.resolve()) or not src.is_file():
+                continue  # a path the engine did not write
+            dst = data_dir / "artifacts" / str(self.id) / rel
+            if src != dst.resolve():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+            artifacts[f"entry-{index}/{name}"] = str(dst.relative_to(data_dir))
+        with self.rt.sessions.begin() as s:
+            ev = s.scalar(select(Evaluation).where(Evaluation.id == self.id).with_for_update())
+            if ev is None or ev.attempts != self.token or ev.status != "running":
+                raise Superseded("the job changed hands before its results were written")
+            for row in message["rows"]:
+                params = dict(row["params"])
+                s.add(Result(evaluation_id=self.id, entry_index=index,
+                             benchmark=row["benchmark"], metric=row["metric"],
+                             value=float(row["value"]), params=params,
+                             params_key=json.dumps(params, sort_keys=True)))
+            ev.checks = [*ev.checks, *[{**c, "entry": index} for c in message["checks"]]]
+            ev.artifacts = {**ev.artifacts, **artifacts}
+            ev.completed_entries = sorted({*ev.completed_entries, index})
+            ev.timings = {**ev.timings, f"{index}:{self.suite[index]['benchmark']}":
+                          round(float(message["seconds"]), 3)}
+        self.completed.add(index)
