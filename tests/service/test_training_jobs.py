@@ -22,7 +22,7 @@ from service.queue import EVALUATE_TASK, TRAIN_TASK
 from service.tables import Training, utcnow
 from tests.factories import api, auth, new_key, settings, upload_dataset
 from tests.service.ingest_fixtures import png, solid, write_zip
-from workers import jobs, reconciler, training_jobs
+from workers import evaluation_jobs, jobs, reconciler, training_jobs
 from workers.engine.data import load_builtin
 from workers.engine.models import ModelSpec, load
 from workers.engine.threats import Norm
@@ -126,7 +126,7 @@ def test_a_training_registers_its_model_and_queues_its_evaluation(
         "queued", model["id"], "shapes-32", 3)
     assert ev["suite"] == [{"benchmark": "clean"}]
     assert sent == [(EVALUATE_TASK, [done["evaluation_id"]])]
-    assert jobs.run(rt, uuid.UUID(done["evaluation_id"])) == "succeeded"
+    assert evaluation_jobs.run(rt, uuid.UUID(done["evaluation_id"])) == "succeeded"
     ev = client.get(f"/evaluations/{done['evaluation_id']}", headers=auth(key)).json()
     net = load(path, ModelSpec.from_metadata("safetensors", model))
     test = load_builtin("shapes-32", "test")
@@ -250,7 +250,7 @@ def test_a_sweep_runs_end_to_end_into_its_trade_off_table(
                                  send_task=lambda n, args: sent.append((n, args))) == "succeeded"
     assert [name for name, _ in sent] == [EVALUATE_TASK, EVALUATE_TASK]
     for _, (eid,) in sent:
-        assert jobs.run(rt, uuid.UUID(eid)) == "succeeded"
+        assert evaluation_jobs.run(rt, uuid.UUID(eid)) == "succeeded"
     done = client.get(f"/sweeps/{sweep['id']}", headers=auth(key)).json()
     assert done["status"] == "succeeded"
     assert done["progress"]["fraction"] == 1.0
