@@ -30,7 +30,11 @@ MEANING = {
     "clean": "Top-1 accuracy on the unperturbed test images. Higher is better.",
     "adversarial": "Robust accuracy: the fraction of examples classified correctly that no "
                    "attack in the run could flip within the eps-ball (worst case over attacks "
-                   "and restarts). Higher is better; it can only fall as eps grows.",
+                   "and restarts). Higher is better; it can only fall as eps grows. Beside it, "
+                   "zero_gradient_fraction: the share of clean-correct examples where the "
+                   "model's input gradient is zero or not finite, so a gradient attack could "
+                   "not even start; robust accuracy resting on those examples measures "
+                   "gradient masking, not robustness.",
     "robustness_curve": "Robust accuracy as a function of eps from one minimal-perturbation "
                         "run. Higher is better.",
     "fg_bg_noise": "Accuracy with noise on the object (fg) or on the background (bg), and "

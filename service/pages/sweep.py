@@ -83,11 +83,13 @@ def render(sweep: SweepOut) -> str:
                                  "higher = relies more on the background)"),
                             y, _series(sweep.table, key, "bg_gap")))
     all_keys = sorted({k for r in sweep.table for k in r.robust_accuracy})
+    zg_norms = sorted({n for r in sweep.table for n in r.zero_gradient_fraction})
     head = ("<tr><th>model</th><th>method</th><th>norm</th><th>eps</th><th>training</th>"
             "<th>evaluation</th><th>clean</th>"
             + "".join(f"<th>robust {e(k.split(':')[0])} "
                       f"{e(_eps_text(k.split(':')[0], float(k.split(':')[1])))}</th>"
                       for k in all_keys)
+            + "".join(f"<th>no gradient {e(NORM_NAMES.get(n, n))}</th>" for n in zg_norms)
             + "<th>RFS</th><th>BG-gap</th><th>mixed_rand</th><th>worst group</th>"
               "<th>checks</th><th>links</th></tr>")
     body = []
@@ -108,6 +110,7 @@ def render(sweep: SweepOut) -> str:
             f"<td>{e(r.training_status)}</td><td>{e(r.evaluation_status or '-')}</td>"
             + _cell(r.clean_accuracy) + "".join(_cell(r.robust_accuracy.get(k))
                                                 for k in all_keys)
+            + "".join(_cell(r.zero_gradient_fraction.get(n)) for n in zg_norms)
             + _cell(r.rfs) + _cell(r.bg_gap) + _cell(r.mixed_rand_accuracy)
             + _cell(r.worst_group_accuracy) + flag + f"<td>{' · '.join(links)}</td></tr>")
     params = ", ".join(f"{k}={v}" for k, v in sorted((spec.get("dataset_params") or {}).items()))

@@ -89,6 +89,11 @@ class SweepRow(BaseModel):
     clean_accuracy: float | None = Field(description="accuracy on unperturbed inputs, 0 to 1")
     robust_accuracy: dict[str, float] = Field(
         description="robust accuracy (0 to 1) per threat, keyed `<norm>:<eps>`")
+    zero_gradient_fraction: dict[str, float] = Field(
+        default_factory=dict,
+        description="per norm, the fraction (0 to 1) of clean-correct examples where the "
+                    "model's input gradient is zero or not finite, so the attack could not "
+                    "start: robust accuracy resting on them is gradient masking")
     bg_gap: float | None = Field(
         description="the background gap: accuracy with a background from the same class minus "
                     "with a random one (`mixed_same` - `mixed_rand`)")

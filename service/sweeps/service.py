@@ -138,6 +138,8 @@ def _row(t: Training, ev: Evaluation | None) -> SweepRow:
             row.clean_accuracy = r.value
         elif (r.benchmark, r.metric) == ("adversarial", "robust_accuracy"):
             row.robust_accuracy[f"{r.params['norm']}:{r.params['eps']:.4g}"] = r.value
+        elif (r.benchmark, r.metric) == ("adversarial", "zero_gradient_fraction"):
+            row.zero_gradient_fraction[str(r.params["norm"])] = r.value
         elif (r.benchmark, r.metric) == ("backgrounds", "bg_gap"):
             row.bg_gap = r.value
         elif (r.benchmark, r.metric) == ("backgrounds", "accuracy") and \

@@ -182,6 +182,50 @@ def test_sanity_checks_flag_softmax_randomness_and_zero_gradients() -> None:
                                               RunContext()))
 
 
+class Scaled(nn.Module):
+    def __init__(self, inner: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x) * self.scale
+
+
+def _zero_gradient(result: Any) -> float:
+    (row,) = _rows(result, "zero_gradient_fraction")
+    return float(row.value)
+
+
+def test_zero_gradient_fraction_counts_the_examples_an_attack_cannot_start_from() -> None:
+    model, data = _data(n=48)
+    for attack in ("pgd", "apgd-dlr"):
+        res = run("adversarial", model, data, {"attack": attack, "norm": "linf", "eps": 0.02,
+                                               "steps": 2}, RunContext())
+        assert _zero_gradient(res) == 0.0
+        # a rounding model has no gradient anywhere: no white-box attack can start
+        res = run("adversarial", Quantised(model), data,
+                  {"attack": attack, "norm": "linf", "eps": 0.02, "steps": 2}, RunContext())
+        assert _zero_gradient(res) == 1.0
+    # logits scaled until the softmax is exactly one-hot in fp32 on some examples: the
+    # cross-entropy's gradient vanishes there (PGD is stuck), the logits still move (DLR is not)
+    hot = Scaled(model, 150.0)
+    with torch.no_grad():
+        p = torch.softmax(hot(data.x).float(), 1)
+    correct = p.argmax(1) == data.y
+    onehot = (p == nn.functional.one_hot(data.y, 10).float()).all(1) & correct
+    expected = float(onehot.sum()) / float(correct.sum())
+    assert 0.0 < expected < 1.0
+    params = {"norm": "linf", "eps": 0.02, "steps": 2}
+    assert _zero_gradient(run("adversarial", hot, data, {"attack": "pgd", **params},
+                              RunContext())) == float32_decimal(expected)
+    assert _zero_gradient(run("adversarial", hot, data, {"attack": "apgd-dlr", **params},
+                              RunContext())) == 0.0
+    # Square needs no gradient: no row
+    res = run("adversarial", model, data, {"attack": "square", "norm": "linf", "eps": 0.02,
+                                           "queries": 10}, RunContext())
+    assert _rows(res, "zero_gradient_fraction") == []
+
+
 def test_square_beating_white_box_is_flagged() -> None:
     model, data = _data(n=32)
     data = EvalData(torch.round(data.x * 4) / 4, data.y, data.class_names)
@@ -243,9 +287,10 @@ def test_cost_rows_count_every_pass_the_model_saw() -> None:
         fwd["apgd-t"].params["passes"]
     assert fwd["total"].value == fwd["total"].params["passes"] / 24
     # Everything else the benchmark ran: sanity checks (two forwards and one gradient on 24
-    # examples) and the clean pass (24).
-    assert fwd["total"].params["passes"] == model.forwards - 3 * 24 - 24
-    assert bwd["total"].params["passes"] == model.backwards - 24 > 0
+    # examples), the clean pass (24) and the zero-gradient probe (one forward and one
+    # gradient on the 24 clean-correct examples).
+    assert fwd["total"].params["passes"] == model.forwards - 3 * 24 - 24 - 24
+    assert bwd["total"].params["passes"] == model.backwards - 24 - 24 > 0
     seconds = {r.params["stage"]: r.value for r in _rows(res, "attack_seconds")}
     assert seconds["total"] == pytest.approx(seconds["apgd-ce"] + seconds["apgd-t"])
 

@@ -107,6 +107,9 @@ def test_the_table_reads_the_evaluations_and_cancel_stops_the_rest(
             Result(entry_index=1, benchmark="adversarial", metric="robust_accuracy", value=0.1,
                    params={"attack": "apgd-ce", "norm": "linf", "eps": 0.0314},
                    params_key="a"),
+            Result(entry_index=1, benchmark="adversarial", metric="zero_gradient_fraction",
+                   value=0.25, params={"attack": "apgd-ce", "norm": "linf", "loss": "ce"},
+                   params_key="z"),
             Result(entry_index=2, benchmark="backgrounds", metric="accuracy", value=0.4,
                    params={"variant": "mixed_rand"}, params_key="b"),
             Result(entry_index=2, benchmark="backgrounds", metric="bg_gap", value=0.3,
@@ -128,9 +131,13 @@ def test_the_table_reads_the_evaluations_and_cancel_stops_the_rest(
     assert got["progress"]["message"] == "1 of 2 trainings and 1 evaluations succeeded"
     row = got["table"][0]
     assert {k: row[k] for k in ("clean_accuracy", "robust_accuracy", "bg_gap",
-                                "mixed_rand_accuracy", "rfs", "evaluation_status")} == {
+                                "mixed_rand_accuracy", "rfs", "evaluation_status",
+                                "zero_gradient_fraction")} == {
         "clean_accuracy": 0.9, "robust_accuracy": {"linf:0.0314": 0.1}, "bg_gap": 0.3,
-        "mixed_rand_accuracy": 0.4, "rfs": 0.6, "evaluation_status": "succeeded"}
+        "mixed_rand_accuracy": 0.4, "rfs": 0.6, "evaluation_status": "succeeded",
+        "zero_gradient_fraction": {"linf": 0.25}}
+    page = client.get(f"/sweeps/{sweep['id']}/report", headers=auth(key)).text
+    assert "<th>no gradient l_inf</th>" in page and "0.250" in page
     assert got["table"][1]["training_status"] == "running"
     cancelled = client.post(f"/sweeps/{sweep['id']}/cancel", headers=auth(key))
     assert cancelled.status_code == 202

@@ -4,8 +4,10 @@
 autoattack, fast, efficient), ``norm`` (linf, l2, l1), ``eps`` (a number or a list; one cascade
 per eps), optional ``steps``, ``restarts``, ``targeted``, ``step_size`` (PGD), ``queries``
 (Square), ``n_targets``, ``audit`` (re-run AutoAttack's standard protocol on that many examples,
-drawn by the seed). Rows: ``clean_accuracy`` once, ``robust_accuracy`` per eps, and for cascades
-``robust_accuracy_after`` per stage (params gain ``stage``).
+drawn by the seed). Rows: ``clean_accuracy`` once, ``zero_gradient_fraction`` once (the
+clean-correct examples a gradient attack cannot start from; not for Square, which needs no
+gradient), ``robust_accuracy`` per eps, and for cascades ``robust_accuracy_after`` per stage
+(params gain ``stage``).
 
 Cost rows, per eps: ``forward_passes`` and ``backward_passes`` (example-forwards and
 example-backwards of the model per evaluated example, fp32 re-checks included) and
@@ -201,6 +203,11 @@ def adversarial(model: nn.Module, data: EvalData, params: dict[str, Any],
     checks.append(degenerate_check(clean.logits.argmax(1), data.y))
     base = {"attack": p.attack.value, "norm": p.norm.value}
     rows = [MetricRow("adversarial", "clean_accuracy", _mean(clean.correct), dict(base))]
+    if any(s.white_box for s in stages):
+        ce_only = p.attack in CE_ONLY and not p.targeted
+        rows.append(MetricRow("adversarial", "zero_gradient_fraction",
+                              zero_gradient_fraction(model, data, clean, ctx, ce_only),
+                              {**base, "loss": "ce" if ce_only else "logit differences"}))
     result = BenchmarkResult(rows=rows, checks=checks)
     accs: list[tuple[float, float]] = []
     fwd = Forward(model, amp=ctx.amp, channels_last=True, optimise=True)  # one search copy
@@ -315,6 +322,48 @@ def curve_area(norms: Tensor, grid: list[float]) -> float:
     if hi <= lo:
         return _mean(norms > lo)
     return float(((norms.clamp(lo, hi) - lo) / (hi - lo)).mean())
+
+
+CE_ONLY = frozenset({AttackName.FGSM, AttackName.PGD, AttackName.APGD_CE})
+"""Attacks whose untargeted version follows the cross-entropy's gradient alone."""
+
+
+def zero_gradient_fraction(model: nn.Module, data: EvalData, clean: CleanPass, ctx: RunContext,
+                           ce_only: bool) -> float:
+    """The fraction of clean-correct examples a gradient attack cannot take a first step from.
+
+    Every loss the attacks follow (cross-entropy, DLR, targeted margins) depends on the logits
+    only through their differences, so an attack can start from ``x`` unless the input
+    gradient of every logit difference is zero or not finite there. That is tested with one
+    backward pass of a random zero-sum combination of the logits, which vanishes (almost
+    surely) only when all of them do. An attack that follows the cross-entropy alone
+    (``ce_only``) is also stuck where its gradient underflows to zero (a saturated softmax),
+    though the logits still move. Robust accuracy built on such examples measures the
+    model's masking, not its robustness; a report shows the two side by side.
+    """
+    todo = clean.correct.nonzero().squeeze(1)
+    if todo.numel() == 0:
+        return 0.0
+    gen = ctx.generator(salt=29)
+    stuck = 0
+    for s in range(0, todo.numel(), max(ctx.batch_size, 1)):
+        idx = todo[s:s + max(ctx.batch_size, 1)]
+        xb = data.x[idx].to(ctx.device).requires_grad_(True)
+        yb = data.y[idx].to(ctx.device)
+        with torch.enable_grad():
+            logits = model(xb).float()
+            c = torch.randn(logits.shape, generator=gen).to(logits.device)
+            mix = ((c - c.mean(1, keepdim=True)) * logits).sum()
+            grads = [torch.autograd.grad(mix, xb, retain_graph=ce_only)[0]]
+            if ce_only:
+                ce = nn.functional.cross_entropy(logits, yb, reduction="sum")
+                grads.append(torch.autograd.grad(ce, xb)[0])
+        dead = torch.zeros(idx.numel(), dtype=torch.bool, device=xb.device)
+        for g in grads:
+            flat = g.flatten(1)
+            dead |= (flat.abs().amax(1) == 0) | ~torch.isfinite(flat).all(1)
+        stuck += int(dead.sum())
+    return stuck / todo.numel()
 
 
 def sanity_checks(model: nn.Module, data: EvalData, ctx: RunContext,
