@@ -1,10 +1,13 @@
 """Training throughput: the engine's loop against a plain PyTorch loop doing the same work.
 
 Images per second of standard, FGSM-RS and PGD-7 training of PreAct-ResNet-18 at 32x32, both
-in the same run: the engine's ``train`` (held-out measurement excluded: timed from the
-second batch to the last through its progress callback) and a plain loop with the same model,
+in the same run: the engine's ``train`` (held-out measurement excluded: each batch timed
+through its progress callback) and a plain loop with the same model,
 batch, optimiser (SGD, momentum 0.9, weight decay 5e-4) and attack steps (random start in the
-l_inf ball, steps on the cross-entropy in eval mode, loss in train mode).
+l_inf ball, steps on the cross-entropy in eval mode, loss in train mode). Each loop runs
+``--repeats`` times, alternating which goes first; the rate is the batch size over the median
+batch time (the first batch of each run is a warm-up and not timed), so a burst of load from
+another process moves the figure little.
 
 The engine trains in fp32 without autocast (docs/ARCHITECTURE.md); ``--amp`` runs the plain
 loop under bf16 autocast with channels_last on CUDA, the precision the GPU anchor (Wong et al.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from typing import Any
@@ -43,7 +47,8 @@ def _data(n: int, seed: int = 0) -> EvalData:
                     class_names=[str(i) for i in range(10)])
 
 
-def engine_rate(method: str, data: EvalData, batch: int, device: str) -> float:
+def engine_batches(method: str, data: EvalData, batch: int, device: str) -> list[float]:
+    """Seconds of each of the engine's batches after the first (a warm-up)."""
     m = Method(method)
     steps = max(STEPS[method], 1)
     step_size = 1.25 * EPS if m is Method.FGSM_RS else 2.5 * EPS / steps
@@ -57,9 +62,8 @@ def engine_rate(method: str, data: EvalData, batch: int, device: str) -> float:
         marks.append(time.perf_counter())
 
     train(spec, data, data.subset(torch.arange(2)), device=device, progress=progress)
-    n_batches = len(marks) - 1  # one call per batch, then one before the measurement
-    timed = (n_batches - 1) * batch  # from the start of batch 2 to the end of the last
-    return timed / (marks[-1] - marks[1])
+    # one call at the start of each batch, then one before the held-out measurement
+    return [b - a for a, b in zip(marks[1:-1], marks[2:], strict=True)]
 
 
 def _attack(model: nn.Module, x: Tensor, y: Tensor, steps: int, step_size: float,
@@ -76,7 +80,9 @@ def _attack(model: nn.Module, x: Tensor, y: Tensor, steps: int, step_size: float
     return x_adv.detach()
 
 
-def plain_rate(method: str, data: EvalData, batch: int, device: str, amp: bool) -> float:
+def plain_batches(method: str, data: EvalData, batch: int, device: str,
+                  amp: bool) -> list[float]:
+    """Seconds of each of the plain loop's batches after the first (a warm-up)."""
     torch.manual_seed(0)
     model = nets.preact_resnet18(10, 3).to(device)
     fmt = torch.channels_last if amp else torch.contiguous_format
@@ -86,12 +92,11 @@ def plain_rate(method: str, data: EvalData, batch: int, device: str, amp: bool) 
     y_all = data.y.to(device)
     steps = STEPS[method]
     step_size = 1.25 * EPS if method == "fgsm_rs" else 2.5 * EPS / max(steps, 1)
-    start, seen = 0.0, 0
-    for i, lo in enumerate(range(0, x_all.shape[0] - batch + 1, batch)):
-        if i == 1:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start, seen = time.perf_counter(), 0
+    times: list[float] = []
+    for lo in range(0, x_all.shape[0] - batch + 1, batch):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        began = time.perf_counter()
         x, y = x_all[lo:lo + batch], y_all[lo:lo + batch]
         if steps:
             model.eval()
@@ -104,10 +109,11 @@ def plain_rate(method: str, data: EvalData, batch: int, device: str, amp: bool) 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        seen += x.shape[0]
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return seen / (time.perf_counter() - start)
+        float(loss.detach())  # the engine reads the loss back each batch too
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    return times[1:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,22 +123,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--amp", action="store_true", help="plain loop in bf16 + channels_last")
     p.add_argument("--methods", default="standard,fgsm_rs,pgd")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each loop, alternating which goes first")
     args = p.parse_args(argv)
     if args.images < 2 * args.batch:
         p.error("--images must be at least two batches (the first one is a warm-up)")
     data = _data(args.images)
     rows: list[dict[str, Any]] = []
     for method in args.methods.split(","):
-        eng = engine_rate(method, data, args.batch, args.device)
-        plain = plain_rate(method, data, args.batch, args.device, args.amp)
+        eng: list[float] = []
+        plain: list[float] = []
+        for r in range(args.repeats):
+            for which in ("engine", "plain") if r % 2 == 0 else ("plain", "engine"):
+                if which == "engine":
+                    eng.extend(engine_batches(method, data, args.batch, args.device))
+                else:
+                    plain.extend(plain_batches(method, data, args.batch, args.device,
+                                               args.amp))
+        # the median batch: a burst of load from elsewhere moves it little
+        e_rate, p_rate = args.batch / statistics.median(eng), args.batch / statistics.median(plain)
         rows.append({"method": "pgd-7" if method == "pgd" else method,
-                     "engine_images_per_s": round(eng, 2),
-                     "plain_images_per_s": round(plain, 2),
-                     "engine_over_plain": round(eng / plain, 3)})
+                     "engine_images_per_s": round(e_rate, 2),
+                     "plain_images_per_s": round(p_rate, 2),
+                     "engine_over_plain": round(e_rate / p_rate, 3),
+                     "batches_timed": len(eng)})
         sys.stdout.write(json.dumps(rows[-1]) + "\n")
         sys.stdout.flush()
     sys.stdout.write(f"device {args.device}, {torch.get_num_threads()} threads, batch "
-                     f"{args.batch}, {args.images} images, plain loop "
+                     f"{args.batch}, {args.images} images, {args.repeats} runs of each loop "
+                     "(alternating), median batch; plain loop "
                      f"{'bf16 + channels_last' if args.amp else 'fp32'}\n")
     return 0
 

@@ -77,7 +77,7 @@ SLOW_MODULES = frozenset({
     "test_natural_training.py", "test_training_jobs.py", "test_import_rules.py",
     "test_attack_reference.py", "test_sandbox.py", "test_api_hardening.py",
     "test_openapi_fuzz.py", "test_pages_browser.py", "test_reproduce.py",
-    "test_reproduction_api.py", "test_ingest_channels.py",
+    "test_reproduction_api.py", "test_ingest_channels.py", "test_training_benchmark.py",
 })
 
 
