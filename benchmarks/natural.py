@@ -41,7 +41,7 @@ def main() -> None:
     print(f"{'benchmark':<16}{'seconds':>10}{'s / 1000 images':>18}")
     for name in SUITE:
         start = time.perf_counter()
-        benchmarks.run(name, model, data, {}, ctx)
+        benchmarks.run(model, data, benchmarks.parse({"benchmark": name}), ctx)
         took = time.perf_counter() - start
         print(f"{name:<16}{took:>10.2f}{1000 * took / len(data):>18.2f}")
 

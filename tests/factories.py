@@ -112,8 +112,7 @@ def engine_rows(net: nn.Module, data: EvalData, suite: list[dict[str, Any]], see
     ctx = RunContext(seed=seed, amp=False)
     rows = []
     for entry in suite:
-        params = {k: v for k, v in entry.items() if k != "benchmark"}
-        result = benchmarks.run(entry["benchmark"], model, data, params, ctx)
+        result = benchmarks.run(model, data, benchmarks.parse(entry), ctx)
         rows += [r.as_dict() for r in result.rows]
     return comparable(rows)
 

@@ -1,4 +1,6 @@
-"""What the API validates must match what the engine runs (they cannot import each other)."""
+"""What the API accepts is exactly what the engine runs: both use the models of ``contract/``,
+and the tests here run the whole attack x norm x targeted table, every entry kind and every
+budget at and past its bounds through the API's validation and the worker's job boundary."""
 
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ import pytest
 import torch
 
 from contract import attacks as contract
+from contract import suite as contract_suite
 from contract.attacks import Attack
 from contract.metrics import BENCHMARK_METRICS
+from contract.suite import Adversarial, RobustnessCurve, dump_entry
 from service.errors import Invalid
 from service.evaluations import suite
 from workers.engine import benchmarks
-from workers.engine.benchmarks.adversarial import parse_params
+from workers.engine.attacks import FABTargeted
+from workers.engine.benchmarks.adversarial import BUILDERS, AttackParams
 from workers.engine.benchmarks.natural.corruptions import CORRUPTIONS
 from workers.engine.models import shape_table
 from workers.engine.threats import Norm
@@ -25,8 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_norms_and_corruptions_agree() -> None:
-    assert {n.value for n in contract.Norm} == {n.value for n in Norm}
-    assert set(suite.CORRUPTIONS) == set(CORRUPTIONS)
+    assert Norm is contract.Norm  # the engine runs the contract's norms
+    assert suite.CORRUPTIONS is contract_suite.CORRUPTIONS
+    assert set(contract_suite.CORRUPTIONS) == set(CORRUPTIONS)
 
 
 CAPS = suite.Capabilities(name="t", has_masks=True, has_groups=True, regenerable=True,
@@ -35,32 +41,43 @@ DATA = EvalData(x=torch.rand(4, 3, 8, 8), y=torch.arange(4), class_names=list("a
 EPS = {"linf": [0.01, 0.03], "l2": 0.5, "l1": 4.0}
 
 
-def _api_accepts(entry: dict[str, Any]) -> bool:
+def _api(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """What the API stores for ``entry``, or None when it refuses it."""
     try:
-        suite.expand([entry], CAPS)
+        [stored] = suite.expand([entry], CAPS)
     except Invalid:
-        return False
-    return True
+        return None
+    return stored
 
 
-def _engine_accepts(entry: dict[str, Any]) -> bool:
+def _engine_accepts(stored: dict[str, Any]) -> bool:
+    """The worker's side: the job boundary's parse of the stored JSON, then what the engine
+    builds from the typed entry before it touches the model (the attack's stages, or the
+    curve's minimal-norm attack)."""
     try:
-        parse_params({k: v for k, v in entry.items() if k != "benchmark"}, DATA)
-    except BenchmarkError:
+        entry = benchmarks.parse(stored)
+        if isinstance(entry, Adversarial):
+            params = AttackParams.of(entry, DATA)
+            assert BUILDERS[params.attack](params)
+        elif isinstance(entry, RobustnessCurve):
+            FABTargeted(entry.norm, entry.steps or 100, n_targets=entry.n_targets or 9)
+    except (BenchmarkError, ValueError):
         return False
     return True
 
 
-def _entries() -> list[dict[str, Any]]:
-    """The whole attack x norm x targeted table, every budget at and past its bounds, and
-    each attack with the options only some attacks take."""
+def _adversarial_entries() -> list[dict[str, Any]]:
+    """The whole attack x norm x targeted table, each attack with the options only some
+    attacks take, every budget at and past its bounds."""
     out: list[dict[str, Any]] = []
     for attack in Attack:
         for norm in contract.Norm:
             base = {"benchmark": "adversarial", "attack": attack.value, "norm": norm.value,
                     "eps": EPS[norm.value]}
-            out += [base, {**base, "targeted": True}, {**base, "step_size": 0.01},
-                    {**base, "queries": 100}]
+            for targeted in (False, True):
+                for option in ({}, {"step_size": 0.01}, {"queries": 100}, {"n_targets": 3}):
+                    out.append({**base, "targeted": targeted, **option})
+            out.append({k: v for k, v in base.items() if k != "eps"})  # the dataset's default
     pgd = {"benchmark": "adversarial", "attack": "pgd", "norm": "linf", "eps": 0.03}
     square = {**pgd, "attack": "square"}
     for name, (lo, hi), base in [("steps", contract.STEPS, pgd),
@@ -69,20 +86,67 @@ def _entries() -> list[dict[str, Any]]:
                                  ("audit", contract.AUDIT, pgd),
                                  ("queries", contract.QUERIES, square)]:
         out += [{**base, name: v} for v in (lo - 1, lo, hi, hi + 1)]
-    out += [{**pgd, "eps": [0.01, 0.01]}, {**pgd, "eps": 2.0}, {**pgd, "surprise": 1}]
+    lo, hi = contract.EPS_VALUES
+    out += [{**pgd, "eps": [0.001 * (i + 1) for i in range(n)]} for n in (lo - 1, lo, hi, hi + 1)]
+    out += [{**pgd, "eps": [0.01, 0.01]}, {**pgd, "eps": 2.0}, {**pgd, "eps": 0},
+            {**pgd, "norm": "l3"}, {**pgd, "attack": "nope"}, {**pgd, "surprise": 1}]
     return out
 
 
-@pytest.mark.parametrize("entry", _entries(), ids=lambda e: ",".join(
-    f"{k}={v}" for k, v in e.items() if k != "benchmark"))
+def _other_entries() -> list[dict[str, Any]]:
+    """Every other kind of entry: its defaults, its options, and some nonsense."""
+    lo, hi = contract.CURVE_EPS_VALUES
+    curve: list[dict[str, Any]] = [
+        {"benchmark": "robustness_curve", "norm": n.value,
+         "eps": [0.001 * (i + 1) for i in range(k)]}
+        for n in contract.Norm for k in (lo - 1, lo, hi, hi + 1)]
+    curve += [{"benchmark": "robustness_curve"},
+              {"benchmark": "robustness_curve", "eps": [0.01], "steps": 0},
+              {"benchmark": "robustness_curve", "eps": [0.01], "n_targets": 9, "steps": 5}]
+    return [*curve,
+            {"benchmark": "clean"}, {"benchmark": "clean", "eps": 0.1},
+            {"benchmark": "fg_bg_noise"}, {"benchmark": "fg_bg_noise", "sigmas": [0.0, 0.5]},
+            {"benchmark": "fg_bg_noise", "sigmas": []}, {"benchmark": "fg_bg_noise", "trials": 0},
+            {"benchmark": "fg_bg_noise", "sigmas": [11]},
+            {"benchmark": "backgrounds"}, {"benchmark": "groups"},
+            {"benchmark": "groups", "split": "test"},
+            {"benchmark": "corruptions"}, {"benchmark": "corruptions", "types": "all"},
+            {"benchmark": "corruptions", "types": ["fog", "contrast"], "severities": [1, 5]},
+            {"benchmark": "corruptions", "types": []}, {"benchmark": "corruptions",
+                                                        "types": ["snow"]},
+            {"benchmark": "corruptions", "severities": [0]},
+            {"benchmark": "spurious_shift"},
+            {"benchmark": "spurious_shift", "correlation": 0.9, "removed": 0.5,
+             "reversed": 0.1, "split": "val"},
+            {"benchmark": "spurious_shift", "correlation": 1.5},
+            {"benchmark": "spurious_shift", "split": "holdout"},
+            {"benchmark": "nope"}]
+
+
+def _id(entry: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in entry.items())
+
+
+@pytest.mark.parametrize("entry", _adversarial_entries() + _other_entries(), ids=_id)
 def test_the_engine_accepts_exactly_what_the_api_accepts(entry: dict[str, Any]) -> None:
-    assert _api_accepts(entry) == _engine_accepts(entry)
+    stored = _api(entry)
+    if stored is None:  # refused at submission: the worker refuses it too
+        assert not _engine_accepts(entry)
+    else:  # accepted: the worker runs exactly the entry the API stored
+        assert _engine_accepts(stored)
+        assert dump_entry(benchmarks.parse(stored)) == stored
+
+
+def test_the_table_covers_both_verdicts() -> None:
+    verdicts = [_api(e) is not None for e in _adversarial_entries() + _other_entries()]
+    assert any(verdicts)
+    assert not all(verdicts)
 
 
 def test_the_support_table_is_what_the_api_enforces() -> None:
     refused = {(a, n) for a in Attack for n in contract.Norm
-               if not _api_accepts({"benchmark": "adversarial", "attack": a.value,
-                                    "norm": n.value, "eps": EPS[n.value]})}
+               if _api({"benchmark": "adversarial", "attack": a.value, "norm": n.value,
+                        "eps": EPS[n.value]}) is None}
     assert refused == {(Attack.SQUARE, contract.Norm.L1), (Attack.CW, contract.Norm.LINF),
                        (Attack.CW, contract.Norm.L1)}
 
@@ -92,7 +156,7 @@ def test_every_benchmark_reports_only_the_contracts_metrics() -> None:
 
 
 def test_every_suite_benchmark_is_registered_in_the_engine() -> None:
-    entry_types = get_args(get_args(suite.Entry)[0])
+    entry_types = get_args(get_args(contract_suite.Entry)[0])
     names = {get_args(t.model_fields["benchmark"].annotation)[0] for t in entry_types}
     assert names == set(benchmarks.names())
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from contract.suite import Entry, SpecError, dump_entry, parse_entry
 from service.queue import WEBHOOK_TASK
 from service.tables import Dataset, Evaluation, Model, Result
 from workers.engine import ENGINE_VERSION
@@ -38,7 +39,7 @@ class EvaluationWork:
     rt: Runtime
     id: uuid.UUID
     token: int  # the attempt number that owns the job
-    suite: list[dict[str, Any]]
+    suite: list[Entry]  # the contract's typed entries, parsed once from the stored JSON
     completed: set[int]
     seed: int
     model_path: Path
@@ -69,8 +70,12 @@ class EvaluationWork:
                     raise JobFailed({"type": "benchmark-error",
                                      "detail": "the dataset of this evaluation was deleted"})
                 dataset_path = rt.settings.data_dir / ds.storage_path
+            try:
+                suite = [parse_entry(entry) for entry in ev.suite]
+            except SpecError as exc:  # stored before the contract changed
+                raise JobFailed({"type": "benchmark-error", "detail": str(exc)}) from exc
             return cls(
-                rt=rt, id=eid, token=token, suite=list(ev.suite),
+                rt=rt, id=eid, token=token, suite=suite,
                 completed=set(ev.completed_entries or []), seed=ev.seed,
                 model_path=rt.settings.data_dir / model.storage_path, model_format=model.format,
                 model_metadata=dict(model.model_metadata), dataset=ev.dataset,
@@ -88,7 +93,8 @@ class EvaluationWork:
         return files
 
     def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
-        return {"kind": "evaluate", "suite": self.suite, "completed": sorted(self.completed),
+        return {"kind": "evaluate", "suite": [dump_entry(e) for e in self.suite],
+                "completed": sorted(self.completed),
                 "seed": self.seed, "batch_size": self.rt.settings.batch_size,
                 "amp": self.rt.bf16_search, "model_path": files["model"],
                 "model_format": self.model_format, "model_metadata": self.model_metadata,
@@ -166,6 +172,6 @@ class EvaluationWork:
             ev.checks = [*ev.checks, *[{**c, "entry": index} for c in message["checks"]]]
             ev.artifacts = {**ev.artifacts, **artifacts}
             ev.completed_entries = sorted({*ev.completed_entries, index})
-            ev.timings = {**ev.timings, f"{index}:{self.suite[index]['benchmark']}":
+            ev.timings = {**ev.timings, f"{index}:{self.suite[index].benchmark}":
                           round(float(message["seconds"]), 3)}
         self.completed.add(index)

@@ -16,16 +16,24 @@ from tests.engine.attack_helpers import (  # noqa: F401  (one_thread is an autou
     linear_problem,
     one_thread,
 )
-from workers.engine.benchmarks import run
+from workers.engine.benchmarks import parse
+from workers.engine.benchmarks import run as run_entry
 from workers.engine.benchmarks.adversarial import _monotone_check, curve_area
 from workers.engine.threats import Norm
 from workers.engine.types import (
     BenchmarkError,
+    BenchmarkResult,
     Cancelled,
     EvalData,
     RunContext,
     float32_decimal,
 )
+
+
+def run(name: str, model: nn.Module, data: EvalData, params: dict[str, Any],
+        ctx: RunContext) -> BenchmarkResult:
+    """``params`` as the job boundary parses them (the contract's typed entry), then run."""
+    return run_entry(model, data, parse({"benchmark": name, **params}), ctx)
 
 
 def _data(n: int = 48, seed: int = 0) -> tuple[Linear, EvalData]:
@@ -71,23 +79,24 @@ def test_autoattack_rows_per_stage() -> None:
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ({"attack": "nope", "norm": "linf", "eps": 0.1}, "unknown attack"),
+    ({"attack": "nope", "norm": "linf", "eps": 0.1}, "adversarial.attack: Input should be"),
     ({"attack": "square", "norm": "l1", "eps": 1.0}, "does not support norm"),
     ({"attack": "cw", "norm": "linf", "eps": 0.1}, "does not support norm"),
-    ({"attack": "pgd", "norm": "l3", "eps": 0.1}, "unknown norm"),
+    ({"attack": "pgd", "norm": "l3", "eps": 0.1}, "adversarial.norm: Input should be"),
     ({"attack": "pgd", "norm": "linf"}, "'eps' is required"),
-    ({"attack": "pgd", "norm": "linf", "eps": -0.1}, ">= 0"),
-    ({"attack": "pgd", "norm": "linf", "eps": 8}, "pixel scale"),
-    ({"attack": "pgd", "norm": "linf", "eps": ["a"]}, "must be numbers"),
-    ({"attack": "pgd", "norm": "linf", "eps": []}, "must not be empty"),
+    ({"attack": "pgd", "norm": "linf", "eps": -0.1}, "greater than 0"),
+    ({"attack": "pgd", "norm": "linf", "eps": 8}, "pixel units"),
+    ({"attack": "pgd", "norm": "l2", "eps": 40.0}, "exceeds the l2 diameter"),
+    ({"attack": "pgd", "norm": "linf", "eps": ["a"]}, "valid number"),
+    ({"attack": "pgd", "norm": "linf", "eps": []}, "eps takes 1 to 32 values"),
     ({"attack": "pgd", "norm": "linf", "eps": [0.1, 0.1]}, "duplicates"),
-    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "steps": 0}, "between"),
-    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "steps": 2.5}, "integer"),
-    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "targeted": "yes"}, "true or false"),
+    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "steps": 0}, "greater than or equal to 1"),
+    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "steps": 2.5}, "valid integer"),
+    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "targeted": "maybe"}, "valid boolean"),
     ({"attack": "square", "norm": "linf", "eps": 0.1, "targeted": True}, "no targeted"),
     ({"attack": "apgd-ce", "norm": "linf", "eps": 0.1, "step_size": 0.1}, "pgd only"),
     ({"attack": "pgd", "norm": "linf", "eps": 0.1, "queries": 10}, "square and autoattack"),
-    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "stepz": 10}, "unknown parameter"),
+    ({"attack": "pgd", "norm": "linf", "eps": 0.1, "stepz": 10}, "Extra inputs"),
 ])
 def test_nonsense_is_refused_clearly(params: dict[str, Any], message: str) -> None:
     model, data = _data(n=4)

@@ -1,13 +1,15 @@
 """The suite accepts the efficient preset and the audit, and hands the engine exactly what its
-``adversarial`` benchmark parses."""
+``adversarial`` benchmark runs."""
 
 from __future__ import annotations
 
 import pytest
 
+from contract.suite import Adversarial
 from service.errors import Invalid
 from service.evaluations.suite import Capabilities, expand
-from workers.engine.benchmarks.adversarial import parse_params
+from workers.engine.benchmarks import parse
+from workers.engine.benchmarks.adversarial import AttackParams
 from workers.engine.types import EvalData
 
 CAPS = Capabilities(name="d", has_masks=False, has_groups=False, regenerable=False,
@@ -21,7 +23,9 @@ def test_efficient_with_audit_reaches_the_engine() -> None:
     assert entry == {"benchmark": "adversarial", "attack": "efficient", "norm": "linf",
                      "eps": 8 / 255, "targeted": False, "audit": 25}
     data = EvalData(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 2, 3]), list("abcd"))
-    params = parse_params(entry, data)
+    typed = parse(entry)
+    assert isinstance(typed, Adversarial)
+    params = AttackParams.of(typed, data)
     assert params.attack.value == "efficient"
     assert params.audit == 25
 

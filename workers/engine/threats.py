@@ -17,21 +17,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from enum import StrEnum
 
 import torch
 from torch import Tensor
+
+from contract.attacks import Norm as Norm  # the contract's norms, re-exported for the engine
 
 Radius = float | Tensor
 """A radius or step size: a float, or a tensor of one value per example ``[N]``."""
 
 _TINY = 1e-12
-
-
-class Norm(StrEnum):
-    LINF = "linf"
-    L2 = "l2"
-    L1 = "l1"
 
 
 def per_example(value: Radius, x: Tensor) -> Tensor:

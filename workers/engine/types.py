@@ -1,9 +1,10 @@
 """The engine's vocabulary: what a benchmark receives and what it returns.
 
 The engine is a plain PyTorch library. A benchmark is a function
-``(model, data, params, ctx) -> BenchmarkResult``; the Celery task that calls it owns the
-database, the broker and the files, and hands the engine only tensors, plain dicts and
-callbacks. Nothing here imports web, Celery or database code.
+``(model, data, entry, ctx) -> BenchmarkResult`` where ``entry`` is the contract's typed suite
+entry (``contract/suite.py``); the Celery task that calls it owns the database, the broker and
+the files, and hands the engine only tensors, typed entries and callbacks. Nothing here imports
+web, Celery or database code.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from contract.suite import BaseEntry
 
 
 class Cancelled(Exception):
@@ -218,4 +221,6 @@ class BenchmarkResult:
         self.artifacts.update(other.artifacts)
 
 
-BenchmarkFn = Callable[[nn.Module, EvalData, dict[str, Any], RunContext], BenchmarkResult]
+EntryT = TypeVar("EntryT", bound=BaseEntry)
+BenchmarkFn = Callable[[nn.Module, EvalData, EntryT, RunContext], BenchmarkResult]
+"""A benchmark: the model, the data, its typed suite entry (``contract.suite``), the context."""

@@ -103,7 +103,7 @@ def _data(job: dict[str, Any], split: str) -> EvalData:
 
 def _evaluate(job: dict[str, Any], emit: Emit) -> None:
     device = torch.device(job["device"])
-    suite: list[dict[str, Any]] = job["suite"]
+    suite = [benchmarks.parse(entry) for entry in job["suite"]]  # the job boundary
     completed = set(job["completed"])
     n = len(suite)
     emit({"t": "progress", "fraction": len(completed) / n, "stage": "loading",
@@ -124,8 +124,7 @@ def _evaluate(job: dict[str, Any], emit: Emit) -> None:
     for i, entry in enumerate(suite):
         if i in completed:
             continue
-        name = entry["benchmark"]
-        params = {k: v for k, v in entry.items() if k != "benchmark"}
+        name = entry.benchmark
 
         def progress(fraction: float, message: str, i: int = i, name: str = name) -> None:
             emit({"t": "progress", "fraction": (i + fraction) / n, "stage": name,
@@ -139,7 +138,7 @@ def _evaluate(job: dict[str, Any], emit: Emit) -> None:
         ctx.state_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
         ctx.artifact_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
         start = time.perf_counter()
-        result = benchmarks.run(name, model, data, params, ctx)
+        result = benchmarks.run(model, data, entry, ctx)
         emit({"t": "entry", "index": i, "seconds": time.perf_counter() - start,
               "rows": [r.as_dict() for r in result.rows],
               "checks": [c.as_dict() for c in result.checks],

@@ -1,8 +1,11 @@
 """The benchmark registry: a name from the evaluation suite to the function that runs it.
 
-Each module registers its benchmarks with :func:`register`; :func:`run` dispatches. The
-service validates the suite's shape before a job exists; ``requires`` lets the engine refuse
-a benchmark the data cannot support with a clear :class:`BenchmarkError`.
+Each module registers its benchmarks with :func:`register`; :func:`run` dispatches on the typed
+entry's ``benchmark``. Entries are the contract's models (``contract/suite.py``): the API
+validates them before a job exists and the worker parses them back with
+``contract.suite.parse_entry``, so a benchmark checks only what depends on the data (masks,
+groups, a regenerable source, the box's diameter) and refuses that with a clear
+:class:`BenchmarkError`.
 """
 
 from __future__ import annotations
@@ -12,13 +15,21 @@ from typing import Any
 
 from torch import nn
 
-from workers.engine.types import BenchmarkError, BenchmarkFn, BenchmarkResult, EvalData, RunContext
+from contract.suite import Entry, SpecError, parse_entry
+from workers.engine.types import (
+    BenchmarkError,
+    BenchmarkFn,
+    BenchmarkResult,
+    EntryT,
+    EvalData,
+    RunContext,
+)
 
-_REGISTRY: dict[str, BenchmarkFn] = {}
+_REGISTRY: dict[str, BenchmarkFn[Any]] = {}
 
 
-def register(name: str) -> Callable[[BenchmarkFn], BenchmarkFn]:
-    def deco(fn: BenchmarkFn) -> BenchmarkFn:
+def register(name: str) -> Callable[[BenchmarkFn[EntryT]], BenchmarkFn[EntryT]]:
+    def deco(fn: BenchmarkFn[EntryT]) -> BenchmarkFn[EntryT]:
         if name in _REGISTRY:
             raise RuntimeError(f"benchmark {name!r} registered twice")
         _REGISTRY[name] = fn
@@ -32,15 +43,25 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def run(name: str, model: nn.Module, data: EvalData, params: dict[str, Any],
-        ctx: RunContext) -> BenchmarkResult:
+def parse(raw: Any) -> Entry:
+    """A suite entry as the job carries it (JSON) as the contract's typed entry: the same
+    models the API validated it with. What the contract refuses is a :class:`BenchmarkError`."""
+    try:
+        return parse_entry(raw)
+    except SpecError as exc:
+        raise BenchmarkError(str(exc)) from exc
+
+
+def run(model: nn.Module, data: EvalData, entry: Entry, ctx: RunContext) -> BenchmarkResult:
+    """Run the benchmark ``entry`` names (a model of ``contract.suite``)."""
     _load_all()
+    name: str = entry.benchmark
     try:
         fn = _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
         raise BenchmarkError(f"unknown benchmark {name!r}; known: {known}") from None
-    return fn(model, data, params, ctx)
+    return fn(model, data, entry, ctx)
 
 
 def _load_all() -> None:

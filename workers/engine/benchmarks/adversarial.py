@@ -1,6 +1,10 @@
 """The adversarial axis: ``adversarial`` (robust accuracy per eps) and ``robustness_curve``.
 
-``adversarial`` params: ``attack`` (fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab-t, square, cw,
+Both take the contract's typed entries (``contract.suite.Adversarial``, ``RobustnessCurve``),
+which say what each option means and allows; the engine adds only what depends on the data
+(the box's diameter bounds eps, targeted attacks need two classes).
+
+``adversarial`` options: ``attack`` (fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab-t, square, cw,
 autoattack, fast, efficient), ``norm`` (linf, l2, l1), ``eps`` (a number or a list; one cascade
 per eps), optional ``steps``, ``restarts``, ``targeted``, ``step_size`` (PGD), ``queries``
 (Square), ``n_targets``, ``audit`` (re-run AutoAttack's standard protocol on that many examples,
@@ -16,7 +20,7 @@ integer totals (``passes``) and the example count (``examples``). With ``audit``
 ``audit_missed`` (examples of the sample the attack left robust and AutoAttack broke; params
 ``sample``) and a check ``autoattack_audit`` that fails when it is not zero.
 
-``robustness_curve`` params: ``norm``, ``eps`` (the grid), optional ``steps``, ``n_targets``.
+``robustness_curve`` options: ``norm``, ``eps`` (the grid), optional ``steps``, ``n_targets``.
 One minimal-perturbation run (FAB-T over the most likely wrong classes) gives each example
 its smallest adversarial norm m_i (0 for a clean error; the box diameter when none was found).
 Rows: ``robust_accuracy`` per grid eps (= fraction with m_i > eps), ``median_min_norm``, and
@@ -28,7 +32,6 @@ exact step curve RA(e) = mean_i [m_i > e], i.e. the mean robust accuracy over th
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from contract import attacks as contract
-from contract.attacks import Attack, unsupported
+from contract.attacks import Attack
+from contract.suite import Adversarial, RobustnessCurve
 from workers.engine.attacks import (
     APGD,
     FGSM,
@@ -79,6 +82,9 @@ AttackName = Attack  # the contract's attacks (contract/attacks.py)
 
 @dataclass(frozen=True)
 class AttackParams:
+    """An ``adversarial`` entry with what the engine derives from the data: the eps as a
+    tuple (the dataset's default is filled in by the API) and the number of classes."""
+
     attack: AttackName
     norm: Norm
     eps: tuple[float, ...]
@@ -91,15 +97,18 @@ class AttackParams:
     n_targets: int | None = None  # None: each attack's default
     audit: int | None = None
 
-
-ALL_NORMS = frozenset(Norm)
-SUPPORTED_NORMS: dict[AttackName, frozenset[Norm]] = {
-    AttackName.FGSM: ALL_NORMS, AttackName.PGD: ALL_NORMS, AttackName.APGD_CE: ALL_NORMS,
-    AttackName.APGD_DLR: ALL_NORMS, AttackName.APGD_T: ALL_NORMS,
-    AttackName.FAB_T: ALL_NORMS, AttackName.SQUARE: frozenset({Norm.LINF, Norm.L2}),
-    AttackName.CW: frozenset({Norm.L2}), AttackName.AUTOATTACK: ALL_NORMS,
-    AttackName.FAST: ALL_NORMS, AttackName.EFFICIENT: ALL_NORMS,
-}
+    @classmethod
+    def of(cls, entry: Adversarial, data: EvalData) -> AttackParams:
+        """``entry`` on ``data``; refuses only what the data decides (see the module doc)."""
+        eps = _eps_on(data, entry.norm, entry.eps_values(), "adversarial")
+        num_classes = max(len(data.class_names), int(data.y.max()) + 1 if len(data) else 2)
+        if (entry.attack in (AttackName.APGD_T, AttackName.FAB_T) or entry.targeted) \
+                and num_classes < 2:
+            raise BenchmarkError("adversarial: targeted attacks need at least 2 classes")
+        return cls(attack=entry.attack, norm=entry.norm, eps=eps, num_classes=num_classes,
+                   steps=entry.steps, restarts=entry.restarts, targeted=entry.targeted,
+                   step_size=entry.step_size, queries=entry.queries,
+                   n_targets=entry.n_targets, audit=entry.audit)
 
 
 def _pgd(p: AttackParams) -> list[Stage]:
@@ -146,56 +155,10 @@ BUILDERS: dict[AttackName, Callable[[AttackParams], list[Stage]]] = {
                                                      p.n_targets or 2),
 }
 
-_KNOWN = {"attack", "norm", "eps", "steps", "restarts", "targeted", "step_size", "queries",
-          "n_targets", "audit", "seed", "benchmark"}
-_TARGETABLE = {AttackName.PGD, AttackName.APGD_CE, AttackName.APGD_DLR, AttackName.APGD_T,
-               AttackName.FAB_T}
-
-
-def parse_params(params: dict[str, Any], data: EvalData) -> AttackParams:
-    """Validate the user's parameters; every refusal says what was wrong and what is allowed."""
-    unknown = sorted(set(params) - _KNOWN)
-    if unknown:
-        raise BenchmarkError(f"adversarial: unknown parameter(s) {unknown}; known: "
-                             f"{sorted(_KNOWN - {'benchmark', 'seed'})}")
-    attack = _enum(AttackName, params.get("attack", "pgd"), "attack")
-    norm = _norm(params.get("norm", "linf"))
-    reason = unsupported(attack, contract.Norm(norm.value))
-    if reason:
-        raise BenchmarkError(f"adversarial: {reason}")
-    eps = _eps_list(params.get("eps"), norm, data)
-    targeted = params.get("targeted", False)
-    if not isinstance(targeted, bool):
-        raise BenchmarkError("adversarial: 'targeted' must be true or false")
-    if targeted and attack not in contract.TARGETABLE:
-        raise BenchmarkError(f"adversarial: attack {attack.value!r} has no targeted variant")
-    num_classes = max(len(data.class_names), int(data.y.max()) + 1 if len(data) else 2)
-    n_targets = _int(params.get("n_targets"), "n_targets", *contract.N_TARGETS)
-    if (attack in (AttackName.APGD_T, AttackName.FAB_T) or targeted) and num_classes < 2:
-        raise BenchmarkError("adversarial: targeted attacks need at least 2 classes")
-    step_size = params.get("step_size")
-    if step_size is not None:
-        if attack not in contract.STEP_SIZE_ATTACKS:
-            raise BenchmarkError("adversarial: 'step_size' applies to pgd only (APGD, FAB, "
-                                 "Square and C&W choose their own)")
-        if not _is_number(step_size) or not 0 < float(step_size) < math.inf:
-            raise BenchmarkError("adversarial: 'step_size' must be a positive number")
-        step_size = float(step_size)
-    queries = _int(params.get("queries"), "queries", *contract.QUERIES)
-    if queries is not None and attack not in contract.QUERY_ATTACKS:
-        raise BenchmarkError("adversarial: 'queries' applies to square and autoattack only")
-    return AttackParams(
-        attack=attack, norm=norm, eps=eps, num_classes=num_classes,
-        steps=_int(params.get("steps"), "steps", *contract.STEPS),
-        restarts=_int(params.get("restarts"), "restarts", *contract.RESTARTS), targeted=targeted,
-        step_size=step_size, queries=queries, n_targets=n_targets,
-        audit=_int(params.get("audit"), "audit", *contract.AUDIT))
-
-
 @register("adversarial")
-def adversarial(model: nn.Module, data: EvalData, params: dict[str, Any],
+def adversarial(model: nn.Module, data: EvalData, entry: Adversarial,
                 ctx: RunContext) -> BenchmarkResult:
-    p = parse_params(params, data)
+    p = AttackParams.of(entry, data)
     stages = BUILDERS[p.attack](p)
     state_root = None if ctx.state_dir is None else ctx.state_dir / "adversarial"
     checks = sanity_checks(model, data, ctx)
@@ -256,15 +219,12 @@ def adversarial(model: nn.Module, data: EvalData, params: dict[str, Any],
 
 
 @register("robustness_curve")
-def robustness_curve(model: nn.Module, data: EvalData, params: dict[str, Any],
+def robustness_curve(model: nn.Module, data: EvalData, entry: RobustnessCurve,
                      ctx: RunContext) -> BenchmarkResult:
-    unknown = sorted(set(params) - {"norm", "eps", "steps", "n_targets", "seed", "benchmark"})
-    if unknown:
-        raise BenchmarkError(f"robustness_curve: unknown parameter(s) {unknown}")
-    norm = _norm(params.get("norm", "linf"))
-    grid = sorted(_eps_list(params.get("eps"), norm, data))
-    steps = _int(params.get("steps"), "steps", *contract.STEPS) or 100
-    n_targets = _int(params.get("n_targets"), "n_targets", *contract.N_TARGETS) or 9
+    norm = entry.norm
+    grid = sorted(_eps_on(data, norm, tuple(entry.eps), "robustness_curve"))
+    steps = entry.steps or 100
+    n_targets = entry.n_targets or 9
     checks = sanity_checks(model, data, ctx)
     clean = clean_pass(model, data.x, data.y, ctx, None)
     norms = minimal_norms(model, data, norm, clean, ctx, steps, n_targets)
@@ -439,58 +399,20 @@ def _monotone_check(accs: list[tuple[float, float]]) -> Check:
                  {"eps": [e for e, _ in ordered]})
 
 
-def _enum(cls: type[AttackName], value: Any, what: str) -> AttackName:
-    try:
-        return cls(str(value).lower())
-    except ValueError:
-        allowed = ", ".join(m.value for m in cls)
-        raise BenchmarkError(f"adversarial: unknown {what} {value!r}; allowed: {allowed}") from None
-
-
-def _norm(value: Any) -> Norm:
-    aliases = {"inf": "linf", "linf": "linf", "l_inf": "linf", "2": "l2", "l2": "l2",
-               "1": "l1", "l1": "l1"}
-    key = re.sub(r"\s", "", str(value).lower())
-    if key not in aliases:
-        raise BenchmarkError(f"unknown norm {value!r}; allowed: linf, l2, l1")
-    return Norm(aliases[key])
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _eps_list(value: Any, norm: Norm, data: EvalData) -> tuple[float, ...]:
-    if value is None:
-        raise BenchmarkError("'eps' is required (a number or a list of numbers, pixel scale "
-                             "[0,1], e.g. 0.0314 for 8/255)")
-    values = value if isinstance(value, list | tuple) else [value]
-    if not values:
-        raise BenchmarkError("'eps' must not be empty")
-    if not all(_is_number(v) for v in values):
-        raise BenchmarkError(f"'eps' must be numbers, got {value!r}")
-    eps = tuple(float(v) for v in values)
+def _eps_on(data: EvalData, norm: Norm, eps: tuple[float, ...],
+            benchmark: str) -> tuple[float, ...]:
+    """``eps``, each within the ``norm`` diameter of ``data``'s [0, 1] box."""
+    if not eps:
+        raise BenchmarkError(f"{benchmark}: 'eps' is required (a number or a list of "
+                             "numbers, pixel scale [0,1], e.g. 0.0314 for 8/255)")
     dims = data.x[0].numel() if len(data) else 1
     limit = {Norm.LINF: 1.0, Norm.L2: math.sqrt(dims), Norm.L1: float(dims)}[norm]
     for e in eps:
-        if not math.isfinite(e) or e < 0:
-            raise BenchmarkError(f"'eps' must be finite and >= 0, got {e}")
         if e > limit:
-            raise BenchmarkError(f"'eps' {e} exceeds the {norm.value} diameter of the [0,1] "
-                                 f"box ({limit:g}); eps is in pixel scale [0,1], not 0-255")
-    if len(set(eps)) != len(eps):
-        raise BenchmarkError("'eps' contains duplicates")
+            raise BenchmarkError(f"{benchmark}: 'eps' {e} exceeds the {norm.value} diameter of "
+                                 f"the [0,1] box ({limit:g}); eps is in pixel scale [0,1], "
+                                 "not 0-255")
     return eps
-
-
-def _int(value: Any, name: str, lo: int, hi: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise BenchmarkError(f"'{name}' must be an integer, got {value!r}")
-    if not lo <= int(value) <= hi:
-        raise BenchmarkError(f"'{name}' must be between {lo} and {hi}, got {value}")
-    return int(value)
 
 
 def _mean(flags: Tensor) -> float:

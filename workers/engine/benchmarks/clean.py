@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
+from contract.suite import Clean
 from workers.engine.benchmarks import register
 from workers.engine.types import BenchmarkResult, Check, EvalData, MetricRow, RunContext
 
@@ -52,7 +51,7 @@ def degenerate_check(pred: Tensor, y: Tensor) -> Check:
 
 
 @register("clean")
-def clean(model: nn.Module, data: EvalData, params: dict[str, Any],
+def clean(model: nn.Module, data: EvalData, entry: Clean,
           ctx: RunContext) -> BenchmarkResult:
     n = len(data)
     preds = []

@@ -12,12 +12,11 @@ box is filled by tiling the widest object-free strip of the same image, ImageNet
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from contract.suite import Backgrounds
 from workers.engine.benchmarks import register
 from workers.engine.benchmarks.natural.common import argmax_on_device, batches, require
 from workers.engine.benchmarks.natural.metrics import bg_gap
@@ -88,7 +87,7 @@ def choose_donors(y: Tensor, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @register(NAME)
-def backgrounds(model: nn.Module, data: EvalData, params: dict[str, Any],
+def backgrounds(model: nn.Module, data: EvalData, entry: Backgrounds,
                 ctx: RunContext) -> BenchmarkResult:
     """Rows ``accuracy`` with ``params.variant`` for each variant, and ``bg_gap``."""
     masks: Tensor = require(data, "masks", NAME)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -44,24 +44,4 @@ def require(data: EvalData, what: str, benchmark: str) -> Any:
                 "source": "a generated dataset that can be redrawn at another spurious "
                           "correlation (a built-in such as waterbirds-32)"}[what]
         raise BenchmarkError(f"{benchmark} needs {hint}; dataset {data.name or '?'} has none")
-    return value
-
-
-def float_list(params: dict[str, Any], key: str, default: tuple[float, ...],
-               check: Callable[[float], bool], rule: str) -> list[float]:
-    raw = params.get(key, default)
-    values = list(raw) if isinstance(raw, list | tuple) else [raw]
-    try:
-        out = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise BenchmarkError(f"{key} must be a number or a list of numbers") from None
-    if not out or not all(check(v) for v in out):
-        raise BenchmarkError(f"{key}: every value must be {rule}, got {values!r}")
-    return out
-
-
-def positive_int(params: dict[str, Any], key: str, default: int) -> int:
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BenchmarkError(f"{key} must be a positive integer, got {value!r}")
     return value

@@ -17,13 +17,13 @@ import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contract.suite import Corruptions
 from workers.engine.benchmarks import register
 from workers.engine.benchmarks.natural.common import argmax_on_device, batches
 from workers.engine.benchmarks.natural.metrics import mean
@@ -390,14 +390,12 @@ def available() -> list[str]:
     return [name for name in CORRUPTIONS if name != "frost" or frost_overlays()]
 
 
-def _types(params: dict[str, Any], channels: int) -> list[str]:
-    raw = params.get("types", "all")
-    default = [t for t in available() if channels == 3 or t != "saturate"]
-    types = default if raw == "all" else [raw] if isinstance(raw, str) else list(raw)
-    unknown = [t for t in types if t not in CORRUPTIONS]
-    if unknown or not types:
-        raise BenchmarkError(f"{NAME}: unknown corruption(s) {unknown}; "
-                             f"known: {sorted(CORRUPTIONS)}")
+def _types(entry: Corruptions, channels: int) -> list[str]:
+    """The entry's types, or every one this worker and the data allow; refuses what they do
+    not (``frost`` without its overlays, ``saturate`` on grey images)."""
+    if entry.types is None or entry.types == "all":
+        return [t for t in available() if channels == 3 or t != "saturate"]
+    types = list(entry.types)
     if "frost" in types and not frost_overlays():
         raise BenchmarkError("frost needs the overlay photos of the imagecorruptions package, "
                              "which is not installed on this worker; leave it out of types")
@@ -406,25 +404,16 @@ def _types(params: dict[str, Any], channels: int) -> list[str]:
     return types
 
 
-def _severities(params: dict[str, Any]) -> list[int]:
-    raw = params.get("severities", [1, 2, 3, 4, 5])
-    values = raw if isinstance(raw, list | tuple) else [raw]
-    if not values or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 5
-                             for s in values):
-        raise BenchmarkError(f"{NAME}: severities must be integers in 1..5, got {raw!r}")
-    return sorted(set(values))
-
-
 @register(NAME)
-def corruptions(model: nn.Module, data: EvalData, params: dict[str, Any],
+def corruptions(model: nn.Module, data: EvalData, entry: Corruptions,
                 ctx: RunContext) -> BenchmarkResult:
     """Rows ``accuracy`` per (``type``, ``severity``), per type with ``severity: "mean"``,
     and ``mean_accuracy`` over every (type, severity) evaluated.
 
-    Params: ``types`` ("all" or a list), ``severities`` (a list in 1..5, default all).
+    Options: ``types`` ("all" or a list), ``severities`` (a list in 1..5, default all).
     """
-    types = _types(params, int(data.x.shape[1]))
-    severities = _severities(params)
+    types = _types(entry, int(data.x.shape[1]))
+    severities = sorted(set(entry.severities))
     gens = {(t, s): ctx.generator(salt=104_729 + 31 * i + s)
             for i, t in enumerate(types) for s in severities}
     correct = {key: 0 for key in gens}

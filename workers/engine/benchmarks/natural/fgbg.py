@@ -7,37 +7,33 @@ noise lands, which halves the variance of their difference, the quantity RFS is 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
+from contract.suite import SIGMA_GRID, FgBgNoise
 from workers.engine.benchmarks import register
 from workers.engine.benchmarks.natural.common import (
     argmax_on_device,
     balanced_accuracy,
     batches,
-    float_list,
-    positive_int,
     require,
 )
 from workers.engine.benchmarks.natural.metrics import mean, rfs
 from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext
 
-SIGMA_GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 NAME = "fg_bg_noise"
 
 
 @register(NAME)
-def fg_bg_noise(model: nn.Module, data: EvalData, params: dict[str, Any],
+def fg_bg_noise(model: nn.Module, data: EvalData, entry: FgBgNoise,
                 ctx: RunContext) -> BenchmarkResult:
     """Rows per sigma (``params.sigma``) and their mean over the grid (``sigma: "mean"``).
 
-    Params: ``sigmas`` (a number or a list, default the six-value grid), ``trials`` (3).
+    Options: ``sigmas`` (a list, default the six-value grid), ``trials`` (3).
     """
     masks: Tensor = require(data, "masks", NAME)
-    sigmas = float_list(params, "sigmas", SIGMA_GRID, lambda s: 0 < s <= 10, "in (0, 10]")
-    trials = positive_int(params, "trials", 3)
+    sigmas = list(SIGMA_GRID if entry.sigmas is None else entry.sigmas)
+    trials = entry.trials
     n = len(data)
     fg_ok = torch.zeros(len(sigmas), trials, n, dtype=torch.bool)
     bg_ok = torch.zeros_like(fg_ok)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from contract.suite import Groups
 from workers.engine.benchmarks import register
 from workers.engine.benchmarks.natural.common import argmax_on_device, batches, require
 from workers.engine.types import BenchmarkError, BenchmarkResult, EvalData, MetricRow, RunContext
@@ -48,7 +49,7 @@ def group_rows(benchmark: str, ok: Tensor, groups: Tensor, names: list[str],
 
 
 @register(NAME)
-def groups_benchmark(model: nn.Module, data: EvalData, params: dict[str, Any],
+def groups_benchmark(model: nn.Module, data: EvalData, entry: Groups,
                      ctx: RunContext) -> BenchmarkResult:
     groups: Tensor = require(data, "groups", NAME)
     names = data.group_names or [str(g) for g in range(int(groups.max()) + 1)]

@@ -10,10 +10,10 @@ three accuracies differ only through the spurious feature.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 from torch import nn
 
+from contract.suite import SpuriousShift
 from workers.engine.benchmarks import register
 from workers.engine.benchmarks.natural.common import require
 from workers.engine.benchmarks.natural.groups import correct_flags, group_rows
@@ -29,34 +29,34 @@ from workers.engine.types import (
 NAME = "spurious_shift"
 
 
-def shift_levels(source: DatasetSource, params: dict[str, Any],
+def shift_levels(source: DatasetSource, entry: SpuriousShift,
                  num_classes: int) -> dict[str, float]:
-    train = params.get("correlation", getattr(source, "train_correlation", None))
+    """The entry's levels, each defaulted from the source (see the module doc)."""
+    train = entry.correlation
+    if train is None:
+        train = getattr(source, "train_correlation", None)
     if train is None:
         raise BenchmarkError(f"{NAME}: the dataset does not say its train-time correlation; "
-                             "pass params.correlation")
-    levels = {"kept": float(train),
-              "removed": float(params.get("removed", 1.0 / num_classes)),
-              "reversed": float(params.get("reversed", round(1.0 - float(train), 12)))}
-    for name, value in levels.items():
-        if not 0.0 <= value <= 1.0:
-            raise BenchmarkError(f"{NAME}: the {name} correlation must lie in [0, 1]")
-    return levels
+                             "pass correlation")
+    return {"kept": float(train),
+            "removed": entry.removed if entry.removed is not None else 1.0 / num_classes,
+            "reversed": (entry.reversed if entry.reversed is not None
+                         else round(1.0 - float(train), 12))}
 
 
 @register(NAME)
-def spurious_shift(model: nn.Module, data: EvalData, params: dict[str, Any],
+def spurious_shift(model: nn.Module, data: EvalData, entry: SpuriousShift,
                    ctx: RunContext) -> BenchmarkResult:
     """Rows ``accuracy`` and ``worst_group_accuracy`` with ``params.shift`` in
     {kept, removed, reversed} and the ``correlation`` used.
 
-    Params: ``correlation`` (train-time value, default the source's), ``removed``,
+    Options: ``correlation`` (train-time value, default the source's), ``removed``,
     ``reversed`` (defaults 1/K and 1 - correlation), ``split`` (default "test").
     """
     source: DatasetSource = require(data, "source", NAME)
     k = int(getattr(source, "num_classes", len(data.class_names)))
-    levels = shift_levels(source, params, k)
-    split = str(params.get("split", "test"))
+    levels = shift_levels(source, entry, k)
+    split = entry.split or "test"
     rows: list[MetricRow] = []
     for i, (shift, corr) in enumerate(levels.items()):
         try:
