@@ -10,20 +10,25 @@ from typing import Any, get_args
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from contract import attacks as contract
 from contract import suite as contract_suite
+from contract import training as contract_training
 from contract.attacks import Attack
 from contract.metrics import BENCHMARK_METRICS
 from contract.suite import Adversarial, RobustnessCurve, dump_entry
 from service.errors import Invalid
 from service.evaluations import suite
+from service.trainings.schemas import TrainingIn
+from service.trainings.service import spec_of
 from workers.engine import benchmarks
 from workers.engine.attacks import FABTargeted
 from workers.engine.benchmarks.adversarial import BUILDERS, AttackParams
 from workers.engine.benchmarks.natural.corruptions import CORRUPTIONS
 from workers.engine.models import shape_table
 from workers.engine.threats import Norm
+from workers.engine.training import TrainSpec
 from workers.engine.types import BenchmarkError, EvalData
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,8 +171,45 @@ def test_the_api_architecture_table_is_current() -> None:
     assert stored == json.loads(json.dumps(shape_table()))
 
 
+def _training_bodies() -> list[dict[str, Any]]:
+    """Every method x norm, with and without each optional part of the threat and spec."""
+    out: list[dict[str, Any]] = []
+    for method in contract_training.Method:
+        base = {"dataset": "d", "architecture": "small_cnn", "method": method.value}
+        out.append(base)
+        for norm in contract.Norm:
+            threat = {"norm": norm.value, "eps": EPS[norm.value] if norm.value != "linf"
+                      else 0.03}
+            for extra in ({}, {"steps": 1}, {"steps": 5}, {"step_size": 0.01},
+                          {"steps": 1000, "step_size": 1000}):
+                out.append({**base, "threat": {**threat, **extra}})
+        out += [{**base, "optimizer": "adam"}, {**base, "lr_schedule": "constant", "lr": 10},
+                {**base, "beta": 1.0}, {**base, "epochs": 1000, "batch_size": 4096}]
+    return out
+
+
+@pytest.mark.parametrize("body", _training_bodies(), ids=_id)
+def test_the_engine_trains_by_what_the_api_stores(body: dict[str, Any]) -> None:
+    """A training the API accepts is stored as the contract's spec, which the worker reads
+    back and the engine builds its run from; nothing is lost on the way."""
+    try:
+        request = TrainingIn.model_validate(body)
+    except ValidationError:
+        return  # refused at submission; nothing is stored for the engine
+    spec = spec_of(request, default_linf_eps=0.03)
+    stored = json.loads(json.dumps(spec.model_dump(mode="json")))  # the job payload
+    engine = TrainSpec.of(contract_training.TrainingSpec.model_validate(stored))
+    assert engine.method is request.method
+    assert engine.threat.norm is spec.threat.norm
+    assert (engine.threat.eps, engine.threat.steps, engine.threat.step_size) == (
+        spec.threat.eps, spec.threat.steps, spec.threat.step_size)
+    assert (engine.epochs, engine.batch_size, engine.lr, engine.optimizer, engine.lr_schedule,
+            engine.beta) == (spec.epochs, spec.batch_size, spec.lr, spec.optimizer,
+                             spec.lr_schedule, spec.beta)
+    assert engine.threat.pgd_step() > 0
+
+
 def test_training_methods_optimisers_and_schedules_agree() -> None:
-    from contract import training as contract_training
     from service.trainings import schemas
     from workers.engine import training
 

@@ -18,10 +18,11 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from contract.suite import Entry, SpecError, dump_entry, parse_entry
+from contract.suite import Entry, dump_entry
 from service.queue import WEBHOOK_TASK
 from service.tables import Dataset, Evaluation, Model, Result
-from workers.engine import ENGINE_VERSION
+from workers.engine import ENGINE_VERSION, benchmarks
+from workers.engine.types import BenchmarkError
 from workers.jobs import JobFailed, JobTable, Scratch, Superseded, device_info, run_work
 from workers.runtime import Runtime
 
@@ -71,8 +72,8 @@ class EvaluationWork:
                                      "detail": "the dataset of this evaluation was deleted"})
                 dataset_path = rt.settings.data_dir / ds.storage_path
             try:
-                suite = [parse_entry(entry) for entry in ev.suite]
-            except SpecError as exc:  # stored before the contract changed
+                suite = [benchmarks.parse(entry) for entry in ev.suite]
+            except BenchmarkError as exc:  # stored before the contract changed
                 raise JobFailed({"type": "benchmark-error", "detail": str(exc)}) from exc
             return cls(
                 rt=rt, id=eid, token=token, suite=suite,

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from sqlalchemy import select, update
 
+from contract.training import BETA, Threat, TrainingSpec
 from service.evaluations import service as evaluations
 from service.evaluations.schemas import EvaluationIn
 from service.models import service as models
@@ -57,7 +59,7 @@ class TrainingWork:
     token: int
     owner: str
     name: str
-    spec: dict[str, Any]
+    spec: TrainingSpec  # the contract's typed spec, read once from the job's row
     dataset: str
     dataset_path: Path | None
     dataset_params: dict[str, Any]
@@ -83,12 +85,18 @@ class TrainingWork:
                                      "detail": "the dataset of this training was deleted"})
                 dataset_path = rt.settings.data_dir / ds.storage_path
             opts = row.options or {}
-            spec = {"architecture": row.architecture, "method": row.method,
-                    "threat": dict(row.threat), "epochs": row.epochs,
-                    "batch_size": row.batch_size, "lr": row.lr, "seed": row.seed,
-                    "optimizer": opts.get("optimizer", "sgd"),
-                    "lr_schedule": opts.get("lr_schedule", "cosine"),
-                    "beta": float(opts.get("beta") or 6.0)}
+            try:
+                spec = TrainingSpec(
+                    architecture=row.architecture, method=row.method,
+                    threat=Threat.model_validate(row.threat), epochs=row.epochs,
+                    batch_size=row.batch_size, lr=row.lr, seed=row.seed,
+                    optimizer=opts.get("optimizer", "sgd"),
+                    lr_schedule=opts.get("lr_schedule", "cosine"),
+                    beta=float(opts.get("beta") or BETA))
+            except ValidationError as exc:  # stored before the contract changed
+                raise JobFailed({"type": "training-error",
+                                 "detail": f"the stored training spec is invalid: {exc}"[:500]}
+                                ) from exc
             return cls(
                 rt=rt, id=tid, token=token, owner=row.owner, name=row.name, spec=spec,
                 dataset=row.dataset, dataset_path=dataset_path,
@@ -105,7 +113,8 @@ class TrainingWork:
         return {} if self.dataset_path is None else {"dataset.npz": self.dataset_path}
 
     def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
-        return {"kind": "train", "spec": self.spec, "dataset": self.dataset,
+        return {"kind": "train", "spec": self.spec.model_dump(mode="json"),
+                "dataset": self.dataset,
                 "dataset_path": files.get("dataset.npz"), "dataset_params": self.dataset_params,
                 "held_out_split": self.held_out_split, "train_examples": self.train_examples,
                 "eval_examples": self.eval_examples,
@@ -154,7 +163,7 @@ class TrainingWork:
         tmp = tmp_dir / f"training-{self.id}-{self.token}.safetensors"
         shutil.copyfile(weights, tmp)
         sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        meta = ModelMetadata(name=self.name, architecture=self.spec["architecture"],
+        meta = ModelMetadata(name=self.name, architecture=self.spec.architecture,
                              num_classes=int(trained["num_classes"]),
                              input_shape=[int(d) for d in trained["input_shape"]],
                              class_names=[str(c) for c in trained["class_names"]])
@@ -170,7 +179,7 @@ class TrainingWork:
                     ev, _ = evaluations.create(s, outbox, self.owner, EvaluationIn(
                         model_id=model.id, dataset=self.dataset,
                         dataset_params=self.dataset_params, suite=self.evaluate,
-                        seed=self.spec["seed"], n_examples=self.n_examples), None)
+                        seed=self.spec.seed, n_examples=self.n_examples), None)
                     row.evaluation_id = ev.id
                 row.model_id, row.history = model.id, trained["history"]
                 row.status, row.finished_at, row.error = "succeeded", utcnow(), None

@@ -2,17 +2,18 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from contract import training as contract
+from contract.attacks import Norm
+from contract.training import Eps, LrSchedule, Method, Optimizer
 from service.evaluations.schemas import Progress
-from service.evaluations.suite import Norm
 from service.pagination import Page
-from service.trainings.schemas import COMMON, LrSchedule, Method, Optimizer
+from service.trainings.schemas import COMMON
 
 MAX_MODELS = 32
-Eps = Annotated[float, Field(gt=0, le=1000)]
 
 
 class SweepIn(BaseModel):
@@ -33,12 +34,15 @@ class SweepIn(BaseModel):
         default_factory=dict,
         description="per norm (`l1`, `l2`, `linf`) 1 to 8 budgets; every non-standard method "
                     "trains once at each")
-    # Left out: each method's defaults (service/trainings/defaults.py).
-    steps: int | None = Field(None, ge=1, le=1000,
+    # Left out: each method's defaults (contract/training.py).
+    steps: int | None = Field(None, ge=contract.THREAT_STEPS[0], le=contract.THREAT_STEPS[1],
                               description="attack steps per batch (default: each method's)")
-    epochs: int | None = Field(None, ge=1, le=1000, description=COMMON["epochs"])
-    batch_size: int | None = Field(None, ge=2, le=4096, description=COMMON["batch_size"])
-    lr: float | None = Field(None, gt=0, le=10, description=COMMON["lr"])
+    epochs: int | None = Field(None, ge=contract.EPOCHS_RANGE[0], le=contract.EPOCHS_RANGE[1],
+                               description=COMMON["epochs"])
+    batch_size: int | None = Field(None, ge=contract.BATCH_SIZE_RANGE[0],
+                                   le=contract.BATCH_SIZE_RANGE[1],
+                                   description=COMMON["batch_size"])
+    lr: float | None = Field(None, gt=0, le=contract.LR_MAX, description=COMMON["lr"])
     seed: int = Field(0, ge=0, le=2**31 - 1, description=COMMON["seed"])
     suite: str | list[dict[str, Any]] | None = Field(
         None, description="the suite (preset name or entries) every trained model is evaluated "

@@ -6,25 +6,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from contract.training import LrSchedule, Method, Optimizer
+from contract import training as contract
+from contract.training import BETA, LrSchedule, Method, Optimizer, ThreatIn
 from service.evaluations.schemas import ErrorOut, Progress
-from service.evaluations.suite import Norm
 from service.pagination import Page
 
-
-class ThreatIn(BaseModel):
-    """The perturbations adversarial training trains against."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    norm: Norm = Field(description="the threat norm: `l1`, `l2` or `linf`")
-    eps: float = Field(gt=0, le=1000, description="the perturbation budget, in pixel units of "
-                                                  "images scaled to [0, 1]")
-    steps: int | None = Field(None, ge=1, le=1000,
-                              description="attack steps per batch (default: the method's)")
-    step_size: float | None = Field(None, gt=0, le=1000,
-                                    description="the attack's step size (default: from `eps` "
-                                                "and `steps`)")
+__all__ = ["COMMON", "LrSchedule", "Method", "Optimizer", "ThreatIn", "TrainingIn",
+           "TrainingOut", "TrainingPage"]
 
 
 COMMON = {
@@ -58,10 +46,13 @@ class TrainingIn(BaseModel):
                                        "start) or `trades`")
     threat: ThreatIn | None = Field(None, description="what to train against; required unless "
                                                       "`method` is `standard`")
-    # Left out: the method's defaults (service/trainings/defaults.py).
-    epochs: int | None = Field(None, ge=1, le=1000, description=COMMON["epochs"])
-    batch_size: int | None = Field(None, ge=2, le=4096, description=COMMON["batch_size"])
-    lr: float | None = Field(None, gt=0, le=10, description=COMMON["lr"])
+    # Left out: the method's defaults (contract/training.py).
+    epochs: int | None = Field(None, ge=contract.EPOCHS_RANGE[0], le=contract.EPOCHS_RANGE[1],
+                               description=COMMON["epochs"])
+    batch_size: int | None = Field(None, ge=contract.BATCH_SIZE_RANGE[0],
+                                   le=contract.BATCH_SIZE_RANGE[1],
+                                   description=COMMON["batch_size"])
+    lr: float | None = Field(None, gt=0, le=contract.LR_MAX, description=COMMON["lr"])
     seed: int = Field(0, ge=0, le=2**31 - 1, description=COMMON["seed"])
     evaluate: str | list[dict[str, Any]] | None = Field(
         None, description="a suite (preset name or entries) to evaluate the trained model with")
@@ -69,7 +60,8 @@ class TrainingIn(BaseModel):
                              description="a name for the trained model")
     optimizer: Optimizer | None = Field(None, description=COMMON["optimizer"])
     lr_schedule: LrSchedule | None = Field(None, description=COMMON["lr_schedule"])
-    beta: float = Field(6.0, gt=0, le=100, description="TRADES' robustness weight; `trades` only")
+    beta: float = Field(BETA, gt=0, le=contract.BETA_MAX,
+                        description="TRADES' robustness weight; `trades` only")
     train_examples: int | None = Field(None, ge=2, description=COMMON["train_examples"])
     eval_examples: int = Field(1000, ge=1, le=100_000, description=COMMON["eval_examples"])
     n_examples: int | None = Field(None, ge=1, le=10_000_000,
@@ -83,7 +75,7 @@ class TrainingIn(BaseModel):
         if (self.method is Method.FGSM_RS and self.threat is not None
                 and self.threat.steps not in (None, 1)):
             raise ValueError("fgsm_rs takes exactly one step; leave threat.steps out or set 1")
-        if self.beta != 6.0 and self.method is not Method.TRADES:
+        if self.beta != BETA and self.method is not Method.TRADES:
             raise ValueError("beta applies to method 'trades' only")
         return self
 

@@ -4,11 +4,12 @@ and cancellation. The worker side is ``workers/training_jobs.py``."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from contract import training as contract
+from contract.attacks import Norm
 from service import jobs
 from service.datasets.service import ResolvedDataset, check_params, resolve
 from service.errors import Conflict, Invalid
@@ -19,7 +20,6 @@ from service.pagination import newest_first
 from service.queue import TRAIN_TASK, Outbox
 from service.repository import owned, owned_rows
 from service.tables import Training, utcnow
-from service.trainings import defaults
 from service.trainings.schemas import Method, ThreatIn, TrainingIn, TrainingOut
 
 
@@ -32,10 +32,8 @@ def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
         return existing, False
     dataset = _dataset(session, owner, body)
     _check_architecture(body.architecture, dataset)
-    d = defaults.fill(body.method, optimizer=body.optimizer, lr=body.lr,
-                      lr_schedule=body.lr_schedule,
-                      steps=body.threat.steps if body.threat is not None else None)
-    threat = _threat(body, dataset, d.steps)
+    spec = spec_of(body, dataset.capabilities.default_eps["linf"])
+    threat = spec.threat.model_dump(mode="json")
     evaluate = (suites.expand(body.evaluate, dataset.capabilities)
                 if body.evaluate is not None else None)
     held_out = "val" if "val" in dataset.splits else "test"
@@ -45,9 +43,8 @@ def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
         owner=owner, name=name, dataset=dataset.name, dataset_id=dataset.id,
         dataset_params=body.dataset_params, held_out_split=held_out,
         architecture=body.architecture, method=body.method.value, threat=threat,
-        epochs=body.epochs or defaults.EPOCHS, batch_size=body.batch_size or defaults.BATCH_SIZE,
-        lr=d.lr, seed=body.seed,
-        options={"optimizer": d.optimizer.value, "lr_schedule": d.lr_schedule.value,
+        epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
+        options={"optimizer": spec.optimizer.value, "lr_schedule": spec.lr_schedule.value,
                  "beta": body.beta if body.method is Method.TRADES else None,
                  "train_examples": body.train_examples, "eval_examples": body.eval_examples,
                  "n_examples": body.n_examples},
@@ -89,20 +86,22 @@ def _check_architecture(architecture: str, dataset: ResolvedDataset) -> None:
                       f"{channels}", field="architecture")
 
 
-def _threat(body: TrainingIn, dataset: ResolvedDataset, steps: int) -> dict[str, Any]:
-    """The threat with its defaults filled in, as the job record shows it.
-
-    For ``standard`` training it is only what the held-out robust accuracy is measured
-    against; without one, the dataset's default l_inf eps.
-    """
-    t = body.threat or ThreatIn(norm=suites.Norm.LINF,
-                                eps=dataset.capabilities.default_eps["linf"])
-    if body.method is Method.FGSM_RS:
-        steps = 1
-        step_size = t.step_size if t.step_size is not None else 1.25 * t.eps
-    else:
-        step_size = t.step_size if t.step_size is not None else 2.5 * t.eps / steps
-    return {"norm": t.norm.value, "eps": t.eps, "steps": steps, "step_size": step_size}
+def spec_of(body: TrainingIn, default_linf_eps: float) -> contract.TrainingSpec:
+    """The contract's training spec for ``body``: the method's defaults where it gives none
+    (``contract/training.py``), and the threat with its defaults filled in, as the job record
+    shows it and the engine trains by. For ``standard`` training the threat is only what the
+    held-out robust accuracy is measured against; without one, the dataset's default l_inf
+    eps."""
+    d = contract.fill(body.method, optimizer=body.optimizer, lr=body.lr,
+                      lr_schedule=body.lr_schedule,
+                      steps=body.threat.steps if body.threat is not None else None)
+    t = body.threat or ThreatIn(norm=Norm.LINF, eps=default_linf_eps)
+    return contract.TrainingSpec(
+        architecture=body.architecture, method=body.method,
+        threat=contract.fill_threat(body.method, t, d.steps),
+        epochs=body.epochs or contract.EPOCHS, batch_size=body.batch_size or contract.BATCH_SIZE,
+        lr=d.lr, seed=body.seed, optimizer=d.optimizer, lr_schedule=d.lr_schedule,
+        beta=body.beta)
 
 
 def get(session: Session, owner: str, training_id: uuid.UUID) -> Training:

@@ -8,17 +8,18 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
 from sqlalchemy import func, select, update
 from torch import nn
 
+from contract.suite import BaseEntry
 from service.db import make_engine, make_sessionmaker
 from service.settings import Settings
 from service.tables import Evaluation, Model, Result, utcnow
-from tests.factories import META, tiny_net, torchscript_bytes
+from tests.factories import META, accept_test_entries, tiny_net, torchscript_bytes
 from workers import evaluation_jobs, jobs, reconciler
 from workers.engine.benchmarks import _REGISTRY, register
 from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext, fast_bf16
@@ -82,18 +83,29 @@ def _result_count(rt: Runtime, eid: uuid.UUID) -> int:
 CALLS: list[str] = []
 
 
+class Counted(BaseEntry):
+    benchmark: Literal["test_counted"]
+    tag: str = ""
+    crash: bool = False
+
+
+class Slow(BaseEntry):
+    benchmark: Literal["test_slow"]
+
+
 @pytest.fixture(autouse=True)
-def _test_benchmarks() -> Any:
+def _test_benchmarks(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Two benchmarks only these tests use: a counter and a slow one that reports progress."""
 
-    def counted(model: nn.Module, data: EvalData, params: dict[str, Any],
+    def counted(model: nn.Module, data: EvalData, entry: Counted,
                 ctx: RunContext) -> BenchmarkResult:
-        CALLS.append(params.get("tag", ""))
-        if params.get("crash"):
+        CALLS.append(entry.tag)
+        if entry.crash:
             raise RuntimeError("boom")
+        params = entry.model_dump(exclude={"benchmark"}, exclude_defaults=True)
         return BenchmarkResult(rows=[MetricRow("counted", "n", float(len(data)), params)])
 
-    def slow(model: nn.Module, data: EvalData, params: dict[str, Any],
+    def slow(model: nn.Module, data: EvalData, entry: Slow,
              ctx: RunContext) -> BenchmarkResult:
         for i in range(200):
             ctx.progress(i / 200, f"batch {i}")
@@ -102,6 +114,7 @@ def _test_benchmarks() -> Any:
 
     register("test_counted")(counted)
     register("test_slow")(slow)
+    accept_test_entries(monkeypatch, Counted, Slow)
     CALLS.clear()
     yield
     _REGISTRY.pop("test_counted")

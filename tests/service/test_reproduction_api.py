@@ -7,17 +7,28 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from contract.suite import BaseEntry
 from service.db import make_engine, make_sessionmaker
 from service.settings import Settings
 from service.tables import Evaluation, Model, Result
-from tests.factories import META, api, auth, new_key, settings, tiny_net, torchscript_bytes, upload
+from tests.factories import (
+    META,
+    accept_test_entries,
+    api,
+    auth,
+    new_key,
+    settings,
+    tiny_net,
+    torchscript_bytes,
+    upload,
+)
 from workers import evaluation_jobs
 from workers.engine.benchmarks import _REGISTRY, register
 from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext
@@ -129,11 +140,15 @@ def rt(sqlite_url: str, tmp_path: Path) -> Runtime:
                    device=torch.device("cpu"), name="test-worker")
 
 
+class Record(BaseEntry):
+    benchmark: Literal["test_record"]
+
+
 @pytest.fixture
-def labels_seen() -> Iterator[list[list[int]]]:
+def labels_seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[int]]]:
     seen: list[list[int]] = []
 
-    def record(model: torch.nn.Module, data: EvalData, params: dict[str, Any],
+    def record(model: torch.nn.Module, data: EvalData, entry: Record,
                ctx: RunContext) -> BenchmarkResult:
         seen.append(data.y.tolist())
         with torch.no_grad():
@@ -142,6 +157,7 @@ def labels_seen() -> Iterator[list[list[int]]]:
                                                {"width": width})])
 
     register("test_record")(record)
+    accept_test_entries(monkeypatch, Record)
     yield seen
     _REGISTRY.pop("test_record")
 

@@ -23,18 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
+from contract.training import TrainingSpec
 from workers.engine import benchmarks
 from workers.engine.data import DatasetFormatError, load_builtin, load_npz
 from workers.engine.models import CheckpointError, ModelSpec
 from workers.engine.models import load as load_model
 from workers.engine.scope import scoped
-from workers.engine.threats import Norm
 from workers.engine.training import (
-    LrSchedule,
-    Method,
-    Optimizer,
-    ThreatSpec,
     TrainingError,
     TrainSpec,
     train,
@@ -146,20 +143,13 @@ def _evaluate(job: dict[str, Any], emit: Emit) -> None:
                             for k, p in result.artifacts.items()}})
 
 
-def train_spec(d: dict[str, Any]) -> TrainSpec:
-    t = d["threat"]
-    return TrainSpec(
-        architecture=d["architecture"], method=Method(d["method"]),
-        threat=ThreatSpec(Norm(t["norm"]), float(t["eps"]), int(t["steps"]),
-                          float(t["step_size"])),
-        epochs=int(d["epochs"]), batch_size=int(d["batch_size"]), lr=float(d["lr"]),
-        seed=int(d["seed"]), optimizer=Optimizer(d["optimizer"]),
-        lr_schedule=LrSchedule(d["lr_schedule"]), beta=float(d["beta"]))
-
-
 def _train(job: dict[str, Any], emit: Emit) -> None:
     from safetensors.torch import save_file
 
+    try:  # the job boundary: the contract's typed spec
+        spec = TrainSpec.of(TrainingSpec.model_validate(job["spec"]))
+    except ValidationError as exc:
+        raise TrainingError(f"invalid training spec: {exc}") from exc
     emit({"t": "progress", "fraction": 0.0, "stage": "loading", "message": "loading the data"})
     try:
         data = _data(job, "train")
@@ -180,7 +170,7 @@ def _train(job: dict[str, Any], emit: Emit) -> None:
     def on_epoch(history: list[dict[str, Any]]) -> None:
         emit({"t": "epoch", "history": history})
 
-    trained = train(train_spec(job["spec"]), data, held_out, device=torch.device(job["device"]),
+    trained = train(spec, data, held_out, device=torch.device(job["device"]),
                     progress=progress, checkpoint_path=Path(job["checkpoint"]),
                     on_epoch=on_epoch)
     weights = Path(job["weights"])

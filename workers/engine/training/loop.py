@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from contract import training as contract
 from contract.training import LrSchedule, Optimizer
 from workers.engine.attacks import PGD, Forward
 from workers.engine.models import build
@@ -60,6 +61,16 @@ class TrainSpec:
     weight_decay: float = 5e-4
     beta: float = 6.0  # TRADES' trade-off (Zhang et al. use 6 on CIFAR-10)
     eval_steps: int = 10  # PGD steps of the held-out robust accuracy
+
+    @classmethod
+    def of(cls, spec: contract.TrainingSpec) -> TrainSpec:
+        """The contract's spec (every default filled in by the API) with the engine's own
+        settings (momentum, weight decay, held-out PGD steps) at their defaults."""
+        t = spec.threat
+        return cls(architecture=spec.architecture, method=spec.method,
+                   threat=ThreatSpec(t.norm, t.eps, t.steps, t.step_size), epochs=spec.epochs,
+                   batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
+                   optimizer=spec.optimizer, lr_schedule=spec.lr_schedule, beta=spec.beta)
 
     def fingerprint(self, num_classes: int, input_shape: tuple[int, ...], n_train: int) -> str:
         """Identifies the run a checkpoint belongs to: a checkpoint of another is ignored."""
