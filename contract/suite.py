@@ -68,11 +68,16 @@ class Adversarial(BaseEntry):
         return tuple(self.eps) if isinstance(self.eps, list) else (self.eps,)
 
 
+CURVE_GRID = (0.25, 0.5, 1.0, 1.5, 2.0)
+"""A robustness curve's default grid, in multiples of the dataset's default eps."""
+
+
 class RobustnessCurve(BaseEntry):
     benchmark: Literal["robustness_curve"]
     norm: Norm = Norm.LINF
-    eps: list[Eps] = Field(min_length=limits.CURVE_EPS_VALUES[0],
-                           max_length=limits.CURVE_EPS_VALUES[1])
+    # None: the API fills CURVE_GRID times the dataset's default eps for the norm
+    eps: list[Eps] | None = Field(None, min_length=limits.CURVE_EPS_VALUES[0],
+                                  max_length=limits.CURVE_EPS_VALUES[1])
     steps: int | None = Field(None, ge=limits.STEPS[0], le=limits.STEPS[1])
     n_targets: int | None = Field(None, ge=limits.N_TARGETS[0], le=limits.N_TARGETS[1])
 

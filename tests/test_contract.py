@@ -24,7 +24,7 @@ from service.trainings.schemas import TrainingIn
 from service.trainings.service import spec_of
 from workers.engine import benchmarks
 from workers.engine.attacks import FABTargeted
-from workers.engine.benchmarks.adversarial import BUILDERS, AttackParams
+from workers.engine.benchmarks.adversarial import BUILDERS, AttackParams, _eps_on
 from workers.engine.benchmarks.natural.corruptions import CORRUPTIONS
 from workers.engine.models import shape_table
 from workers.engine.threats import Norm
@@ -65,6 +65,7 @@ def _engine_accepts(stored: dict[str, Any]) -> bool:
             params = AttackParams.of(entry, DATA)
             assert BUILDERS[params.attack](params)
         elif isinstance(entry, RobustnessCurve):
+            _eps_on(DATA, entry.norm, tuple(entry.eps or ()), "robustness_curve")
             FABTargeted(entry.norm, entry.steps or 100, n_targets=entry.n_targets or 9)
     except (BenchmarkError, ValueError):
         return False
@@ -217,3 +218,10 @@ def test_training_methods_optimisers_and_schedules_agree() -> None:
     assert schemas.Method is training.Method is contract_training.Method
     assert schemas.Optimizer is training.Optimizer is contract_training.Optimizer
     assert schemas.LrSchedule is training.LrSchedule is contract_training.LrSchedule
+
+
+def test_a_curve_without_eps_gets_a_grid_around_the_datasets_default() -> None:
+    stored = _api({"benchmark": "robustness_curve", "norm": "l2"})
+    assert stored is not None
+    assert CAPS.default_eps["l2"] == 0.5
+    assert stored["eps"] == [0.125, 0.25, 0.5, 0.75, 1.0]

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from contract.attacks import Attack, Norm
 from contract.suite import (
     CORRUPTIONS,
+    CURVE_GRID,
     ENTRIES,
     Adversarial,
     Backgrounds,
@@ -75,6 +76,9 @@ def expand(suite: Any, caps: Capabilities) -> list[dict[str, Any]]:
         data = dump_entry(entry)
         if isinstance(entry, Adversarial) and entry.eps is None:
             data["eps"] = caps.default_eps[entry.norm.value]
+        if isinstance(entry, RobustnessCurve) and entry.eps is None:
+            default = caps.default_eps[entry.norm.value]
+            data["eps"] = [float(f"{m * default:.6g}") for m in CURVE_GRID]
         out.append(data)
     return out
 

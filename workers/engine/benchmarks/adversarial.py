@@ -222,7 +222,7 @@ def adversarial(model: nn.Module, data: EvalData, entry: Adversarial,
 def robustness_curve(model: nn.Module, data: EvalData, entry: RobustnessCurve,
                      ctx: RunContext) -> BenchmarkResult:
     norm = entry.norm
-    grid = sorted(_eps_on(data, norm, tuple(entry.eps), "robustness_curve"))
+    grid = sorted(_eps_on(data, norm, tuple(entry.eps or ()), "robustness_curve"))
     steps = entry.steps or 100
     n_targets = entry.n_targets or 9
     checks = sanity_checks(model, data, ctx)
