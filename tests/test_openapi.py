@@ -159,6 +159,7 @@ def test_every_request_body_schema_has_an_example(spec: dict[str, Any]) -> None:
 
 def test_request_examples_validate() -> None:
     from service.auth.router import KeyIn
+    from service.evaluations import suite
     from service.evaluations.schemas import EvaluationIn
     from service.models.schemas import ModelMetadata
     from service.sweeps.schemas import SweepIn
@@ -170,6 +171,10 @@ def test_request_examples_validate() -> None:
         assert examples, model.__name__
         for example in examples:
             model.model_validate(example)
+            if example.get("suite") is not None:  # a suite is checked against its dataset
+                suite.expand(example["suite"], suite.Capabilities(
+                    name="x", has_masks=True, has_groups=True, regenerable=True,
+                    default_eps={"linf": 0.0314, "l2": 0.5, "l1": 10.0}))
 
 
 def test_routes_require_a_bearer_key_except_the_public_ones(spec: dict[str, Any]) -> None:

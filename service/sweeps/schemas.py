@@ -21,7 +21,7 @@ class SweepIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "dataset": "shapes-32", "architecture": "resnet18", "methods": ["standard", "pgd"],
-        "threats": {"linf": [0.0157, 0.0314]}, "epochs": 5, "suite": "efficient"}]})
+        "threats": {"linf": [0.0157, 0.0314]}, "epochs": 5, "suite": "standard"}]})
 
     dataset: str = Field(min_length=1, max_length=200, description=COMMON["dataset"])
     dataset_params: dict[str, Any] = Field(default_factory=dict,
