@@ -3,8 +3,10 @@
 authors) and torchattacks' AutoAttack, on the same models, examples, eps and budgets.
 
 Models: a small CNN at 32x32, ResNet-18 at 32x32, and an MNIST-style CNN on 1x28x28 grey
-images, each FGSM-RS adversarially trained for a few hundred steps on a synthetic 10-class
-task so that robust accuracy is neither 0 nor the clean accuracy. Per method: robust accuracy
+images, trained on a synthetic 10-class task so that robust accuracy is neither 0 nor the
+clean accuracy: the CNNs FGSM-RS adversarially for a few hundred steps, ResNet-18 (too slow to
+train adversarially on a CPU) normally for ``--train-steps-resnet`` steps and attacked at a
+smaller eps. Per method: robust accuracy
 (the mean over ``--seeds``), forward and backward passes per example (example-forwards and
 example-backwards that reach the input, the clean pass and every fp32 re-check included; the
 references are counted by a wrapper around the model, robustscope by its own counters, which
@@ -14,7 +16,8 @@ robust that pyautoattack broke / the other way round, summed over seeds).
 
     uv run python benchmarks/attacks.py                 # AutoAttack's budgets: 100 steps, 5000 q
     uv run python benchmarks/attacks.py --n 64 --queries 1000 --models small,mnist --seeds 2
-    uv run python benchmarks/attacks.py --no-torchattacks --norm l2
+    uv run python benchmarks/attacks.py --no-torchattacks --norms linf,l2
+    uv run python benchmarks/attacks.py --models resnet18 --steps 20 --queries 500  # CPU-sized
 """
 
 from __future__ import annotations
@@ -132,9 +135,10 @@ def compare(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
             args: argparse.Namespace, label: str) -> list[list[str]]:
     methods: list[tuple[str, Method]] = [
         ("pyautoattack", reference(norm, eps, args)),
-        ("robustscope autoattack", ours("autoattack", norm, eps, args)),
         ("robustscope efficient", ours("efficient", norm, eps, args)),
     ]
+    if args.autoattack:
+        methods.insert(1, ("robustscope autoattack", ours("autoattack", norm, eps, args)))
     if args.torchattacks:
         methods.append(("torchattacks AutoAttack", torchattacks_aa(norm, eps, args)))
     n = len(y)
@@ -165,14 +169,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=128, help="examples per model")
     ap.add_argument("--n-resnet", type=int, default=32, help="examples for ResNet-18")
-    ap.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    ap.add_argument("--norms", default="linf", help="comma-separated: linf, l2")
     ap.add_argument("--steps", type=int, default=100, help="APGD/APGD-T/FAB-T iterations")
     ap.add_argument("--queries", type=int, default=5000, help="Square queries")
     ap.add_argument("--models", default="small,resnet18,mnist")
     ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--train-steps-resnet", type=int, default=80)
+    ap.add_argument("--train-steps-resnet", type=int, default=40,
+                    help="ResNet-18's training steps (plain training, batch 16)")
+    ap.add_argument("--eps", type=float, default=None,
+                    help="attack radius for every model (default: per model and norm)")
     ap.add_argument("--seeds", type=int, default=1, help="attack seeds (robust acc: the mean)")
     ap.add_argument("--no-torchattacks", dest="torchattacks", action="store_false")
+    ap.add_argument("--no-autoattack", dest="autoattack", action="store_false",
+                    help="leave out robustscope's own AutoAttack (halves a slow model's run)")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="robustscope's search: auto (bf16 where measurably faster, every "
                          "break confirmed in fp32), bf16, fp32; the references run fp32")
@@ -185,38 +194,39 @@ def main() -> None:
     if device.type == "cuda":
         strict_fp32()
     torch.manual_seed(0)  # a script, not library code: fixes the model initialisation
-    norm = Norm(args.norm)
+    norms = [Norm(v) for v in args.norms.split(",")]
     import pyautoattack
 
     print(f"torch {torch.__version__}, pyautoattack {pyautoattack.__version__}, threads "
-          f"{torch.get_num_threads()}, {norm.value}, {args.steps} steps, {args.queries} "
-          f"queries, {args.seeds} seed(s), robustscope search in "
+          f"{torch.get_num_threads()}, {','.join(v.value for v in norms)}, {args.steps} "
+          f"steps, {args.queries} queries, {args.seeds} seed(s), robustscope search in "
           f"{'bf16' if args.amp else 'fp32'}", flush=True)
-    header = ["model", "method", "robust acc", "fwd/ex", "bwd/ex", "wall s (seed 0)",
+    header = ["model, norm, eps", "method", "robust acc", "fwd/ex", "bwd/ex", "wall s (seed 0)",
               "passes vs pyaa", "speed vs pyaa", "robust here, broken by pyaa / reverse"]
     print(" | ".join(header), flush=True)
-    linf = norm is Norm.LINF
-    # name: (constructor, channels, size, noise, examples, train steps, train eps, eval eps)
+    # name: (constructor, channels, size, noise, examples, train steps, train batch,
+    #        train eps, eval eps at l_inf, at l_2)
     setups = {
-        "small": (small_cnn, 3, 32, 0.25, args.n, args.train_steps, 8 / 255,
-                  8 / 255 if linf else 0.5),
-        "resnet18": (resnet18_cifar, 3, 32, 0.25, args.n_resnet, args.train_steps_resnet,
-                     4 / 255, 4 / 255 if linf else 0.25),
-        "mnist": (small_cnn, 1, 28, 0.15, args.n, args.train_steps, 0.05,
-                  0.05 if linf else 1.0),
+        "small": (small_cnn, 3, 32, 0.25, args.n, args.train_steps, 32, 8 / 255, 8 / 255, 0.5),
+        "resnet18": (resnet18_cifar, 3, 32, 0.25, args.n_resnet, args.train_steps_resnet, 16,
+                     0.0, 1 / 255, 0.1),
+        "mnist": (small_cnn, 1, 28, 0.15, args.n, args.train_steps, 32, 0.05, 0.05, 1.0),
     }
     table: list[list[str]] = []
     for name in args.models.split(","):
-        build, channels, size, noise, n, steps, train_eps, eps = setups[name]
+        build, channels, size, noise, n, steps, batch, train_eps, e_inf, e_2 = setups[name]
         t0 = time.perf_counter()
-        model = train(build(10, channels), steps, train_eps, 32, size, channels, noise)
+        model = train(build(10, channels), steps, train_eps, batch, size, channels, noise)
         model = model.to(device)
         x, y = synthetic(n, seed=99, size=size, channels=channels, noise=noise)
         with torch.inference_mode():
             clean = float((model(x).argmax(1) == y).float().mean())
         print(f"# {name}: trained {steps} steps in {time.perf_counter() - t0:.0f}s, clean "
-              f"accuracy {clean:.3f} on {n} examples, eps {eps:.4g}", flush=True)
-        table += compare(model, x, y, norm, eps, args, name)
+              f"accuracy {clean:.3f} on {n} examples", flush=True)
+        for norm in norms:
+            eps = args.eps if args.eps is not None else e_inf if norm is Norm.LINF else e_2
+            print(f"# {name} {norm.value} eps {eps:.4g}", flush=True)
+            table += compare(model, x, y, norm, eps, args, f"{name} {norm.value} {eps:.3g}")
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     print()
     for r in [header, ["-" * w for w in widths], *table]:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from tests.engine.attack_helpers import linear_problem, one_thread  # noqa: F401
 from workers.engine.attacks import APGD, PGD, APGDTargeted, FABTargeted, Forward
-from workers.engine.attacks.apgd import too_few_increases
+from workers.engine.attacks.apgd import hopeless, too_few_increases
 from workers.engine.threats import Norm
 
 
@@ -83,3 +83,23 @@ def test_the_first_checkpoint_counts_the_step_from_the_starting_point() -> None:
     later = torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0, 5.0, 6.0, 7.0, 8.0],
                           [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])
     assert too_few_increases(later, 7, 4, 0.75).tolist() == [True, False]
+
+
+def test_a_flat_margin_is_discarded_at_the_second_checkpoint() -> None:
+    # 100 steps: checkpoints after steps 21 and 40. At eps 1e-4 no margin moves, so with
+    # ``discard`` every example leaves after step 40 (the start and steps 0..40: 42 gradients);
+    # without it every step runs.
+    model, x, y = _unbreakable()
+    APGD(Norm.LINF, steps=100, discard=4.0).run(Forward(model), x, y, 1e-4, torch.Generator())
+    assert (model.forwards, model.gradients) == (42, 42)
+    model.forwards = model.gradients = 0
+    APGD(Norm.LINF, steps=100).run(Forward(model), x, y, 1e-4, torch.Generator())
+    assert (model.forwards, model.gradients) == (101, 100)
+
+
+def test_hopeless_extrapolates_the_pace_since_the_last_checkpoint() -> None:
+    best = torch.tensor([0.5, 0.5, 0.5, 0.05])
+    at_check = torch.tensor([0.5, 0.9, 0.52, 0.06])
+    # paces per step over 10 steps: 0, 0.04, 0.002, 0.001; times 4 over 50 steps left:
+    # 0, 8, 0.4, 0.2 against margins 0.5, 0.5, 0.5, 0.05
+    assert hopeless(best, at_check, 10, 50, 4.0).tolist() == [True, False, True, False]

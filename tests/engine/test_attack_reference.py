@@ -104,7 +104,10 @@ def test_small_cnn_at_most_as_robust_as_pyautoattack(grey_cnn: Setup, norm: Norm
 
 @pytest.mark.parametrize("norm", [Norm.LINF, Norm.L2])
 def test_resnet_32_at_most_as_robust_as_pyautoattack(resnet32: Setup, norm: Norm) -> None:
-    _compare(resnet32, norm, steps=10, queries=100, fraction=1 / 3)
+    # AutoAttack's 100 iterations, the budget the efficient preset is built for: at 10, its
+    # two ranked targets left one of these 32 examples robust at l_inf that only pyautoattack's
+    # fifth target broke (docs/PERFORMANCE.md).
+    _compare(resnet32, norm, steps=100, queries=100)
 
 
 def test_the_audit_finds_what_a_crippled_preset_missed(grey_cnn: Setup) -> None:

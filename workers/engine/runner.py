@@ -77,22 +77,23 @@ def fast_stages(norm: Norm, num_classes: int, steps: int = 100, n_targets: int =
 
 
 def efficient_stages(norm: Norm, num_classes: int, steps: int = 100, n_targets: int = 2,
-                     stall: int = 2) -> list[Stage]:
+                     discard: float = 4.0) -> list[Stage]:
     """AutoAttack's strength for a fraction of its passes: APGD-CE, then targeted APGD on the
     ``n_targets`` classes ranked best-first by the gradient-normalised margin (MALT, Melamed
-    et al. 2024) instead of by logit; in both, an example whose best loss has not risen over
-    ``stall`` consecutive step-size checkpoints has converged and leaves the batch (the
-    "hopeless point" discarding of A^3, Liu et al. 2022, and the stop of an iterate that only
-    cycles, Doldo et al. 2025, in one rule). FAB-T and Square are left out: on models without
-    gradient masking they add almost nothing after APGD-T; ``audit`` measures that claim on
-    a sample of every evaluation.
+    et al. 2024) instead of by logit; in both, from the second step-size checkpoint on, an
+    example whose smallest margin would stay positive even at ``discard`` times its pace
+    since the previous checkpoint over every remaining step has converged and leaves the
+    batch (:func:`workers.engine.attacks.apgd.hopeless`: A^3's discarding of hopeless points,
+    Liu et al. 2022, and the stop of an iterate that only cycles, Doldo et al. 2025, in one
+    rule). FAB-T and Square are left out: on models without gradient masking they add almost
+    nothing after APGD-T; ``audit`` measures that claim on a sample of every evaluation.
     """
     k = min(n_targets, num_classes - 1)
     large = norm is Norm.L1
     return [
-        Stage("apgd-ce", APGD(norm, steps, loss=Loss.CE, large_eps=large, stall=stall)),
-        Stage("apgd-t", APGDTargeted(norm, steps, n_targets=k, large_eps=large, stall=stall,
-                                     ranking=Ranking.NORMALISED_MARGIN)),
+        Stage("apgd-ce", APGD(norm, steps, loss=Loss.CE, large_eps=large, discard=discard)),
+        Stage("apgd-t", APGDTargeted(norm, steps, n_targets=k, large_eps=large,
+                                     discard=discard, ranking=Ranking.NORMALISED_MARGIN)),
     ]
 
 

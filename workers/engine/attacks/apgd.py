@@ -31,6 +31,7 @@ from workers.engine.attacks.base import (
     Loss,
     Ranking,
     dlr_loss,
+    margin,
     over_targets,
     restrict,
 )
@@ -48,7 +49,7 @@ class APGD(Attack):
     loss: Loss = Loss.CE
     rho: float = 0.75
     large_eps: bool = False  # l_1: start at 3 eps, then 2 eps, then eps
-    stall: int | None = None  # see APGDTargeted
+    discard: float | None = None  # see APGDTargeted
     name: str = "apgd-ce"
 
     def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
@@ -67,10 +68,9 @@ class APGDTargeted(Attack):
     rho: float = 0.75
     large_eps: bool = False
     loss: Loss = Loss.DLR
-    # Drop an example whose best loss has not risen over this many consecutive checkpoints
-    # (it has converged; more steps of this run will not break it). None: AutoAttack's rule,
-    # every example takes every step.
-    stall: int | None = None
+    # Discard hopeless examples (see :func:`hopeless`) with this safety factor. None:
+    # AutoAttack's rule, every example takes every step.
+    discard: float | None = None
     ranking: Ranking = Ranking.LOGITS
     name: str = "apgd-t"
 
@@ -89,6 +89,27 @@ def too_few_increases(hist: Tensor, i: int, k: int, rho: float) -> Tensor:
     lo = i + 1 - k
     ups = (hist[:, lo + 1:i + 2] > hist[:, lo:i + 1]).sum(1)
     return ups <= k * rho
+
+
+DISCARD_AFTER = 10
+"""Steps an example takes before it may be discarded: below that, budgets are cheap anyway and
+a late step-size checkpoint too often turns a flat run into a break (measured at 10 steps)."""
+
+
+def hopeless(best: Tensor, at_check: Tensor, interval: int, remaining: int,
+             safety: float) -> Tensor:
+    """Which examples cannot break in the ``remaining`` steps of this run even if they kept
+    ``safety`` times the pace they had since the previous checkpoint.
+
+    ``best`` is each example's smallest margin z_y - max_{j != y} z_j so far (positive: still
+    robust), ``at_check`` that margin at the previous checkpoint, ``interval`` the steps since
+    then. APGD halves its step size at checkpoints, so its pace only slows: an example whose
+    margin would still be positive after ``safety`` times its recent progress per step over
+    every remaining step has converged (A^3's online discarding of hopeless points, Liu et
+    al. 2022, and the stop of an iterate that only cycles, Doldo et al. 2025, in one rule).
+    """
+    pace = (at_check - best).clamp_min(0) / max(interval, 1)
+    return best > safety * pace * remaining
 
 
 def run_restarts(cfg: APGD | APGDTargeted, fwd: Forward, x: Tensor, y: Tensor, eps: Tensor,
@@ -158,8 +179,8 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
         "loss_best_check": values.clone(),
         "topk": torch.full((n,), 0.2, device=dev),
         "sp_old": torch.full((n,), float(n_fts), device=dev),
-        "stalls": torch.zeros(n, dtype=torch.long, device=dev),
-        "stall_ref": values.clone(),
+        "margin_best": margin(logits, y),
+        "margin_check": margin(logits, y),
     }
     if target is not None:
         st["target"] = target
@@ -172,7 +193,7 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
     n_iter_min = max(int(0.06 * cfg.steps), 1)
     size_decr = max(int(0.03 * cfg.steps), 1)
     k = max(int(0.04 * steps), 1) if l1 else n_iter2
-    counter = 0
+    counter = checks = 0
     for i in range(steps):
         if st["idx"].numel() == 0:
             break
@@ -203,8 +224,16 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
         st["x_best"] = torch.where(improved[:, None, None, None], x_new, st["x_best"])
         st["grad_best"] = torch.where(improved[:, None, None, None], grad, st["grad_best"])
         st["loss_best"] = torch.where(improved, values, st["loss_best"])
+        st["margin_best"] = torch.minimum(st["margin_best"], margin(logits, st["y"]))
         counter += 1
+        leave = broke
         if counter == k:
+            checks += 1
+            if (cfg.discard is not None and early_stop and checks >= 2
+                    and i + 1 >= DISCARD_AFTER):
+                leave = broke | hopeless(st["margin_best"], st["margin_check"], k,
+                                         steps - 1 - i, cfg.discard)
+            st["margin_check"] = st["margin_best"].clone()
             if l1:
                 sp = (st["x_best"] - st["x"]).flatten(1).ne(0).sum(1).float()
                 reduce = sp / st["sp_old"] < 0.95
@@ -224,12 +253,6 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
             st["x_adv"] = torch.where(reduce[:, None, None, None], st["x_best"], st["x_adv"])
             st["grad"] = torch.where(reduce[:, None, None, None], st["grad_best"], st["grad"])
             counter = 0
-            rose = st["loss_best"] > st["stall_ref"]
-            st["stalls"] = torch.where(rose, 0, st["stalls"] + 1)
-            st["stall_ref"] = st["loss_best"].clone()
-        leave = broke
-        if cfg.stall is not None and early_stop and i < steps - 1:
-            leave = broke | (st["stalls"] >= cfg.stall)
         if early_stop and bool(leave.any()):
             best_points[idx[leave]] = st["x_best"][leave]
             st = restrict(st, ~leave)
