@@ -63,8 +63,17 @@ class Guard:
         self.app = app
         self.settings = settings
         self.authenticate = authenticate
-        self.writes = (asyncio.Semaphore(settings.api_write_concurrency)
-                       if settings.api_write_concurrency > 0 else None)
+        self._semaphore: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+    def _writes(self) -> asyncio.Semaphore | None:
+        """The running loop's write semaphore (an app may be served by more than one loop
+        in its life, e.g. by successive test clients)."""
+        if self.settings.api_write_concurrency <= 0:
+            return None
+        loop = asyncio.get_running_loop()
+        if self._semaphore is None or self._semaphore[0] is not loop:
+            self._semaphore = (loop, asyncio.Semaphore(self.settings.api_write_concurrency))
+        return self._semaphore[1]
 
     def body_limit(self, path: str, method: str) -> int:
         s = self.settings
@@ -88,8 +97,9 @@ class Guard:
 
         try:
             receive, json_write = await self._admit(scope, receive)
-            if json_write and self.writes is not None:
-                async with self.writes:
+            writes = self._writes() if json_write else None
+            if writes is not None:
+                async with writes:
                     await self.app(scope, receive, tracked_send)
             else:
                 await self.app(scope, receive, tracked_send)
