@@ -3,7 +3,7 @@ submissions, for a fixed time; prints requests/s, p50/p99 latency and errors.
 
     uv run python benchmarks/api_load.py [--rate 300] [--duration 60] [--pollers 16]
         [--submitters 20] [--workers 2] [--pg postgresql://postgres@127.0.0.1:5432/postgres]
-        [--redis redis://127.0.0.1:6379/13]
+        [--redis redis://127.0.0.1:6379/13] [--conditional]
 
 It creates a private database on the given server, migrates it, starts ``robustscope api``
 with ``--workers`` processes against it and Redis (a database number of its own), creates
@@ -14,6 +14,13 @@ evaluations to poll, then runs:
   latency counts from the scheduled time, so a stalled server shows in p99);
 - ``--submitters`` connections that each ``POST /evaluations`` back to back.
 
+``--conditional`` makes the pollers send ``If-None-Match`` with the ``ETag`` of their last
+answer for that job, as a careful client would (unchanged jobs answer 304 with no body).
+
+The load generator runs on the same cores as the server, so it is as lean as a client can be:
+raw keep-alive HTTP/1.1 on asyncio streams under uvloop (httpx cost about as much CPU per
+request as the server did). It prints its own CPU beside the API processes'.
+
 Quotas are turned off for the run (the submissions would otherwise meet the active-jobs
 quota). At the end the server is stopped, the database dropped and the queue it filled in
 Redis deleted (only that key).
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,6 +45,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import redis
+import uvloop
 
 from service.auth.keys import create_key
 from service.db import make_engine, make_sessionmaker, transaction
@@ -72,9 +82,57 @@ class Tally:
                 f"p99 {p99:.1f} ms, max {lat[-1] * 1000:.1f} ms, errors {errors}{detail}")
 
 
-async def poll(client: httpx.AsyncClient, ids: list[str], start: float, interval: float,
-               offset: int, stride: int, end: float, tally: Tally) -> None:
+class Connection:
+    """One keep-alive HTTP/1.1 connection, as lean as a client can be: prebuilt request bytes,
+    the status line and ``Content-Length`` parsed, nothing else. The load generator shares the
+    machine's cores with the API; httpx spent about as much CPU per request as the server."""
+
+    def __init__(self, host: str, port: int, key: str) -> None:
+        self.host, self.port = host, port
+        self.head = (f"Host: {host}:{port}\r\nAuthorization: Bearer {key}\r\n").encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes | None = None,
+                      extra: bytes = b"") -> tuple[int, bytes, bytes]:
+        """Status, head (lowered) and body of one request."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        message = f"{method} {path} HTTP/1.1\r\n".encode() + self.head + extra
+        if body is not None:
+            message += (b"Content-Type: application/json\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\n\r\n" + body)
+        else:
+            message += b"\r\n"
+        try:
+            self.writer.write(message)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            lowered = head.lower()
+            at = lowered.find(b"content-length:")
+            if at >= 0:
+                length = int(lowered[at + 15:lowered.index(b"\r\n", at)])
+            payload = await self.reader.readexactly(length) if length else b""
+            if b"connection: close" in lowered:
+                await self.close()
+            return status, lowered, payload
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+async def poll(conn: Connection, ids: list[str], start: float, interval: float,
+               offset: int, stride: int, end: float, tally: Tally,
+               conditional: bool = False) -> None:
     n = offset
+    etags: dict[str, bytes] = {}
     while True:
         due = start + n * interval
         if due >= end:
@@ -83,53 +141,55 @@ async def poll(client: httpx.AsyncClient, ids: list[str], start: float, interval
         if delay > 0:
             await asyncio.sleep(delay)
         error = None
+        job = ids[n % len(ids)]
         try:
-            resp = await client.get(f"/evaluations/{ids[n % len(ids)]}")
-            if resp.status_code != 200:
-                error = str(resp.status_code)
-        except httpx.HTTPError as exc:
+            extra = etags.get(job, b"") if conditional else b""
+            status, head, _ = await conn.request("GET", f"/evaluations/{job}", extra=extra)
+            if status == 200 and conditional:
+                at = head.find(b"\r\netag:")
+                if at >= 0:
+                    value = head[at + 7:head.index(b"\r\n", at + 2)].strip()
+                    etags[job] = b"If-None-Match: " + value + b"\r\n"
+            elif status != 200 and not (conditional and status == 304):
+                error = str(status)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             error = type(exc).__name__
         tally.add(time.perf_counter() - due, error)
         n += stride
 
 
-async def submit(client: httpx.AsyncClient, body: dict[str, object], start: float,
-                 end: float, tally: Tally) -> None:
+async def submit(conn: Connection, body: bytes, start: float, end: float,
+                 tally: Tally) -> None:
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
     while time.perf_counter() < end:
         sent = time.perf_counter()
         error = None
         try:
-            resp = await client.post("/evaluations", json=body)
-            if resp.status_code != 202:
-                error = str(resp.status_code)
-        except httpx.HTTPError as exc:
+            status, _, _ = await conn.request("POST", "/evaluations", body)
+            if status != 202:
+                error = str(status)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             error = type(exc).__name__
         tally.add(time.perf_counter() - sent, error)
 
 
-async def run_load(base: str, key: str, args: argparse.Namespace, ids: list[str],
+async def run_load(port: int, key: str, args: argparse.Namespace, ids: list[str],
                    body: dict[str, object]) -> tuple[Tally, Tally]:
-    headers = {"Authorization": f"Bearer {key}"}
-
-    def client() -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=base, headers=headers, timeout=30,
-                                 limits=httpx.Limits(max_connections=1))
-
-    pollers = [client() for _ in range(args.pollers)]
-    submitters = [client() for _ in range(args.submitters)]
+    pollers = [Connection("127.0.0.1", port, key) for _ in range(args.pollers)]
+    submitters = [Connection("127.0.0.1", port, key) for _ in range(args.submitters)]
+    raw = json.dumps(body).encode()
     start = time.perf_counter() + 0.5
     polled, submitted = Tally(start=start), Tally(start=start)
     end = start + args.duration
     interval = 1.0 / args.rate
     try:
         await asyncio.gather(
-            *(poll(c, ids, start, interval, i, args.pollers, end, polled)
+            *(poll(c, ids, start, interval, i, args.pollers, end, polled, args.conditional)
               for i, c in enumerate(pollers)),
-            *(submit(c, body, start, end, submitted) for c in submitters))
+            *(submit(c, raw, start, end, submitted) for c in submitters))
     finally:
         for c in pollers + submitters:
-            await c.aclose()
+            await c.close()
     return polled, submitted
 
 
@@ -149,6 +209,11 @@ def cpu_seconds(root: int) -> float:
         if pid == root or ppid == root:
             total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
@@ -175,6 +240,8 @@ def main() -> int:
     p.add_argument("--port", type=int, default=8791)
     p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/13")
+    p.add_argument("--conditional", action="store_true",
+                   help="pollers send If-None-Match with the ETag of their last answer")
     args = p.parse_args()
 
     name = f"robustscope_load_{uuid.uuid4().hex[:8]}"
@@ -202,17 +269,20 @@ def main() -> int:
                                    "suite": [{"benchmark": "clean"}]}
         ids = [httpx.post(f"{base}/evaluations", json=body, headers=headers).json()["id"]
                for _ in range(50)]
-        cpu_before = cpu_seconds(proc.pid)
-        polled, submitted = asyncio.run(run_load(base, key, args, ids, body))
-        cpu = cpu_seconds(proc.pid) - cpu_before
+        cpu_before, own_before = cpu_seconds(proc.pid), own_cpu_seconds()
+        polled, submitted = uvloop.run(run_load(args.port, key, args, ids, body))
+        cpu, own = cpu_seconds(proc.pid) - cpu_before, own_cpu_seconds() - own_before
         answered = len(polled.latencies) + len(submitted.latencies)
         print(f"{args.duration:.0f} s, target {args.rate:.0f} polls/s over {args.pollers} "
-              f"connections, {args.submitters} submitters, {args.workers} API processes, "
+              f"connections{' (conditional GET)' if args.conditional else ''}, "
+              f"{args.submitters} submitters, {args.workers} API processes, "
               f"{os.cpu_count()} CPUs")
         print(polled.line("poll GET /evaluations/{id}"))
         print(submitted.line("submit POST /evaluations"))
         print(f"API processes: {cpu:.1f} CPU-seconds for {answered} requests, "
               f"{1000 * cpu / max(answered, 1):.2f} ms of CPU per request")
+        print(f"load generator: {own:.1f} CPU-seconds, "
+              f"{1000 * own / max(answered, 1):.2f} ms per request")
     finally:
         if proc is not None:
             proc.terminate()
@@ -227,7 +297,6 @@ def main() -> int:
 def upload_model(base: str, headers: dict[str, str]) -> str:
     """A model to evaluate, built without torch: a safetensors file of zeros shaped like the
     registry's small CNN."""
-    import json
     import struct
 
     shapes = small_cnn_shapes()
@@ -252,7 +321,6 @@ def upload_model(base: str, headers: dict[str, str]) -> str:
 
 def small_cnn_shapes() -> dict[str, list[int]]:
     """The registry's shapes for the small CNN, with 4 classes and 3 input channels."""
-    import json
     from importlib import resources
 
     table = json.loads(resources.files("service.models").joinpath("architectures.json")

@@ -17,6 +17,7 @@ from service.auth.keys import KeyCache, ensure_key
 from service.auth.router import router as keys_router
 from service.datasets.router import router as datasets_router
 from service.db import make_engine, make_sessionmaker, transaction
+from service.evaluations.polling import autocommit
 from service.evaluations.router import router as evaluations_router
 from service.evaluations.schemas import EvaluationIn, EvaluationUpload
 from service.guard import Guard
@@ -44,8 +45,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.database_url)
         app.state.engine = engine
+        app.state.autocommit_engine = autocommit(engine)
         app.state.sessionmaker = make_sessionmaker(engine)
-        app.state.keys = KeyCache(app.state.sessionmaker, settings.auth_cache_seconds)
+        app.state.keys = KeyCache(engine, settings.auth_cache_seconds)
         app.state.celery = make_celery(settings)
         app.state.metrics_registry = make_registry(app)
         if settings.bootstrap_key:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service.auth.keys import KeyCache
 from service.errors import Unauthorized
@@ -28,28 +29,51 @@ async def get_outbox(request: Request) -> Outbox:
     return Outbox(request.app.state.celery)
 
 
-def get_session(
+async def get_session(
     request: Request, outbox: Annotated[Outbox, Depends(get_outbox)]
-) -> Iterator[Session]:
+) -> AsyncIterator[Session]:
     """Commit when the endpoint returns, roll back if it raises; then flush the outbox.
 
     Function-scoped (below): this runs before the response is sent, so a client never holds
     a 201/202 for a row that is not committed yet, or that failed to commit.
+
+    A session does no I/O until it is first used, so it is made here on the event loop; the
+    commit (or rollback), the close and the outbox's sends take one thread hop together.
     """
     session: Session = request.app.state.sessionmaker()
     try:
         yield session
+    except BaseException:
+        if session.in_transaction():
+            await run_in_threadpool(_abandon, session, outbox)
+        else:  # never used: nothing to roll back on a connection
+            _abandon(session, outbox)
+        raise
+    if session.in_transaction() or outbox.pending:
+        await run_in_threadpool(_finish, session, outbox)
+    else:
+        session.close()
+
+
+def _finish(session: Session, outbox: Outbox) -> None:
+    try:
         session.commit()
     except BaseException:
+        _abandon(session, outbox)
+        raise
+    session.close()
+    outbox.flush()
+
+
+def _abandon(session: Session, outbox: Outbox) -> None:
+    try:
+        session.rollback()
+    finally:
         try:
-            session.rollback()
-        finally:
             outbox.discard()
             run_rollback_hooks(session)
-        raise
-    finally:
-        session.close()
-    outbox.flush()
+        finally:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
@@ -63,10 +87,12 @@ _BEARER = HTTPBearer(
                 "or the key `robustscope up` prints).")
 
 
-def current_owner(request: Request, session: SessionDep,
-                  _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> str:
+async def current_owner(
+    request: Request, session: SessionDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+) -> str:
     """The key's owner: verified by the request guard for a request with a body (before the
-    body was read), else here, on the request's own connection."""
+    body was read), else here, on the request's own connection (one thread hop)."""
     owner: str | None = getattr(request.state, "owner", None)
     if owner is not None:
         return owner
@@ -74,7 +100,11 @@ def current_owner(request: Request, session: SessionDep,
     if key is None:
         raise Unauthorized("send 'Authorization: Bearer <api key>'")
     cache: KeyCache = request.app.state.keys
-    return cache.verify(key, session)
+    cached = cache.cached(key)
+    if cached is not None:
+        return cached
+    verified: str = await run_in_threadpool(cache.verify, key, session)
+    return verified
 
 
 CurrentOwner = Annotated[str, Depends(current_owner)]

@@ -6,6 +6,9 @@
 - Body size limits are enforced on the bytes as they arrive, chunked bodies included: an
   upload route may take its upload limit, any other body ``max_json_bytes``.
 - Strings with a NUL character are refused in query strings and JSON bodies, naming the field.
+- Writes with a JSON body are processed at most ``api_write_concurrency`` at a time per
+  process, once their body is read: the rest wait (no CPU), so a burst of submissions
+  cannot starve the polling reads of the event loop and the GIL.
 - Any exception that escapes the application becomes one problem+json answer (503 for a
   database that cannot be reached, else 500), and is never re-raised into the server, so the
   connection is kept alive.
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -59,6 +63,17 @@ class Guard:
         self.app = app
         self.settings = settings
         self.authenticate = authenticate
+        self._semaphore: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+    def _writes(self) -> asyncio.Semaphore | None:
+        """The running loop's write semaphore (an app may be served by more than one loop
+        in its life, e.g. by successive test clients)."""
+        if self.settings.api_write_concurrency <= 0:
+            return None
+        loop = asyncio.get_running_loop()
+        if self._semaphore is None or self._semaphore[0] is not loop:
+            self._semaphore = (loop, asyncio.Semaphore(self.settings.api_write_concurrency))
+        return self._semaphore[1]
 
     def body_limit(self, path: str, method: str) -> int:
         s = self.settings
@@ -81,8 +96,13 @@ class Guard:
             await send(message)
 
         try:
-            receive = await self._admit(scope, receive)
-            await self.app(scope, receive, tracked_send)
+            receive, json_write = await self._admit(scope, receive)
+            writes = self._writes() if json_write else None
+            if writes is not None:
+                async with writes:
+                    await self.app(scope, receive, tracked_send)
+            else:
+                await self.app(scope, receive, tracked_send)
         except Exception as exc:  # the one place an escaped error is answered
             response = self._answer(scope, exc)
             if started:
@@ -103,8 +123,9 @@ class Guard:
         log.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=exc)
         return errors.unexpected(exc)
 
-    async def _admit(self, scope: Scope, receive: Receive) -> Receive:
-        """Checks what can be checked before the body is read; returns the receive to use."""
+    async def _admit(self, scope: Scope, receive: Receive) -> tuple[Receive, bool]:
+        """Checks what can be checked before the body is read; returns the receive to use,
+        and whether the request is a write whose JSON body has been read (and is replayed)."""
         query = scope.get("query_string", b"")
         if b"%00" in query or b"\x00" in query:
             for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
@@ -113,7 +134,7 @@ class Guard:
                                          "NUL character", field=name.strip("\x00"))
         method = scope["method"]
         if method not in BODY_METHODS:
-            return receive
+            return receive, False
         headers = Headers(scope=scope)
         key = bearer_key(headers)
         if key is None:
@@ -126,8 +147,8 @@ class Guard:
             raise BodyTooLarge(limit)
         limited = _limited(receive, limit)
         if headers.get("content-type", "").split(";")[0].strip().endswith("json"):
-            return await _checked_json(limited)
-        return limited
+            return await _checked_json(limited), True
+        return limited, False
 
 
 def _limited(receive: Receive, limit: int) -> Receive:

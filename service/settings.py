@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # Seconds a verified API key is trusted in one process before its row is read again.
     # Revocation through this process is immediate; through another, within this time.
     auth_cache_seconds: float = 0.0
+    # Writes with a JSON body (submissions, cancellations, keys) one API process handles at
+    # once, once their body is read; more wait their turn without using CPU, so that a burst
+    # of submissions cannot starve the polling reads. Uploads are not counted. 0: no limit.
+    api_write_concurrency: int = 2
 
     # Job supervision (seconds).
     heartbeat_interval: float = 5.0

@@ -2,7 +2,9 @@
 :mod:`service.webhook_policy`): the final evaluation record, POSTed once the job ends.
 
 The URL is checked again here, since a name may resolve to another address than when the job
-was submitted; redirects are not followed (a public URL must not bounce to a private one).
+was submitted, and the connection goes to the very addresses that check vetted (no second
+lookup a rebinding name could answer differently); redirects are not followed (a public URL
+must not bounce to a private one).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from service.auth.keys import webhook_secret
 from service.evaluations.service import to_out
 from service.settings import Settings
 from service.tables import Evaluation
-from service.webhook_policy import refuse_reason, standard_secret
+from service.webhook_policy import standard_secret, vet
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.webhooks")
@@ -55,11 +57,33 @@ def deliver(rt: Runtime, evaluation_id: str, timeout: float = 10.0) -> int | Non
         url = ev.webhook_url
         # One id per job and final state: retries repeat it, so a receiver can deduplicate.
         msg_id = f"msg_{ev.id.hex}_{ev.status}"
-    reason = refuse_reason(url, rt.settings.webhook_allow_private)
+    reason, addresses = vet(url, rt.settings.webhook_allow_private)
     if reason is not None:
         log.warning("webhook for evaluation %s not sent: the URL %s", evaluation_id, reason)
         return None
-    resp = httpx.post(url, content=body.encode(), timeout=timeout, follow_redirects=False,
-                      headers=signed_headers(secret, msg_id, body))
+    resp = post_pinned(url, addresses, body.encode(), signed_headers(secret, msg_id, body),
+                       timeout)
     resp.raise_for_status()
     return resp.status_code
+
+
+def post_pinned(url: str, addresses: list[str], body: bytes, headers: dict[str, str],
+                timeout: float, transport: httpx.BaseTransport | None = None) -> httpx.Response:
+    """POST ``body`` to ``url``, connecting only to ``addresses`` (the vetted ones, in order,
+    the next tried when one cannot be reached), never to what the name resolves to now. The
+    request keeps the URL's ``Host`` header, and for https its TLS server name (SNI), against
+    which the certificate is verified. No addresses (private receivers allowed): by name."""
+    with httpx.Client(timeout=timeout, follow_redirects=False, transport=transport) as client:
+        if not addresses:
+            return client.post(url, content=body, headers=headers)
+        target = httpx.URL(url)
+        pinned_headers = {**headers, "host": target.netloc.decode("ascii")}
+        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        for i, address in enumerate(addresses):
+            try:
+                return client.post(target.copy_with(host=address), content=body,
+                                   headers=pinned_headers, extensions=extensions)
+            except httpx.ConnectError:
+                if i == len(addresses) - 1:
+                    raise
+        raise AssertionError("unreachable")

@@ -15,8 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select, text, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine, select, text, update
+from sqlalchemy.orm import Session
 
 from service.errors import NotFound, Unauthorized
 from service.tables import ApiKey, utcnow
@@ -59,7 +59,7 @@ _OWNER_OF = text("SELECT owner, key_hash FROM api_keys "
                  "WHERE prefix = :prefix AND revoked_at IS NULL")
 
 
-def owner_of(session: Session, key: str) -> str:
+def owner_of(session: Session | Connection, key: str) -> str:
     """The owner of a valid, unrevoked key. Every authenticated request runs this, so it is
     one textual statement on the request's own connection: no ORM object, no compilation
     (a third of the cost of the ORM query it replaced, measured per request)."""
@@ -67,6 +67,11 @@ def owner_of(session: Session, key: str) -> str:
     if row is None or not hmac.compare_digest(row[1], _hash(key)):
         raise Unauthorized("the API key is not valid")
     return str(row[0])
+
+
+def key_matches(key: str, key_hash: str) -> bool:
+    """Whether ``key`` is the key stored as ``key_hash`` (in constant time)."""
+    return hmac.compare_digest(key_hash, _hash(key))
 
 
 def list_keys(session: Session, owner: str) -> list[ApiKey]:
@@ -123,8 +128,10 @@ class KeyCache:
     that long; :meth:`forget` (called when this process revokes a key) drops it at once.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], ttl: float) -> None:
-        self.sessions = sessions
+    def __init__(self, engine: Engine, ttl: float) -> None:
+        # Keys verified on a connection of their own (the request guard's, before the body is
+        # read) run the one statement in autocommit mode: no BEGIN or ROLLBACK around it.
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.ttl = ttl
         self._known: dict[str, _Verified] = {}
         self._lock = threading.Lock()
@@ -142,7 +149,7 @@ class KeyCache:
         if owner is not None:
             return owner
         if session is None:
-            with self.sessions() as own:
+            with self.engine.connect() as own:
                 owner = owner_of(own, key)
         else:
             owner = owner_of(session, key)

@@ -9,17 +9,22 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import storage
 from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, NotFound, invalid, problem_responses
-from service.evaluations import report, service
+from service.errors import Invalid, NotFound, Unauthorized, invalid, problem_responses
+from service.evaluations import polling, report, service
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
+from service.guard import bearer_key
 from service.jobs import progress_events
 from service.models import service as models
 from service.pages.links import origin
+from service.queue import Outbox
 from service.quotas import check_active_jobs, check_stored_bytes
+from service.settings import Settings
+from service.tables import Evaluation
 from service.validation import reject_nul
 from service.webhook_policy import check_url
 
@@ -79,17 +84,25 @@ async def create_evaluation(
             raise Invalid(f"the body is not valid JSON: {exc}") from exc
     try:
         body = _parse_body(raw)
-        await run_in_threadpool(check_url, body.webhook_url, settings.webhook_allow_private)
-        row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
-                                               idempotency_key)
-        if created:
-            await run_in_threadpool(check_active_jobs, session, owner, settings, 0)
+        row, created = await run_in_threadpool(_create, session, outbox, owner, body,
+                                               idempotency_key, settings)
     except BaseException:
         if uploaded is not None:  # the transaction rolls back; the file must go too
             storage.remove(settings.data_dir, uploaded)
         raise
     _accepted(response, row.id, created)
     return service.to_out(row)
+
+
+def _create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
+            idempotency_key: str | None, settings: Settings) -> tuple[Evaluation, bool]:
+    """The blocking part of a submission, in one thread hop: the webhook URL's check (it
+    resolves the host), the job's creation and the active-jobs quota."""
+    check_url(body.webhook_url, settings.webhook_allow_private)
+    row, created = service.create(session, outbox, owner, body, idempotency_key)
+    if created:
+        check_active_jobs(session, owner, settings, 0)
+    return row, created
 
 
 def _parse_body(raw: object) -> EvaluationIn:
@@ -112,10 +125,25 @@ def list_evaluations(
     return EvaluationPage(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{evaluation_id}", response_model=EvaluationOut, responses=ERRORS)
-def get_evaluation(evaluation_id: uuid.UUID, session: SessionDep,
-                   owner: CurrentOwner) -> EvaluationOut:
-    return service.to_out(service.get(session, owner, evaluation_id))
+@router.get("/{evaluation_id}", response_model=EvaluationOut, responses={
+    **ERRORS, 304: {"description": "Not modified: the record still has the `ETag` sent in "
+                                   "`If-None-Match` (no body)"}},
+    openapi_extra={"security": [{"apiKey": []}], "parameters": [{
+        "name": "If-None-Match", "in": "header", "required": False,
+        "description": "the `ETag` of a record already held: answered 304 while it is current",
+        "schema": {"type": "string", "maxLength": 1000}}]})
+async def get_evaluation(evaluation_id: uuid.UUID, request: Request) -> Response:
+    """The evaluation's record, with an ``ETag``; pollers send it back in ``If-None-Match``
+    and get 304 with no body until the job changes (``service/evaluations/polling.py``)."""
+    key = bearer_key(request.headers)
+    if key is None:
+        raise Unauthorized("send 'Authorization: Bearer <api key>'")
+    body = await run_in_threadpool(polling.evaluation_json, request.app.state.autocommit_engine,
+                                   key, evaluation_id)
+    tag = polling.etag(body)
+    if polling.not_modified(request.headers.get("if-none-match"), tag):
+        return Response(status_code=304, headers={"ETag": tag})
+    return Response(body, media_type="application/json", headers={"ETag": tag})
 
 
 @router.post("/{evaluation_id}/cancel", status_code=202, response_model=EvaluationOut,

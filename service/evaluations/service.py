@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service import jobs
 from service.datasets.service import check_params, resolve
@@ -62,6 +64,7 @@ def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
     except IntegrityError as exc:  # a concurrent retry with the same key won the race
         raise Conflict("a request with this Idempotency-Key is being processed; retry",
                        reason="idempotency-key-race") from exc
+    set_committed_value(row, "results", [])  # a new job has none: no query to load them
     outbox.add(EVALUATE_TASK, str(row.id))
     return row, True
 
@@ -130,6 +133,12 @@ def list_page(session: Session, owner: str, *, status: str | None, model_id: uui
 
 
 def to_out(row: Evaluation) -> EvaluationOut:
+    return out_of(row, row.results)
+
+
+def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
+    """The record of an evaluation from anything with its columns as attributes: the ORM row,
+    or a Core row of the polling path (:mod:`service.evaluations.polling`) and its results."""
     return EvaluationOut(
         id=row.id, status=row.status,
         progress=Progress(fraction=row.progress_fraction, stage=row.progress_stage,
@@ -140,7 +149,7 @@ def to_out(row: Evaluation) -> EvaluationOut:
         finished_at=row.finished_at, attempts=row.attempts, device=row.device,
         engine_version=row.engine_version,
         error=ErrorOut(**row.error) if row.error else None,
-        results=[_result(r) for r in row.results],
+        results=[_result(r) for r in results],
         checks=list(row.checks or []), timings=dict(row.timings or {}),
         artifacts=sorted(row.artifacts or {}),
         n_examples=(row.options or {}).get("n_examples"),
@@ -148,7 +157,7 @@ def to_out(row: Evaluation) -> EvaluationOut:
     )
 
 
-def _result(r: Result) -> ResultOut:
+def _result(r: Result | Any) -> ResultOut:
     return ResultOut(benchmark=r.benchmark, metric=r.metric, value=r.value, params=r.params)
 
 

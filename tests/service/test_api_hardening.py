@@ -16,12 +16,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from sqlalchemy import update
 
-from service import cli
+from service import cli, webhook_policy
 from service.app import create_app
 from service.datasets import ingest_decode
 from service.datasets.ingest import IngestLimits, ingest
@@ -263,6 +264,96 @@ def test_a_webhook_url_is_checked_again_at_delivery(sqlite_url: str, tmp_path: P
     # Port 9 on loopback would refuse the connection (an httpx error, retried); the policy
     # refuses the URL first, so nothing is sent and nothing is retried.
     assert webhooks.deliver(rt, ev["id"]) is None
+
+
+class _RebindingResolver:
+    """A DNS answer that changes under the caller: a public address to the first lookup of
+    ``name``, loopback to every later one (DNS rebinding). Other names resolve as usual."""
+
+    def __init__(self, name: str, public: str = "93.184.216.34") -> None:
+        self.name, self.public, self.lookups = name, public, 0
+        self.real = socket.getaddrinfo
+
+    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != self.name:
+            return self.real(host, port, *args, **kwargs)
+        self.lookups += 1
+        address = self.public if self.lookups == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, int(port)))]
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_webhook_connects_to_the_address_it_vetted(sqlite_url: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     scheme: str) -> None:
+    """A name that answers a public address to the check and 127.0.0.1 to the connection
+    (DNS rebinding) is resolved once at delivery: the POST goes to the vetted address, with
+    the URL's Host header and TLS server name, and never to loopback."""
+    url = f"{scheme}://rebind.test:8443/hook"
+    key = new_key(sqlite_url, "rebinder")
+    with api(settings(sqlite_url, tmp_path, webhook_allow_private=True)) as client:
+        model = upload(client, key, torchscript_bytes(tiny_net())).json()
+        ev = client.post("/evaluations", headers=auth(key), json={
+            "model_id": model["id"], "dataset": "shapes-32", "suite": "standard",
+            "webhook_url": url}).json()
+    engine = make_engine(sqlite_url)
+    with transaction(make_sessionmaker(engine)) as s:
+        s.execute(update(Evaluation).where(Evaluation.id == uuid.UUID(ev["id"]))
+                  .values(status="succeeded"))
+    rt = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path), engine=engine,
+                 sessions=make_sessionmaker(engine), device=torch.device("cpu"), name="w")
+    resolver = _RebindingResolver("rebind.test")
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    sent: list[httpx.Request] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(204)
+
+    pinned = webhooks.post_pinned
+    monkeypatch.setattr(webhooks, "post_pinned", lambda *a, **k: pinned(
+        *a, **k, transport=httpx.MockTransport(receiver)))
+    assert webhooks.deliver(rt, ev["id"]) == 204
+    assert resolver.lookups == 1  # the check's lookup is the only one
+    [request] = sent
+    assert request.url.host == "93.184.216.34"
+    assert request.url.port == 8443
+    assert request.url.path == "/hook"
+    assert request.headers["host"] == "rebind.test:8443"
+    assert request.headers["webhook-signature"].startswith("v1,")
+    if scheme == "https":
+        assert request.extensions["sni_hostname"] == "rebind.test"
+    else:
+        assert "sni_hostname" not in request.extensions
+
+
+def test_a_rebinding_name_never_reaches_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end over real sockets: a receiver listens on 127.0.0.1; the name answers a
+    public address to the check and 127.0.0.1 afterwards. The delivery connects to the vetted
+    public address (refused or unreachable here: a retryable error), and loopback hears
+    nothing. Before delivery pinned the address, the second lookup reached the receiver."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    resolver = _RebindingResolver("rebind.test", public="192.88.99.1")  # global, 6to4 relay
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    url = f"http://rebind.test:{port}/hook"
+    reason, addresses = webhook_policy.vet(url, allow_private=False)
+    assert reason is None
+    assert addresses == ["192.88.99.1"]
+    try:
+        with pytest.raises(httpx.TransportError):
+            webhooks.post_pinned(url, addresses, b"{}", {"content-type": "application/json"},
+                                 timeout=0.5)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing connected to loopback
+    finally:
+        listener.close()
+    assert resolver.lookups == 1
+    # A later check sees the loopback answer and refuses the URL outright.
+    assert "127.0.0.1" in (webhook_policy.refuse_reason(url, allow_private=False) or "")
 
 
 def test_keys_are_listed_created_and_revoked_at_once(sqlite_url: str, tmp_path: Path,

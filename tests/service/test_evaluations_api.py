@@ -231,3 +231,55 @@ def test_ready_reports_a_database_that_is_down(tmp_path: Path) -> None:
         assert resp.status_code == 503
         assert "database" in resp.json()["detail"]
         assert resp.headers["content-type"].startswith("application/problem+json")
+
+
+def test_polling_answers_the_orm_record_with_an_etag_and_304_while_unchanged(
+        client: TestClient, alice: dict[str, Any], db_url: str) -> None:
+    """``GET /evaluations/{id}`` reads with Core on its own path: the same record as the ORM's
+    (results, error, checks, options included), an ETag, 304 for a current If-None-Match,
+    and a new tag once the job changes; a revoked key is 401 at once."""
+    from sqlalchemy import update
+
+    from service.auth.keys import revoke
+    from service.db import make_engine, make_sessionmaker, transaction
+    from service.evaluations import service
+    from service.tables import Evaluation, Result
+
+    ev = _create(client, alice["key"], {"model_id": alice["model"], "dataset": "shapes-32",
+                                        "suite": SUITE, "n_examples": 7}).json()
+    headers = auth(alice["key"])
+    first = client.get(f"/evaluations/{ev['id']}", headers=headers)
+    assert first.status_code == 200
+    tag = first.headers["etag"]
+    assert first.json() == ev | {"progress": first.json()["progress"]}
+    again = client.get(f"/evaluations/{ev['id']}", headers={**headers, "If-None-Match": tag})
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["etag"] == tag
+    other = client.get(f"/evaluations/{ev['id']}", headers={**headers, "If-None-Match": '"x"'})
+    assert other.status_code == 200
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    eid = uuid.UUID(ev["id"])
+    with transaction(sessions) as s:
+        s.execute(update(Evaluation).where(Evaluation.id == eid).values(
+            status="failed", error={"type": "oom", "detail": "out of memory"},
+            checks=[{"name": "degenerate", "passed": True}], timings={"0:clean": 1.5},
+            artifacts={"flags.npy": "x/flags.npy"}, progress_fraction=0.5))
+        for i, (metric, value) in enumerate((("accuracy", 0.875), ("robust_accuracy", 0.1))):
+            s.add(Result(evaluation_id=eid, entry_index=i, benchmark="clean", metric=metric,
+                         value=value, params={"eps": 0.03 * i}, params_key=str(i)))
+    changed = client.get(f"/evaluations/{ev['id']}", headers={**headers, "If-None-Match": tag})
+    assert changed.status_code == 200
+    assert changed.headers["etag"] != tag
+    with sessions() as s:
+        row = s.get(Evaluation, eid)
+        assert row is not None
+        orm = service.to_out(service.get(s, row.owner, eid))
+    assert changed.json() == orm.model_dump(mode="json")
+    assert [r["value"] for r in changed.json()["results"]] == [0.875, 0.1]
+    with transaction(sessions) as s:
+        revoke(s, alice["key"].split("_")[1])
+    engine.dispose()
+    assert client.get(f"/evaluations/{ev['id']}", headers=headers).status_code == 401
+    assert client.get(f"/evaluations/{ev['id']}").status_code == 401
