@@ -1,7 +1,8 @@
 """Adversarial training: the methods, optimisers and schedules the API offers and the engine
 runs, the bounds and method-aware defaults of a training spec, and the spec itself.
 
-A request names the dataset, the architecture, the method and the threat (:class:`ThreatIn`,
+A request (:class:`TrainingIn`, or a :class:`SweepIn` grid of them) names the dataset, the
+architecture, the method and the threat (:class:`ThreatIn`,
 whose ``steps`` and ``step_size`` may be left out); the API fills what it leaves out
 (:func:`fill`, :func:`fill_threat`) and stores the result, which the worker reads back as a
 :class:`TrainingSpec`, the typed spec the engine trains by.
@@ -24,9 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contract.attacks import Norm
 
@@ -145,3 +146,125 @@ class TrainingSpec(BaseModel):
     optimizer: Optimizer = Optimizer.SGD
     lr_schedule: LrSchedule = LrSchedule.COSINE
     beta: float = Field(BETA, gt=0, le=BETA_MAX)
+
+
+# The requests: one training (POST /trainings) and a grid of them (POST /sweeps), with the
+# shared fields written once.
+
+class TrainingFields(BaseModel):
+    """The fields a training and a sweep share (a sweep's apply to each of its trainings);
+    what is left out takes the method's default (:data:`DEFAULTS`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(min_length=1, max_length=200,
+                         description="a built-in dataset's name, or an uploaded one's id or "
+                                     "name, to train on")
+    dataset_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="a built-in's generator parameters, e.g. {\"correlation\": 0.8}")
+    architecture: str = Field(min_length=1, max_length=100,
+                              description="a built-in architecture's name, e.g. `resnet18`")
+    epochs: int | None = Field(None, ge=EPOCHS_RANGE[0], le=EPOCHS_RANGE[1],
+                               description="passes over the training split (default: the "
+                                           "method's)")
+    batch_size: int | None = Field(None, ge=BATCH_SIZE_RANGE[0], le=BATCH_SIZE_RANGE[1],
+                                   description="examples per step (default: the method's)")
+    lr: float | None = Field(None, gt=0, le=LR_MAX,
+                             description="the initial learning rate (default: the method's)")
+    seed: int = Field(0, ge=0, le=2**31 - 1,
+                      description="fixes initialization, data order and attacks")
+    optimizer: Optimizer | None = Field(None, description="`sgd` or `adam` (default: the "
+                                                          "method's)")
+    lr_schedule: LrSchedule | None = Field(None, description="`constant` or `cosine` (default: "
+                                                             "the method's)")
+    train_examples: int | None = Field(None, ge=2, description="train on this many examples of "
+                                                               "the training split (default: "
+                                                               "all)")
+    eval_examples: int = Field(1000, ge=1, le=100_000,
+                               description="held-out examples the per-epoch history is measured "
+                                           "on")
+
+
+class TrainingIn(TrainingFields):
+    """The training spec (ARCHITECTURE.md, "Training spec") and a few optional extras."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "dataset": "shapes-32", "architecture": "resnet18", "method": "pgd",
+        "threat": {"norm": "linf", "eps": 0.0314, "steps": 7}, "epochs": 10,
+        "evaluate": "standard"}]})
+
+    method: Method = Field(description="`standard`, `pgd`, `fgsm_rs` (fast FGSM with a random "
+                                       "start) or `trades`")
+    threat: ThreatIn | None = Field(None, description="what to train against; required unless "
+                                                      "`method` is `standard`")
+    evaluate: str | list[dict[str, Any]] | None = Field(
+        None, description="a suite (preset name or entries) to evaluate the trained model with")
+    name: str | None = Field(None, min_length=1, max_length=200,
+                             description="a name for the trained model")
+    beta: float = Field(BETA, gt=0, le=BETA_MAX,
+                        description="TRADES' robustness weight; `trades` only")
+    n_examples: int | None = Field(None, ge=1, le=10_000_000,
+                                   description="the `evaluate` run measures on this many examples")
+
+    @model_validator(mode="after")
+    def _threat_fits_the_method(self) -> TrainingIn:
+        if self.threat is None and self.method is not Method.STANDARD:
+            raise ValueError(f"method {self.method.value!r} needs a threat "
+                             "{norm, eps, steps?, step_size?}")
+        if (self.method is Method.FGSM_RS and self.threat is not None
+                and self.threat.steps not in (None, 1)):
+            raise ValueError("fgsm_rs takes exactly one step; leave threat.steps out or set 1")
+        if self.beta != BETA and self.method is not Method.TRADES:
+            raise ValueError("beta applies to method 'trades' only")
+        return self
+
+
+MAX_MODELS = 32
+
+
+class SweepIn(TrainingFields):
+    """A grid over methods and threats; every other field is shared by all its trainings."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "dataset": "shapes-32", "architecture": "resnet18", "methods": ["standard", "pgd"],
+        "threats": {"linf": [0.0157, 0.0314]}, "epochs": 5, "suite": "standard"}]})
+
+    methods: list[Method] = Field(min_length=1, max_length=4,
+                                  description="training methods, each once: `standard`, `pgd`, "
+                                              "`fgsm_rs`, `trades`")
+    threats: dict[Norm, list[Eps]] = Field(
+        default_factory=dict,
+        description="per norm (`l1`, `l2`, `linf`) 1 to 8 budgets; every non-standard method "
+                    "trains once at each")
+    steps: int | None = Field(None, ge=THREAT_STEPS[0], le=THREAT_STEPS[1],
+                              description="attack steps per batch (default: each method's)")
+    suite: str | list[dict[str, Any]] | None = Field(
+        None, description="the suite (preset name or entries) every trained model is evaluated "
+                          "with")
+    n_examples: int | None = Field(None, ge=1, le=10_000_000,
+                                   description="every evaluation measures on this many examples")
+
+    @model_validator(mode="after")
+    def _grid(self) -> SweepIn:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods must not repeat")
+        for norm, values in self.threats.items():
+            if not 1 <= len(values) <= 8 or len(set(values)) != len(values):
+                raise ValueError(f"threats.{norm.value} takes 1 to 8 distinct eps values")
+        if any(m is not Method.STANDARD for m in self.methods) and not self.threats:
+            raise ValueError("adversarial methods need threats, e.g. {\"linf\": [0.0157, 0.0314]}")
+        if len(self.grid()) > MAX_MODELS:
+            raise ValueError(f"the grid has {len(self.grid())} models; at most {MAX_MODELS}")
+        return self
+
+    def grid(self) -> list[tuple[Method, Norm | None, float | None]]:
+        """Each model of the sweep: standard once, every other method at every (norm, eps)."""
+        out: list[tuple[Method, Norm | None, float | None]] = []
+        for method in self.methods:
+            if method is Method.STANDARD:
+                out.append((method, None, None))
+                continue
+            out += [(method, norm, eps) for norm, values in self.threats.items()
+                    for eps in values]
+        return out

@@ -4,79 +4,13 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 
-from contract import training as contract
-from contract.attacks import Norm
-from contract.training import Eps, LrSchedule, Method, Optimizer
+from contract.training import MAX_MODELS, SweepIn
 from service.evaluations.schemas import Progress
 from service.pagination import Page
-from service.trainings.schemas import COMMON
 
-MAX_MODELS = 32
-
-
-class SweepIn(BaseModel):
-    """A grid over methods and threats; every other field is shared by all its trainings."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "dataset": "shapes-32", "architecture": "resnet18", "methods": ["standard", "pgd"],
-        "threats": {"linf": [0.0157, 0.0314]}, "epochs": 5, "suite": "standard"}]})
-
-    dataset: str = Field(min_length=1, max_length=200, description=COMMON["dataset"])
-    dataset_params: dict[str, Any] = Field(default_factory=dict,
-                                           description=COMMON["dataset_params"])
-    architecture: str = Field(min_length=1, max_length=100, description=COMMON["architecture"])
-    methods: list[Method] = Field(min_length=1, max_length=4,
-                                  description="training methods, each once: `standard`, `pgd`, "
-                                              "`fgsm_rs`, `trades`")
-    threats: dict[Norm, list[Eps]] = Field(
-        default_factory=dict,
-        description="per norm (`l1`, `l2`, `linf`) 1 to 8 budgets; every non-standard method "
-                    "trains once at each")
-    # Left out: each method's defaults (contract/training.py).
-    steps: int | None = Field(None, ge=contract.THREAT_STEPS[0], le=contract.THREAT_STEPS[1],
-                              description="attack steps per batch (default: each method's)")
-    epochs: int | None = Field(None, ge=contract.EPOCHS_RANGE[0], le=contract.EPOCHS_RANGE[1],
-                               description=COMMON["epochs"])
-    batch_size: int | None = Field(None, ge=contract.BATCH_SIZE_RANGE[0],
-                                   le=contract.BATCH_SIZE_RANGE[1],
-                                   description=COMMON["batch_size"])
-    lr: float | None = Field(None, gt=0, le=contract.LR_MAX, description=COMMON["lr"])
-    seed: int = Field(0, ge=0, le=2**31 - 1, description=COMMON["seed"])
-    suite: str | list[dict[str, Any]] | None = Field(
-        None, description="the suite (preset name or entries) every trained model is evaluated "
-                          "with")
-    optimizer: Optimizer | None = Field(None, description=COMMON["optimizer"])
-    lr_schedule: LrSchedule | None = Field(None, description=COMMON["lr_schedule"])
-    train_examples: int | None = Field(None, ge=2, description=COMMON["train_examples"])
-    eval_examples: int = Field(1000, ge=1, le=100_000, description=COMMON["eval_examples"])
-    n_examples: int | None = Field(None, ge=1, le=10_000_000,
-                                   description="every evaluation measures on this many examples")
-
-    @model_validator(mode="after")
-    def _grid(self) -> SweepIn:
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError("methods must not repeat")
-        for norm, values in self.threats.items():
-            if not 1 <= len(values) <= 8 or len(set(values)) != len(values):
-                raise ValueError(f"threats.{norm.value} takes 1 to 8 distinct eps values")
-        if any(m is not Method.STANDARD for m in self.methods) and not self.threats:
-            raise ValueError("adversarial methods need threats, e.g. {\"linf\": [0.0157, 0.0314]}")
-        if len(self.grid()) > MAX_MODELS:
-            raise ValueError(f"the grid has {len(self.grid())} models; at most {MAX_MODELS}")
-        return self
-
-    def grid(self) -> list[tuple[Method, Norm | None, float | None]]:
-        """Each model of the sweep: standard once, every other method at every (norm, eps)."""
-        out: list[tuple[Method, Norm | None, float | None]] = []
-        for method in self.methods:
-            if method is Method.STANDARD:
-                out.append((method, None, None))
-                continue
-            out += [(method, norm, eps) for norm, values in self.threats.items()
-                    for eps in values]
-        return out
+__all__ = ["MAX_MODELS", "SweepIn", "SweepOut", "SweepPage", "SweepRow"]
 
 
 class SweepRow(BaseModel):

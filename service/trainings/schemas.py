@@ -4,80 +4,14 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 
-from contract import training as contract
-from contract.training import BETA, LrSchedule, Method, Optimizer, ThreatIn
+from contract.training import LrSchedule, Method, Optimizer, ThreatIn, TrainingIn
 from service.evaluations.schemas import ErrorOut, Progress
 from service.pagination import Page
 
-__all__ = ["COMMON", "LrSchedule", "Method", "Optimizer", "ThreatIn", "TrainingIn",
+__all__ = ["LrSchedule", "Method", "Optimizer", "ThreatIn", "TrainingIn",
            "TrainingOut", "TrainingPage"]
-
-
-COMMON = {
-    "dataset": "a built-in dataset's name, or an uploaded one's id or name, to train on",
-    "dataset_params": "a built-in's generator parameters, e.g. {\"correlation\": 0.8}",
-    "architecture": "a built-in architecture's name, e.g. `resnet18`",
-    "epochs": "passes over the training split (default: the method's)",
-    "batch_size": "examples per step (default: the method's)",
-    "lr": "the initial learning rate (default: the method's)",
-    "seed": "fixes initialization, data order and attacks",
-    "optimizer": "`sgd` or `adam` (default: the method's)",
-    "lr_schedule": "`constant` or `cosine` (default: the method's)",
-    "train_examples": "train on this many examples of the training split (default: all)",
-    "eval_examples": "held-out examples the per-epoch history is measured on",
-}
-
-
-class TrainingIn(BaseModel):
-    """The training spec (ARCHITECTURE.md, "Training spec") and a few optional extras."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "dataset": "shapes-32", "architecture": "resnet18", "method": "pgd",
-        "threat": {"norm": "linf", "eps": 0.0314, "steps": 7}, "epochs": 10,
-        "evaluate": "standard"}]})
-
-    dataset: str = Field(min_length=1, max_length=200, description=COMMON["dataset"])
-    dataset_params: dict[str, Any] = Field(default_factory=dict,
-                                           description=COMMON["dataset_params"])
-    architecture: str = Field(min_length=1, max_length=100, description=COMMON["architecture"])
-    method: Method = Field(description="`standard`, `pgd`, `fgsm_rs` (fast FGSM with a random "
-                                       "start) or `trades`")
-    threat: ThreatIn | None = Field(None, description="what to train against; required unless "
-                                                      "`method` is `standard`")
-    # Left out: the method's defaults (contract/training.py).
-    epochs: int | None = Field(None, ge=contract.EPOCHS_RANGE[0], le=contract.EPOCHS_RANGE[1],
-                               description=COMMON["epochs"])
-    batch_size: int | None = Field(None, ge=contract.BATCH_SIZE_RANGE[0],
-                                   le=contract.BATCH_SIZE_RANGE[1],
-                                   description=COMMON["batch_size"])
-    lr: float | None = Field(None, gt=0, le=contract.LR_MAX, description=COMMON["lr"])
-    seed: int = Field(0, ge=0, le=2**31 - 1, description=COMMON["seed"])
-    evaluate: str | list[dict[str, Any]] | None = Field(
-        None, description="a suite (preset name or entries) to evaluate the trained model with")
-    name: str | None = Field(None, min_length=1, max_length=200,
-                             description="a name for the trained model")
-    optimizer: Optimizer | None = Field(None, description=COMMON["optimizer"])
-    lr_schedule: LrSchedule | None = Field(None, description=COMMON["lr_schedule"])
-    beta: float = Field(BETA, gt=0, le=contract.BETA_MAX,
-                        description="TRADES' robustness weight; `trades` only")
-    train_examples: int | None = Field(None, ge=2, description=COMMON["train_examples"])
-    eval_examples: int = Field(1000, ge=1, le=100_000, description=COMMON["eval_examples"])
-    n_examples: int | None = Field(None, ge=1, le=10_000_000,
-                                   description="the `evaluate` run measures on this many examples")
-
-    @model_validator(mode="after")
-    def _threat_fits_the_method(self) -> TrainingIn:
-        if self.threat is None and self.method is not Method.STANDARD:
-            raise ValueError(f"method {self.method.value!r} needs a threat "
-                             "{norm, eps, steps?, step_size?}")
-        if (self.method is Method.FGSM_RS and self.threat is not None
-                and self.threat.steps not in (None, 1)):
-            raise ValueError("fgsm_rs takes exactly one step; leave threat.steps out or set 1")
-        if self.beta != BETA and self.method is not Method.TRADES:
-            raise ValueError("beta applies to method 'trades' only")
-        return self
 
 
 class TrainingOut(BaseModel):
