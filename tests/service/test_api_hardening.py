@@ -248,19 +248,27 @@ def test_webhooks_to_internal_addresses_are_refused(sqlite_url: str, tmp_path: P
         assert named == "webhook_url"
 
 
-def test_a_webhook_url_is_checked_again_at_delivery(sqlite_url: str, tmp_path: Path) -> None:
-    key = new_key(sqlite_url, "rebind")
+def _finished_with_webhook(sqlite_url: str, tmp_path: Path, owner: str,
+                           url: str) -> tuple[Runtime, dict[str, Any]]:
+    """An evaluation submitted with ``url`` as its webhook (private addresses allowed at
+    submission), marked succeeded, and a worker runtime to deliver its webhook with."""
+    key = new_key(sqlite_url, owner)
     with api(settings(sqlite_url, tmp_path, webhook_allow_private=True)) as client:
         model = upload(client, key, torchscript_bytes(tiny_net())).json()
-        ev = client.post("/evaluations", headers=auth(key), json={
+        ev: dict[str, Any] = client.post("/evaluations", headers=auth(key), json={
             "model_id": model["id"], "dataset": "shapes-32", "suite": "standard",
-            "webhook_url": "http://127.0.0.1:9/hook"}).json()
+            "webhook_url": url}).json()
     engine = make_engine(sqlite_url)
     with transaction(make_sessionmaker(engine)) as s:
         s.execute(update(Evaluation).where(Evaluation.id == uuid.UUID(ev["id"]))
                   .values(status="succeeded"))
     rt = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path), engine=engine,
                  sessions=make_sessionmaker(engine), device=torch.device("cpu"), name="w")
+    return rt, ev
+
+
+def test_a_webhook_url_is_checked_again_at_delivery(sqlite_url: str, tmp_path: Path) -> None:
+    rt, ev = _finished_with_webhook(sqlite_url, tmp_path, "rebind", "http://127.0.0.1:9/hook")
     # Port 9 on loopback would refuse the connection (an httpx error, retried); the policy
     # refuses the URL first, so nothing is sent and nothing is retried.
     assert webhooks.deliver(rt, ev["id"]) is None
@@ -290,18 +298,7 @@ def test_a_webhook_connects_to_the_address_it_vetted(sqlite_url: str, tmp_path: 
     (DNS rebinding) is resolved once at delivery: the POST goes to the vetted address, with
     the URL's Host header and TLS server name, and never to loopback."""
     url = f"{scheme}://rebind.test:8443/hook"
-    key = new_key(sqlite_url, "rebinder")
-    with api(settings(sqlite_url, tmp_path, webhook_allow_private=True)) as client:
-        model = upload(client, key, torchscript_bytes(tiny_net())).json()
-        ev = client.post("/evaluations", headers=auth(key), json={
-            "model_id": model["id"], "dataset": "shapes-32", "suite": "standard",
-            "webhook_url": url}).json()
-    engine = make_engine(sqlite_url)
-    with transaction(make_sessionmaker(engine)) as s:
-        s.execute(update(Evaluation).where(Evaluation.id == uuid.UUID(ev["id"]))
-                  .values(status="succeeded"))
-    rt = Runtime(settings=Settings(database_url=sqlite_url, data_dir=tmp_path), engine=engine,
-                 sessions=make_sessionmaker(engine), device=torch.device("cpu"), name="w")
+    rt, ev = _finished_with_webhook(sqlite_url, tmp_path, "rebinder", url)
     resolver = _RebindingResolver("rebind.test")
     monkeypatch.setattr(socket, "getaddrinfo", resolver)
     sent: list[httpx.Request] = []
