@@ -27,6 +27,12 @@ from workers.engine.types import EvalData, RunContext
 META = {"name": "tiny", "num_classes": 4, "input_shape": [3, 32, 32]}
 
 
+def run_benchmark(name: str, model: nn.Module, data: EvalData, params: dict[str, Any],
+                  ctx: RunContext) -> benchmarks.BenchmarkResult:
+    """``params`` as the job boundary parses them (the contract's typed entry), then run."""
+    return benchmarks.run(model, data, benchmarks.parse({"benchmark": name, **params}), ctx)
+
+
 def settings(database_url: str, data_dir: Path, **kw: Any) -> Settings:
     return Settings(database_url=database_url, data_dir=data_dir,
                     broker_url=kw.pop("broker_url", f"sqla+sqlite:///{data_dir / 'broker.db'}"),

@@ -16,24 +16,16 @@ from tests.engine.attack_helpers import (  # noqa: F401  (one_thread is an autou
     linear_problem,
     one_thread,
 )
-from workers.engine.benchmarks import parse
-from workers.engine.benchmarks import run as run_entry
+from tests.factories import run_benchmark as run
 from workers.engine.benchmarks.adversarial import _monotone_check, curve_area
 from workers.engine.threats import Norm
 from workers.engine.types import (
     BenchmarkError,
-    BenchmarkResult,
     Cancelled,
     EvalData,
     RunContext,
     float32_decimal,
 )
-
-
-def run(name: str, model: nn.Module, data: EvalData, params: dict[str, Any],
-        ctx: RunContext) -> BenchmarkResult:
-    """``params`` as the job boundary parses them (the contract's typed entry), then run."""
-    return run_entry(model, data, parse({"benchmark": name, **params}), ctx)
 
 
 def _data(n: int = 48, seed: int = 0) -> tuple[Linear, EvalData]:

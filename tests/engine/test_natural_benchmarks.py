@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from workers.engine.benchmarks import parse
-from workers.engine.benchmarks import run as run_entry
+from tests.factories import run_benchmark as run
 from workers.engine.benchmarks.natural.backgrounds import choose_donors, tiled_background
 from workers.engine.data import load_builtin
 from workers.engine.types import (
@@ -19,13 +18,6 @@ from workers.engine.types import (
     EvalData,
     RunContext,
 )
-
-
-def run(name: str, model: nn.Module, data: EvalData, params: dict[str, Any],
-        ctx: RunContext) -> BenchmarkResult:
-    """``params`` as the job boundary parses them (the contract's typed entry), then run."""
-    return run_entry(model, data, parse({"benchmark": name, **params}), ctx)
-
 
 SIDE = 16
 LO, HI = 4, 12  # the object is the central 8x8 square

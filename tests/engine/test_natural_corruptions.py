@@ -5,25 +5,16 @@ from __future__ import annotations
 import colorsys
 import io
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
-from workers.engine.benchmarks import parse
-from workers.engine.benchmarks import run as run_entry
+from tests.factories import run_benchmark as run
 from workers.engine.benchmarks.natural import corruptions as C
 from workers.engine.data import load_builtin
-from workers.engine.types import BenchmarkError, BenchmarkResult, EvalData, RunContext
-
-
-def run(name: str, model: nn.Module, data: EvalData, params: dict[str, Any],
-        ctx: RunContext) -> BenchmarkResult:
-    """``params`` as the job boundary parses them (the contract's typed entry), then run."""
-    return run_entry(model, data, parse({"benchmark": name, **params}), ctx)
+from workers.engine.types import BenchmarkError, RunContext
 
 
 @pytest.fixture(scope="module")

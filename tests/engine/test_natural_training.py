@@ -13,24 +13,14 @@ The thresholds below leave a wide margin around those numbers.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.engine.benchmarks import parse
-from workers.engine.benchmarks import run as run_entry
+from tests.factories import run_benchmark as run
 from workers.engine.data import load_builtin
-from workers.engine.types import BenchmarkResult, EvalData, RunContext
-
-
-def run(name: str, model: nn.Module, data: EvalData, params: dict[str, Any],
-        ctx: RunContext) -> BenchmarkResult:
-    """``params`` as the job boundary parses them (the contract's typed entry), then run."""
-    return run_entry(model, data, parse({"benchmark": name, **params}), ctx)
-
+from workers.engine.types import BenchmarkResult, RunContext
 
 N_TRAIN, EPOCHS, BATCH, LR = 1500, 6, 64, 3e-3
 

@@ -5,28 +5,19 @@ explicitly."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from service.datasets.ingest import IngestLimits, ingest
 from service.datasets.ingest_decode import decode_image
 from tests.engine.attack_helpers import TinyCNN, one_thread, train  # noqa: F401
+from tests.factories import run_benchmark as run
 from tests.service.ingest_fixtures import png, write_zip
-from workers.engine.benchmarks import parse
-from workers.engine.benchmarks import run as run_entry
 from workers.engine.data.npz import load_npz
-from workers.engine.types import BenchmarkResult, EvalData, RunContext
-
-
-def run(name: str, model: nn.Module, data: EvalData, params: dict[str, Any],
-        ctx: RunContext) -> BenchmarkResult:
-    """``params`` as the job boundary parses them (the contract's typed entry), then run."""
-    return run_entry(model, data, parse({"benchmark": name, **params}), ctx)
+from workers.engine.types import RunContext
 
 
 def _grey_digits(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
