@@ -2,7 +2,7 @@
 submissions, for a fixed time; prints requests/s, p50/p99 latency and errors.
 
     uv run python benchmarks/api_load.py [--rate 300] [--duration 60] [--pollers 16]
-        [--submitters 20] [--workers 2] [--pg postgresql://postgres@127.0.0.1:5432/postgres]
+        [--submitters 20] [--submit-rate 20] [--workers 2] [--pg postgresql://postgres@127.0.0.1:5432/postgres]
         [--redis redis://127.0.0.1:6379/13] [--conditional]
 
 It creates a private database on the given server, migrates it, starts ``robustscope api``
@@ -12,7 +12,10 @@ evaluations to poll, then runs:
 - ``--pollers`` connections that together send ``GET /evaluations/{id}`` at ``--rate``
   requests/s, on a fixed schedule (open loop: a late answer does not slow the schedule, and
   latency counts from the scheduled time, so a stalled server shows in p99);
-- ``--submitters`` connections that each ``POST /evaluations`` back to back.
+- ``--submitters`` connections that together send ``POST /evaluations`` at
+  ``--submit-rate`` requests/s, on a fixed schedule too (20 CI jobs submitting one
+  evaluation a second each, by default); ``--submit-rate 0`` makes each submitter send back
+  to back instead, a stress test that takes whatever the server gives it.
 
 ``--conditional`` makes the pollers send ``If-None-Match`` with the ``ETag`` of their last
 answer for that job, as a careful client would (unchanged jobs answer 304 with no body).
@@ -158,11 +161,19 @@ async def poll(conn: Connection, ids: list[str], start: float, interval: float,
         n += stride
 
 
-async def submit(conn: Connection, body: bytes, start: float, end: float,
-                 tally: Tally) -> None:
+async def submit(conn: Connection, body: bytes, start: float, interval: float, offset: int,
+                 stride: int, end: float, tally: Tally) -> None:
+    """``POST /evaluations`` on a fixed schedule (open loop, latency from the scheduled time),
+    or back to back when ``interval`` is 0."""
+    n = offset
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
-    while time.perf_counter() < end:
-        sent = time.perf_counter()
+    while True:
+        due = start + n * interval if interval else time.perf_counter()
+        if due >= end:
+            return
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
         error = None
         try:
             status, _, _ = await conn.request("POST", "/evaluations", body)
@@ -170,7 +181,8 @@ async def submit(conn: Connection, body: bytes, start: float, end: float,
                 error = str(status)
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             error = type(exc).__name__
-        tally.add(time.perf_counter() - sent, error)
+        tally.add(time.perf_counter() - due, error)
+        n += stride
 
 
 async def run_load(port: int, key: str, args: argparse.Namespace, ids: list[str],
@@ -186,28 +198,37 @@ async def run_load(port: int, key: str, args: argparse.Namespace, ids: list[str]
         await asyncio.gather(
             *(poll(c, ids, start, interval, i, args.pollers, end, polled, args.conditional)
               for i, c in enumerate(pollers)),
-            *(submit(c, raw, start, end, submitted) for c in submitters))
+            *(submit(c, raw, start, 1.0 / args.submit_rate if args.submit_rate else 0.0, i,
+                     args.submitters, end, submitted)
+              for i, c in enumerate(submitters)))
     finally:
         for c in pollers + submitters:
             await c.close()
     return polled, submitted
 
 
-def cpu_seconds(root: int) -> float:
-    """User + system CPU seconds of ``root`` and its children (the API's worker processes)."""
+def cpu_seconds(root: int) -> dict[str, float]:
+    """User + system CPU seconds of ``root`` and its children (the API's worker processes),
+    and of the database and broker servers on this machine (all their processes)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    total = {"api": 0.0, "postgres": 0.0, "redis": 0.0}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
+                name, _, rest = fh.read().partition("(")[2].rpartition(")")
+            fields = rest.split()
         except OSError:
             continue
         pid, ppid = int(entry), int(fields[1])
+        seconds = (int(fields[11]) + int(fields[12])) / tick
         if pid == root or ppid == root:
-            total += (int(fields[11]) + int(fields[12])) / tick
+            total["api"] += seconds
+        elif name == "postgres":  # with its exited children (connections that closed)
+            total["postgres"] += seconds + (int(fields[13]) + int(fields[14])) / tick
+        elif name.startswith("redis-server"):
+            total["redis"] += seconds
     return total
 
 
@@ -235,7 +256,10 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=300.0, help="polling requests/s in total")
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--pollers", type=int, default=16)
-    p.add_argument("--submitters", type=int, default=20)
+    p.add_argument("--submitters", type=int, default=20, help="submitting connections")
+    p.add_argument("--submit-rate", type=float, default=20.0,
+                   help="submissions/s in total, on a fixed schedule; 0: each submitter "
+                        "sends back to back")
     p.add_argument("--workers", type=int, default=2, help="API processes")
     p.add_argument("--port", type=int, default=8791)
     p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
@@ -271,11 +295,15 @@ def main() -> int:
                for _ in range(50)]
         cpu_before, own_before = cpu_seconds(proc.pid), own_cpu_seconds()
         polled, submitted = uvloop.run(run_load(args.port, key, args, ids, body))
-        cpu, own = cpu_seconds(proc.pid) - cpu_before, own_cpu_seconds() - own_before
+        cpu_after, own = cpu_seconds(proc.pid), own_cpu_seconds() - own_before
+        cpu = cpu_after["api"] - cpu_before["api"]
+        servers = {k: cpu_after[k] - cpu_before[k] for k in ("postgres", "redis")}
         answered = len(polled.latencies) + len(submitted.latencies)
         print(f"{args.duration:.0f} s, target {args.rate:.0f} polls/s over {args.pollers} "
               f"connections{' (conditional GET)' if args.conditional else ''}, "
-              f"{args.submitters} submitters, {args.workers} API processes, "
+              f"{args.submitters} submitters "
+              f"({f'{args.submit_rate:.0f}/s' if args.submit_rate else 'back to back'}), "
+              f"{args.workers} API processes, "
               f"{os.cpu_count()} CPUs")
         print(polled.line("poll GET /evaluations/{id}"))
         print(submitted.line("submit POST /evaluations"))
@@ -283,6 +311,8 @@ def main() -> int:
               f"{1000 * cpu / max(answered, 1):.2f} ms of CPU per request")
         print(f"load generator: {own:.1f} CPU-seconds, "
               f"{1000 * own / max(answered, 1):.2f} ms per request")
+        print(f"PostgreSQL: {servers['postgres']:.1f} CPU-seconds, Redis: "
+              f"{servers['redis']:.1f} CPU-seconds (all of each server's processes)")
     finally:
         if proc is not None:
             proc.terminate()

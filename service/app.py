@@ -17,7 +17,7 @@ from service.auth.keys import KeyCache, ensure_key
 from service.auth.router import router as keys_router
 from service.datasets.router import router as datasets_router
 from service.db import make_engine, make_sessionmaker, transaction
-from service.evaluations.polling import autocommit
+from service.evaluations.polling import autocommit, hot_route
 from service.evaluations.router import router as evaluations_router
 from service.evaluations.schemas import EvaluationIn, EvaluationUpload
 from service.guard import Guard
@@ -43,7 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
+                             max_overflow=settings.db_max_overflow)
         app.state.engine = engine
         app.state.autocommit_engine = autocommit(engine)
         app.state.sessionmaker = make_sessionmaker(engine)
@@ -68,7 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs.install(app)  # Swagger UI from a package, so /docs works offline
 
     app.add_middleware(Guard, settings=settings,
-                       authenticate=lambda key: app.state.keys.verify(key))
+                       authenticate=lambda key: app.state.keys.verify(key),
+                       hot_routes=[hot_route])
 
     _document_hand_parsed_bodies(app)
     for router in (keys_router, models_router, datasets_router, evaluations_router,

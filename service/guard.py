@@ -9,6 +9,9 @@
 - Writes with a JSON body are processed at most ``api_write_concurrency`` at a time per
   process, once their body is read: the rest wait (no CPU), so a burst of submissions
   cannot starve the polling reads of the event loop and the GIL.
+- The hottest reads (``hot_routes``: polling a job) are served here as plain ASGI, past the
+  framework's routing, dependency solving and request objects, which cost more CPU than the
+  read itself; the framework's route for the same path documents it.
 - Any exception that escapes the application becomes one problem+json answer (503 for a
   database that cannot be reached, else 500), and is never re-raised into the server, so the
   connection is kept alive.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -57,12 +60,17 @@ def bearer_key(headers: Headers) -> str | None:
     return key.strip()
 
 
+#: Given a request's scope, the handler that serves it (sending the response), or None.
+HotRoute = Callable[[Scope], Callable[[Send], Awaitable[None]] | None]
+
+
 class Guard:
     def __init__(self, app: ASGIApp, settings: Settings,
-                 authenticate: Callable[[str], str]) -> None:
+                 authenticate: Callable[[str], str], hot_routes: Sequence[HotRoute] = ()) -> None:
         self.app = app
         self.settings = settings
         self.authenticate = authenticate
+        self.hot_routes = tuple(hot_routes)
         self._semaphore: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     def _writes(self) -> asyncio.Semaphore | None:
@@ -98,7 +106,10 @@ class Guard:
         try:
             receive, json_write = await self._admit(scope, receive)
             writes = self._writes() if json_write else None
-            if writes is not None:
+            hot = None if json_write else self._hot(scope)
+            if hot is not None:
+                await hot(tracked_send)
+            elif writes is not None:
                 async with writes:
                     await self.app(scope, receive, tracked_send)
             else:
@@ -110,6 +121,13 @@ class Guard:
                           scope["method"], scope["path"], exc)
                 return
             await response(scope, receive, send)
+
+    def _hot(self, scope: Scope) -> Callable[[Send], Awaitable[None]] | None:
+        for route in self.hot_routes:
+            handler = route(scope)
+            if handler is not None:
+                return handler
+        return None
 
     def _answer(self, scope: Scope, exc: Exception) -> Any:
         if isinstance(exc, errors.DomainError):

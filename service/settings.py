@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     # once, once their body is read; more wait their turn without using CPU, so that a burst
     # of submissions cannot starve the polling reads. Uploads are not counted. 0: no limit.
     api_write_concurrency: int = 2
+    # Database connections one process keeps open (PostgreSQL), and how many more it may
+    # open for a burst; past the pool, a connection is opened and closed per use.
+    db_pool_size: int = 20
+    db_max_overflow: int = 10
 
     # Job supervision (seconds).
     heartbeat_interval: float = 5.0

@@ -1,5 +1,10 @@
 """The polling path, ``GET /evaluations/{id}``: the busiest request a CI fleet sends.
 
+The request guard (:mod:`service.guard`) serves it as plain ASGI (:func:`hot_route`), before
+the framework's routing, dependencies and request objects, which cost more CPU than the
+work itself; the FastAPI route in :mod:`service.evaluations.router` documents it and answers
+the forms of the path this one does not match.
+
 It costs one thread hop and two statements on a connection in autocommit mode (no BEGIN or
 COMMIT): the key's row joined with the evaluation's columns the record shows (so the key is
 checked on every request, as everywhere: a revoked key is refused at once, by any process),
@@ -14,13 +19,19 @@ so reading without one changes nothing a caller can see.
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
+from collections.abc import Awaitable, Callable
 
+from anyio import to_thread
 from sqlalchemy import Engine, and_, bindparam, select
+from starlette.datastructures import Headers
+from starlette.types import Scope, Send
 
 from service.auth.keys import key_matches, key_prefix
 from service.errors import NotFound, Unauthorized
 from service.evaluations.service import out_of
+from service.guard import bearer_key
 from service.tables import ApiKey, Evaluation, Result
 
 _KEYS = ApiKey.__table__
@@ -81,3 +92,39 @@ def not_modified(if_none_match: str | None, tag: str) -> bool:
         return True
     return any(candidate.strip().removeprefix("W/") == tag
                for candidate in if_none_match.split(","))
+
+
+#: The canonical forms of an id (hyphenated or 32 hex digits); others go to the framework.
+_PATH = re.compile(r"/evaluations/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                   r"[0-9a-fA-F]{12}|[0-9a-fA-F]{32})")
+
+
+def hot_route(scope: Scope) -> Callable[[Send], Awaitable[None]] | None:
+    """The handler of a ``GET /evaluations/{id}`` request as plain ASGI, or None for any
+    other request. Errors are raised as the domain's exceptions, which the guard answers."""
+    if scope["method"] != "GET":
+        return None
+    found = _PATH.fullmatch(scope["path"])
+    if found is None:
+        return None
+    evaluation_id = uuid.UUID(found[1])
+
+    async def serve(send: Send) -> None:
+        headers = Headers(scope=scope)
+        key = bearer_key(headers)
+        if key is None:
+            raise Unauthorized("send 'Authorization: Bearer <api key>'")
+        body = await to_thread.run_sync(evaluation_json, scope["app"].state.autocommit_engine,
+                                        key, evaluation_id)
+        tag = etag(body)
+        if not_modified(headers.get("if-none-match"), tag):
+            await send({"type": "http.response.start", "status": 304,
+                        "headers": [(b"etag", tag.encode())]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-length", str(len(body)).encode()),
+            (b"content-type", b"application/json"), (b"etag", tag.encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return serve

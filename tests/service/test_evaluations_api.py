@@ -283,3 +283,36 @@ def test_polling_answers_the_orm_record_with_an_etag_and_304_while_unchanged(
     engine.dispose()
     assert client.get(f"/evaluations/{ev['id']}", headers=headers).status_code == 401
     assert client.get(f"/evaluations/{ev['id']}").status_code == 401
+
+
+def test_the_polling_path_answers_every_form_of_the_id_alike(
+        client: TestClient, alice: dict[str, Any]) -> None:
+    """The guard serves ``GET /evaluations/{id}`` itself for the canonical forms of the id;
+    the framework's route answers the rest. Both give the same record, tag and errors."""
+    from service.evaluations.polling import hot_route
+
+    ev = _create(client, alice["key"], {"model_id": alice["model"], "dataset": "shapes-32",
+                                        "suite": SUITE}).json()
+    hyphenated, upper, plain = ev["id"], ev["id"].upper(), uuid.UUID(ev["id"]).hex
+    braces = "{" + ev["id"] + "}"  # a form the framework's UUID parser takes
+    for path, hot in ((hyphenated, True), (upper, True), (plain, True), (braces, False)):
+        assert (hot_route({"method": "GET", "path": f"/evaluations/{path}"}) is not None) is hot
+    answers = [client.get(f"/evaluations/{form}", headers=auth(alice["key"]))
+               for form in (hyphenated, upper, plain, braces)]
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1
+    assert len({a.headers["etag"] for a in answers}) == 1
+    assert answers[0].headers["content-type"] == "application/json"
+    for scope in ({"method": "POST", "path": f"/evaluations/{hyphenated}"},
+                  {"method": "GET", "path": f"/evaluations/{hyphenated}/"},
+                  {"method": "GET", "path": f"/evaluations/{hyphenated}/events"},
+                  {"method": "GET", "path": "/evaluations/not-an-id"}):
+        assert hot_route(scope) is None
+    missing = client.get(f"/evaluations/{uuid.uuid4()}", headers=auth(alice["key"]))
+    anonymous = client.get(f"/evaluations/{hyphenated}")
+    wrong_key = client.get(f"/evaluations/{hyphenated}", headers=auth("rs_nokey_" + "x" * 20))
+    for resp, status in ((missing, 404), (anonymous, 401), (wrong_key, 401)):
+        assert resp.status_code == status
+        assert resp.headers["content-type"] == "application/problem+json"
+        assert resp.json()["status"] == status
+    assert client.get("/evaluations/not-an-id", headers=auth(alice["key"])).status_code == 422

@@ -1,0 +1,70 @@
+"""The connection pool: connections kept open under load, and replaced when they died idle."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+
+from service import db
+from tests.conftest import PG_ADMIN
+
+
+def _backend_pid(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _terminate(pid: int) -> None:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    time.sleep(0.2)
+
+
+def test_a_connection_reused_at_once_is_not_pinged(pg_url: str) -> None:
+    """Under load a pooled connection is handed out as it is: no round trip per request. One
+    that died in between fails its request (the API answers 503), and the pool then opens a
+    new one."""
+    engine = db.make_engine(pg_url, pool_size=1)
+    try:
+        pid = _backend_pid(engine)
+        assert _backend_pid(engine) == pid  # the same connection, kept open
+        _terminate(pid)
+        with pytest.raises(OperationalError):
+            _backend_pid(engine)
+        assert _backend_pid(engine) not in (pid, 0)
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_that_died_while_idle_is_replaced_before_use(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db, "IDLE_PING_SECONDS", 0.05)
+    engine = db.make_engine(pg_url, pool_size=1)
+    try:
+        pid = _backend_pid(engine)
+        _terminate(pid)  # sleeps past the idle time
+        assert _backend_pid(engine) not in (pid, 0)  # pinged, found dead, replaced: no error
+    finally:
+        engine.dispose()
+
+
+def test_the_pool_keeps_its_size_open(pg_url: str) -> None:
+    """Connections up to ``pool_size`` stay open between uses: a process serving that many
+    requests at once opens no connection per request."""
+    engine = db.make_engine(pg_url, pool_size=3, max_overflow=2)
+    try:
+        held = [engine.connect() for _ in range(3)]
+        pids = {int(c.execute(text("SELECT pg_backend_pid()")).scalar_one()) for c in held}
+        for conn in held:
+            conn.close()
+        again = [engine.connect() for _ in range(3)]
+        assert {int(c.execute(text("SELECT pg_backend_pid()")).scalar_one())
+                for c in again} == pids
+        for conn in again:
+            conn.close()
+    finally:
+        engine.dispose()
