@@ -17,7 +17,6 @@ from service.auth.keys import KeyCache, ensure_key
 from service.auth.router import router as keys_router
 from service.datasets.router import router as datasets_router
 from service.db import make_engine, make_sessionmaker, transaction
-from service.evaluations.polling import autocommit, hot_route
 from service.evaluations.router import router as evaluations_router
 from service.evaluations.schemas import EvaluationIn, EvaluationUpload
 from service.guard import Guard
@@ -26,6 +25,7 @@ from service.models.router import router as models_router
 from service.ops.router import make_registry
 from service.ops.router import router as ops_router
 from service.pages import docs
+from service.polling import autocommit, hot_route
 from service.queue import make_celery
 from service.settings import Settings, get_settings
 from service.sweeps.router import router as sweeps_router

@@ -80,7 +80,9 @@ def cmd_apikey_revoke(args: argparse.Namespace) -> int:
 
 def cmd_api(args: argparse.Namespace) -> int:
     """One process per core is the production default: the API is CPU-bound Python, so one
-    process saturates one core. Each process has its own connection pool (5 + 10 overflow)."""
+    process saturates one core. Each process has its own connection pool (``DB_POOL_SIZE`` +
+    ``DB_MAX_OVERFLOW``, 10 + 10): processes times that must stay under PostgreSQL's
+    ``max_connections`` (100 by default), with room left for the workers."""
     import uvicorn
 
     workers = args.workers or int(os.environ.get("ROBUSTSCOPE_API_WORKERS", "0")) or (

@@ -7,8 +7,9 @@
   upload route may take its upload limit, any other body ``max_json_bytes``.
 - Strings with a NUL character are refused in query strings and JSON bodies, naming the field.
 - Writes with a JSON body are processed at most ``api_write_concurrency`` at a time per
-  process, once their body is read: the rest wait (no CPU), so a burst of submissions
-  cannot starve the polling reads of the event loop and the GIL.
+  process, once their body is read, and each of these write slots is busy at most
+  ``api_write_share`` of the time: the rest wait (no CPU), so a flood of submissions
+  cannot starve the polling reads of the event loop, the GIL and the cores.
 - The hottest reads (``hot_routes``: polling a job) are served here as plain ASGI, past the
   framework's routing, dependency solving and request objects, which cost more CPU than the
   read itself; the framework's route for the same path documents it.
@@ -110,8 +111,7 @@ class Guard:
             if hot is not None:
                 await hot(tracked_send)
             elif writes is not None:
-                async with writes:
-                    await self.app(scope, receive, tracked_send)
+                await self._write(writes, scope, receive, tracked_send)
             else:
                 await self.app(scope, receive, tracked_send)
         except Exception as exc:  # the one place an escaped error is answered
@@ -121,6 +121,25 @@ class Guard:
                           scope["method"], scope["path"], exc)
                 return
             await response(scope, receive, send)
+
+    async def _write(self, writes: asyncio.Semaphore, scope: Scope, receive: Receive,
+                     send: Send) -> None:
+        """One write in one of the process's write slots. A slot that served a write taking
+        ``t`` seconds stays closed ``t * (1 / share - 1)`` seconds more, so that writes keep to
+        their share of the process's time however many are waiting. The write's own answer
+        is not held back: the slot reopens on a timer."""
+        await writes.acquire()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            share = self.settings.api_write_share
+            rest = (loop.time() - began) * (1 / share - 1)
+            if rest > 0:
+                loop.call_later(rest, writes.release)
+            else:
+                writes.release()
 
     def _hot(self, scope: Scope) -> Callable[[Send], Awaitable[None]] | None:
         for route in self.hot_routes:

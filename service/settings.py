@@ -42,12 +42,17 @@ class Settings(BaseSettings):
     # Revocation through this process is immediate; through another, within this time.
     auth_cache_seconds: float = 0.0
     # Writes with a JSON body (submissions, cancellations, keys) one API process handles at
-    # once, once their body is read; more wait their turn without using CPU, so that a burst
+    # once, once their body is read; more wait their turn without using CPU, so that a flood
     # of submissions cannot starve the polling reads. Uploads are not counted. 0: no limit.
     api_write_concurrency: int = 2
+    # The share of the time each of those write slots may be busy: after a write that took
+    # t seconds its slot stays closed t * (1 / share - 1) seconds more (its answer is not
+    # held back). With 2 slots at 0.25, writes take at most half of a process's time, and a
+    # flood of submissions queues instead of slowing every read. 1: no pause.
+    api_write_share: float = Field(0.25, gt=0, le=1)
     # Database connections one process keeps open (PostgreSQL), and how many more it may
     # open for a burst; past the pool, a connection is opened and closed per use.
-    db_pool_size: int = 20
+    db_pool_size: int = 10
     db_max_overflow: int = 10
 
     # Job supervision (seconds).

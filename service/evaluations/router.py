@@ -12,12 +12,11 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import storage
+from service import polling, storage
 from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, NotFound, Unauthorized, invalid, problem_responses
-from service.evaluations import polling, report, service
+from service.errors import Invalid, NotFound, invalid, problem_responses
+from service.evaluations import report, service
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
-from service.guard import bearer_key
 from service.jobs import progress_events
 from service.models import service as models
 from service.pages.links import origin
@@ -134,16 +133,8 @@ def list_evaluations(
         "schema": {"type": "string", "maxLength": 1000}}]})
 async def get_evaluation(evaluation_id: uuid.UUID, request: Request) -> Response:
     """The evaluation's record, with an ``ETag``; pollers send it back in ``If-None-Match``
-    and get 304 with no body until the job changes (``service/evaluations/polling.py``)."""
-    key = bearer_key(request.headers)
-    if key is None:
-        raise Unauthorized("send 'Authorization: Bearer <api key>'")
-    body = await run_in_threadpool(polling.evaluation_json, request.app.state.autocommit_engine,
-                                   key, evaluation_id)
-    tag = polling.etag(body)
-    if polling.not_modified(request.headers.get("if-none-match"), tag):
-        return Response(status_code=304, headers={"ETag": tag})
-    return Response(body, media_type="application/json", headers={"ETag": tag})
+    and get 304 with no body until the job changes (``service/polling.py``)."""
+    return await polling.response("evaluations", request, evaluation_id)
 
 
 @router.post("/{evaluation_id}/cancel", status_code=202, response_model=EvaluationOut,

@@ -138,7 +138,7 @@ def to_out(row: Evaluation) -> EvaluationOut:
 
 def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
     """The record of an evaluation from anything with its columns as attributes: the ORM row,
-    or a Core row of the polling path (:mod:`service.evaluations.polling`) and its results."""
+    or a Core row of the polling path (:mod:`service.polling`) and its results."""
     return EvaluationOut(
         id=row.id, status=row.status,
         progress=Progress(fraction=row.progress_fraction, stage=row.progress_stage,

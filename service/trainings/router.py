@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
+from service import polling
 from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
 from service.errors import problem_responses
 from service.jobs import progress_events
@@ -48,10 +49,17 @@ def list_trainings(
     return TrainingPage(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{training_id}", response_model=TrainingOut, responses=ERRORS)
-def get_training(training_id: uuid.UUID, session: SessionDep,
-                 owner: CurrentOwner) -> TrainingOut:
-    return service.to_out(service.get(session, owner, training_id))
+@router.get("/{training_id}", response_model=TrainingOut, responses={
+    **ERRORS, 304: {"description": "Not modified: the record still has the `ETag` sent in "
+                                   "`If-None-Match` (no body)"}},
+    openapi_extra={"security": [{"apiKey": []}], "parameters": [{
+        "name": "If-None-Match", "in": "header", "required": False,
+        "description": "the `ETag` of a record already held: answered 304 while it is current",
+        "schema": {"type": "string", "maxLength": 1000}}]})
+async def get_training(training_id: uuid.UUID, request: Request) -> Response:
+    """The training's record, with an ``ETag``; pollers send it back in ``If-None-Match``
+    and get 304 with no body until the job changes (``service/polling.py``)."""
+    return await polling.response("trainings", request, training_id)
 
 
 @router.post("/{training_id}/cancel", status_code=202, response_model=TrainingOut,

@@ -4,6 +4,7 @@ and cancellation. The worker side is ``workers/training_jobs.py``."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -122,7 +123,9 @@ def list_page(session: Session, owner: str, *, status: str | None, cursor: str |
     return newest_first(session, q, Training, cursor, limit)
 
 
-def to_out(row: Training) -> TrainingOut:
+def to_out(row: Any) -> TrainingOut:
+    """The record of a training from anything with its columns as attributes: the ORM row,
+    or a Core row of the polling path (:mod:`service.polling`)."""
     opts = row.options or {}
     return TrainingOut(
         id=row.id, status=row.status,

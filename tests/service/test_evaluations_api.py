@@ -289,7 +289,7 @@ def test_the_polling_path_answers_every_form_of_the_id_alike(
         client: TestClient, alice: dict[str, Any]) -> None:
     """The guard serves ``GET /evaluations/{id}`` itself for the canonical forms of the id;
     the framework's route answers the rest. Both give the same record, tag and errors."""
-    from service.evaluations.polling import hot_route
+    from service.polling import hot_route
 
     ev = _create(client, alice["key"], {"model_id": alice["model"], "dataset": "shapes-32",
                                         "suite": SUITE}).json()

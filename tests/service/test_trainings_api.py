@@ -229,3 +229,38 @@ def test_events_of_a_cancelled_training_end_at_once(client: TestClient, key: str
     assert [name for name, _ in events] == ["progress", "end"]
     assert events[0][1]["status"] == "cancelled"
     assert events[1][1]["status"] == "cancelled"
+
+
+def test_polling_a_training_is_tagged_and_conditional(client: TestClient, key: str) -> None:
+    """``GET /trainings/{id}`` is served on the polling path (:mod:`service.polling`): the
+    same record as the list, an ``ETag``, 304 while the job is unchanged, and the same
+    answer from the framework's route for the forms of the id the guard does not take."""
+    from service.polling import hot_route
+
+    tid = _create(client, key, SPEC).json()["id"]
+    assert hot_route({"method": "GET", "path": f"/trainings/{tid}"}) is not None
+    assert hot_route({"method": "GET", "path": f"/trainings/{tid}/events"}) is None
+    assert hot_route({"method": "POST", "path": f"/trainings/{tid}/cancel"}) is None
+    first = client.get(f"/trainings/{tid}", headers=auth(key))
+    assert first.status_code == 200
+    assert first.headers["content-type"] == "application/json"
+    listed = client.get("/trainings", headers=auth(key)).json()["items"]
+    assert first.json() == listed[0]
+    tag = first.headers["etag"]
+    braces = client.get("/trainings/{" + tid + "}", headers=auth(key))
+    assert (braces.status_code, braces.content, braces.headers["etag"]) == (
+        200, first.content, tag)
+    same = client.get(f"/trainings/{tid}", headers={**auth(key), "If-None-Match": tag})
+    assert (same.status_code, same.content, same.headers["etag"]) == (304, b"", tag)
+    sessions = client.app.state.sessionmaker  # type: ignore[attr-defined]
+    with sessions.begin() as s:
+        s.execute(update(Training).where(Training.id == uuid.UUID(tid))
+                  .values(status="running", progress_fraction=0.5, progress_stage="epoch 1"))
+    changed = client.get(f"/trainings/{tid}", headers={**auth(key), "If-None-Match": tag})
+    assert changed.status_code == 200
+    assert changed.headers["etag"] != tag
+    assert changed.json()["progress"]["fraction"] == 0.5
+    assert changed.json() == client.get("/trainings", headers=auth(key)).json()["items"][0]
+    problem = client.get(f"/trainings/{tid}", headers=auth("rs_nokey_" + "x" * 20))
+    assert problem.status_code == 401
+    assert problem.headers["content-type"] == "application/problem+json"
