@@ -25,7 +25,7 @@ from service.models.router import router as models_router
 from service.ops.router import make_registry
 from service.ops.router import router as ops_router
 from service.pages import docs
-from service.polling import autocommit, hot_route
+from service.polling import hot_route, records
 from service.queue import make_celery
 from service.settings import Settings, get_settings
 from service.sweeps.router import router as sweeps_router
@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
                              max_overflow=settings.db_max_overflow)
         app.state.engine = engine
-        app.state.autocommit_engine = autocommit(engine)
+        app.state.records = records(engine, settings.db_pool_size)
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.keys = KeyCache(engine, settings.auth_cache_seconds)
         app.state.celery = make_celery(settings)
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except OperationalError:
                 log.warning("database unavailable at start-up; bootstrap key not registered")
         yield
+        await app.state.records.close()
         engine.dispose()
 
     app = FastAPI(title="robustscope", version=VERSION, lifespan=lifespan, docs_url=None,

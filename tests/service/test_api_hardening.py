@@ -184,8 +184,14 @@ def test_a_stopped_database_gives_503_and_keeps_the_connection(tmp_path: Path) -
                 assert conn.sock is sock
             cluster.start()
             conn.request("GET", f"/evaluations/{uuid.uuid4()}", headers=headers)
-            assert conn.getresponse().status == 404  # recovered, same connection
+            recovered = conn.getresponse()
+            recovered.read()
+            assert recovered.status == 404  # recovered, same connection
             assert conn.sock is sock
+            cluster.stop()  # a restart between two polls: the kept connections are dead
+            cluster.start()
+            conn.request("GET", f"/evaluations/{uuid.uuid4()}", headers=headers)
+            assert conn.getresponse().status == 404  # the poll opened a new one
     finally:
         cluster.remove()
 

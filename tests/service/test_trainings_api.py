@@ -231,11 +231,17 @@ def test_events_of_a_cancelled_training_end_at_once(client: TestClient, key: str
     assert events[1][1]["status"] == "cancelled"
 
 
-def test_polling_a_training_is_tagged_and_conditional(client: TestClient, key: str) -> None:
+def test_polling_a_training_is_tagged_and_conditional(client: TestClient, key: str,
+                                                      db_url: str) -> None:
     """``GET /trainings/{id}`` is served on the polling path (:mod:`service.polling`): the
-    same record as the list, an ``ETag``, 304 while the job is unchanged, and the same
-    answer from the framework's route for the forms of the id the guard does not take."""
-    from service.polling import hot_route
+    same record as the list (read by the ORM), an ``ETag``, 304 while the job is unchanged,
+    and the same answer from the framework's route for the forms of the id the guard does
+    not take. On PostgreSQL the path reads through psycopg's asyncio connections."""
+    from service.polling import PostgresRecords, ThreadedRecords, hot_route
+
+    reader = client.app.state.records  # type: ignore[attr-defined]
+    assert isinstance(reader, PostgresRecords if db_url.startswith("postgresql")
+                      else ThreadedRecords)
 
     tid = _create(client, key, SPEC).json()["id"]
     assert hot_route({"method": "GET", "path": f"/trainings/{tid}"}) is not None
