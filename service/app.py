@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
                              max_overflow=settings.db_max_overflow)
         app.state.engine = engine
-        app.state.records = records(engine, settings.db_pool_size)
+        app.state.records = records(engine, settings.db_poll_connections)
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.keys = KeyCache(engine, settings.auth_cache_seconds)
         app.state.celery = make_celery(settings)

@@ -80,9 +80,10 @@ def cmd_apikey_revoke(args: argparse.Namespace) -> int:
 
 def cmd_api(args: argparse.Namespace) -> int:
     """One process per core is the production default: the API is CPU-bound Python, so one
-    process saturates one core. Each process has its own connection pool (``DB_POOL_SIZE`` +
-    ``DB_MAX_OVERFLOW``, 10 + 10): processes times that must stay under PostgreSQL's
-    ``max_connections`` (100 by default), with room left for the workers."""
+    process saturates one core. Each process opens at most ``DB_POOL_SIZE`` +
+    ``DB_MAX_OVERFLOW`` + ``DB_POLL_CONNECTIONS`` (5 + 5 + 5) database connections: processes
+    times that must stay under PostgreSQL's ``max_connections`` (100 by default), with room
+    left for the workers."""
     import uvicorn
 
     workers = args.workers or int(os.environ.get("ROBUSTSCOPE_API_WORKERS", "0")) or (

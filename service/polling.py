@@ -248,6 +248,19 @@ async def response(kind: str, request: Request, job_id: uuid.UUID) -> Response:
                              if k != b"content-length"})
 
 
+def documented(errors: dict[int | str, dict[str, Any]]) -> dict[str, Any]:
+    """The OpenAPI of a polled record's route, besides its model: the errors, its 304 and
+    the ``If-None-Match`` header."""
+    return {
+        "responses": {**errors, 304: {"description": "Not modified: the record still has the "
+                                                     "`ETag` sent in `If-None-Match` (no body)"}},
+        "openapi_extra": {"security": [{"apiKey": []}], "parameters": [{
+            "name": "If-None-Match", "in": "header", "required": False,
+            "description": "the `ETag` of a record already held: answered 304 while it is "
+                           "current",
+            "schema": {"type": "string", "maxLength": 1000}}]}}
+
+
 def etag(body: bytes) -> str:
     """A strong validator: the same bytes, the same tag."""
     return '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'

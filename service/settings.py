@@ -52,8 +52,13 @@ class Settings(BaseSettings):
     api_write_share: float = Field(0.25, gt=0, le=1)
     # Database connections one process keeps open (PostgreSQL), and how many more it may
     # open for a burst; past the pool, a connection is opened and closed per use.
-    db_pool_size: int = 10
-    db_max_overflow: int = 10
+    db_pool_size: int = Field(5, ge=1)
+    db_max_overflow: int = Field(5, ge=0)
+    # Connections one process keeps for polls on PostgreSQL (service/polling.py), apart from
+    # the pool; more polls at once wait their turn. A process opens at most
+    # db_pool_size + db_max_overflow + db_poll_connections: times the API processes, that
+    # must stay under the server's max_connections, with room for the workers.
+    db_poll_connections: int = Field(5, ge=1)
 
     # Job supervision (seconds).
     heartbeat_interval: float = 5.0

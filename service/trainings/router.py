@@ -49,13 +49,7 @@ def list_trainings(
     return TrainingPage(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{training_id}", response_model=TrainingOut, responses={
-    **ERRORS, 304: {"description": "Not modified: the record still has the `ETag` sent in "
-                                   "`If-None-Match` (no body)"}},
-    openapi_extra={"security": [{"apiKey": []}], "parameters": [{
-        "name": "If-None-Match", "in": "header", "required": False,
-        "description": "the `ETag` of a record already held: answered 304 while it is current",
-        "schema": {"type": "string", "maxLength": 1000}}]})
+@router.get("/{training_id}", response_model=TrainingOut, **polling.documented(ERRORS))
 async def get_training(training_id: uuid.UUID, request: Request) -> Response:
     """The training's record, with an ``ETag``; pollers send it back in ``If-None-Match``
     and get 304 with no body until the job changes (``service/polling.py``)."""

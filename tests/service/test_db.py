@@ -68,3 +68,43 @@ def test_the_pool_keeps_its_size_open(pg_url: str) -> None:
             conn.close()
     finally:
         engine.dispose()
+
+
+def test_polls_on_postgresql_use_at_most_their_connections(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many polls at once on one process share ``DB_POLL_CONNECTIONS`` connections: the rest
+    wait their turn, each gets its answer, and the connections are kept for the next polls."""
+    import asyncio
+    import uuid
+    from typing import Any
+
+    from service.auth.keys import create_key
+    from service.errors import NotFound
+    from service.polling import PostgresRecords
+
+    engine = db.make_engine(pg_url)
+    with db.transaction(db.make_sessionmaker(engine)) as s:
+        key = create_key(s, f"polls-{uuid.uuid4().hex[:8]}")
+    reader = PostgresRecords(engine, size=2)
+    opened: list[object] = []
+    connect = psycopg.AsyncConnection.connect
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        conn = await connect(*args, **kwargs)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", counted)
+
+    async def run() -> tuple[list[BaseException | bytes], int]:
+        answers = await asyncio.gather(
+            *(reader.json("trainings", key, uuid.uuid4()) for _ in range(20)),
+            return_exceptions=True)
+        kept = len(reader.idle)
+        await reader.close()
+        return answers, kept
+
+    answers, kept = asyncio.run(run())
+    engine.dispose()
+    assert [type(a) for a in answers] == [NotFound] * 20
+    assert (len(opened), kept) == (2, 2)
