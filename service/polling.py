@@ -29,7 +29,7 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -37,7 +37,7 @@ import psycopg
 from anyio import to_thread
 from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
-from sqlalchemy import Connection, Engine, and_, bindparam, select
+from sqlalchemy import Engine, and_, bindparam, select
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
@@ -98,35 +98,37 @@ def autocommit(engine: Engine) -> Engine:
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
-def _checked(row: Any, key: str, job_id: uuid.UUID, what: str) -> Any:
+#: Per kind of job (the first segment of its path): the statement reading the key and the
+#: job, and the job's name in a 404.
+_KINDS = {"evaluations": (_KEY_AND_EVALUATION, "evaluation"),
+          "trainings": (_KEY_AND_TRAINING, "training")}
+
+
+def _owned(row: Any, key: str, job_id: uuid.UUID, kind: str) -> Any:
+    """The row of :data:`_KINDS`'s statement, if the key is valid and the job its owner's:
+    401 for a key that is unknown or revoked, 404 for a job missing or someone else's."""
     if row is None or not key_matches(key, row.key_hash):
         raise Unauthorized("the API key is not valid")
     if row.id is None:
-        raise NotFound(f"no {what} {job_id}")
+        raise NotFound(f"no {_KINDS[kind][1]} {job_id}")
     return row
 
 
-def _owned_job(conn: Connection, statement: Any, key: str, job_id: uuid.UUID,
-               what: str) -> Any:
-    row = conn.execute(statement, {"prefix": key_prefix(key), "job_id": job_id}).first()
-    return _checked(row, key, job_id, what)
-
-
-def evaluation_json(engine: Engine, key: str, evaluation_id: uuid.UUID) -> bytes:
-    """The record of the key owner's evaluation, as the JSON bytes to send; 401 for a key
-    that is unknown or revoked, 404 for an evaluation that is missing or someone else's."""
-    with engine.connect() as conn:
-        row = _owned_job(conn, _KEY_AND_EVALUATION, key, evaluation_id, "evaluation")
-        results = conn.execute(_RESULTS_OF, {"evaluation_id": evaluation_id}).all()
+def _record(kind: str, row: Any, results: Iterable[Any]) -> bytes:
+    """The job's record as the JSON bytes to send (an evaluation's with its results)."""
+    if kind == "trainings":
+        return training_out(row).model_dump_json().encode()
     return out_of(row, results).model_dump_json().encode()
 
 
-def training_json(engine: Engine, key: str, training_id: uuid.UUID) -> bytes:
-    """The record of the key owner's training, as :func:`evaluation_json` gives an
-    evaluation's."""
+def record_json(engine: Engine, kind: str, key: str, job_id: uuid.UUID) -> bytes:
+    """The record of the key owner's job, read through the engine (blocking)."""
     with engine.connect() as conn:
-        row = _owned_job(conn, _KEY_AND_TRAINING, key, training_id, "training")
-    return training_out(row).model_dump_json().encode()
+        row = conn.execute(_KINDS[kind][0], {"prefix": key_prefix(key), "job_id": job_id}).first()
+        row = _owned(row, key, job_id, kind)
+        results = (conn.execute(_RESULTS_OF, {"evaluation_id": job_id}).all()
+                   if kind == "evaluations" else [])
+    return _record(kind, row, results)
 
 
 class Records(Protocol):
@@ -144,8 +146,7 @@ class ThreadedRecords:
         self.engine = autocommit(engine)
 
     async def json(self, kind: str, key: str, job_id: uuid.UUID) -> bytes:
-        read = evaluation_json if kind == "evaluations" else training_json
-        return await to_thread.run_sync(read, self.engine, key, job_id)
+        return await to_thread.run_sync(record_json, self.engine, kind, key, job_id)
 
     async def close(self) -> None:
         return None
@@ -159,13 +160,13 @@ class PostgresRecords:
     that finds its kept connection dead (the server restarted, an idle connection was cut)
     is retried once on a new one; when none can be opened the poll is a 503."""
 
-    def __init__(self, engine: Engine, size: int, connect_timeout: float = 5.0) -> None:
+    def __init__(self, engine: Engine, size: int, connect_timeout: int = 5) -> None:
         self.dsn = engine.url.set(drivername="postgresql").render_as_string(
             hide_password=False)
         self.connect_timeout = connect_timeout
         dialect = engine.dialect
         self.sql = {name: str(statement.compile(dialect=dialect)) for name, statement in (
-            ("evaluations", _KEY_AND_EVALUATION), ("trainings", _KEY_AND_TRAINING),
+            *((kind, statement) for kind, (statement, _) in _KINDS.items()),
             ("results", _RESULTS_OF))}
         self.slots = asyncio.Semaphore(size)
         self.idle: list[psycopg.AsyncConnection[Any]] = []
@@ -184,23 +185,23 @@ class PostgresRecords:
             async with self._connection() as conn:
                 cur = await conn.execute(self.sql[kind],
                                          {"prefix": key_prefix(key), "job_id": job_id})
-                row = _checked(await cur.fetchone(), key, job_id, kind[:-1])
-                if kind == "trainings":
-                    return training_out(row).model_dump_json().encode()
-                cur = await conn.execute(self.sql["results"], {"evaluation_id": job_id})
-                results = await cur.fetchall()
+                row = _owned(await cur.fetchone(), key, job_id, kind)
+                results: list[Any] = []
+                if kind == "evaluations":
+                    cur = await conn.execute(self.sql["results"], {"evaluation_id": job_id})
+                    results = await cur.fetchall()
         except (psycopg.OperationalError, psycopg.InterfaceError):
             if not reused:
                 raise
             await self.close()  # kept connections die together (a restart): open anew
             return await self._read(kind, key, job_id, reused=False)
-        return out_of(row, results).model_dump_json().encode()
+        return _record(kind, row, results)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         conn = self.idle.pop() if self.idle else await psycopg.AsyncConnection.connect(
             self.dsn, autocommit=True, row_factory=namedtuple_row,
-            connect_timeout=max(1, round(self.connect_timeout)))
+            connect_timeout=self.connect_timeout)
         try:
             yield conn
         finally:
@@ -216,10 +217,10 @@ class PostgresRecords:
             await self.idle.pop().close()
 
 
-def records(engine: Engine, pool_size: int) -> Records:
-    """The polling reader for the engine's database."""
+def records(engine: Engine, connections: int) -> Records:
+    """The polling reader for the engine's database (``connections``: PostgreSQL's most)."""
     if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
-        return PostgresRecords(engine, pool_size)
+        return PostgresRecords(engine, connections)
     return ThreadedRecords(engine)
 
 

@@ -1,5 +1,6 @@
-"""A real uvicorn server in a thread, for tests that need sockets (keep-alive, chunked bodies)
-and a private PostgreSQL cluster that a test may stop (never the shared one)."""
+"""A real uvicorn server in a thread, for tests that need sockets (keep-alive, chunked bodies),
+the memory of this process (which serves it), and a private PostgreSQL cluster that a test may
+stop (never the shared one)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def serve(app: FastAPI) -> Iterator[int]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def rss() -> int:
+    """This process's resident memory in bytes (the server of :func:`serve` runs in it)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def pg_bin() -> Path | None:
