@@ -194,10 +194,13 @@ def _mismatch(arch: str, missing: list[str], unexpected: list[str], wrong: list[
 
 
 def _load_torchscript(path: Path) -> nn.Module:
+    from workers.engine import graph_check
+
     try:
-        module: nn.Module = torch.jit.load(str(path), map_location="cpu")
+        module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"the TorchScript archive cannot be loaded: {exc}") from exc
+    graph_check.check_torchscript(module)  # before any forward pass
     return module
 
 
@@ -208,12 +211,17 @@ def _load_export(path: Path) -> nn.Module:
                 raise CheckpointError("not a torch.export archive (no archive_format entry)")
     except zipfile.BadZipFile as exc:
         raise CheckpointError("a torch.export archive is a zip file; this one is not") from exc
+    from workers.engine import graph_check
+
     try:
-        # torch >= 2.6 reads the archive's tensors with weights_only=True; what it would still
-        # unpickle (opaque constants) is refused at upload, and the load runs in the jail.
-        program = torch.export.load(str(path))
+        # Every torch.load inside reads with torch's restricted unpickler, even the example
+        # inputs torch.export would retry with weights_only=False; what it would still unpickle
+        # (opaque or custom constants) is refused at upload, and the load runs in the jail.
+        with graph_check.weights_only_loads():
+            program = torch.export.load(str(path))
     except Exception as exc:  # torch.export raises many unrelated types on a bad archive
         raise CheckpointError(f"the torch.export archive cannot be loaded: {exc}") from exc
+    graph_check.check_export(program)  # before any forward pass
     module: nn.Module = program.module()
     return module
 
