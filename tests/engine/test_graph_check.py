@@ -273,4 +273,4 @@ def test_the_allow_list_names_no_operator_with_effects() -> None:
                "wait", "warn", "_assert_async"}
     assert effects & (operators.ATEN | operators.PRIM) == set()
     assert operators.CONSTANT_MESSAGE_ONLY == {"warn", "_assert_async"}
-    assert operators.size() == 472
+    assert operators.size() == 474

@@ -206,10 +206,12 @@ def test_an_opaque_pt2_constant_is_refused_and_never_unpickled_in_the_child(
     assert evaluation_jobs.run(rt, eid) == "failed"
     assert not marker.exists()
     assert _get(rt, eid).error["type"] == "checkpoint-error"  # type: ignore[index]
-    # The same archive in the worker's own process runs its payload.
+    # The engine reads the archive's configs with torch's own reader before torch.export.load
+    # and refuses the opaque constant there, in the worker's own process too.
     job = _job(unjailed, opaque_pt2(marker), "torch_export")
     assert evaluation_jobs.run(unjailed, job) == "failed"
-    assert marker.exists()
+    assert not marker.exists()
+    assert "opaque_obj_0" in _get(unjailed, job).error["detail"]  # type: ignore[index]
 
 
 def test_a_torchscript_model_that_reads_a_secret_cannot_leak_it(
@@ -226,16 +228,18 @@ def test_a_torchscript_model_that_reads_a_secret_cannot_leak_it(
     assert resp.json()["error"]["type"] == "checkpoint-error"
     assert secret.read_text() not in resp.text
     assert str(tmp_path) not in resp.text  # no internal paths either
-    # In the worker's own process the same model puts the secret into the user's error.
-    leaked = _job(unjailed, model)
-    assert evaluation_jobs.run(unjailed, leaked) == "failed"
-    assert secret.read_text() in json.dumps(_get(unjailed, leaked).error)
+    # The engine's operator check refuses it before its first forward pass, in the worker's
+    # own process too: the error names the operator and holds no byte of the secret.
+    refused = _job(unjailed, model)
+    assert evaluation_jobs.run(unjailed, refused) == "failed"
+    error = json.dumps(_get(unjailed, refused).error)
+    assert "aten::from_file" in error
+    assert secret.read_text() not in error
 
 
-def test_a_torchscript_model_that_writes_a_file_writes_only_in_its_scratch(
+def test_a_torchscript_model_that_writes_a_file_is_refused_before_it_runs(
         rt: Runtime, unjailed: Runtime, client: TestClient, tmp_path: Path) -> None:
-    """One write to /tmp (which the jail has, privately) and one over another owner's
-    checkpoint (which the jail does not have)."""
+    """One write to /tmp and one over another owner's checkpoint: neither happens."""
     loose = Path(f"/tmp/robustscope-test-{uuid.uuid4().hex}.pt")
     theirs = rt.settings.data_dir / "models" / "someone-elses.pt"
     theirs.parent.mkdir(parents=True)
@@ -244,14 +248,13 @@ def test_a_torchscript_model_that_writes_a_file_writes_only_in_its_scratch(
     assert _refused(client, model, "torchscript-operator-refused")["operators"] == [
         "torch.save"]
     try:
-        eid = _job(rt, model)
-        # its writes landed in the jail, then vanished
-        assert evaluation_jobs.run(rt, eid) == "succeeded"
-        assert not loose.exists()
-        assert theirs.read_bytes() == b"their checkpoint"
-        assert evaluation_jobs.run(unjailed, _job(unjailed, model)) == "succeeded"
-        assert loose.exists()
-        assert theirs.read_bytes() != b"their checkpoint"
+        # refused by the engine's operator check before its first forward pass, jailed or not
+        for runtime in (rt, unjailed):
+            eid = _job(runtime, model)
+            assert evaluation_jobs.run(runtime, eid) == "failed"
+            assert "aten::save" in _get(runtime, eid).error["detail"]  # type: ignore[index]
+            assert not loose.exists()
+            assert theirs.read_bytes() == b"their checkpoint"
     finally:
         loose.unlink(missing_ok=True)
 

@@ -17,8 +17,11 @@ submodules) is refused with a ``CheckpointError`` that names the operator and wh
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -187,6 +190,43 @@ def _check_target(node: Any, where: str) -> None:
     label = f"{module}.{getattr(target, '__name__', repr(target))}"
     if label not in operators.EXPORT_PYTHON:
         raise _refuse(label, where)
+
+
+_PAYLOAD_NAME = {"data/weights/": re.compile(r"weight_[0-9]+"),
+                 "data/constants/": re.compile(r"tensor_[0-9]+")}
+
+
+def check_export_archive(path: Path) -> None:
+    """Before torch.export.load: read the archive with torch's own reader and refuse every
+    payload it would unpickle or load as a library (the API refuses these at upload; this
+    holds for an archive that reached the engine another way)."""
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        names = list(reader.get_all_records())
+    except RuntimeError as exc:
+        raise CheckpointError(f"the torch.export archive cannot be read: {exc}") from exc
+    refused = [n for n in names if n.startswith(("data/aotinductor/", "extra/"))
+               or n.endswith((".so", ".pt")) and not n.startswith("data/sample_inputs/")]
+    for model in (n[len("models/"):-len(".json")] for n in names
+                  if n.startswith("models/") and n.endswith(".json")):
+        for folder, pattern in _PAYLOAD_NAME.items():
+            kind = "weights" if folder == "data/weights/" else "constants"
+            config = f"{folder}{model}_{kind}_config.json"
+            if config not in names:
+                continue
+            try:
+                entries = json.loads(bytes(reader.get_record(config)))["config"]
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                raise CheckpointError(f"unreadable torch.export config {config}") from exc
+            for meta in entries.values() if isinstance(entries, dict) else [None]:
+                name = meta.get("path_name") if isinstance(meta, dict) else None
+                if (not isinstance(meta, dict) or not isinstance(name, str)
+                        or not pattern.fullmatch(name) or meta.get("use_pickle") is not False):
+                    refused.append(f"{folder}{name}")
+    if refused:
+        raise CheckpointError(
+            "the torch.export archive holds payloads robustscope does not load (pickled or "
+            f"opaque objects, libraries): {', '.join(sorted(refused)[:5])}")
 
 
 @contextlib.contextmanager

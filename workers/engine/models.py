@@ -213,6 +213,7 @@ def _load_export(path: Path) -> nn.Module:
         raise CheckpointError("a torch.export archive is a zip file; this one is not") from exc
     from workers.engine import graph_check
 
+    graph_check.check_export_archive(path)
     try:
         # Every torch.load inside reads with torch's restricted unpickler, even the example
         # inputs torch.export would retry with weights_only=False; what it would still unpickle
