@@ -88,8 +88,8 @@ ATEN: frozenset[str] = frozenset({
     "Int", "Float", "Bool", "ScalarImplicit", "IntImplicit", "FloatImplicit", "item",
     "is_floating_point", "is_complex", "is_grad_enabled", "is_autocast_enabled",
     "__range_length", "__derive_index", "format", "str", "__round_to_zero_floordiv",
-    "mathremainder", "chr", "ord", "_assert_scalar", "sym_constrain_range", "sym_constrain_range_for_size",
-    "_check_is_size",
+    "mathremainder", "chr", "ord", "_assert_scalar", "sym_constrain_range",
+    "sym_constrain_range_for_size", "_check_is_size",
 })
 
 # TorchScript's structural operators (``prim::``): constants, lists, tuples, attribute reads
