@@ -32,6 +32,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
@@ -114,6 +115,8 @@ class Guard:
                 await self._write(writes, scope, receive, tracked_send)
             else:
                 await self.app(scope, receive, tracked_send)
+        except ClientDisconnect:
+            return  # the client is gone (or its connection was closed at a deadline)
         except Exception as exc:  # the one place an escaped error is answered
             response = self._answer(scope, exc)
             if started:
@@ -208,6 +211,8 @@ async def _checked_json(receive: Receive) -> Receive:
     chunks: list[bytes] = []
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
         if message["type"] != "http.request":
             break
         chunks.append(message.get("body", b""))
