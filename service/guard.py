@@ -5,7 +5,8 @@
   parsing).
 - Body size limits are enforced on the bytes as they arrive, chunked bodies included: an
   upload route may take its upload limit, any other body ``max_json_bytes``.
-- Strings with a NUL character are refused in query strings and JSON bodies, naming the field.
+- Strings with a NUL character are refused in query strings and JSON bodies, naming the field;
+  JSON bodies nested deeper than ``MAX_JSON_DEPTH`` are refused (422) before any parser recurses.
 - Writes with a JSON body are processed at most ``api_write_concurrency`` at a time per
   process, once their body is read, and each of these write slots is busy at most
   ``api_write_share`` of the time: the rest wait (no CPU), so a flood of submissions
@@ -21,7 +22,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
 from service.settings import Settings
-from service.validation import find_nul
+from service.validation import find_nul, loads, may_be_deep
 
 log = logging.getLogger("robustscope.api")
 
@@ -186,7 +186,8 @@ class Guard:
         if length is not None and length.isdigit() and int(length) > limit:
             raise BodyTooLarge(limit)
         limited = _limited(receive, limit)
-        if headers.get("content-type", "").split(";")[0].strip().endswith("json"):
+        ctype = headers.get("content-type", "").split(";")[0].strip()
+        if not ctype or ctype.endswith("json"):  # the framework reads a body with no type as JSON
             return await _checked_json(limited), True
         return limited, False
 
@@ -207,7 +208,8 @@ def _limited(receive: Receive, limit: int) -> Receive:
 
 
 async def _checked_json(receive: Receive) -> Receive:
-    """Reads a JSON body (already bounded), refuses NULs in its strings, and replays it."""
+    """Reads a JSON body (already bounded), refuses NULs in its strings and nesting past
+    ``MAX_JSON_DEPTH``, and replays it."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
@@ -219,13 +221,19 @@ async def _checked_json(receive: Receive) -> Receive:
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
-    if b"\\u0000" in body:
+    nul = b"\\u0000" in body
+    if nul or may_be_deep(body):
         try:
-            where = find_nul(json.loads(body))
+            value = loads(body)  # Invalid past the depth limit
         except ValueError:
-            where = None  # malformed JSON: the framework answers it
+            return _replay(body, receive)  # malformed JSON: the framework answers it
+        where = find_nul(value) if nul else None
         if where is not None:
             raise errors.Invalid(f"{where} contains a NUL character", field=where)
+    return _replay(body, receive)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
     replayed = False
 
     async def replay() -> Message:
