@@ -70,6 +70,8 @@ class Settings(BaseSettings):
 
     # Job supervision (seconds).
     heartbeat_interval: float = 5.0
+    # Between heartbeats, a running job's cancel flag is read this often (one row by its key).
+    cancel_poll_interval: float = Field(0.4, gt=0)
     stale_after: float = 60.0
     reconcile_interval: float = 15.0
     requeue_queued_after: float = 600.0
