@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
 from service.settings import Settings
-from service.validation import find_nul, loads, may_be_deep
+from service.validation import MAX_JSON_DEPTH, find_nul, loads, may_be_deep
 
 log = logging.getLogger("robustscope.api")
 
@@ -157,6 +157,15 @@ class Guard:
         if isinstance(exc, BodyTooLarge):
             return errors.problem(413, "payload-too-large", "Upload too large", exc.detail,
                                   limit=exc.limit)
+        if isinstance(exc, RecursionError):
+            # Data nested past what a parser could hold, where no depth check ran first (e.g.
+            # JSON inside an uploaded file): the client's input, not a server fault.
+            log.warning("%s %s: input nested too deeply", scope["method"], scope["path"],
+                        exc_info=exc)
+            return errors.problem(
+                422, "invalid", "Invalid request",
+                f"the request holds data nested too deeply to process (JSON may nest at most "
+                f"{MAX_JSON_DEPTH} levels)", limit=MAX_JSON_DEPTH)
         if isinstance(exc, OperationalError | InterfaceError | SATimeoutError) or (
                 isinstance(exc, DBAPIError) and exc.connection_invalidated):
             return errors.database_down(exc)

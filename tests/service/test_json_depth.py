@@ -88,3 +88,22 @@ def test_deep_multipart_fields_are_422_naming_the_field(sqlite_url: str,
                              data={"metadata": meta}), "metadata")
     # Nothing of the refused uploads is kept.
     assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
+
+
+def test_deep_json_inside_an_uploaded_file_is_422_not_500(sqlite_url: str,
+                                                         tmp_path: Path) -> None:
+    """A safetensors file whose JSON header nests 100 000 deep: the upload check parses it
+    without a depth check of its own; the guard answers the RecursionError as the client's."""
+    key = new_key(sqlite_url, "deep-file")
+    header = nested(DEEP).encode()
+    checkpoint = len(header).to_bytes(8, "little") + header
+    with api(settings(sqlite_url, tmp_path)) as client:
+        resp = client.post("/models", headers=auth(key),
+                           files={"file": ("m.safetensors", checkpoint)},
+                           data={"metadata": json.dumps({**META, "architecture": "small_cnn"})})
+        assert resp.status_code == 422, resp.text[:300]
+        assert resp.json()["limit"] == MAX_JSON_DEPTH
+        assert "nested too deeply" in resp.json()["detail"]
+        # The connection and the process go on.
+        assert client.get("/health").status_code == 200
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
