@@ -20,7 +20,8 @@ from service.tables import Evaluation, Training
 from tests.factories import api, auth, new_key, settings
 from tests.factories import torchscript_bytes as scripted
 from tests.service.test_sandbox import Spins, _job
-from workers import evaluation_jobs
+from tests.service.test_training_jobs import SPEC
+from workers import evaluation_jobs, training_jobs
 from workers.runtime import Runtime
 
 pytestmark = pytest.mark.slow
@@ -92,5 +93,42 @@ def test_cancel_of_a_running_evaluation_takes_effect_within_a_second(
         assert returned <= DEADLINE + SLACK, measured
     finally:
         worker.join(timeout=30)
+        if rt._jail is not None:
+            rt._jail.close()
+
+
+def test_cancel_of_a_running_training_takes_effect_within_a_second(
+        sqlite_url: str, tmp_path: Path) -> None:
+    """The same supervisor stops trainings (progress writes read the flag too)."""
+    rt = _runtime(sqlite_url, tmp_path / "data")
+    key = new_key(sqlite_url, "alice")
+    outcome: dict[str, str] = {}
+    try:
+        with api(rt.settings) as client:
+            resp = client.post("/trainings", headers=auth(key),
+                               json={**SPEC, "epochs": 200, "train_examples": 256})
+            assert resp.status_code == 202, resp.text
+            tid = uuid.UUID(resp.json()["id"])
+            worker = threading.Thread(
+                target=lambda: outcome.setdefault("r", training_jobs.run(rt, tid)))
+            worker.start()
+            _wait(lambda: (_row(rt, Training, tid).progress_message or "").startswith(
+                "epoch 1/"), 180)  # training, in its first epoch
+            asked = datetime.now(UTC).replace(tzinfo=None)
+            began = time.monotonic()
+            resp = client.post(f"/trainings/{tid}/cancel", headers=auth(key))
+            assert resp.status_code == 202
+            assert resp.json()["status"] == "running"
+            worker.join(timeout=15)
+            returned = time.monotonic() - began
+        assert outcome["r"] == "cancelled"
+        row = _row(rt, Training, tid)
+        assert row.status == "cancelled"
+        assert row.finished_at is not None
+        recorded = (_naive_utc(row.finished_at) - asked).total_seconds()
+        measured = f"cancel recorded {recorded:.3f} s after the request"
+        assert 0 < recorded <= DEADLINE + SLACK, measured
+        assert returned <= DEADLINE + SLACK, measured
+    finally:
         if rt._jail is not None:
             rt._jail.close()
