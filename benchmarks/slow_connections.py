@@ -188,10 +188,11 @@ async def _run(port: int, args: argparse.Namespace) -> None:
     polls: list[tuple[int, float]] = []
     while not attack.done():
         await asyncio.sleep(1.0)
+        began = time.monotonic()
         try:
             polls.append(await asyncio.wait_for(get_health(port), 30))
         except (OSError, TimeoutError):
-            polls.append((0, 30.0))
+            polls.append((0, time.monotonic() - began))
     held = attack.result()
     print(f"{args.connections} slow connections, one byte every {args.interval} s; "
           f"API_HEADER_TIMEOUT={args.header_timeout}, API_BODY_TIMEOUT={args.body_timeout}, "
@@ -204,10 +205,12 @@ async def _run(port: int, args: argparse.Namespace) -> None:
         p50 = times[len(times) // 2] if times else float("nan")
         most = times[-1] if times else float("nan")
         print(f"| {kind} | {len(rows)} | {len(times)} | {p50:.2f} | {most:.2f} |")
-    ok = [s for s, _ in polls if s == 200]
-    worst = max((t for _, t in polls), default=float("nan"))
-    print(f"normal GET /health meanwhile: {len(ok)}/{len(polls)} answered 200, "
-          f"slowest {worst * 1000:.0f} ms")
+    by_status: dict[int, list[float]] = {}
+    for status, seconds in polls:
+        by_status.setdefault(status, []).append(seconds)
+    print(f"normal GET /health meanwhile, one a second ({len(polls)}): " + "; ".join(
+        f"{'no answer' if status == 0 else status}: {len(times)}, slowest "
+        f"{max(times) * 1000:.0f} ms" for status, times in sorted(by_status.items())))
 
 
 def main() -> None:
