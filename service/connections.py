@@ -13,7 +13,8 @@ never finishes its head, or sends its body a byte at a time, never reaches it. T
   trickle is closed after about ``api_body_timeout``. While the server itself has stopped
   reading (the application has not taken the bytes yet), the body's clock starts again.
 - **bound**: past ``api_max_connections`` open connections in one process, a new connection
-  is answered 503 and closed at once, instead of being held.
+  is answered 503 at once, without reading its request, and closed (at the latest
+  ``REFUSAL_LINGER`` seconds later), instead of being held.
 
 The processing of a request once its body is read has no deadline here.
 """
@@ -68,6 +69,8 @@ TOO_MANY = _response(503, "Service Unavailable", "unavailable",
                      "this server holds as many connections as it takes; retry shortly")
 #: Seconds between two log lines about refused connections.
 LOG_EVERY = 10.0
+#: Seconds a refused connection is kept for its client to read the 503 and close.
+REFUSAL_LINGER = 0.5
 
 
 class _Deadlines:
@@ -95,6 +98,7 @@ class _Deadlines:
         self._seen: Any = None  # the request cycle last looked at
         self._body_start = 0.0
         self._body_bytes = 0
+        self._refusing = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -107,6 +111,8 @@ class _Deadlines:
         self._arm_head()
 
     def data_received(self, data: bytes) -> None:
+        if self._refusing:
+            return  # answered 503 already; what it sends is not read
         self._track()
         if self._phase is None and (self.cycle is None or self.cycle.response_complete):
             self._arm_head()  # the first bytes of a next request
@@ -197,8 +203,16 @@ class _Deadlines:
                         "(ROBUSTSCOPE_API_MAX_CONNECTIONS)", cls._refused,
                         len(self.connections) - 1, self._limits.max_connections)
             cls._refused, cls._logged_at = 0, now
+        # The answer, then our end closed for writing; the client reads the 503 and closes. A
+        # close right away would reset the connection once the client's request arrives, and
+        # the client could lose the answer. One that does not close is cut at the linger.
+        self._refusing = True
         self.transport.write(TOO_MANY)
-        self._close()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._timer = self.loop.call_later(REFUSAL_LINGER, self.transport.abort)
+        else:
+            self._close()
 
 
 class H11Guarded(_Deadlines, H11Protocol):
