@@ -17,6 +17,8 @@ from service.guard import Guard
 from service.settings import Settings
 from tests.service.servers import serve_asgi
 
+pytestmark = pytest.mark.slow  # servers in subprocesses, seconds of deadlines
+
 DEADLINE = 2.0
 #: Scheduling on a shared 2-core machine: a deadline may be kept this much late.
 SLACK = 1.5
