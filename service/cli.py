@@ -89,7 +89,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     workers = args.workers or int(os.environ.get("ROBUSTSCOPE_API_WORKERS", "0")) or (
         os.cpu_count() or 1)
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=workers, log_level=args.log_level, access_log=False)
+                workers=workers, log_level=args.log_level, access_log=False,
+                http="service.connections:GuardedHTTP")
     return 0
 
 
@@ -182,7 +183,7 @@ def cmd_up(args: argparse.Namespace) -> int:
              "evaluations,webhooks,ingest"],
             stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
-                            log_level="warning")
+                            log_level="warning", http="service.connections:GuardedHTTP")
     server = uvicorn.Server(config)
 
     async def serve() -> None:

@@ -5,7 +5,8 @@
   parsing).
 - Body size limits are enforced on the bytes as they arrive, chunked bodies included: an
   upload route may take its upload limit, any other body ``max_json_bytes``.
-- Strings with a NUL character are refused in query strings and JSON bodies, naming the field.
+- Strings with a NUL character are refused in query strings and JSON bodies, naming the field;
+  JSON bodies nested deeper than ``MAX_JSON_DEPTH`` are refused (422) before any parser recurses.
 - Writes with a JSON body are processed at most ``api_write_concurrency`` at a time per
   process, once their body is read, and each of these write slots is busy at most
   ``api_write_share`` of the time: the rest wait (no CPU), so a flood of submissions
@@ -21,7 +22,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -32,11 +32,12 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
 from service.settings import Settings
-from service.validation import find_nul
+from service.validation import MAX_JSON_DEPTH, find_nul, loads, may_be_deep
 
 log = logging.getLogger("robustscope.api")
 
@@ -114,6 +115,8 @@ class Guard:
                 await self._write(writes, scope, receive, tracked_send)
             else:
                 await self.app(scope, receive, tracked_send)
+        except ClientDisconnect:
+            return  # the client is gone (or its connection was closed at a deadline)
         except Exception as exc:  # the one place an escaped error is answered
             response = self._answer(scope, exc)
             if started:
@@ -154,6 +157,15 @@ class Guard:
         if isinstance(exc, BodyTooLarge):
             return errors.problem(413, "payload-too-large", "Upload too large", exc.detail,
                                   limit=exc.limit)
+        if isinstance(exc, RecursionError):
+            # Data nested past what a parser could hold, where no depth check ran first (e.g.
+            # JSON inside an uploaded file): the client's input, not a server fault.
+            log.warning("%s %s: input nested too deeply", scope["method"], scope["path"],
+                        exc_info=exc)
+            return errors.problem(
+                422, "invalid", "Invalid request",
+                f"the request holds data nested too deeply to process (JSON may nest at most "
+                f"{MAX_JSON_DEPTH} levels)", limit=MAX_JSON_DEPTH)
         if isinstance(exc, OperationalError | InterfaceError | SATimeoutError) or (
                 isinstance(exc, DBAPIError) and exc.connection_invalidated):
             return errors.database_down(exc)
@@ -183,7 +195,8 @@ class Guard:
         if length is not None and length.isdigit() and int(length) > limit:
             raise BodyTooLarge(limit)
         limited = _limited(receive, limit)
-        if headers.get("content-type", "").split(";")[0].strip().endswith("json"):
+        ctype = headers.get("content-type", "").split(";")[0].strip()
+        if not ctype or ctype.endswith("json"):  # the framework reads a body with no type as JSON
             return await _checked_json(limited), True
         return limited, False
 
@@ -204,23 +217,32 @@ def _limited(receive: Receive, limit: int) -> Receive:
 
 
 async def _checked_json(receive: Receive) -> Receive:
-    """Reads a JSON body (already bounded), refuses NULs in its strings, and replays it."""
+    """Reads a JSON body (already bounded), refuses NULs in its strings and nesting past
+    ``MAX_JSON_DEPTH``, and replays it."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
         if message["type"] != "http.request":
             break
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
-    if b"\\u0000" in body:
+    nul = b"\\u0000" in body
+    if nul or may_be_deep(body):
         try:
-            where = find_nul(json.loads(body))
+            value = loads(body)  # Invalid past the depth limit
         except ValueError:
-            where = None  # malformed JSON: the framework answers it
+            return _replay(body, receive)  # malformed JSON: the framework answers it
+        where = find_nul(value) if nul else None
         if where is not None:
             raise errors.Invalid(f"{where} contains a NUL character", field=where)
+    return _replay(body, receive)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
     replayed = False
 
     async def replay() -> Message:

@@ -48,7 +48,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
             when = when.replace(tzinfo=UTC)
         # Normalised here: a date near the ends of the calendar overflows in UTC.
         return when.astimezone(UTC), uuid.UUID(last)
-    except (ValueError, TypeError, OverflowError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise Invalid("the cursor is not valid; pass next_cursor from a previous page",
                       field="cursor") from exc
 

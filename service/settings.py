@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     # held back). With 2 slots at 0.25, writes take at most half of a process's time, and a
     # flood of submissions queues instead of slowing every read. 1: no pause.
     api_write_share: float = Field(0.25, gt=0, le=1)
+    # Connections (service/connections.py): a request's head must arrive within
+    # api_header_timeout seconds; a body gets api_body_timeout seconds plus one second per
+    # api_body_min_rate bytes received (a slower trickle is closed); past api_max_connections
+    # open connections, a process answers a new one 503 and closes it. 0 turns one off.
+    api_header_timeout: float = Field(10.0, ge=0)
+    api_body_timeout: float = Field(30.0, ge=0)
+    api_body_min_rate: float = Field(1024.0, ge=0)
+    api_max_connections: int = Field(1000, ge=0)
     # Database connections one process keeps open (PostgreSQL), and how many more it may
     # open for a burst; past the pool, a connection is opened and closed per use.
     db_pool_size: int = Field(5, ge=1)
@@ -62,6 +70,8 @@ class Settings(BaseSettings):
 
     # Job supervision (seconds).
     heartbeat_interval: float = 5.0
+    # Between heartbeats, a running job's cancel flag is read this often (one row by its key).
+    cancel_poll_interval: float = Field(0.4, gt=0)
     stale_after: float = 60.0
     reconcile_interval: float = 15.0
     requeue_queued_after: float = 600.0

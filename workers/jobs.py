@@ -41,6 +41,9 @@ from workers.sandbox.jail import Child
 
 log = logging.getLogger("robustscope.worker")
 
+#: Seconds between two progress writes of one job, at most.
+PROGRESS_EVERY = 0.5
+
 
 class Superseded(Cancelled):
     """Another worker owns this job now; stop without writing anything."""
@@ -131,8 +134,11 @@ class Supervisor:
     """Heartbeats, progress writes and cancellation, off the engine's hot loop.
 
     :meth:`progress` only stores the latest value; :meth:`check` raises if the job was
-    cancelled, superseded or ran out of time. A thread writes progress and heartbeats to the
-    database and reads the cancel flag.
+    cancelled, superseded or ran out of time. A thread writes progress (at most every
+    :data:`PROGRESS_EVERY` seconds) and heartbeats (every ``heartbeat_interval``) to the
+    database, reading the cancel flag with each write; between writes it reads the flag alone
+    every ``cancel_poll_interval`` seconds (one row by its primary key), so that a cancel takes
+    effect within that time plus the supervising loop's turn, not on the next heartbeat.
     """
 
     def __init__(self, rt: Runtime, job: JobRef, table: JobTable = Evaluation) -> None:
@@ -167,32 +173,52 @@ class Supervisor:
 
     def _loop(self) -> None:
         interval = self.rt.settings.heartbeat_interval
-        last_beat = 0.0
+        poll = self.rt.settings.cancel_poll_interval
+        tick = min(poll, PROGRESS_EVERY, interval)
+        last_beat = last_write = last_read = 0.0
         written: tuple[float, str, str] | None = None
-        while not self.stop.wait(min(0.5, interval)):
+        while not self.stop.wait(tick):
             now = time.monotonic()
             latest = self.latest
-            if latest == written and now - last_beat < interval:
-                continue
             try:
-                values: dict[str, Any] = {"heartbeat_at": utcnow()}
-                if latest is not None:
-                    values.update(progress_fraction=latest[0], progress_stage=latest[1][:100],
-                                  progress_message=latest[2][:500])
-                table = self.table
-                with self.rt.sessions.begin() as s:
-                    res = s.execute(update(table).where(
-                        table.id == self.job.id, table.attempts == self.job.token,
-                        table.status == "running").values(**values)
-                        .execution_options(synchronize_session=False))
-                    if res.rowcount != 1:  # type: ignore[attr-defined]
-                        self.superseded.set()
-                    elif s.scalar(select(table.cancel_requested)
-                                  .where(table.id == self.job.id)):
-                        self.cancelled.set()
-                written, last_beat = latest, now
+                if now - last_beat >= interval or (
+                        latest != written and now - last_write >= PROGRESS_EVERY):
+                    self._write(latest)
+                    written, last_beat, last_write, last_read = latest, now, now, now
+                elif now - last_read >= poll - tick / 2:  # the wait may end a little early
+                    self._read_flags()
+                    last_read = now
             except Exception:  # the database may be restarting: keep trying, the job goes on
                 log.warning("heartbeat for %s failed", self.job.id, exc_info=True)
+
+    def _write(self, latest: tuple[float, str, str] | None) -> None:
+        """The heartbeat and the latest progress; reads the cancel flag in the same
+        transaction."""
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if latest is not None:
+            values.update(progress_fraction=latest[0], progress_stage=latest[1][:100],
+                          progress_message=latest[2][:500])
+        table = self.table
+        with self.rt.sessions.begin() as s:
+            res = s.execute(update(table).where(
+                table.id == self.job.id, table.attempts == self.job.token,
+                table.status == "running").values(**values)
+                .execution_options(synchronize_session=False))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                self.superseded.set()
+            elif s.scalar(select(table.cancel_requested).where(table.id == self.job.id)):
+                self.cancelled.set()
+
+    def _read_flags(self) -> None:
+        """The cancel flag (and whether the job is still this attempt's), by primary key."""
+        table = self.table
+        with self.rt.sessions() as s:
+            row = s.execute(select(table.cancel_requested, table.attempts, table.status)
+                            .where(table.id == self.job.id)).one_or_none()
+        if row is None or row.attempts != self.job.token or row.status != "running":
+            self.superseded.set()
+        elif row.cancel_requested:
+            self.cancelled.set()
 
 
 def run_work(rt: Runtime, table: JobTable, jid: uuid.UUID,

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -24,7 +23,7 @@ from service.queue import Outbox
 from service.quotas import check_active_jobs, check_stored_bytes
 from service.settings import Settings
 from service.tables import Evaluation
-from service.validation import reject_nul
+from service.validation import loads, reject_nul
 from service.webhook_policy import check_url
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
@@ -55,7 +54,7 @@ async def create_evaluation(
             raise Invalid("a multipart evaluation needs a 'checkpoint' file and a 'spec' JSON "
                           "string", field="checkpoint")
         try:
-            spec_obj = json.loads(spec)
+            spec_obj = loads(spec, "spec")
         except ValueError as exc:
             raise Invalid(f"spec is not valid JSON: {exc}", field="spec") from exc
         if not isinstance(spec_obj, dict):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
@@ -17,14 +16,15 @@ from service.models.sniff import check_architecture, sniff
 from service.pagination import newest_first
 from service.repository import owned, owned_rows
 from service.tables import Evaluation, Model
-from service.validation import reject_nul
+from service.validation import check_depth, loads, reject_nul
 
 
 def parse_metadata(raw: str | dict[str, object]) -> ModelMetadata:
     try:
-        data = json.loads(raw) if isinstance(raw, str) else raw
+        data = loads(raw, "metadata") if isinstance(raw, str) else raw
     except ValueError as exc:
         raise Invalid(f"metadata is not valid JSON: {exc}", field="metadata") from exc
+    check_depth(data, "metadata")
     reject_nul(data, "metadata")
     try:
         return ModelMetadata.model_validate(data)

@@ -4,6 +4,7 @@ stop (never the shared one)."""
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import shutil
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI
@@ -29,9 +31,17 @@ def free_port() -> int:
 
 @contextmanager
 def serve(app: FastAPI) -> Iterator[int]:
+    with serve_asgi(app, lifespan="on") as port:
+        yield port
+
+
+@contextmanager
+def serve_asgi(app: Any, http: type[asyncio.Protocol] | str = "auto",
+               lifespan: Literal["on", "off"] = "off") -> Iterator[int]:
+    """Any ASGI app served by uvicorn in a thread, with the HTTP protocol ``http``."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=http,
+                                           log_level="warning", lifespan=lifespan))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
