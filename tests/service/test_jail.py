@@ -214,23 +214,21 @@ def test_artifacts_flipped_to_links_never_copy_a_host_file(rt: Runtime,
     secret = tmp_path / "host-env"
     secret.write_text("SIGNING_SECRET=" + uuid.uuid4().hex)
     _hostile(rt, f"""
-        import threading
+        import ctypes, threading
+        libc = ctypes.CDLL(None, use_errno=True)
         d = "/scratch/artifacts/entry-0"
         os.makedirs(d)
         names = [f"a{{i}}.txt" for i in range(64)]
+        pairs = []
         for n in names:
-            open(os.path.join(d, n), "w").write("plain")
-        def flip():
+            p = os.path.join(d, n)
+            open(p, "w").write("plain")
+            os.symlink({str(secret)!r}, p + ".x")
+            pairs.append((p.encode(), (p + ".x").encode()))
+        def flip():  # renameat2(RENAME_EXCHANGE): each call swaps the file and the link
             while True:
-                for n in names:
-                    p = os.path.join(d, n)
-                    try:
-                        os.symlink({str(secret)!r}, p + ".l")
-                        os.replace(p + ".l", p)
-                        open(p + ".f", "w").write("plain")
-                        os.replace(p + ".f", p)
-                    except OSError:
-                        pass
+                for a, b in pairs:
+                    libc.renameat2(-100, a, -100, b, 2)
         threading.Thread(target=flip, daemon=True).start()
         entry = json.loads({ENTRY!r})
         entry["artifacts"] = {{n: "entry-0/" + n for n in names}}
