@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     sandbox_shm_size: int = Field(64 << 20, ge=1 << 20)  # the jail's /dev/shm
     # Tasks (processes and threads) one jail may hold; 0: 64 + 4 per core.
     sandbox_pids_limit: int = Field(0, ge=0)
+    # Disk a job may fill under its /scratch (counted by the supervisor every heartbeat).
+    sandbox_scratch_limit: int = Field(8 << 30, ge=1 << 20)
     # Start the next job's child ahead of time (torch imported, waiting for its job).
     sandbox_prewarm: bool = True
 

@@ -329,10 +329,14 @@ def _supervise(rt: Runtime, sup: Supervisor, work: Work, child: Child, scratch: 
     jail itself could not start it)."""
     error: dict[str, str] | None = None
     done = False
+    recorded: float | None = None  # when the job's outcome was written (a training's model)
     last_sync = time.monotonic()
     while True:
         try:
-            sup.check()
+            if recorded is None:
+                sup.check()
+            elif time.monotonic() - recorded > 30:  # it had its say; it may not linger
+                child.kill()
         except BaseException:
             child.kill()
             raise
@@ -356,12 +360,20 @@ def _supervise(rt: Runtime, sup: Supervisor, work: Work, child: Child, scratch: 
                 if kind in ("entry", "epoch", "trained"):
                     _sync_or_kill(sync, child)  # the state that goes with this report first
                 _dispatch_or_kill(sup, work, message, scratch, child)
+                if kind == "trained":  # the success is written: the job is no longer running
+                    recorded = time.monotonic()
         if (done or error is not None) and not child.alive():
             break
         if time.monotonic() - last_sync > rt.settings.heartbeat_interval:
             _sync_or_kill(sync, child)
+            _check_scratch(rt, child)
             last_sync = time.monotonic()
     status = child.exit_status()
+    if recorded is not None:
+        if error is not None or not done:
+            log.warning("engine child of %s %s ended badly after its outcome was recorded: %s",
+                        work.table.__tablename__, work.id, error or f"status {status}")
+        return
     if error is not None:
         raise JobFailed(error)
     if not done:
@@ -371,6 +383,17 @@ def _supervise(rt: Runtime, sup: Supervisor, work: Work, child: Child, scratch: 
         if not child.ready:
             raise JobFailed(_jail_failed(status, tail))
         raise JobFailed(_died(status))
+
+
+def _check_scratch(rt: Runtime, child: Child) -> None:
+    """``/scratch`` is the data directory's disk (RAM where that is a tmpfs), not one of the
+    jail's sized mounts: what the job wrote there is counted, and past the limit it fails."""
+    used = files.usage(child.scratch)
+    if used > rt.settings.sandbox_scratch_limit:
+        child.kill()
+        raise JobFailed({"type": "disk-quota", "detail": (
+            f"the job wrote {used} bytes to its scratch directory, more than the "
+            f"limit of {rt.settings.sandbox_scratch_limit}")})
 
 
 def _sync_or_kill(sync: _StateSync, child: Child) -> None:

@@ -60,9 +60,9 @@ PRELUDE = textwrap.dedent("""
 """)
 
 
-def _runtime(sqlite_url: str, data_dir: Path) -> Runtime:
+def _runtime(sqlite_url: str, data_dir: Path, **change: Any) -> Runtime:
     cfg = settings(sqlite_url, data_dir, heartbeat_interval=0.2, stale_after=5.0,
-                   job_time_limit=120.0)
+                   job_time_limit=120.0, **change)
     engine = make_engine(sqlite_url)
     return Runtime(settings=cfg, engine=engine, sessions=make_sessionmaker(engine),
                    device=torch.device("cpu"), name="test-worker")
@@ -277,6 +277,30 @@ def test_trained_weights_as_a_link_are_refused(rt: Runtime, tmp_path: Path) -> N
 
 
 # --- limits that hold ----------------------------------------------------------------------
+
+
+def test_filling_scratch_past_its_limit_fails_the_job(sqlite_url: str, tmp_path: Path) -> None:
+    """/scratch is disk (or RAM, where the data directory is a tmpfs), not a sized mount:
+    the supervisor counts it."""
+    rt = _runtime(sqlite_url, tmp_path / "data", sandbox_scratch_limit=4 * MiB)
+    _hostile(rt, """
+        import time
+        with open("/scratch/out/junk", "wb") as f:
+            for _ in range(64):
+                f.write(os.urandom(1 << 20))
+        time.sleep(60)
+    """)
+    try:
+        eid = _job(rt)
+        assert evaluation_jobs.run(rt, eid) == "failed"
+        error = _outcome(rt, eid)[1]
+        assert error is not None
+        assert error["type"] == "disk-quota"
+        assert error["detail"].endswith("more than the limit of 4194304")
+    finally:
+        assert rt._jail is not None
+        rt._jail.close()
+
 
 
 def _run_script(config: JailConfig, script: str, timeout: float = 120) -> dict[str, Any]:

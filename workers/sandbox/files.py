@@ -139,3 +139,27 @@ def regular_files(root: Path, rel_dir: str | PurePosixPath = "",
     finally:
         for fd, _ in stack:
             os.close(fd)
+
+
+def usage(root: Path, limit: int = MAX_FILES * 10) -> int:
+    """Bytes of disk the tree under ``root`` holds (allocated blocks, so a sparse file counts
+    what it uses), walked with ``lstat`` only: links are counted, never followed."""
+    total, seen = 0, 0
+    stack = [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            seen += 1
+            if seen > limit:
+                return total
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            total += st.st_blocks * 512
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(Path(entry.path))
+    return total
