@@ -150,12 +150,14 @@ class Cgroup:
             self.remove()
             raise
         self.memory_dir = parent.dirs["memory"] / name
+        self._procs = [os.fsencode(d / "cgroup.procs") for d in self.dirs]
 
     def join(self) -> None:
-        """Move the calling process in (run in the jail's process before it execs bwrap)."""
+        """Move the calling process in (run in the jail's process between fork and the exec
+        of bwrap: no imports, no locks)."""
         pid = str(os.getpid()).encode()
-        for d in self.dirs:
-            fd = os.open(d / "cgroup.procs", os.O_WRONLY)
+        for procs in self._procs:
+            fd = os.open(procs, os.O_WRONLY)
             try:
                 os.write(fd, pid)
             finally:
@@ -182,7 +184,22 @@ class Cgroup:
                 except OSError as exc:  # EBUSY while the jail's last processes exit
                     if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                         break
+                    self._kill_all(d)
                     time.sleep(0.02)
+
+    @staticmethod
+    def _kill_all(d: Path) -> None:
+        """Whatever is left in the cgroup (the jail's PID namespace dies with its first
+        process; this is for anything slower)."""
+        try:
+            pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
 
 
 @dataclass(frozen=True)
