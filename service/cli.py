@@ -105,16 +105,20 @@ def _sandbox_refused() -> str | None:
               "process, with its secrets and files (a single trusted user only)",
               file=sys.stderr)
         return None
-    # The probe runs in the worker's code, in a process of its own: this module never imports
-    # workers/.
-    env = {**os.environ, "ROBUSTSCOPE_DATA_DIR": str(cfg.data_dir)}
+    # The probe runs the real engine child in a jail, end to end (import torch, load a tiny
+    # model, answer), in the worker's code and a process of its own: this module never
+    # imports workers/.
+    env = {**os.environ, "ROBUSTSCOPE_DATA_DIR": str(cfg.data_dir), "PYTHONWARNINGS": "ignore"}
     res = subprocess.run([sys.executable, "-m", "workers.sandbox.jail"], env=env,
                          capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        reason = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "unknown"
+        lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+        reason = "\n".join(lines)[-1500:] if lines else f"the probe exited {res.returncode}"
         return (f"robustscope: the worker cannot build its sandbox ({reason}); it refuses to "
                 "run uploaded models without one. Set ROBUSTSCOPE_SANDBOX=off only for a "
                 "single trusted user.")
+    if res.stdout.strip():
+        print(f"robustscope: {res.stdout.strip()}", file=sys.stderr)
     return None
 
 

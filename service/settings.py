@@ -91,9 +91,18 @@ class Settings(BaseSettings):
     # start a worker that cannot build the jail; "off" runs models inside the worker (a
     # single trusted user only).
     sandbox: str = Field("on", pattern="^(on|off)$")
-    # The jailed child's address-space cap (RLIMIT_AS, bytes) on CPU devices. Address space,
-    # not resident memory: importing torch alone reserves about 3.5 GB of it.
+    # A jailed job's memory budget (bytes) on CPU devices. Its /tmp and /dev/shm (tmpfs, sized
+    # below) count in it; the rest is each process's address-space cap (RLIMIT_AS), and where
+    # a cgroup can be made the whole budget is also its memory limit. Address space, not
+    # resident memory: a job maps about 3.3 GB of it; `robustscope worker` refuses a budget
+    # below what its start-up probe job measured.
     sandbox_memory_limit: int = 16 << 30
+    sandbox_tmp_size: int = Field(256 << 20, ge=1 << 20)  # the jail's /tmp
+    sandbox_shm_size: int = Field(64 << 20, ge=1 << 20)  # the jail's /dev/shm
+    # Tasks (processes and threads) one jail may hold; 0: 64 + 4 per core.
+    sandbox_pids_limit: int = Field(0, ge=0)
+    # Disk a job may fill under its /scratch (counted by the supervisor every heartbeat).
+    sandbox_scratch_limit: int = Field(8 << 30, ge=1 << 20)
     # Start the next job's child ahead of time (torch imported, waiting for its job).
     sandbox_prewarm: bool = True
 

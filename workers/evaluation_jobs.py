@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,19 @@ from service.queue import WEBHOOK_TASK
 from service.tables import Dataset, Evaluation, Model, Result
 from workers.engine import ENGINE_VERSION, benchmarks
 from workers.engine.types import BenchmarkError
-from workers.jobs import JobFailed, JobTable, Scratch, Superseded, device_info, run_work
+from workers.jobs import (
+    JobFailed,
+    JobTable,
+    Scratch,
+    Superseded,
+    device_info,
+    run_work,
+    sandbox_error,
+)
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.worker")
+MAX_ARTIFACT_BYTES = 64 << 20  # one artifact (a picture, a small table) copied out of a job
 
 
 def run(rt: Runtime, eid: uuid.UUID, send_task: Any = None) -> str:
@@ -149,16 +157,16 @@ class EvaluationWork:
         """Rows, checks, artifacts and the entry's completion in one transaction, fenced by
         the attempt."""
         index = int(message["index"])
+        if index >= len(self.suite) or index in self.completed:
+            raise JobFailed(sandbox_error(f"the engine child reported entry {index}, which "
+                                          "is not one it was asked to run"))
         data_dir = self.rt.settings.data_dir
         artifacts: dict[str, str] = {}
         for name, rel in message["artifacts"].items():
-            src = (scratch.host_artifacts / rel).resolve()
-            if not src.is_relative_to(scratch.host_artifacts.resolve()) or not src.is_file():
-                continue  # a path the engine did not write
             dst = data_dir / "artifacts" / str(self.id) / rel
-            if src != dst.resolve():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
+            if scratch.host_root is not None or dst != scratch.host_artifacts / rel:
+                # Copied from the descriptor it checked: a regular file, no link followed.
+                scratch.copy_out(scratch.host_artifacts, rel, dst, MAX_ARTIFACT_BYTES)
             artifacts[f"entry-{index}/{name}"] = str(dst.relative_to(data_dir))
         with self.rt.sessions.begin() as s:
             ev = s.scalar(select(Evaluation).where(Evaluation.id == self.id).with_for_update())

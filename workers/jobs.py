@@ -37,7 +37,9 @@ from service.tables import Evaluation, Training, utcnow
 from workers.engine.types import Cancelled
 from workers.runtime import Runtime
 from workers.sandbox import child as engine_child
+from workers.sandbox import files
 from workers.sandbox.jail import Child
+from workers.sandbox.protocol import ProtocolError, validate
 
 log = logging.getLogger("robustscope.worker")
 
@@ -64,6 +66,12 @@ class JobFailed(Exception):
 JobTable = type[Evaluation] | type[Training]
 
 
+def sandbox_error(detail: str) -> dict[str, str]:
+    """The jail or the supervisor failed (not the user's model): bubblewrap could not start
+    the child, the child broke the report protocol, a file from the jail was refused."""
+    return {"type": "sandbox-error", "detail": detail[:500]}
+
+
 class JobRef(Protocol):
     id: uuid.UUID
     token: int
@@ -78,6 +86,20 @@ class Scratch:
     out: Path  # the child's outputs (as the child sees it)
     host_artifacts: Path  # the same directories, as the supervisor sees them
     host_out: Path
+    # The jailed child's scratch directory as the supervisor made it: files under it are
+    # read only through :mod:`workers.sandbox.files` (no link followed). ``None``: no jail.
+    host_root: Path | None = None
+
+    def copy_out(self, host_dir: Path, rel: str, dst: Path, max_bytes: int) -> int:
+        """Copy the child's file ``host_dir/rel`` (``host_dir`` one of the host paths above)
+        to ``dst``; a link, a non-regular file or one over ``max_bytes`` fails the job as
+        ``sandbox-error``."""
+        root, path = (host_dir, rel) if self.host_root is None else (
+            self.host_root, f"{host_dir.relative_to(self.host_root).as_posix()}/{rel}")
+        try:
+            return files.copy_out(root, path, dst, max_bytes)
+        except (files.UnsafeFile, OSError) as exc:
+            raise JobFailed(sandbox_error(f"a file from the jail was refused: {exc}")) from exc
 
 
 class Work(Protocol):
@@ -282,7 +304,12 @@ def _execute_here(rt: Runtime, sup: Supervisor, work: Work) -> None:
 
     def emit(message: dict[str, Any]) -> None:
         sup.check()
-        _dispatch(sup, work, message, scratch)
+        try:
+            checked = validate(message).model_dump()
+        except ProtocolError as exc:
+            raise JobFailed(sandbox_error(f"the engine broke the report protocol: {exc}")
+                            ) from exc
+        _dispatch(sup, work, checked, scratch)
 
     try:
         engine_child.run_job(job, emit)
@@ -307,17 +334,14 @@ def _execute_jailed(rt: Runtime, sup: Supervisor, work: Work) -> None:
     try:
         for name, src in work.inputs().items():
             _link(src, child.inputs / name)
-        if work.state_dir.is_dir():
-            shutil.copytree(work.state_dir, child.scratch / "state", dirs_exist_ok=True)
-        sync = _StateSync(child.scratch / "state", work.state_dir)
+        _copy_state_in(work.state_dir, child.scratch / "state")
+        sync = _StateSync(child.scratch, "state", work.state_dir)
         scratch = Scratch(state=Path("/scratch/state"), artifacts=Path("/scratch/artifacts"),
                           out=Path("/scratch/out"), host_artifacts=child.scratch / "artifacts",
-                          host_out=child.scratch / "out")
+                          host_out=child.scratch / "out", host_root=child.scratch)
         job = work.describe({k: f"/job/{k}" for k in work.inputs()}, scratch)
         job.update(threads=torch.get_num_threads(), device=str(rt.device))
-        if rt.device.type == "cpu":  # CUDA reserves far more address space than it uses
-            job["memory_limit"] = rt.settings.sandbox_memory_limit
-        child.start(job)
+        child.start(job)  # adds the memory and pids limits the jail's config says
         _supervise(rt, sup, work, child, scratch, sync)
     finally:
         child.close()
@@ -325,41 +349,98 @@ def _execute_jailed(rt: Runtime, sup: Supervisor, work: Work) -> None:
 
 def _supervise(rt: Runtime, sup: Supervisor, work: Work, child: Child, scratch: Scratch,
                sync: _StateSync) -> None:
+    """Read the child's reports until it ends. Every report was validated by
+    :meth:`Child.read`; a protocol violation kills the child and fails the job as
+    ``sandbox-error``, and so does a child that exits before it said it was ready (the
+    jail itself could not start it)."""
     error: dict[str, str] | None = None
     done = False
+    recorded: float | None = None  # when the job's outcome was written (a training's model)
     last_sync = time.monotonic()
     while True:
         try:
-            sup.check()
+            if recorded is None:
+                sup.check()
+            elif time.monotonic() - recorded > 30:  # it had its say; it may not linger
+                child.kill()
         except BaseException:
             child.kill()
             raise
-        messages = child.read(0.25)
+        try:
+            messages = child.read(0.25)
+        except ProtocolError as exc:
+            child.kill()
+            log.warning("engine child of %s %s broke the protocol: %s; its log ends: %s",
+                        work.table.__tablename__, work.id, exc, child.log_tail(800))
+            raise JobFailed(sandbox_error(f"the engine child broke the report protocol: {exc}")
+                            ) from exc
         if messages is None:
             break
         for message in messages:
-            kind = message.get("t")
+            kind = message["t"]
             if kind == "error":
-                error = {"type": str(message.get("type", "model-crashed")),
-                         "detail": str(message.get("detail", ""))[:500]}
+                error = {"type": message["type"], "detail": message["detail"][:500]}
             elif kind == "done":
                 done = True
-            else:
+            elif kind != "ready":
                 if kind in ("entry", "epoch", "trained"):
-                    sync.run()  # the state that goes with this report, before it is recorded
+                    _sync_or_kill(sync, child)  # the state that goes with this report first
                 _dispatch_or_kill(sup, work, message, scratch, child)
+                if kind == "trained":  # the success is written: the job is no longer running
+                    recorded = time.monotonic()
         if (done or error is not None) and not child.alive():
             break
         if time.monotonic() - last_sync > rt.settings.heartbeat_interval:
-            sync.run()
+            _sync_or_kill(sync, child)
+            _check_scratch(rt, child)
             last_sync = time.monotonic()
     status = child.exit_status()
+    if recorded is not None:
+        if error is not None or not done:
+            log.warning("engine child of %s %s ended badly after its outcome was recorded: %s",
+                        work.table.__tablename__, work.id, error or f"status {status}")
+        return
     if error is not None:
         raise JobFailed(error)
     if not done:
+        tail = child.log_tail(800)
         log.warning("engine child of %s %s died: status %s; its log ends: %s",
-                    work.table.__tablename__, work.id, status, child.log_tail(800))
+                    work.table.__tablename__, work.id, status, tail)
+        if not child.ready:
+            raise JobFailed(_jail_failed(status, tail))
         raise JobFailed(_died(status))
+
+
+def _check_scratch(rt: Runtime, child: Child) -> None:
+    """``/scratch`` is the data directory's disk (RAM where that is a tmpfs), not one of the
+    jail's sized mounts: what the job wrote there is counted, and past the limit it fails."""
+    used = files.usage(child.scratch)
+    if used > rt.settings.sandbox_scratch_limit:
+        child.kill()
+        raise JobFailed({"type": "disk-quota", "detail": (
+            f"the job wrote {used} bytes to its scratch directory, more than the "
+            f"limit of {rt.settings.sandbox_scratch_limit}")})
+
+
+def _sync_or_kill(sync: _StateSync, child: Child) -> None:
+    try:
+        sync.run()
+    except BaseException:
+        child.kill()
+        raise
+
+
+def _jail_failed(status: int | None, log_tail: str) -> dict[str, str]:
+    """The child exited before it was ready: the jail (bubblewrap) or the engine's imports
+    failed, not the user's model. bubblewrap's own message names the cause."""
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if line.startswith("bwrap:")), None)
+    if cause is None and lines:
+        cause = lines[-1]
+    detail = "the jail could not start the engine"
+    if cause:
+        detail += f": {engine_child.strip_paths(cause)}"
+    return sandbox_error(f"{detail} (status {status})")
 
 
 def _dispatch_or_kill(sup: Supervisor, work: Work, message: dict[str, Any], scratch: Scratch,
@@ -393,36 +474,45 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def _copy_state_in(src: Path, dst: Path) -> None:
+    """The job's resumable state (written by earlier attempts' syncs) into the new child's
+    scratch, regular files only."""
+    if not src.is_dir():
+        return
+    for rel, st in files.regular_files(src):
+        files.copy_out(src, rel, dst / rel, st.st_size)
+
+
 class _StateSync:
-    """Copies the child's finished state files to ``state/`` (temporary files are skipped)."""
+    """Copies the child's finished state files (``root/sub``) to ``dst`` as they appear
+    (temporary files are skipped), never through a link: a link, FIFO or device in the
+    child's state fails the job as ``sandbox-error``, and so does a file over the cap."""
 
-    def __init__(self, src: Path, dst: Path) -> None:
-        self.src, self.dst = src, dst
-        self.seen: dict[Path, tuple[int, int]] = {}
-        for path in self._files():
-            st = path.stat()
-            self.seen[path] = (st.st_size, st.st_mtime_ns)
+    MAX_BYTES = 4 << 30
 
-    def _files(self) -> list[Path]:
-        if not self.src.is_dir():
-            return []
-        return [p for p in self.src.rglob("*") if p.is_file() and ".tmp" not in p.name]
+    def __init__(self, root: Path, sub: str, dst: Path) -> None:
+        self.root, self.sub, self.dst = root, sub, dst
+        self.seen: dict[str, tuple[int, int]] = dict(self._files())
+
+    def _files(self) -> list[tuple[str, tuple[int, int]]]:
+        try:
+            return [(str(rel), (st.st_size, st.st_mtime_ns))
+                    for rel, st in files.regular_files(self.root, self.sub)
+                    if ".tmp" not in rel.name]
+        except (files.UnsafeFile, OSError) as exc:
+            raise JobFailed(sandbox_error(f"the job's state was refused: {exc}")) from exc
 
     def run(self) -> None:
-        for path in self._files():
+        for rel, key in self._files():
+            if self.seen.get(rel) == key:
+                continue
             try:
-                st = path.stat()
+                files.copy_out(self.root, f"{self.sub}/{rel}", self.dst / rel, self.MAX_BYTES)
             except FileNotFoundError:
-                continue
-            key = (st.st_size, st.st_mtime_ns)
-            if self.seen.get(path) == key:
-                continue
-            target = self.dst / path.relative_to(self.src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
-            self.seen[path] = key
+                continue  # replaced while we looked (the engine writes and renames)
+            except (files.UnsafeFile, OSError) as exc:
+                raise JobFailed(sandbox_error(f"the job's state was refused: {exc}")) from exc
+            self.seen[rel] = key
 
 
 def device_info(rt: Runtime, base: str) -> str:

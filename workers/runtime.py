@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db import make_engine, make_sessionmaker
 from service.settings import Settings, get_settings
 from workers.engine.types import fast_bf16, strict_fp32
-from workers.sandbox.jail import Jail, JailConfig, probe
+from workers.sandbox.jail import Jail, config_from_settings, probe
 
 
 @dataclass
@@ -30,8 +30,7 @@ class Runtime:
     def jail(self) -> Jail:
         """The sandbox this worker runs models in (built once, checked when built)."""
         if self._jail is None:
-            config = JailConfig(slot_root=self.settings.data_dir / "sandbox",
-                                gpu=self.device.type == "cuda")
+            config = config_from_settings(self.settings, gpu=self.device.type == "cuda")
             probe(config)
             self._jail = Jail(config, prewarm=self.settings.sandbox_prewarm)
             weakref.finalize(self, self._jail.close)

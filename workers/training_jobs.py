@@ -140,7 +140,7 @@ class TrainingWork:
                     raise Superseded("the job changed hands during training")
         elif kind == "trained":
             self.progress_registering()
-            self._succeed(message, scratch.host_out / "weights.safetensors")
+            self._succeed(message, scratch)
 
     def progress_registering(self) -> None:
         with self.rt.sessions.begin() as s:
@@ -154,14 +154,16 @@ class TrainingWork:
         if status != "superseded":
             shutil.rmtree(self.state_dir, ignore_errors=True)  # never resumed now
 
-    def _succeed(self, trained: dict[str, Any], weights: Path) -> None:
+    def _succeed(self, trained: dict[str, Any], scratch: Scratch) -> None:
         """Register the weights as the owner's model and queue its evaluation, in the same
-        transaction that marks the job succeeded (fenced by the attempt)."""
+        transaction that marks the job succeeded (fenced by the attempt). The weights are
+        copied out of the child's scratch as a regular file, no link followed."""
         data_dir = self.rt.settings.data_dir
         tmp_dir = data_dir / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = tmp_dir / f"training-{self.id}-{self.token}.safetensors"
-        shutil.copyfile(weights, tmp)
+        scratch.copy_out(scratch.host_out, "weights.safetensors", tmp,
+                         self.rt.settings.max_checkpoint_bytes)
         sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
         meta = ModelMetadata(name=self.name, architecture=self.spec.architecture,
                              num_classes=int(trained["num_classes"]),

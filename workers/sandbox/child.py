@@ -2,9 +2,10 @@
 
 Started by the supervisor inside the jail (``python -m workers.sandbox.child FD``), it imports
 torch and the engine first, then waits for one job as a JSON line on stdin, so that a child can
-be started ahead of its job. It reports on file descriptor ``FD`` in JSON lines: ``progress``,
-``assets``, ``device``, ``entry`` (one finished suite entry), ``epoch`` (training history after
-a checkpoint), ``trained``, then ``error`` or ``done``. It holds no secret, no database and no
+be started ahead of its job. It reports on file descriptor ``FD`` in length-framed JSON
+(:mod:`workers.sandbox.protocol`): ``ready``, then ``progress``, ``assets``, ``device``,
+``entry`` (one finished suite entry), ``epoch`` (training history after a checkpoint),
+``trained``, then ``error`` or ``done``. It holds no secret, no database and no
 broker: the supervisor writes everything. Model output on stdout/stderr never reaches the user.
 
 With the sandbox off, the supervisor calls :func:`run_job` in its own process with the same
@@ -37,6 +38,7 @@ from workers.engine.training import (
     train,
 )
 from workers.engine.types import BenchmarkError, EvalData, RunContext
+from workers.sandbox.protocol import encode
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -70,6 +72,11 @@ def classify(exc: BaseException) -> dict[str, str]:
                              else type(exc).__name__)}
 
 
+def strip_paths(text: str) -> str:
+    """``text`` for a user: directory names removed, at most 500 characters."""
+    return _short(text)
+
+
 def _short(text: str) -> str:
     """At most 500 characters: the start (what failed) and the end (TorchScript's own
     traceback sits between them and the message that says why)."""
@@ -78,11 +85,14 @@ def _short(text: str) -> str:
 
 
 def run_job(job: dict[str, Any], emit: Emit) -> None:
-    if job.get("memory_limit"):  # set before any of the model's code runs; never raised again
-        import resource
+    import resource
 
+    if job.get("memory_limit"):  # set before any of the model's code runs; never raised again
         cap = int(job["memory_limit"])
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if job.get("pids_limit"):  # where no cgroup holds the jail: counted in its user namespace
+        pids = int(job["pids_limit"])
+        resource.setrlimit(resource.RLIMIT_NPROC, (pids, pids))
     torch.set_num_threads(int(job["threads"]))
     if job["kind"] == "evaluate":
         _evaluate(job, emit)
@@ -181,13 +191,25 @@ def _train(job: dict[str, Any], emit: Emit) -> None:
           "class_names": list(data.class_names)})
 
 
+def address_space(field: str = "VmSize") -> int:
+    """This process's address space in bytes (``VmSize``, or ``VmPeak``), what RLIMIT_AS
+    counts."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def main() -> None:
-    out = os.fdopen(int(sys.argv[1]), "w", buffering=1)
+    fd = int(sys.argv[1])
 
     def emit(message: dict[str, Any]) -> None:
-        out.write(json.dumps(message) + "\n")
+        frame = encode(message)
+        while frame:  # the only writer of the channel: one frame after another
+            frame = frame[os.write(fd, frame):]
 
-    emit({"t": "ready"})  # torch and the engine are imported
+    emit({"t": "ready", "address_space": address_space()})  # torch and the engine are imported
     line = sys.stdin.readline()  # the child is started ahead of its job and waits here
     if not line:
         return
@@ -196,7 +218,7 @@ def main() -> None:
     except Exception as exc:  # reported as data; the supervisor decides what the user sees
         emit({"t": "error", **classify(exc)})
         return
-    emit({"t": "done"})
+    emit({"t": "done", "peak_address_space": address_space("VmPeak")})
 
 
 if __name__ == "__main__":
