@@ -31,7 +31,8 @@ class Runtime:
         """The sandbox this worker runs models in (built once, checked when built)."""
         if self._jail is None:
             config = JailConfig(slot_root=self.settings.data_dir / "sandbox",
-                                gpu=self.device.type == "cuda")
+                                gpu=self.device.type == "cuda",
+                                model_shm=self.settings.sandbox_model_shm)
             probe(config)
             self._jail = Jail(config, prewarm=self.settings.sandbox_prewarm)
             weakref.finalize(self, self._jail.close)
