@@ -218,7 +218,7 @@ class ModelServer:
     def __init__(self, config: JailConfig, slot: Path, jailed: bool = True) -> None:
         from workers.sandbox.remote import shared_memory
 
-        self.slot, self.shm_size = slot, config.model_shm
+        self.slot, self.shm_size, self.jailed = slot, config.model_shm, jailed
         for sub in ("in", "scratch"):
             (slot / sub).mkdir(parents=True)
         request_r, request_w = os.pipe()
@@ -262,7 +262,8 @@ class ModelServer:
             shutil.copyfile(checkpoint, link)
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(json.dumps({**job, "model_path": "/job/model"}).encode()
+            path = "/job/model" if self.jailed else str(link)
+            self.proc.stdin.write(json.dumps({**job, "model_path": path}).encode()
                                   + b"\n")
             self.proc.stdin.close()
         except BrokenPipeError:  # died before its job: the evaluator sees its channel close
