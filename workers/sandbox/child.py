@@ -120,11 +120,12 @@ def _evaluate(job: dict[str, Any], emit: Emit) -> None:
         channel = ModelChannel(int(link["request"]), int(link["reply"]), int(link["shm"]),
                                int(link["shm_size"]), spec.num_classes,
                                timeout=float(link["timeout"]))
-        channel.wait_ready(float(link["timeout"]))
         model = RemoteModel(channel)
     else:
         model = load_model(Path(job["model_path"]), spec, device)
-    data = _data(job, job["split"])
+    data = _data(job, job["split"])  # while the model server loads the model
+    if channel is not None:
+        channel.wait_ready(float(job["model_server"]["timeout"]))
     if data.x.shape[1:] != tuple(spec.input_shape):
         raise BenchmarkError(f"the data has shape {list(data.x.shape[1:])} but the model takes "
                              f"{list(spec.input_shape)}")
