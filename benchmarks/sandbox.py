@@ -79,7 +79,7 @@ def jailed(config: JailConfig, root: Path, args: argparse.Namespace) -> float:
     child = Child(config)
     try:
         _wait(child, "ready")
-        time.sleep(3.0)  # the server imports torch alongside the child: let it finish too
+        time.sleep(args.settle)  # the server imports torch alongside the child: let it finish
         job = _job("/job/model", "/scratch/state", "/scratch/artifacts", args)
         start = time.perf_counter()
         (child.inputs / "model").hardlink_to(root / "model.pt")
@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds a started child and server are given to import torch")
     args = parser.parse_args()
     print(f"clean + APGD-CE ({args.steps} steps) on {args.examples} images, batch "
           f"{args.batch_size}, {torch.get_num_threads()} threads; seconds, best of "
@@ -110,7 +113,8 @@ def main() -> None:
         unsplit = JailConfig(slot_root=root / "slots", model_server=False)
         split = JailConfig(slot_root=root / "slots", model_server=True)
         probe(unsplit)
-        for name, build in MODELS.items():
+        for name in args.models:
+            build = MODELS[name]
             _model(root / "model.pt", build)
             in_process(root, args)  # first use: the dataset generator and kernels warm up
             here = min(in_process(root, args) for _ in range(args.repeats))
