@@ -11,6 +11,9 @@ memory cap is an address-space limit the child sets on itself before it reads it
 
 A child is started before its job (torch imported, blocked on stdin) so a job does not wait
 for the import: :meth:`Jail.take` hands out the warm child and starts the next one.
+
+Each child comes with a model server (:class:`ModelServer`), jailed apart and started with it:
+an uploaded TorchScript or torch.export model is loaded and run there, never in the child.
 """
 
 from __future__ import annotations
@@ -211,6 +214,7 @@ class ModelServer:
     ends (:attr:`evaluator_fds`: request, reply, shared memory) are passed to the child when
     it starts and then closed here, so each side sees end of file when the other is gone.
     Started with its child and killed with it; a job that does not need it closes it.
+    ``jailed=False`` runs it without bubblewrap (tests of the protocol, nothing else).
     """
 
     MODULE = "workers.sandbox.model_server"
