@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     sandbox_scratch_limit: int = Field(8 << 30, ge=1 << 20)
     # Start the next job's child ahead of time (torch imported, waiting for its job).
     sandbox_prewarm: bool = True
+    # An uploaded TorchScript/torch.export model runs in a model server of its own: the
+    # shared memory its tensors cross (bytes; a larger batch crosses in chunks) and how long
+    # the evaluator waits for any one answer (and for the model to load) before it fails
+    # the job.
+    sandbox_model_shm: int = Field(256 << 20, ge=1 << 20)
+    sandbox_model_timeout: float = Field(600.0, gt=0)
 
     @model_validator(mode="after")
     def _defaults_and_secrets(self) -> Settings:

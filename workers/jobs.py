@@ -40,6 +40,7 @@ from workers.sandbox import child as engine_child
 from workers.sandbox import files
 from workers.sandbox.jail import Child
 from workers.sandbox.protocol import ProtocolError, validate
+from workers.sandbox.remote import SERVER_EXITED
 
 log = logging.getLogger("robustscope.worker")
 
@@ -341,10 +342,31 @@ def _execute_jailed(rt: Runtime, sup: Supervisor, work: Work) -> None:
                           host_out=child.scratch / "out", host_root=child.scratch)
         job = work.describe({k: f"/job/{k}" for k in work.inputs()}, scratch)
         job.update(threads=torch.get_num_threads(), device=str(rt.device))
+        _serve_model(rt, child, work, job)
         child.start(job)  # adds the memory and pids limits the jail's config says
-        _supervise(rt, sup, work, child, scratch, sync)
+        try:
+            _supervise(rt, sup, work, child, scratch, sync)
+        except JobFailed as exc:
+            if child.server is None or exc.error.get("detail") != SERVER_EXITED:
+                raise
+            raise JobFailed(_died(child.server.exit_status())) from exc  # why it exited
     finally:
         child.close()
+
+
+def _serve_model(rt: Runtime, child: Child, work: Work, job: dict[str, Any]) -> None:
+    """An uploaded model's code runs in the child's model server, never in the child
+    (docs/SECURITY.md); other jobs do not need the server."""
+    if child.server is None:
+        return
+    if job.get("kind") != "evaluate" or job.get("model_format") == "safetensors":
+        child.server.close()
+        child.server = None
+        return
+    spec = {key: job[key] for key in ("model_format", "model_metadata", "threads", "device")}
+    spec["memory_limit"] = child.config.address_space()
+    job["model_server"] = child.server.start(work.inputs()["model"], spec, child.channel,
+                                             rt.settings.sandbox_model_timeout)
 
 
 def _supervise(rt: Runtime, sup: Supervisor, work: Work, child: Child, scratch: Scratch,

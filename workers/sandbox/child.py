@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from contract.training import TrainingSpec
 from workers.engine import benchmarks
 from workers.engine.data import DatasetFormatError, load_builtin, load_npz
-from workers.engine.models import CheckpointError, ModelSpec
+from workers.engine.models import CheckpointError, Format, ModelSpec
 from workers.engine.models import load as load_model
 from workers.engine.scope import scoped
 from workers.engine.training import (
@@ -39,6 +39,7 @@ from workers.engine.training import (
 )
 from workers.engine.types import BenchmarkError, EvalData, RunContext
 from workers.sandbox.protocol import encode
+from workers.sandbox.remote import ModelChannel, RemoteFailure, RemoteModel
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -57,6 +58,11 @@ def classify(exc: BaseException) -> dict[str, str]:
     type and last line, with directory names removed. Running out of memory is recognised
     wherever it happened (a model that exhausts memory while it is probed at load time)."""
     cause: BaseException | None = exc
+    while cause is not None:  # the model server's verdict (workers/sandbox/remote.py)
+        if isinstance(cause, RemoteFailure):
+            return {"type": cause.error["type"], "detail": _short(cause.error["detail"])}
+        cause = cause.__cause__ or cause.__context__
+    cause = exc
     while cause is not None:
         if isinstance(cause, MemoryError) or _OOM.search(str(cause)):
             return {"type": "out-of-memory",
@@ -116,8 +122,20 @@ def _evaluate(job: dict[str, Any], emit: Emit) -> None:
     emit({"t": "progress", "fraction": len(completed) / n, "stage": "loading",
           "message": "loading the model and the data"})
     spec = ModelSpec.from_metadata(job["model_format"], job["model_metadata"])
-    model: torch.nn.Module = load_model(Path(job["model_path"]), spec, device)
-    data = _data(job, job["split"])
+    channel = None
+    model: torch.nn.Module
+    if job.get("model_server") and spec.format is not Format.SAFETENSORS:
+        # The model's code runs in its own jailed process; this one only asks it.
+        link = job["model_server"]
+        channel = ModelChannel(int(link["request"]), int(link["reply"]), int(link["shm"]),
+                               int(link["shm_size"]), spec.num_classes,
+                               timeout=float(link["timeout"]))
+        model = RemoteModel(channel)
+    else:
+        model = load_model(Path(job["model_path"]), spec, device)
+    data = _data(job, job["split"])  # while the model server loads the model
+    if channel is not None:
+        channel.wait_ready(float(job["model_server"]["timeout"]))
     if data.x.shape[1:] != tuple(spec.input_shape):
         raise BenchmarkError(f"the data has shape {list(data.x.shape[1:])} but the model takes "
                              f"{list(spec.input_shape)}")
@@ -145,7 +163,16 @@ def _evaluate(job: dict[str, Any], emit: Emit) -> None:
         ctx.state_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
         ctx.artifact_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
         start = time.perf_counter()
-        result = benchmarks.run(model, data, entry, ctx)
+        try:
+            result = benchmarks.run(model, data, entry, ctx)
+        except Exception as exc:
+            if channel is not None and channel.failure is not None:
+                raise channel.failure from exc
+            raise
+        if channel is not None and channel.failure is not None:
+            # A misbehaving model process was noticed (and possibly caught as the model's
+            # own error on the way): nothing measured through it is reported.
+            raise channel.failure
         emit({"t": "entry", "index": i, "seconds": time.perf_counter() - start,
               "rows": [r.as_dict() for r in result.rows],
               "checks": [c.as_dict() for c in result.checks],

@@ -11,6 +11,9 @@ memory cap is an address-space limit the child sets on itself before it reads it
 
 A child is started before its job (torch imported, blocked on stdin) so a job does not wait
 for the import: :meth:`Jail.take` hands out the warm child and starts the next one.
+
+Each child comes with a model server (:class:`ModelServer`), jailed apart and started with it:
+an uploaded TorchScript or torch.export model is loaded and run there, never in the child.
 """
 
 from __future__ import annotations
@@ -213,6 +216,8 @@ class JailConfig:
 
     slot_root: Path
     gpu: bool = False
+    model_server: bool = True  # start a model server with every child (ModelServer)
+    model_shm: int = 256 * MiB  # the model channel's shared memory, in bytes
     bwrap: str = field(default_factory=find_bwrap)
     memory_limit: int | None = None
     tmp_size: int = 256 * MiB
@@ -221,10 +226,12 @@ class JailConfig:
     cgroup: CgroupParent | None = field(default_factory=find_cgroup)
 
     def address_space(self) -> int | None:
-        """The ``RLIMIT_AS`` of each process in the jail: the budget less its tmpfs mounts."""
+        """The ``RLIMIT_AS`` of each process in the jail: the budget less its tmpfs mounts
+        and the model channel's shared memory (mapped by both sides)."""
         if self.memory_limit is None or self.gpu:
             return None
-        return self.memory_limit - self.tmp_size - self.shm_size
+        channel = self.model_shm if self.model_server else 0
+        return self.memory_limit - self.tmp_size - self.shm_size - channel
 
     def limits(self) -> str:
         """Which limits hold in this jail, in words (printed when a worker starts)."""
@@ -256,7 +263,10 @@ class JailConfig:
         paths = [p for p in _SYSTEM if os.path.exists(p)]
         return paths + sorted(env - set(paths)) + [code, shared]
 
-    def argv(self, slot: Path, fd: int) -> list[str]:
+    def argv(self, slot: Path, *fds: int, module: str = "workers.sandbox.child",
+             writable: bool = True) -> list[str]:
+        """bubblewrap's command line for ``python -m module *fds`` jailed in ``slot``;
+        ``writable=False`` mounts the slot's scratch read-only (the model server's)."""
         if not self.bwrap:
             raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
         code_root = str(Path(workers.__file__).resolve().parent.parent)
@@ -277,7 +287,8 @@ class JailConfig:
         # The CPU topology and cache sizes: kernels pick their blocking (and so their exact
         # float results) from them, and a jailed run must compute what an unjailed one does.
         args += ["--ro-bind-try", "/sys/devices/system/cpu", "/sys/devices/system/cpu"]
-        args += ["--ro-bind", str(slot / "in"), "/job", "--bind", str(slot / "scratch"),
+        args += ["--ro-bind", str(slot / "in"), "/job",
+                 "--bind" if writable else "--ro-bind", str(slot / "scratch"),
                  "/scratch", "--chdir", "/scratch"]
         if self.gpu:
             for dev in sorted(glob.glob("/dev/nvidia*")):
@@ -288,7 +299,7 @@ class JailConfig:
                 args += ["--setenv", "CUDA_VISIBLE_DEVICES", visible]
         # Nothing else is writable: not the root bwrap builds (a tmpfs), not /dev.
         args += ["--remount-ro", "/dev", "--remount-ro", "/"]
-        return [*args, "--", sys.executable, "-m", "workers.sandbox.child", str(fd)]
+        return [*args, "--", sys.executable, "-m", module, *map(str, fds)]
 
 
 class Child:
@@ -300,25 +311,34 @@ class Child:
         for sub in ("in", "scratch/home", "scratch/state", "scratch/artifacts", "scratch/out"):
             (self.slot / sub).mkdir(parents=True)
         self.cgroup: Cgroup | None = None
+        self.server: ModelServer | None = None
+        self.channel: tuple[int, ...] = ()  # the child's ends of its model server's channel
         read, write = os.pipe()
         try:
             if config.cgroup is not None:
                 self.cgroup = Cgroup(config.cgroup, config.pids,
                                      None if config.gpu else config.memory_limit)
+            if config.model_server:  # in the same cgroup: one budget for both processes
+                self.server = ModelServer(config, self.slot / "server", cgroup=self.cgroup)
+                self.channel = self.server.evaluator_fds
             with (self.slot / "child.log").open("wb") as log:
                 self.proc = subprocess.Popen(
                     config.argv(self.slot, write), stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL, stderr=log, pass_fds=(write,), env={},
-                    start_new_session=True,
+                    stdout=subprocess.DEVNULL, stderr=log, pass_fds=(write, *self.channel),
+                    env={}, start_new_session=True,
                     preexec_fn=self.cgroup.join if self.cgroup is not None else None)
         except BaseException:
             os.close(read)
+            if self.server is not None:
+                self.server.close()
             if self.cgroup is not None:
                 self.cgroup.remove()
             shutil.rmtree(self.slot, ignore_errors=True)
             raise
         finally:
             os.close(write)
+            if self.server is not None:
+                self.server.handed_over()
         self.fd = read
         self.decoder = Decoder()
         self.killed = False
@@ -334,6 +354,10 @@ class Child:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def usable(self) -> bool:
+        """Whether the child, and its model server if it has one, still wait for a job."""
+        return self.alive() and (self.server is None or self.server.alive())
 
     def start(self, job: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -394,15 +418,115 @@ class Child:
             except ProcessLookupError:
                 pass
         self.proc.wait()
+        if self.server is not None:
+            self.server.kill()
 
     def close(self) -> None:
         self.kill()
+        if self.server is not None:
+            self.server.close()
         os.close(self.fd)
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()
         if self.cgroup is not None:
             self.cgroup.remove()
         shutil.rmtree(self.slot, ignore_errors=True)
+
+
+class ModelServer:
+    """The model server of one child (:mod:`workers.sandbox.model_server`), jailed apart.
+
+    It sees only ``server/in`` of the child's slot as ``/job`` (read-only: the checkpoint is
+    linked there when a job needs it) and an empty, read-only ``/scratch``, in a PID namespace
+    of its own. The channel (two pipes and a sealed memfd) is created here; the evaluator's
+    ends (:attr:`evaluator_fds`: request, reply, shared memory) are passed to the child when
+    it starts and then closed here, so each side sees end of file when the other is gone.
+    Started with its child and killed with it; a job that does not need it closes it.
+    ``jailed=False`` runs it without bubblewrap (tests of the protocol, nothing else).
+    """
+
+    MODULE = "workers.sandbox.model_server"
+
+    def __init__(self, config: JailConfig, slot: Path, jailed: bool = True,
+                 cgroup: Cgroup | None = None) -> None:
+        from workers.sandbox.remote import shared_memory
+
+        self.slot, self.shm_size, self.jailed = slot, config.model_shm, jailed
+        for sub in ("in", "scratch"):
+            (slot / sub).mkdir(parents=True)
+        request_r, request_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        shm = shared_memory(self.shm_size)
+        ends = (request_r, reply_w, shm)
+        try:
+            argv = (config.argv(slot, *ends, module=self.MODULE, writable=False) if jailed
+                    else [sys.executable, "-m", self.MODULE, *map(str, ends)])
+            env = {} if jailed else {"PYTHONPATH": str(Path(workers.__file__).resolve()
+                                                       .parent.parent)}
+            with (slot / "server.log").open("wb") as log:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                             stdout=subprocess.DEVNULL, stderr=log,
+                                             pass_fds=ends, env=env, start_new_session=True,
+                                             preexec_fn=cgroup.join if cgroup else None)
+        except BaseException:
+            for fd in (*ends, request_w, reply_r):
+                os.close(fd)
+            raise
+        os.close(request_r)
+        os.close(reply_w)
+        self.evaluator_fds: tuple[int, ...] = (request_w, reply_r, shm)
+
+    def handed_over(self) -> None:
+        """The child has its ends of the channel: this process lets go of them."""
+        for fd in self.evaluator_fds:
+            os.close(fd)
+        self.evaluator_fds = ()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def start(self, checkpoint: Path, job: dict[str, Any], channel: tuple[int, ...],
+              timeout: float) -> dict[str, Any]:
+        """Give the server its model; returns the child's ``model_server`` job field (the
+        numbers of its ends of the channel, ``channel``, as it was started with them)."""
+        link = self.slot / "in" / "model"
+        try:
+            os.link(checkpoint, link)
+        except OSError:  # another file system
+            shutil.copyfile(checkpoint, link)
+        assert self.proc.stdin is not None
+        try:
+            path = "/job/model" if self.jailed else str(link)
+            self.proc.stdin.write(json.dumps({**job, "model_path": path}).encode()
+                                  + b"\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:  # died before its job: the evaluator sees its channel close
+            pass
+        request, reply, shm = channel
+        return {"request": request, "reply": reply, "shm": shm, "shm_size": self.shm_size,
+                "timeout": timeout}
+
+    def exit_status(self, timeout: float = 5.0) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        for fd in self.evaluator_fds:
+            os.close(fd)
+        self.evaluator_fds = ()
 
 
 class Jail:
@@ -416,7 +540,7 @@ class Jail:
     def take(self) -> Child:
         with self._lock:
             child, self._warm = self._warm, None
-            if child is None or not child.alive():
+            if child is None or not child.usable():
                 if child is not None:
                     child.close()
                 child = Child(self.config)

@@ -88,7 +88,7 @@ class Trained(_Message):
 
 
 ChildError = Literal["out-of-memory", "checkpoint-error", "benchmark-error", "dataset-error",
-                     "training-error", "model-crashed"]
+                     "training-error", "model-crashed", "sandbox-error", "time-limit"]
 
 
 class Error(_Message):
