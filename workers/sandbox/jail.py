@@ -609,7 +609,7 @@ def probe_engine(config: JailConfig, timeout: float = 300.0) -> dict[str, int]:
     child = Child(measure)
     try:
         (child.inputs / "model").write_bytes(buf.getvalue())
-        child.start({
+        job: dict[str, Any] = {
             "kind": "evaluate", "suite": [{"benchmark": "clean"}], "completed": [], "seed": 0,
             "batch_size": 8, "amp": False, "model_path": "/job/model",
             "model_format": "torchscript",
@@ -617,7 +617,13 @@ def probe_engine(config: JailConfig, timeout: float = 300.0) -> dict[str, int]:
             "dataset": "shapes-32", "dataset_path": None, "dataset_params": {},
             "split": "test", "n_examples": 8, "class_map": None,
             "state_dir": "/scratch/state", "artifact_dir": "/scratch/artifacts",
-            "threads": 1, "device": "cuda" if config.gpu else "cpu"})
+            "threads": 1, "device": "cuda" if config.gpu else "cpu"}
+        if child.server is not None:  # the model runs in its server, as in a real job
+            spec = {k: job[k] for k in ("model_format", "model_metadata", "threads", "device")}
+            job["model_server"] = child.server.start(
+                child.inputs / "model", {**spec, "memory_limit": None}, child.channel,
+                timeout)
+        child.start(job)
         deadline = time.monotonic() + timeout
         end: dict[str, Any] | None = None
         while end is None:
