@@ -52,7 +52,7 @@ def test_frames_in_order_decode_even_split_byte_by_byte() -> None:
     (encode(READY) + encode({**ENTRY, "rows": [{**ENTRY["rows"][0], "value": "1.0"}]}),
      "entry.rows.0.value"),
     (encode(READY) + encode({**ENTRY, "extra": 1}), "entry.extra"),
-    (encode(READY) + encode({"t": "error", "type": "time-limit", "detail": "x"}),
+    (encode(READY) + encode({"t": "error", "type": "worker-lost", "detail": "x"}),
      "error.type"),
     (encode(ENTRY), "a 'entry' message before 'ready'"),
     (encode(READY) + encode(READY), "a second 'ready' message"),
