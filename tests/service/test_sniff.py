@@ -374,3 +374,7 @@ def test_benign_torchscript_archives_are_accepted(tmp_path: Path) -> None:
 
     for model in (tiny_net(), small_cnn(10, 3), resnet18_cifar(10, 1)):
         assert _sniff(scripted(model.eval()), tmp_path) == "torchscript"
+    traced = io.BytesIO()  # a traced model also stores its example inputs
+    torch.jit.save(torch.jit.trace(small_cnn(10, 3).eval(), torch.rand(2, 3, 32, 32)), traced)
+    assert "archive/traced_inputs.pkl" in zipfile.ZipFile(traced).namelist()
+    assert _sniff(traced.getvalue(), tmp_path) == "torchscript"
