@@ -16,8 +16,7 @@ What torch does (``caffe2/serialize/inline_container.cc`` over miniz), and what 
   so an archive must begin with its first entry's local header at offset 0 (which also rules
   out TorchScript's flatbuffer format, told apart by bytes 4-8) and its central directory must
   end where its end records begin.
-- Entries are stored or deflated, unencrypted; every byte is read once, so a damaged entry
-  (CRC) is refused here rather than in the engine.
+- Entries are stored or deflated, unencrypted.
 """
 
 from __future__ import annotations

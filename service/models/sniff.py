@@ -214,6 +214,7 @@ _EXPR_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, 
                ast.boolop, ast.cmpop)
 
 
+@lru_cache(maxsize=4096)
 def _sym_expr_ok(text: str) -> bool:
     if len(text) > 4000:
         return False
@@ -251,6 +252,7 @@ _TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.
                              "collections.OrderedDict"})
 
 
+@lru_cache(maxsize=1024)
 def _treespec_ok(text: str) -> bool:
     try:
         protocol, schema = json.loads(text)
@@ -330,8 +332,9 @@ def _check_export_graph(archive: Archive, name: str) -> None:
 
 # --- TorchScript: what ``torch.jit.load`` reads, and nothing else ------------------------------
 #
-# torch.jit.load reads ``data.pkl`` and ``constants.pkl`` with TorchScript's unpickler (tensors
-# from ``data/<n>`` and ``constants/<n>``, lists, dicts and objects of the archive's own
+# torch.jit.load reads ``data.pkl``, ``constants.pkl`` and a traced model's
+# ``traced_inputs.pkl`` with TorchScript's unpickler (tensors from ``data/<n>``, ``constants/<n>``
+# and ``traced_inputs/<n>``, lists, dicts and objects of the archive's own
 # ``__torch__`` classes, whose ``__setstate__`` it runs, or registered custom classes), the
 # source of every class it names from ``code/__torch__/...py`` and its ``.debug_pkl`` (a pickle
 # of source ranges), and the version. The archive's entries, its pickles' globals and its
@@ -339,7 +342,7 @@ def _check_export_graph(archive: Archive, name: str) -> None:
 
 TORCHSCRIPT_RECORD = re.compile(
     r"data\.pkl|constants\.pkl|version|\.data/version|byteorder|\.data/serialization_id"
-    r"|data/[0-9]{1,9}|constants/[0-9]{1,9}"
+    r"|data/[0-9]{1,9}|constants/[0-9]{1,9}|traced_inputs\.pkl|traced_inputs/[0-9]{1,9}"
     r"|code/__torch__(/[A-Za-z0-9_]+)*\.py(\.debug_pkl)?")
 _JIT_PICKLE = frozenset({"build_intlist", "build_floatlist", "build_boollist",
                          "build_doublelist", "build_tensorlist", "restore_type_tag"})

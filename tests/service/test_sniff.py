@@ -347,8 +347,14 @@ def test_a_setstate_in_the_code_is_refused(tmp_path: Path) -> None:
                            b"\n    state: Tuple[int]) -> None:\n    return None\n")
         return blob
 
-    err = _refusal(_rewrite(scripted(tiny_net()), change), tmp_path)
+    data = _rewrite(scripted(tiny_net()), change)
+    err = _refusal(data, tmp_path)
     assert "__setstate__ (runs while the archive is loaded)" in err.extra["operators"]
+    # the engine refuses it before torch.jit.load would run it
+    path = tmp_path / "m.pt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"runs while it is loaded: __setstate__ in code/"):
+        load(path, ModelSpec(format=Format.TORCHSCRIPT, num_classes=4, input_shape=(3, 32, 32)))
 
 
 def test_a_torchscript_pickle_naming_a_foreign_global_is_refused(tmp_path: Path) -> None:
@@ -374,3 +380,7 @@ def test_benign_torchscript_archives_are_accepted(tmp_path: Path) -> None:
 
     for model in (tiny_net(), small_cnn(10, 3), resnet18_cifar(10, 1)):
         assert _sniff(scripted(model.eval()), tmp_path) == "torchscript"
+    traced = io.BytesIO()  # a traced model also stores its example inputs
+    torch.jit.save(torch.jit.trace(small_cnn(10, 3).eval(), torch.rand(2, 3, 32, 32)), traced)
+    assert "archive/traced_inputs.pkl" in zipfile.ZipFile(traced).namelist()
+    assert _sniff(traced.getvalue(), tmp_path) == "torchscript"

@@ -192,6 +192,34 @@ def _check_target(node: Any, where: str) -> None:
         raise _refuse(label, where)
 
 
+def check_torchscript_archive(path: Path) -> None:
+    """Before torch.jit.load, which runs a class's ``__setstate__`` and constructs custom
+    (``torch.classes``) objects while it unpickles: refuse archives that hold either."""
+    import pickletools
+
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        names = list(reader.get_all_records())
+    except RuntimeError as exc:
+        raise CheckpointError(f"the TorchScript archive cannot be read: {exc}") from exc
+    found: list[str] = []
+    for name in names:
+        if name.startswith("code/") and name.endswith(".py"):
+            if b"__setstate__" in bytes(reader.get_record(name)):
+                found.append(f"__setstate__ in {name}")
+        elif name.endswith(".pkl"):
+            try:
+                for op, arg, _ in pickletools.genops(bytes(reader.get_record(name))):
+                    if op.name in ("GLOBAL", "STACK_GLOBAL") and (
+                            op.name == "STACK_GLOBAL" or ".classes" in str(arg)):
+                        found.append(f"{str(arg or op.name).replace(' ', '.')} in {name}")
+            except (ValueError, TypeError) as exc:
+                raise CheckpointError(f"an unreadable pickle in the archive: {name}") from exc
+    if found:
+        raise CheckpointError("the TorchScript archive holds code that runs while it is "
+                              f"loaded: {', '.join(sorted(set(found))[:5])}")
+
+
 _PAYLOAD_NAME = {"data/weights/": re.compile(r"weight_[0-9]+"),
                  "data/constants/": re.compile(r"tensor_[0-9]+")}
 

@@ -196,6 +196,7 @@ def _mismatch(arch: str, missing: list[str], unexpected: list[str], wrong: list[
 def _load_torchscript(path: Path) -> nn.Module:
     from workers.engine import graph_check
 
+    graph_check.check_torchscript_archive(path)
     try:
         module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as exc:
