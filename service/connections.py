@@ -156,9 +156,9 @@ class _Deadlines:
             self._timer = self.loop.call_at(self._body_due(), self._body_check)
 
     def _body_due(self) -> float:
-        rate = self._limits.body_min_rate
+        rate = self._limits.body_min_rate  # 0: the whole body within body_timeout
         return (self._body_start + self._limits.body_timeout
-                + (self._body_bytes / rate if rate > 0 else float("inf")))
+                + (self._body_bytes / rate if rate > 0 else 0.0))
 
     def _disarm(self) -> None:
         if self._timer is not None:

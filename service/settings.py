@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     # Connections (service/connections.py): a request's head must arrive within
     # api_header_timeout seconds; a body gets api_body_timeout seconds plus one second per
     # api_body_min_rate bytes received (a slower trickle is closed); past api_max_connections
-    # open connections, a process answers a new one 503 and closes it. 0 turns one off.
+    # open connections, a process answers a new one 503 and closes it. 0 turns one off
+    # (a min rate of 0: the whole body within api_body_timeout).
     api_header_timeout: float = Field(10.0, ge=0)
     api_body_timeout: float = Field(30.0, ge=0)
     api_body_min_rate: float = Field(1024.0, ge=0)

@@ -227,20 +227,25 @@ class Supervisor:
                 table.id == self.job.id, table.attempts == self.job.token,
                 table.status == "running").values(**values)
                 .execution_options(synchronize_session=False))
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                self.superseded.set()
-            elif s.scalar(select(table.cancel_requested).where(table.id == self.job.id)):
-                self.cancelled.set()
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                if s.scalar(select(table.cancel_requested).where(table.id == self.job.id)):
+                    self.cancelled.set()
+                return
+        self._read_flags()  # not running under this attempt: whose is it now?
 
     def _read_flags(self) -> None:
-        """The cancel flag (and whether the job is still this attempt's), by primary key."""
+        """The cancel flag, and whether this attempt lost the job, by primary key: another
+        attempt claimed it, or it was failed for it (workers lost). A job ``succeeded`` under
+        this attempt was finished by this attempt itself (a training registers its model
+        before its child exits): neither cancelled nor superseded."""
         table = self.table
         with self.rt.sessions() as s:
             row = s.execute(select(table.cancel_requested, table.attempts, table.status)
                             .where(table.id == self.job.id)).one_or_none()
-        if row is None or row.attempts != self.job.token or row.status != "running":
+        if (row is None or row.attempts != self.job.token
+                or row.status not in ("running", "succeeded")):
             self.superseded.set()
-        elif row.cancel_requested:
+        elif row.status == "running" and row.cancel_requested:
             self.cancelled.set()
 
 
