@@ -211,6 +211,9 @@ class HostileServer(Server):
                 write_frame(self.reply_fd, {**answer, "seq": seq})
             elif self.mode == "huge":  # a frame far over the bound
                 os.write(self.reply_fd, struct.pack(">I", 1 << 31) + b"{" * 1000)
+            elif self.mode == "nested":  # JSON nested past the parser's recursion limit
+                body = b"[" * 60000
+                os.write(self.reply_fd, struct.pack(">I", len(body)) + body)
             elif self.mode == "garbage":
                 os.write(self.reply_fd, struct.pack(">I", 12) + os.urandom(12))
             elif self.mode == "unasked":  # an answer to another request
@@ -268,7 +271,8 @@ def _evaluate_against(server: str, at: int, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("mode", "error"), [
-    ("nan", "sandbox-error"), ("huge", "sandbox-error"), ("garbage", "sandbox-error"),
+    ("nan", "sandbox-error"), ("huge", "sandbox-error"), ("nested", "sandbox-error"),
+    ("garbage", "sandbox-error"),
     ("unasked", "sandbox-error"), ("lies", "sandbox-error"), ("hangs", "time-limit"),
     ("dies", "model-crashed")])
 @pytest.mark.parametrize("at", [1, 7], ids=["first-answer", "inside-the-attack"])

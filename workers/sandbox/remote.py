@@ -231,7 +231,7 @@ class ModelChannel:
         except TimeoutError:
             raise self._violate(f"the model did not answer within {timeout:g} s",
                                 "time-limit") from None
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
             raise self._violate(f"a malformed message from the model's process ({exc})"
                                 ) from None
         if answer is None:
