@@ -3,13 +3,20 @@ may fail (or change its answer) because the search runs it in channels_last or b
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
 from tests.engine.attack_helpers import TinyCNN, one_thread  # noqa: F401
+from tests.factories import export_bytes, torchscript_bytes
+from workers.engine import benchmarks
 from workers.engine.attacks import APGD, Forward
 from workers.engine.attacks.base import ce_loss
+from workers.engine.data.npz import load_npz
+from workers.engine.models import Format, ModelSpec, load
 from workers.engine.runner import Stage, run_cascade
 from workers.engine.threats import Norm
 from workers.engine.types import RunContext
@@ -67,3 +74,117 @@ def test_a_model_that_takes_channels_last_keeps_it() -> None:
     fwd.loss_grad(x, y, ce_loss)
     assert fwd.channels_last
     assert fwd.fallback is None
+
+
+class GreyViews(nn.Module):
+    """A grey digit CNN that flattens with ``.view`` after its convolutions (the most common
+    MNIST model): with one input channel, channels_last and contiguous strides both count as
+    "contiguous", so only the exact strides say which one a convolution sees."""
+
+    def __init__(self, bn: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4) if bn else nn.Identity()
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 7 * 7, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = torch.max_pool2d(torch.relu(self.bn(self.conv1(x))), 2)
+        z = torch.max_pool2d(torch.relu(self.conv2(z)), 2)
+        return self.fc(z.view(z.size(0), -1))
+
+
+def _grey(n: int = 12) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _grey_net(bn: bool = True) -> GreyViews:
+    torch.manual_seed(0)
+    net = GreyViews(bn)
+    if bn:  # non-trivial running statistics, so a folded copy differs from the identity
+        with torch.no_grad():
+            net.train()(torch.rand(32, 1, 28, 28))
+    return net.eval()
+
+
+def _hwc_strided(x: Tensor) -> Tensor:
+    """``x`` as loading an [N, H, W, 1] array and permuting it gives it: the same values,
+    channel stride 1."""
+    out = torch.from_numpy(x.permute(0, 2, 3, 1).numpy().copy()).permute(0, 3, 1, 2)
+    assert out.stride() == (784, 1, 28, 1)
+    return out
+
+
+def test_a_grey_batch_permuted_from_hwc_really_breaks_a_view_model() -> None:
+    net = _grey_net()
+    x, _ = _grey()
+    hwc = _hwc_strided(x)
+    assert hwc.is_contiguous()  # what made .contiguous() a no-op
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        net(hwc)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_the_probe_runs_a_grey_view_model_in_the_search_layout_and_falls_back(bn: bool) -> None:
+    net = _grey_net(bn)
+    x, y = _grey()
+    fwd = Forward(net, channels_last=True, optimise=True)
+    fwd.loss_grad(x, y, ce_loss)  # the probe, on contiguous rows
+    assert not fwd.channels_last
+    assert fwd.search is net
+    assert fwd.fallback is not None
+    assert "view size is not compatible" in fwd.fallback
+    # every later batch, whatever its strides, runs as the probe decided
+    logits, _, grad = fwd.loss_grad(_hwc_strided(x), y, ce_loss)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, net(x), rtol=0, atol=1e-5)
+    assert float(grad.abs().sum()) > 0
+
+
+def test_a_grey_model_that_takes_channels_last_is_searched_in_real_channels_last() -> None:
+    net = TinyCNN(1, 10, 4).eval()
+    seen: list[tuple[int, ...]] = []
+    net.net[0].register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].stride())))
+    x, y = _grey()
+    fwd = Forward(net, channels_last=True, optimise=True)
+    fwd.loss_grad(x, y, ce_loss)
+    assert fwd.channels_last
+    assert fwd.fallback is None
+    assert seen[-1] == (28 * 28, 1, 28, 1)  # NHWC, not the contiguous strides it came in
+    fwd.fp32(_hwc_strided(x))
+    assert seen[-1] == (28 * 28, 28 * 28, 28, 1)  # the reference: plain NCHW
+
+
+def _grey_npz(path: Path, x: Tensor, y: Tensor) -> Path:
+    images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [N, H, W, 1]
+    np.savez(path, images=images, labels=y.numpy(), splits=np.array(["test"] * len(y)),
+             class_names=np.array([str(i) for i in range(10)]))
+    return path
+
+
+@pytest.mark.parametrize("fmt", [Format.TORCHSCRIPT, Format.EXPORT])
+def test_a_grey_view_model_uploaded_in_either_format_runs_every_stage(
+        tmp_path: Path, fmt: Format) -> None:
+    """The uploaded dataset is stored as [N, H, W, C] bytes: its grey batches once reached the
+    model with channels_last strides and the clean stage crashed."""
+    net = _grey_net()
+    x, y = _grey(16)
+    data = load_npz(_grey_npz(tmp_path / "grey.npz", x, y), "test")
+    assert data.x.stride() == (784, 784, 28, 1)
+    ckpt = tmp_path / "model"
+    ckpt.write_bytes(torchscript_bytes(net) if fmt is Format.TORCHSCRIPT
+                     else export_bytes(net, (1, 28, 28)))
+    model = load(ckpt, ModelSpec.from_metadata(fmt.value, {"num_classes": 10,
+                                                           "input_shape": [1, 28, 28]}))
+    with torch.no_grad():
+        expected = (net(x.mul(255).round().div(255)).argmax(1) == y).float().mean().item()
+    ctx = RunContext()
+    clean = benchmarks.run(model, data, benchmarks.parse({"benchmark": "clean"}), ctx)
+    assert clean.rows[0].value == pytest.approx(expected, abs=1e-9)
+    adv = benchmarks.run(model, data, benchmarks.parse(
+        {"benchmark": "adversarial", "attack": "pgd", "norm": "linf", "eps": [0.1],
+         "steps": 3}), ctx)
+    rows = {r.metric: r.value for r in adv.rows}
+    assert rows["clean_accuracy"] == pytest.approx(expected, abs=1e-9)
+    assert 0.0 <= rows["robust_accuracy"] <= expected
