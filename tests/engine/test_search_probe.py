@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from tests.engine.attack_helpers import TinyCNN, one_thread  # noqa: F401
-from tests.factories import export_bytes, torchscript_bytes
+from tests.factories import export_bytes, grey_view_net, torchscript_bytes
 from workers.engine import benchmarks
 from workers.engine.attacks import APGD, Forward
 from workers.engine.attacks.base import ce_loss
@@ -76,36 +76,9 @@ def test_a_model_that_takes_channels_last_keeps_it() -> None:
     assert fwd.fallback is None
 
 
-class GreyViews(nn.Module):
-    """A grey digit CNN that flattens with ``.view`` after its convolutions (the most common
-    MNIST model): with one input channel, channels_last and contiguous strides both count as
-    "contiguous", so only the exact strides say which one a convolution sees."""
-
-    def __init__(self, bn: bool = True) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4) if bn else nn.Identity()
-        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * 7 * 7, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = torch.max_pool2d(torch.relu(self.bn(self.conv1(x))), 2)
-        z = torch.max_pool2d(torch.relu(self.conv2(z)), 2)
-        return self.fc(z.view(z.size(0), -1))
-
-
 def _grey(n: int = 12) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(3)
     return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-def _grey_net(bn: bool = True) -> GreyViews:
-    torch.manual_seed(0)
-    net = GreyViews(bn)
-    if bn:  # non-trivial running statistics, so a folded copy differs from the identity
-        with torch.no_grad():
-            net.train()(torch.rand(32, 1, 28, 28))
-    return net.eval()
 
 
 def _hwc_strided(x: Tensor) -> Tensor:
@@ -117,7 +90,7 @@ def _hwc_strided(x: Tensor) -> Tensor:
 
 
 def test_a_grey_batch_permuted_from_hwc_really_breaks_a_view_model() -> None:
-    net = _grey_net()
+    net = grey_view_net()
     x, _ = _grey()
     hwc = _hwc_strided(x)
     assert hwc.is_contiguous()  # what made .contiguous() a no-op
@@ -127,7 +100,7 @@ def test_a_grey_batch_permuted_from_hwc_really_breaks_a_view_model() -> None:
 
 @pytest.mark.parametrize("bn", [False, True])
 def test_the_probe_runs_a_grey_view_model_in_the_search_layout_and_falls_back(bn: bool) -> None:
-    net = _grey_net(bn)
+    net = grey_view_net(bn)
     x, y = _grey()
     fwd = Forward(net, channels_last=True, optimise=True)
     fwd.loss_grad(x, y, ce_loss)  # the probe, on contiguous rows
@@ -168,7 +141,7 @@ def test_a_grey_view_model_uploaded_in_either_format_runs_every_stage(
         tmp_path: Path, fmt: Format) -> None:
     """The uploaded dataset is stored as [N, H, W, C] bytes: its grey batches once reached the
     model with channels_last strides and the clean stage crashed."""
-    net = _grey_net()
+    net = grey_view_net()
     x, y = _grey(16)
     data = load_npz(_grey_npz(tmp_path / "grey.npz", x, y), "test")
     assert data.x.stride() == (784, 784, 28, 1)
@@ -181,10 +154,34 @@ def test_a_grey_view_model_uploaded_in_either_format_runs_every_stage(
         expected = (net(x.mul(255).round().div(255)).argmax(1) == y).float().mean().item()
     ctx = RunContext()
     clean = benchmarks.run(model, data, benchmarks.parse({"benchmark": "clean"}), ctx)
-    assert clean.rows[0].value == pytest.approx(expected, abs=1e-9)
+    assert clean.rows[0].value == pytest.approx(expected, abs=1e-6)
     adv = benchmarks.run(model, data, benchmarks.parse(
         {"benchmark": "adversarial", "attack": "pgd", "norm": "linf", "eps": [0.1],
          "steps": 3}), ctx)
     rows = {r.metric: r.value for r in adv.rows}
-    assert rows["clean_accuracy"] == pytest.approx(expected, abs=1e-9)
+    assert rows["clean_accuracy"] == pytest.approx(expected, abs=1e-6)
     assert 0.0 <= rows["robust_accuracy"] <= expected
+
+
+def test_an_export_with_a_static_batch_runs_in_chunks_of_it(tmp_path: Path) -> None:
+    """torch.export.export(model, (x,)) without dynamic_shapes fixes the batch size ("Guard
+    failed: x.size()[0] == 2" on any other): such a graph runs in chunks of its batch, the last
+    one padded, with the network's own logits and input gradients on every row."""
+    net = grey_view_net()
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(net, (torch.rand(2, 1, 28, 28),)), path)
+    model = load(path, ModelSpec.from_metadata("torch_export", {"num_classes": 10,
+                                                                "input_shape": [1, 28, 28]}))
+    x, y = _grey(5)
+    xg = x.clone().requires_grad_(True)
+    logits = model(xg)
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(logits, y), xg)
+    xr = x.clone().requires_grad_(True)
+    ref = net(xr)
+    (ref_grad,) = torch.autograd.grad(nn.functional.cross_entropy(ref, y), xr)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    assert model(x[:0]).shape == (0, 10)
+    res = run_cascade(model, x, y, Norm.LINF, 0.1, [Stage("apgd", APGD(Norm.LINF, 3))],
+                      RunContext())
+    assert res.robust.shape == (5,)
