@@ -25,6 +25,7 @@ from service.models.router import router as models_router
 from service.ops.router import make_registry
 from service.ops.router import router as ops_router
 from service.pages import docs
+from service.pages.home import router as home_router
 from service.polling import hot_route, records
 from service.queue import make_celery
 from service.settings import Settings, get_settings
@@ -74,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        hot_routes=[hot_route])
 
     _document_hand_parsed_bodies(app)
-    for router in (keys_router, models_router, datasets_router, evaluations_router,
+    for router in (home_router, keys_router, models_router, datasets_router, evaluations_router,
                    trainings_router, sweeps_router, leaderboard_router, theory_router, ops_router):
         app.include_router(router)
     return app

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from service import client, reproduce
@@ -159,8 +161,60 @@ def _local_key(data_dir: Path) -> str:
     return key
 
 
+@dataclass
+class _Worker:
+    """One worker process of ``robustscope up``: its queues, its log, and where that log stood
+    when it started (the ready line is looked for after it)."""
+
+    name: str
+    queues: str
+    what: str  # what starts once it is ready, for the message
+    proc: subprocess.Popen[bytes]
+    log: Path
+    offset: int
+    started: float
+
+
+# Two workers: a training or an evaluation can hold one for minutes, and a dataset upload's
+# ingest must not wait behind it.
+UP_WORKERS = (("worker", "evaluations,webhooks", "evaluations and trainings"),
+              ("ingest", "ingest", "dataset ingests"))
+
+
+def _start_workers(data_dir: Path) -> list[_Worker]:
+    workers = []
+    for name, queues, what in UP_WORKERS:
+        log_path = data_dir / f"{name}.log"
+        with log_path.open("ab") as log:
+            offset = log.tell()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "worker", "--queues", queues],
+                stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        workers.append(_Worker(name, queues, what, proc, log_path, offset, time.monotonic()))
+    return workers
+
+
+async def _announce_ready(w: _Worker) -> None:
+    """Prints when ``w`` is ready to take jobs (Celery logs ``<hostname> ready.``; the
+    hostname carries the worker's pid, see :func:`cmd_worker`), or that it exited."""
+    mark = f"robustscope-{w.proc.pid}@"
+    while True:
+        with w.log.open("rb") as f:
+            f.seek(w.offset)
+            text = f.read().decode("utf-8", "replace")
+        if any(mark in line and line.rstrip().endswith(" ready.") for line in text.splitlines()):
+            print(f"{w.name} ready after {time.monotonic() - w.started:.0f} s: {w.what} "
+                  "start now", flush=True)
+            return
+        if w.proc.poll() is not None:
+            print(f"robustscope: the {w.name} process exited with status {w.proc.returncode} "
+                  f"before it was ready; see {w.log}", file=sys.stderr, flush=True)
+            return
+        await asyncio.sleep(0.25)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    """The embedded shape: SQLite, the SQLAlchemy broker, one worker process, the API."""
+    """The embedded shape: SQLite, the SQLAlchemy broker, two worker processes, the API."""
     import uvicorn
 
     from service.app import create_app
@@ -180,12 +234,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     upgrade(settings.database_url)
     key = _local_key(data_dir)
-    log_path = data_dir / "worker.log"
-    with log_path.open("ab") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--queues",
-             "evaluations,webhooks,ingest"],
-            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    workers = _start_workers(data_dir)
     config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
                             log_level="warning", http="service.connections:GuardedHTTP")
     server = uvicorn.Server(config)
@@ -194,11 +243,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         task = asyncio.create_task(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
+        watchers = []
         if server.started:
             print(f"robustscope is up at http://{args.host}:{args.port}", flush=True)
             print(f"API key (owner 'local'): {key}", flush=True)
-            print(f"data: {data_dir}   worker log: {log_path}", flush=True)
+            print(f"data: {data_dir}   worker logs: "
+                  f"{', '.join(str(w.log) for w in workers)}", flush=True)
+            print("the workers are starting (PyTorch, the sandbox check): jobs posted now "
+                  "wait in the queue until a worker says it is ready", flush=True)
+            watchers = [asyncio.create_task(_announce_ready(w)) for w in workers]
         await task
+        for watcher in watchers:
+            watcher.cancel()
 
     def stop(*_: object) -> None:
         server.should_exit = True
@@ -207,11 +263,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve())
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for w in workers:
+            w.proc.terminate()
+        for w in workers:
+            try:
+                w.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
     return 0
 
 
@@ -231,10 +289,23 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustscope", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start the embedded service: API, worker, SQLite, broker")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--data-dir", default=os.environ.get("ROBUSTSCOPE_DATA_DIR", "var"))
+    up = sub.add_parser(
+        "up", help="start the embedded service: API, workers, SQLite, broker",
+        description="Start robustscope on this machine with no servers to install: migrate a "
+                    "SQLite database in the data folder, start two worker processes on an "
+                    "embedded broker (one for evaluations and trainings, one for dataset "
+                    "ingests, so an upload never waits behind a training), serve the API, and "
+                    "print its address, an API key for the owner 'local' and when each worker "
+                    "is ready. Stop it with Ctrl-C.")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="address the API listens on (default: %(default)s, this machine only; "
+                         "0.0.0.0 for every interface)")
+    up.add_argument("--port", type=int, default=8000,
+                    help="port the API listens on (default: %(default)s)")
+    up.add_argument("--data-dir", default=os.environ.get("ROBUSTSCOPE_DATA_DIR", "var"),
+                    help="folder for the database, the broker, checkpoints, datasets, results, "
+                         "the API key and the worker logs; created if missing (default: "
+                         "$ROBUSTSCOPE_DATA_DIR, else ./var)")
     up.set_defaults(fn=cmd_up)
 
     api = sub.add_parser("api", help="run the API server (production shape)")

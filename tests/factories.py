@@ -13,7 +13,7 @@ from typing import Any, get_args
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from torch import nn
+from torch import Tensor, nn
 
 from contract.suite import BaseEntry
 from service.app import create_app
@@ -61,6 +61,34 @@ def tiny_net(num_classes: int = 4, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
                          nn.Flatten(), nn.Linear(64, num_classes)).eval()
+
+
+class GreyViews(nn.Module):
+    """A grey digit CNN that flattens with ``.view`` after its convolutions (the most common
+    MNIST model): with one input channel, channels_last and contiguous strides both count as
+    "contiguous", so only the exact strides say which one a convolution sees."""
+
+    def __init__(self, bn: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4) if bn else nn.Identity()
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 7 * 7, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = torch.max_pool2d(torch.relu(self.bn(self.conv1(x))), 2)
+        z = torch.max_pool2d(torch.relu(self.conv2(z)), 2)
+        return self.fc(z.view(z.size(0), -1))
+
+
+def grey_view_net(bn: bool = True) -> GreyViews:
+    """An untrained :class:`GreyViews` in eval mode, seeded; with BatchNorm statistics."""
+    torch.manual_seed(0)
+    net = GreyViews(bn)
+    if bn:  # non-trivial running statistics, so a folded copy differs from the identity
+        with torch.no_grad():
+            net.train()(torch.rand(32, 1, 28, 28))
+    return net.eval()
 
 
 def torchscript_bytes(model: nn.Module) -> bytes:

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -98,3 +98,72 @@ def test_curl_style_flow_and_the_cli_client(up: tuple[str, str, Path]) -> None:
                              text=True, timeout=60)
     assert refused.returncode == 4
     assert "401" in refused.stderr
+
+
+def _wait_for(what: str, check: Callable[[], bool], seconds: float = 300) -> None:
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < seconds, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_up_says_when_each_worker_is_ready(up: tuple[str, str, Path]) -> None:
+    _url, _key, work = up
+    log = work / "up.log"
+    text = log.read_text()
+    assert "jobs posted now wait in the queue until a worker says it is ready" in text
+    _wait_for("both ready lines", lambda: all(
+        f"{name} ready after" in log.read_text() for name in ("worker", "ingest")))
+    lines = log.read_text().splitlines()
+    assert any(ln.startswith("worker ready after") and "evaluations and trainings start now"
+               in ln for ln in lines)
+    assert any(ln.startswith("ingest ready after") and "dataset ingests start now" in ln
+               for ln in lines)
+
+
+def test_an_upload_is_ingested_while_a_training_holds_the_other_worker(
+        up: tuple[str, str, Path]) -> None:
+    from tests.service.ingest_fixtures import png, solid, write_zip
+
+    url, key, work = up
+    headers = {"Authorization": f"Bearer {key}"}
+    training = httpx.post(f"{url}/trainings", headers=headers, json={
+        "dataset": "shapes-32", "architecture": "small_cnn", "method": "standard",
+        "epochs": 1000, "batch_size": 32, "eval_examples": 8}).json()
+    _wait_for("the training to start", lambda: httpx.get(
+        f"{url}/trainings/{training['id']}", headers=headers).json()["status"] == "running")
+    files = {f"set/test/{c}/{i}.png": png(solid(rgb, (8, 8)))
+             for c, rgb in (("red", (250, 0, 0)), ("blue", (0, 0, 250))) for i in range(3)}
+    archive = write_zip(work / "colours.zip", files)
+    with archive.open("rb") as f:
+        posted = httpx.post(f"{url}/datasets", headers=headers,
+                            files={"file": ("colours.zip", f)})
+    assert posted.status_code == 202, posted.text
+
+    def dataset_status() -> str:
+        status: str = httpx.get(f"{url}/datasets/{posted.json()['id']}",
+                                headers=headers).json()["status"]
+        return status
+
+    _wait_for("the ingest", lambda: dataset_status() != "ingesting", seconds=180)
+    assert dataset_status() == "ready"
+    assert httpx.get(f"{url}/trainings/{training['id']}",
+                     headers=headers).json()["status"] == "running"
+    httpx.post(f"{url}/trainings/{training['id']}/cancel", headers=headers)
+    _wait_for("the cancel", lambda: httpx.get(  # the worker idle again before up stops
+        f"{url}/trainings/{training['id']}", headers=headers).json()["status"] == "cancelled",
+        seconds=120)
+
+
+def test_up_help_explains_every_flag() -> None:
+    from service.cli import parser
+
+    up = next(a for a in parser()._subparsers._group_actions[0].choices.items()  # type: ignore[union-attr]
+              if a[0] == "up")[1]
+    flags = [a for a in up._actions if a.option_strings and a.dest != "help"]
+    assert sorted(a.dest for a in flags) == ["data_dir", "host", "port"]
+    for action in flags:
+        assert action.help, action.dest
+    text = up.format_help()
+    assert "--port PORT" in text
+    assert "(default: 8000)" in text

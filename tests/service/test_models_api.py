@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from tests.factories import (
     api,
     auth,
     export_bytes,
+    grey_view_net,
     malicious_pickle,
     malicious_torch_save,
     new_key,
@@ -188,3 +190,92 @@ def test_list_pages_newest_first_and_filters_by_sha256(client: TestClient) -> No
     other = new_key(client.app.state.settings.database_url, "bob")  # type: ignore[attr-defined]
     assert client.get("/models", headers=auth(other)).json()["items"] == []
     _problem(client.get("/models", params={"sha256": "xyz"}, headers=auth(key)), 422, "")
+
+
+def _evaluate_stored(client: TestClient, model: dict, meta: dict, net: torch.nn.Module,
+                     x: torch.Tensor, y: torch.Tensor) -> None:
+    """The checkpoint the API stored, loaded and evaluated by the engine as a job would: clean
+    accuracy exactly the network's own, and a PGD stage that runs."""
+    from workers.engine import benchmarks
+    from workers.engine.models import ModelSpec, load
+    from workers.engine.types import EvalData, RunContext
+
+    stored = client.app.state.settings.data_dir / "models"  # type: ignore[attr-defined]
+    (path,) = stored.glob(f"{model['id']}.*")
+    loaded = load(path, ModelSpec.from_metadata(model["format"], meta))
+    data = EvalData(x=x, y=y, class_names=[str(i) for i in range(meta["num_classes"])])
+    with torch.no_grad():
+        expected = (net(x).argmax(1) == y).float().mean().item()
+        torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-5)
+    ctx = RunContext()
+    clean = benchmarks.run(loaded, data, benchmarks.parse({"benchmark": "clean"}), ctx)
+    assert clean.rows[0].value == pytest.approx(expected, abs=1e-6)
+    adv = benchmarks.run(loaded, data, benchmarks.parse(
+        {"benchmark": "adversarial", "attack": "pgd", "norm": "linf", "eps": [0.1],
+         "steps": 2}), ctx)
+    rows = {r.metric: r.value for r in adv.rows}
+    assert rows["clean_accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert rows["robust_accuracy"] <= expected
+
+
+GREY_META = {"name": "grey-view-cnn", "num_classes": 10, "input_shape": [1, 28, 28]}
+
+
+def _run_snippet(code: str, tmp_path: Path, model: torch.nn.Module, example: torch.Tensor,
+                 monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """Runs ``code`` as a user would paste it (names ``model`` and ``example`` bound), in an
+    empty folder; returns the one file it wrote."""
+    work = tmp_path / f"snippet{len(list(tmp_path.iterdir()))}"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    exec(code, {"torch": torch, "model": model, "example": example})  # noqa: S102
+    (written,) = list(work.iterdir())
+    return written.read_bytes()
+
+
+def test_the_pickle_refusals_conversion_examples_pass_upload_and_evaluation(
+        client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each line of code the refusal suggests, run verbatim on a grey model that flattens with
+    ``.view`` (an example batch of one, as a user would write it: the export is then traced
+    with a static batch of 1 and runs in chunks)."""
+    from service.models.sniff import CONVERT_HINT
+
+    snippets = [c for c in re.findall(r"`([^`]+)`", CONVERT_HINT) if "save" in c]
+    assert len(snippets) == 3
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(6, 1, 28, 28, generator=g), torch.randint(0, 10, (6,), generator=g)
+    formats = []
+    for code in snippets:
+        if "safetensors" in code:  # a state dict needs an architecture of the registry
+            net, meta = small_cnn(10, 1).eval(), {**GREY_META, "architecture": "small_cnn"}
+        else:
+            net, meta = grey_view_net(), GREY_META
+        data = _run_snippet(code, tmp_path, net, torch.rand(1, 1, 28, 28), monkeypatch)
+        resp = upload(client, client.key, data, meta)  # type: ignore[attr-defined]
+        assert resp.status_code == 201, resp.text
+        formats.append(resp.json()["format"])
+        _evaluate_stored(client, resp.json(), meta, net, x, y)
+    assert sorted(formats) == ["safetensors", "torch_export", "torchscript"]
+
+
+def test_the_failed_exports_hint_passes_upload_and_evaluation(
+        client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export whose batch dimension cannot take 3 inputs is refused at load with an export
+    call that works; that call, run verbatim, gives a model that uploads and evaluates."""
+    from workers.engine.models import CheckpointError, ModelSpec, export_hint, load
+
+    net = grey_view_net()
+    program = torch.export.export(net, (torch.rand(4, 1, 28, 28),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=4)},))
+    path = tmp_path / "min4.pt2"
+    torch.export.save(program, path)
+    hint = export_hint(GREY_META["input_shape"])
+    with pytest.raises(CheckpointError) as err:
+        load(path, ModelSpec.from_metadata("torch_export", GREY_META))
+    assert hint in str(err.value)
+    data = _run_snippet(hint, tmp_path, net, torch.rand(1, 1, 28, 28), monkeypatch)
+    resp = upload(client, client.key, data, GREY_META)  # type: ignore[attr-defined]
+    assert resp.status_code == 201, resp.text
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.rand(7, 1, 28, 28, generator=g), torch.randint(0, 10, (7,), generator=g)
+    _evaluate_stored(client, resp.json(), GREY_META, net, x, y)

@@ -35,3 +35,27 @@ def test_a_running_evaluation_report_reloads_itself(sqlite_url: str, tmp_path: P
         assert "<meta http-equiv='refresh' content='5'>" in html
         assert f"<a class='model' href='/models/{model['id']}'>model</a>" in html
         assert client.get(f"/sweeps/{uuid.uuid4()}/report", headers=auth(key)).status_code == 404
+
+
+def test_the_home_page_says_what_this_is_and_lists_the_callers_jobs(
+        sqlite_url: str, tmp_path: Path) -> None:
+    bob, eve = new_key(sqlite_url, "bob"), new_key(sqlite_url, "eve")
+    with TestClient(create_app(settings(sqlite_url, tmp_path))) as client:
+        anonymous = client.get("/")
+        assert anonymous.status_code == 200
+        assert anonymous.headers["content-type"].startswith("text/html")
+        for link in ("href='/docs'", "href='/leaderboard/page'", "href='/openapi.json'"):
+            assert link in anonymous.text
+        assert "Authorization: Bearer" in anonymous.text
+        assert "<table>" not in anonymous.text
+        model = upload(client, bob, torchscript_bytes(tiny_net())).json()
+        ev = client.post("/evaluations", headers=auth(bob), json={
+            "model_id": model["id"], "dataset": "shapes-32",
+            "suite": [{"benchmark": "clean"}]}).json()
+        mine = client.get("/", headers=auth(bob)).text
+        assert f"href='/evaluations/{ev['id']}/report'" in mine
+        assert "<td>queued</td>" in mine
+        theirs = client.get("/", headers=auth(eve)).text
+        assert ev["id"] not in theirs
+        assert "No jobs yet" in theirs
+        assert client.get("/", headers=auth("rs_not_a_key")).status_code == 401

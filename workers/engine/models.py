@@ -228,27 +228,97 @@ def _load_export(path: Path) -> nn.Module:
     return module
 
 
-def _check_output(model: nn.Module, spec: ModelSpec, device: torch.device) -> None:
-    # An odd batch size catches a torch.export graph traced with a fixed batch dimension.
+def export_hint(input_shape: Sequence[int]) -> str:
+    """The export call that gives a graph for any batch size (an example batch of 2: torch
+    specialises a dimension of size 1 and refuses to make it dynamic)."""
+    dims = ", ".join(str(int(d)) for d in input_shape)
+    return (f"torch.export.save(torch.export.export(model.eval(), (torch.rand(2, {dims}),), "
+            f"dynamic_shapes=({{0: torch.export.Dim('batch')}},)), 'model.pt2')")
+
+
+class FixedBatch(nn.Module):
+    """A torch.export graph traced with a static batch size, run on batches of any size: in
+    chunks of that size, the last one padded with copies of its last row whose logits are
+    dropped. The graph's examples are independent (an exported graph runs in eval mode), so
+    padding changes no other row's logits or gradients."""
+
+    def __init__(self, model: nn.Module, batch: int, num_classes: int) -> None:
+        super().__init__()
+        self.model = model
+        self.batch = batch
+        self.num_classes = num_classes
+
+    def train(self, mode: bool = True) -> FixedBatch:
+        self.training = mode  # a torch.export graph refuses .train()/.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, b = x.shape[0], self.batch
+        if n == b:
+            out: Tensor = self.model(x)
+            return out
+        if n == 0:
+            return x.new_zeros(0, self.num_classes)
+        chunks = []
+        for start in range(0, n, b):
+            chunk = x[start:start + b]
+            k = chunk.shape[0]
+            if k < b:
+                chunk = torch.cat([chunk, chunk[-1:].expand(b - k, *chunk.shape[1:])])
+            chunks.append(self.model(chunk)[:k])
+        return torch.cat(chunks)
+
+
+def static_batch(module: nn.Module) -> int | None:
+    """The batch size a torch.export graph was traced with, when it is static (its first
+    input's first dimension is a plain int), else None."""
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, Tensor) and val.dim() >= 1 and isinstance(val.shape[0], int):
+                return int(val.shape[0])
+            return None
+    return None
+
+
+def _check_output(model: Normalized, spec: ModelSpec, device: torch.device) -> None:
+    """Runs the model once on 3 inputs (an odd batch catches a torch.export graph traced with
+    a fixed batch size): such a graph is run in chunks of its own batch (:class:`FixedBatch`);
+    any other failure, or logits of the wrong shape, refuses the model."""
     probe = torch.rand(3, *spec.input_shape, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(device)
     try:
         with torch.no_grad():
-            out = model(probe.to(device))
+            out = model(probe)
     except Exception as exc:  # the user's graph may raise anything on a wrong input shape
-        hint = ""
-        if spec.format is Format.EXPORT:
-            hint = (" (export with a dynamic batch dimension: torch.export.export(model, (x,), "
-                    "dynamic_shapes=({0: torch.export.Dim('batch')},)))")
-        raise CheckpointError(
-            f"the model failed on an input of shape [3, {', '.join(map(str, spec.input_shape))}]"
-            f"{hint}: {exc}"
-        ) from exc
+        batch = static_batch(model.model) if spec.format is Format.EXPORT else None
+        if batch is None or batch == probe.shape[0]:
+            raise _failed(spec, exc) from exc
+        model.model = FixedBatch(model.model, batch, spec.num_classes)
+        try:
+            with torch.no_grad():
+                out = model(probe)
+        except Exception as exc2:  # the user's graph, on a batch of its own size
+            raise _failed(spec, exc2) from exc2
     if not isinstance(out, Tensor) or out.shape != (3, spec.num_classes):
         shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise CheckpointError(
             f"the model must return logits of shape [3, {spec.num_classes}] for 3 inputs; it "
             f"returned {shape}"
         )
+
+
+def _failed(spec: ModelSpec, exc: Exception) -> CheckpointError:
+    hint = ""
+    if spec.format is Format.EXPORT:
+        hint = f" (an export that runs on any batch: {export_hint(spec.input_shape)})"
+    return CheckpointError(
+        f"the model failed on an input of shape [3, {', '.join(map(str, spec.input_shape))}]"
+        f"{hint}: {exc}"
+    )
 
 
 def shape_table() -> dict[str, dict[str, list[int | str]]]:

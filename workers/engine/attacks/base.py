@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.engine.layout import in_layout
 from workers.engine.threats import Norm, Radius
 
 LossFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -72,8 +73,10 @@ class Forward:
 
     def _search(self, x: Tensor) -> Tensor:
         assert self.search is not None
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # Exact strides, whatever the channel count: with one channel, x.contiguous() in
+        # either format keeps whichever strides x came with (see workers.engine.layout), so
+        # the probe and the search would not run the same kernels.
+        x = in_layout(x, self.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.search(x)
         return out.float()
@@ -95,7 +98,7 @@ class Forward:
 
     def _probe_rows(self, sample: Tensor) -> None:
         with torch.autocast(sample.device.type, enabled=False), torch.no_grad():
-            ref = self.model(sample).float()
+            ref = self.model(in_layout(sample)).float()
         self.calls += 1
         self.examples += int(sample.shape[0])
         scale = float(ref.abs().max()) + 1e-6
@@ -131,7 +134,7 @@ class Forward:
         self.calls += 1
         self.examples += int(x.shape[0])
         with torch.autocast(x.device.type, enabled=False):
-            return self.model(x).float()
+            return self.model(in_layout(x)).float()
 
     def confirmed(self, x: Tensor, claimed: Tensor, y: Tensor,
                   target: Tensor | None = None) -> Tensor:
@@ -232,10 +235,10 @@ def search_copy(model: nn.Module, probe: Tensor, channels_last: bool) -> nn.Modu
                 twin = twin.to(memory_format=torch.channels_last)
             for p in twin.parameters():
                 p.requires_grad_(False)
-            sample = probe[:8].detach().float().clone()
+            sample = probe[:8].detach().float()
             with torch.autocast(probe.device.type, enabled=False):
-                ref = model(sample).float()
-                got = twin(sample).float()
+                ref = model(in_layout(sample)).float()
+                got = twin(in_layout(sample, channels_last)).float()
     except Exception:  # tracing runs user code: any failure means "use the model itself"
         return model
     scale = float(ref.abs().max()) + 1e-6

@@ -56,6 +56,7 @@ from workers.engine.attacks import (
 )
 from workers.engine.benchmarks import register
 from workers.engine.benchmarks.clean import degenerate_check
+from workers.engine.layout import in_layout
 from workers.engine.runner import (
     CascadeResult,
     CleanPass,
@@ -308,7 +309,7 @@ def zero_gradient_fraction(model: nn.Module, data: EvalData, clean: CleanPass, c
     stuck = 0
     for s in range(0, todo.numel(), max(ctx.batch_size, 1)):
         idx = todo[s:s + max(ctx.batch_size, 1)]
-        xb = data.x[idx].to(ctx.device).requires_grad_(True)
+        xb = in_layout(data.x[idx].to(ctx.device)).requires_grad_(True)
         yb = data.y[idx].to(ctx.device)
         with torch.enable_grad():
             logits = model(xb).float()
@@ -331,7 +332,7 @@ def sanity_checks(model: nn.Module, data: EvalData, ctx: RunContext,
     """AutoAttack-style pitfalls: logits (not probabilities), determinism, non-zero grads."""
     if len(data) == 0:
         return []
-    x = data.x[:n].to(ctx.device)
+    x = in_layout(data.x[:n].to(ctx.device))
     y = data.y[:n].to(ctx.device)
     with torch.inference_mode():
         a, b = model(x).float(), model(x).float()

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from contract.suite import Clean
 from workers.engine.benchmarks import register
+from workers.engine.layout import in_layout
 from workers.engine.types import BenchmarkResult, Check, EvalData, MetricRow, RunContext
 
 DEGENERATE_SHARE = 0.95  # one class predicted for at least this share of the inputs
@@ -16,12 +17,13 @@ DEGENERATE_SHARE = 0.95  # one class predicted for at least this share of the in
 def predict(model: nn.Module, x: Tensor, ctx: RunContext) -> Tensor:
     """Top-1 predictions for ``x`` (on the CPU), in batches on ``ctx.device``, in fp32.
 
-    Reported accuracies are never computed under bf16: rounding could flip near-ties.
+    Reported accuracies are never computed under bf16: rounding could flip near-ties; the
+    inputs are in the contiguous layout, whatever strides the caller's tensor has.
     """
     out = []
     for start in range(0, x.shape[0], ctx.batch_size):
         xb = x[start:start + ctx.batch_size].to(ctx.device, non_blocking=True)
-        out.append(model(xb).argmax(1).cpu())
+        out.append(model(in_layout(xb)).argmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 

@@ -19,6 +19,7 @@ import torch
 from workers.engine.data import assets, digits, scenes
 from workers.engine.data import backgrounds as bgs
 from workers.engine.data.scenes import SPLITS, Arrays, SceneSpec
+from workers.engine.layout import in_layout
 from workers.engine.types import EvalData
 
 
@@ -212,8 +213,8 @@ def load_builtin(name: str, split: str = "test", seed: int = 0, **params: Any) -
     resolved = _check_params(spec, params)
     key = tuple(sorted(resolved.items()))
     arr = _arrays(name, split, int(seed), key)
-    x = torch.from_numpy(arr.images).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
-    bg = torch.from_numpy(arr.backgrounds).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    x = in_layout(torch.from_numpy(arr.images).permute(0, 3, 1, 2).float().div_(255.0))
+    bg = in_layout(torch.from_numpy(arr.backgrounds).permute(0, 3, 1, 2).float().div_(255.0))
     corr = resolved["correlation"] if split == "train" else resolved["test_correlation"]
     source = BuiltinSource(name, int(seed), key, float(resolved["correlation"]),
                            len(spec.class_names), arr.assets, float(corr))

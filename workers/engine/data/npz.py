@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workers.engine.layout import in_layout
 from workers.engine.types import EvalData
 
 
@@ -61,7 +62,9 @@ def load_npz(path: str | Path, split: str) -> EvalData:
     if split not in available:
         raise DatasetFormatError(f"{path.name}: no split {split!r}; available: {available}")
     keep = np.flatnonzero(splits == split)
-    x = torch.from_numpy(images[keep]).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    # in_layout, not .contiguous(): a grey [N, 1, H, W] permuted from HWC counts as contiguous
+    # but keeps channels_last strides, which a model's .view after its convolutions rejects.
+    x = in_layout(torch.from_numpy(images[keep]).permute(0, 3, 1, 2).float().div_(255.0))
     return EvalData(
         x=x,
         y=torch.from_numpy(labels[keep].astype(np.int64)),

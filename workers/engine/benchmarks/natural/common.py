@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from workers.engine.layout import in_layout
 from workers.engine.types import BenchmarkError, EvalData, RunContext
 
 
@@ -17,7 +18,7 @@ def argmax_on_device(model: nn.Module, x: Tensor, ctx: RunContext) -> Tensor:
     (reported accuracies never go through bf16 rounding)."""
     out = []
     for start in range(0, x.shape[0], ctx.batch_size):
-        out.append(model(x[start:start + ctx.batch_size]).argmax(1))
+        out.append(model(in_layout(x[start:start + ctx.batch_size])).argmax(1))
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
 
 
