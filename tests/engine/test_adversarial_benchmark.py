@@ -247,6 +247,7 @@ def test_monotone_check() -> None:
 
 
 @pytest.mark.parametrize("norm", list(Norm))
+@pytest.mark.slow
 def test_robustness_curve_matches_the_closed_form(norm: Norm) -> None:
     model, data = _data(n=48)
     m = linear_min_norms(model, data.x, data.y, norm)
@@ -296,6 +297,7 @@ def test_cost_rows_count_every_pass_the_model_saw() -> None:
     assert seconds["total"] == pytest.approx(seconds["apgd-ce"] + seconds["apgd-t"])
 
 
+@pytest.mark.slow
 def test_the_audit_flags_a_weak_attack_through_the_benchmark() -> None:
     model, data = _data(n=32)
     params = {"norm": "linf", "eps": 0.02, "audit": 12}

@@ -31,6 +31,7 @@ MONOTONE = [n for n in C.CORRUPTIONS if n not in ("saturate", "frost")]
 
 
 @pytest.mark.parametrize("name", MONOTONE)
+@pytest.mark.slow
 def test_severity_is_monotone_in_strength(name: str, images: torch.Tensor) -> None:
     d = [_distance(name, images, s) for s in range(1, 6)]
     assert all(b > a for a, b in zip(d, d[1:], strict=False)), d

@@ -74,6 +74,7 @@ def spec(method: str, **kw: Any) -> TrainSpec:
     return TrainSpec(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_adversarial_training_trades_the_shortcut_for_robustness() -> None:
     final = {m: train(spec(m), TRAIN, HELD_OUT).history[-1]
              for m in ("standard", "pgd", "fgsm_rs", "trades")}
@@ -86,6 +87,7 @@ def test_adversarial_training_trades_the_shortcut_for_robustness() -> None:
 
 
 @pytest.mark.parametrize(("norm", "eps"), [(Norm.L2, 0.6), (Norm.L1, 2.0)])
+@pytest.mark.slow
 def test_l2_and_l1_training_also_buy_robustness(norm: Norm, eps: float) -> None:
     threat = ThreatSpec(norm, eps, steps=5)
     standard = train(spec("standard", threat=threat), TRAIN, HELD_OUT).history[-1]
@@ -113,6 +115,7 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize("optimizer", [Optimizer.SGD, Optimizer.ADAM])
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_epoch_to_the_same_weights(
         tmp_path: Path, optimizer: Optimizer) -> None:
     s = spec("pgd", epochs=3, optimizer=optimizer,
