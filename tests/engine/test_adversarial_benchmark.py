@@ -56,6 +56,7 @@ def test_pgd_linf_and_l2_eps_list(tmp_path: Path) -> None:
         assert all(isinstance(r.as_dict()["value"], float) for r in res.rows)
 
 
+@pytest.mark.slow
 def test_autoattack_rows_per_stage() -> None:
     model, data = _data(n=24)
     res = run("adversarial", model, data,
@@ -227,6 +228,7 @@ def test_zero_gradient_fraction_counts_the_examples_an_attack_cannot_start_from(
     assert _rows(res, "zero_gradient_fraction") == []
 
 
+@pytest.mark.slow
 def test_square_beating_white_box_is_flagged() -> None:
     model, data = _data(n=32)
     data = EvalData(torch.round(data.x * 4) / 4, data.y, data.class_names)

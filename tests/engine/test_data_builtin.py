@@ -17,6 +17,7 @@ from workers.engine.data import (
 )
 
 
+@pytest.mark.slow
 def test_same_seed_same_data_other_seed_other_data() -> None:
     a = load_builtin("shapes-32", "test", seed=3, assets="procedural")
     b = load_builtin("shapes-32", "test", seed=3, assets="procedural")
@@ -27,6 +28,7 @@ def test_same_seed_same_data_other_seed_other_data() -> None:
     assert not torch.equal(a.x, c.x)
 
 
+@pytest.mark.slow
 def test_generation_does_not_depend_on_cache_or_global_rng() -> None:
     from workers.engine.data import builtin
 
@@ -38,6 +40,7 @@ def test_generation_does_not_depend_on_cache_or_global_rng() -> None:
     assert torch.equal(first.x, again.x)
 
 
+@pytest.mark.slow
 def test_caller_mutation_does_not_corrupt_cache() -> None:
     a = load_builtin("shapes-32", "test")
     a.x.zero_()
@@ -47,6 +50,7 @@ def test_caller_mutation_does_not_corrupt_cache() -> None:
     assert b.y.max() == 3
 
 
+@pytest.mark.slow
 def test_splits_are_different_images() -> None:
     tr = load_builtin("shapes-32", "train")
     te = load_builtin("shapes-32", "test")
@@ -74,6 +78,7 @@ def test_masks_are_exact_and_backgrounds_clean(name: str, assets: str | None) ->
     assert (d.x[inside] - d.backgrounds[inside]).abs().mean() > 0.05 or name == "colored-mnist"
 
 
+@pytest.mark.slow
 def test_procedural_and_asset_modes_have_the_same_task_shape() -> None:
     a = load_builtin("waterbirds-32", "test", assets="auto")
     p = load_builtin("waterbirds-32", "test", assets="procedural")

@@ -220,6 +220,7 @@ def test_spurious_shift_tracks_the_correlation_for_a_shortcut_model() -> None:
     assert one(res, "worst_group_accuracy", shift="removed") == 0.0
 
 
+@pytest.mark.slow
 def test_spurious_shift_keeps_labels_so_a_constant_model_is_unmoved() -> None:
     class Constant(nn.Module):
         def forward(self, x: Tensor) -> Tensor:

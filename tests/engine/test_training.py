@@ -100,6 +100,7 @@ def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_from_the_seed() -> None:
     s = spec("fgsm_rs", epochs=2)
     first, again = train(s, TRAIN, HELD_OUT), train(s, TRAIN, HELD_OUT)

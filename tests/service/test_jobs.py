@@ -122,6 +122,7 @@ def _test_benchmarks(monkeypatch: pytest.MonkeyPatch) -> Any:
     _REGISTRY.pop("test_slow")
 
 
+@pytest.mark.slow
 def test_a_job_runs_and_records_everything(rt: Runtime) -> None:
     eid = _job(rt, [{"benchmark": "clean"}, {"benchmark": "test_counted", "tag": "a"}])
     assert evaluation_jobs.run(rt, eid) == "succeeded"
