@@ -167,6 +167,7 @@ def test_every_suite_benchmark_is_registered_in_the_engine() -> None:
     assert names == set(benchmarks.names())
 
 
+@pytest.mark.slow
 def test_the_api_architecture_table_is_current() -> None:
     stored = json.loads((ROOT / "service/models/architectures.json").read_text())
     assert stored == json.loads(json.dumps(shape_table()))

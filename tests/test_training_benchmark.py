@@ -8,6 +8,8 @@ import pytest
 
 from benchmarks import training
 
+pytestmark = pytest.mark.slow
+
 
 def test_prints_a_row_per_method_with_both_rates(capsys: pytest.CaptureFixture[str]) -> None:
     assert training.main(["--images", "6", "--batch", "2", "--methods", "standard,fgsm_rs",

@@ -56,6 +56,7 @@ def test_pgd_linf_and_l2_eps_list(tmp_path: Path) -> None:
         assert all(isinstance(r.as_dict()["value"], float) for r in res.rows)
 
 
+@pytest.mark.slow
 def test_autoattack_rows_per_stage() -> None:
     model, data = _data(n=24)
     res = run("adversarial", model, data,
@@ -227,6 +228,7 @@ def test_zero_gradient_fraction_counts_the_examples_an_attack_cannot_start_from(
     assert _rows(res, "zero_gradient_fraction") == []
 
 
+@pytest.mark.slow
 def test_square_beating_white_box_is_flagged() -> None:
     model, data = _data(n=32)
     data = EvalData(torch.round(data.x * 4) / 4, data.y, data.class_names)
@@ -247,6 +249,7 @@ def test_monotone_check() -> None:
 
 
 @pytest.mark.parametrize("norm", list(Norm))
+@pytest.mark.slow
 def test_robustness_curve_matches_the_closed_form(norm: Norm) -> None:
     model, data = _data(n=48)
     m = linear_min_norms(model, data.x, data.y, norm)
@@ -296,6 +299,7 @@ def test_cost_rows_count_every_pass_the_model_saw() -> None:
     assert seconds["total"] == pytest.approx(seconds["apgd-ce"] + seconds["apgd-t"])
 
 
+@pytest.mark.slow
 def test_the_audit_flags_a_weak_attack_through_the_benchmark() -> None:
     model, data = _data(n=32)
     params = {"norm": "linf", "eps": 0.02, "audit": 12}

@@ -27,6 +27,8 @@ from workers.engine.runner import Stage, run_cascade
 from workers.engine.threats import Norm
 from workers.engine.types import RunContext, native_bf16
 
+pytestmark = pytest.mark.slow
+
 
 class FakesBreaksUnderAutocast(nn.Module):
     """fp32 logits, except that under autocast a correctly classified point whose margin is

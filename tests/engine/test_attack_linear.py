@@ -37,6 +37,8 @@ from workers.engine.runner import autoattack_stages, run_cascade
 from workers.engine.threats import Norm
 from workers.engine.types import RunContext
 
+pytestmark = pytest.mark.slow
+
 EPS_QUANTILE = 0.5  # eps = median minimal norm: half the examples are breakable
 
 

@@ -27,6 +27,8 @@ from workers.engine.runner import Stage, audit, autoattack_stages, efficient_sta
 from workers.engine.threats import Norm
 from workers.engine.types import RunContext
 
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 0.005
 STEPS, QUERIES = 20, 200  # every stage's budget reduced alike, ours and the reference's
 EPS = {Norm.LINF: 0.04, Norm.L2: 0.5}

@@ -23,6 +23,8 @@ from workers.engine.runner import autoattack_stages, run_cascade
 from workers.engine.threats import Norm
 from workers.engine.types import RunContext
 
+pytestmark = pytest.mark.slow
+
 EPS = 0.04
 N = 200
 TOLERANCE = 0.005

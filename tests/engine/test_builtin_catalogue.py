@@ -15,6 +15,7 @@ def test_same_names_and_default() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
+@pytest.mark.slow
 def test_entry_matches_generated_data(name: str) -> None:
     entry = BUILTIN_DATASETS[name]
     spec = BUILTINS[name]

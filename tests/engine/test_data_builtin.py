@@ -17,6 +17,7 @@ from workers.engine.data import (
 )
 
 
+@pytest.mark.slow
 def test_same_seed_same_data_other_seed_other_data() -> None:
     a = load_builtin("shapes-32", "test", seed=3, assets="procedural")
     b = load_builtin("shapes-32", "test", seed=3, assets="procedural")
@@ -27,6 +28,7 @@ def test_same_seed_same_data_other_seed_other_data() -> None:
     assert not torch.equal(a.x, c.x)
 
 
+@pytest.mark.slow
 def test_generation_does_not_depend_on_cache_or_global_rng() -> None:
     from workers.engine.data import builtin
 
@@ -38,6 +40,7 @@ def test_generation_does_not_depend_on_cache_or_global_rng() -> None:
     assert torch.equal(first.x, again.x)
 
 
+@pytest.mark.slow
 def test_caller_mutation_does_not_corrupt_cache() -> None:
     a = load_builtin("shapes-32", "test")
     a.x.zero_()
@@ -47,6 +50,7 @@ def test_caller_mutation_does_not_corrupt_cache() -> None:
     assert b.y.max() == 3
 
 
+@pytest.mark.slow
 def test_splits_are_different_images() -> None:
     tr = load_builtin("shapes-32", "train")
     te = load_builtin("shapes-32", "test")
@@ -57,6 +61,7 @@ def test_splits_are_different_images() -> None:
     ("waterbirds-32", "auto"), ("waterbirds-32", "procedural"), ("scenes-9", "procedural"),
     ("shapes-32", "auto"), ("colored-mnist", None),
 ])
+@pytest.mark.slow
 def test_masks_are_exact_and_backgrounds_clean(name: str, assets: str | None) -> None:
     d = load_builtin(name, "test") if assets is None else load_builtin(name, "test",
                                                                         assets=assets)
@@ -73,6 +78,7 @@ def test_masks_are_exact_and_backgrounds_clean(name: str, assets: str | None) ->
     assert (d.x[inside] - d.backgrounds[inside]).abs().mean() > 0.05 or name == "colored-mnist"
 
 
+@pytest.mark.slow
 def test_procedural_and_asset_modes_have_the_same_task_shape() -> None:
     a = load_builtin("waterbirds-32", "test", assets="auto")
     p = load_builtin("waterbirds-32", "test", assets="procedural")
@@ -85,6 +91,7 @@ def test_procedural_and_asset_modes_have_the_same_task_shape() -> None:
 
 
 @pytest.mark.parametrize("corr", [0.95, 0.5, 0.2])
+@pytest.mark.slow
 def test_train_correlation_is_exact(corr: float) -> None:
     d = load_builtin("waterbirds-32", "train", correlation=corr)
     assert d.groups is not None
@@ -103,6 +110,7 @@ def test_test_split_groups_are_balanced() -> None:
         assert counts.min() == counts.max(), name
 
 
+@pytest.mark.slow
 def test_with_correlation_only_swaps_backgrounds() -> None:
     base = load_builtin("waterbirds-32", "test")
     assert base.source is not None
@@ -122,6 +130,7 @@ def test_with_correlation_only_swaps_backgrounds() -> None:
     assert kept.source.train_correlation == 0.95
 
 
+@pytest.mark.slow
 def test_colored_mnist_recipe() -> None:
     d = load_builtin("colored-mnist", "train")
     red = d.x[:, 0].sum(dim=(1, 2)) > d.x[:, 1].sum(dim=(1, 2))
@@ -144,6 +153,7 @@ def test_bad_parameters_are_refused() -> None:
         load_builtin("shapes-32", "test", correlation=1.2)
 
 
+@pytest.mark.slow
 def test_every_builtin_has_the_advertised_sizes() -> None:
     for name, spec in BUILTINS.items():
         assert len(load_builtin(name, "val")) == spec.sizes["val"]

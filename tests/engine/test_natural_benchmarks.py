@@ -93,6 +93,7 @@ def test_toy_models_are_perfect_on_clean_data() -> None:
 # ------------------------------------------------------------------------- fg_bg_noise
 
 
+@pytest.mark.slow
 def test_foreground_reader_ignores_background_noise() -> None:
     res = run("fg_bg_noise", fg_reader(), toy_data(), {"sigmas": SIGMAS, "trials": 2}, CTX)
     for s in SIGMAS:
@@ -104,6 +105,7 @@ def test_foreground_reader_ignores_background_noise() -> None:
     assert mean_rfs == pytest.approx(sum(one(res, "rfs", sigma=s) for s in SIGMAS) / 2)
 
 
+@pytest.mark.slow
 def test_background_reader_ignores_foreground_noise_and_has_negative_rfs() -> None:
     res = run("fg_bg_noise", bg_reader(), toy_data(), {"sigmas": SIGMAS, "trials": 2}, CTX)
     for s in SIGMAS:
@@ -113,6 +115,7 @@ def test_background_reader_ignores_foreground_noise_and_has_negative_rfs() -> No
     assert one(res, "rfs", sigma="mean") < 0
 
 
+@pytest.mark.slow
 def test_fg_bg_noise_is_deterministic_in_the_seed() -> None:
     params = {"sigmas": [0.75], "trials": 1}
     a = run("fg_bg_noise", fg_reader(), toy_data(), params, RunContext(batch_size=64, seed=1))
@@ -133,6 +136,7 @@ def test_fg_bg_noise_default_grid_and_row_layout() -> None:
 
 
 @pytest.mark.parametrize("known_backgrounds", [True, False])
+@pytest.mark.slow
 def test_foreground_reader_has_no_bg_gap(known_backgrounds: bool) -> None:
     res = run("backgrounds", fg_reader(), toy_data(with_backgrounds=known_backgrounds), {}, CTX)
     for variant in ("original", "only_fg", "mixed_same", "mixed_rand"):
@@ -143,6 +147,7 @@ def test_foreground_reader_has_no_bg_gap(known_backgrounds: bool) -> None:
 
 
 @pytest.mark.parametrize("known_backgrounds", [True, False])
+@pytest.mark.slow
 def test_background_reader_has_a_large_bg_gap(known_backgrounds: bool) -> None:
     res = run("backgrounds", bg_reader(), toy_data(with_backgrounds=known_backgrounds), {}, CTX)
     assert one(res, "accuracy", variant="mixed_same") == 1.0
@@ -204,6 +209,7 @@ def test_spurious_model_has_zero_worst_group_accuracy() -> None:
     assert one(res, "accuracy", group="landbird on water") == 0.0
 
 
+@pytest.mark.slow
 def test_spurious_shift_tracks_the_correlation_for_a_shortcut_model() -> None:
     data = load_builtin("waterbirds-32", "test", assets="procedural")
     res = run("spurious_shift", PlaceReader(), data, {}, CTX)
@@ -214,6 +220,7 @@ def test_spurious_shift_tracks_the_correlation_for_a_shortcut_model() -> None:
     assert one(res, "worst_group_accuracy", shift="removed") == 0.0
 
 
+@pytest.mark.slow
 def test_spurious_shift_keeps_labels_so_a_constant_model_is_unmoved() -> None:
     class Constant(nn.Module):
         def forward(self, x: Tensor) -> Tensor:
@@ -274,6 +281,7 @@ def test_progress_is_reported_and_cancellation_propagates() -> None:
             RunContext(batch_size=32, progress=cancel))
 
 
+@pytest.mark.slow
 def test_backgrounds_flags_a_split_whose_backgrounds_ignore_the_class() -> None:
     balanced = load_builtin("waterbirds-32", "test", assets="procedural")
     natural = load_builtin("waterbirds-32", "test", assets="procedural", test_correlation=0.95)

@@ -31,6 +31,7 @@ MONOTONE = [n for n in C.CORRUPTIONS if n not in ("saturate", "frost")]
 
 
 @pytest.mark.parametrize("name", MONOTONE)
+@pytest.mark.slow
 def test_severity_is_monotone_in_strength(name: str, images: torch.Tensor) -> None:
     d = [_distance(name, images, s) for s in range(1, 6)]
     assert all(b > a for a, b in zip(d, d[1:], strict=False)), d
@@ -38,6 +39,7 @@ def test_severity_is_monotone_in_strength(name: str, images: torch.Tensor) -> No
 
 
 @pytest.mark.parametrize("name", [n for n in C.CORRUPTIONS if n != "frost"])
+@pytest.mark.slow
 def test_outputs_are_images_and_deterministic(name: str, images: torch.Tensor) -> None:
     a = C.CORRUPTIONS[name](images, 3, torch.Generator().manual_seed(1))
     b = C.CORRUPTIONS[name](images, 3, torch.Generator().manual_seed(1))
@@ -48,6 +50,7 @@ def test_outputs_are_images_and_deterministic(name: str, images: torch.Tensor) -
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_saturate_follows_imagenet_c_scale(images: torch.Tensor) -> None:
     sat = [C.rgb_to_hsv(C.saturate(images, s, torch.Generator()))[:, 1].mean() for s in
            range(1, 6)]
@@ -64,6 +67,7 @@ def test_hsv_round_trip_matches_colorsys() -> None:
     assert torch.allclose(C.hsv_to_rgb(hsv), x, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_jpeg_matches_libjpeg(images: torch.Tensor) -> None:
     """Our in-torch JPEG differs from Pillow's libjpeg far less than either from the input."""
     for quality in (80, 40):
@@ -121,6 +125,7 @@ def test_benchmark_rows() -> None:
         run("corruptions", Blind(), data, {"types": ["frost"]}, RunContext())
 
 
+@pytest.mark.slow
 def test_pixelate_matches_pillow_box(images: torch.Tensor) -> None:
     for severity, c in enumerate((0.95, 0.9, 0.85, 0.75, 0.65), start=1):
         ours = C.pixelate(images, severity, torch.Generator())

@@ -22,6 +22,8 @@ from tests.factories import run_benchmark as run
 from workers.engine.data import load_builtin
 from workers.engine.types import BenchmarkResult, RunContext
 
+pytestmark = pytest.mark.slow
+
 N_TRAIN, EPOCHS, BATCH, LR = 1500, 6, 64, 3e-3
 
 

@@ -102,6 +102,7 @@ def _tiny(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("_tiny")
+@pytest.mark.slow
 def test_fgsm_rs_guard_restores_the_best_epoch_and_stops(monkeypatch: pytest.MonkeyPatch,
                                                          tmp_path: Path) -> None:
     """Held-out PGD accuracy 0.3, 0.5, then 0.1: the run stops after epoch 3 of 6 with the
@@ -135,6 +136,7 @@ def test_fgsm_rs_guard_restores_the_best_epoch_and_stops(monkeypatch: pytest.Mon
 
 
 @pytest.mark.usefixtures("_tiny")
+@pytest.mark.slow
 def test_pgd_training_has_no_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     robust = iter([0.5, 0.1, 0.1])
     monkeypatch.setattr(loop, "measure", lambda *a, **k: (0.9, next(robust)))
@@ -145,6 +147,7 @@ def test_pgd_training_has_no_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(train(spec, data, data).history) == 3
 
 
+@pytest.mark.slow
 def test_feature_scales_of_the_waterbirds_set() -> None:
     """core_scale 1 paints every bird its class's tint; background_scale 0 leaves one grey
     background for all; the image outside the mask is still exactly the stored background."""

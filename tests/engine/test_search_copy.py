@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 from workers.engine.attacks.base import Forward, search_copy
 from workers.engine.models import Normalized
 from workers.engine.nets import resnet18_cifar
+
+pytestmark = pytest.mark.slow
 
 
 def _resnet() -> nn.Module:

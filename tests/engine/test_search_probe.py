@@ -49,6 +49,7 @@ def test_the_view_model_really_fails_under_channels_last() -> None:
         model(x.contiguous(memory_format=torch.channels_last))
 
 
+@pytest.mark.slow
 def test_a_model_that_views_after_its_convolutions_is_searched_in_its_own_layout() -> None:
     for bn in (False, True):
         model = ViewsAfterConvs(bn).eval()

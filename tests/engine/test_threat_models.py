@@ -89,6 +89,7 @@ def test_projection_is_the_closest_point(prob: tuple[Tensor, Tensor, Tensor],
 
 @settings(max_examples=30, deadline=None)
 @given(prob=problems(), norm=st.sampled_from(list(Norm)), seed=st.integers(0, 1000))
+@pytest.mark.slow
 def test_random_init_is_inside(prob: tuple[Tensor, Tensor, Tensor], norm: Norm,
                                seed: int) -> None:
     x, _, eps = prob

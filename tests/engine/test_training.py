@@ -74,6 +74,7 @@ def spec(method: str, **kw: Any) -> TrainSpec:
     return TrainSpec(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_adversarial_training_trades_the_shortcut_for_robustness() -> None:
     final = {m: train(spec(m), TRAIN, HELD_OUT).history[-1]
              for m in ("standard", "pgd", "fgsm_rs", "trades")}
@@ -86,6 +87,7 @@ def test_adversarial_training_trades_the_shortcut_for_robustness() -> None:
 
 
 @pytest.mark.parametrize(("norm", "eps"), [(Norm.L2, 0.6), (Norm.L1, 2.0)])
+@pytest.mark.slow
 def test_l2_and_l1_training_also_buy_robustness(norm: Norm, eps: float) -> None:
     threat = ThreatSpec(norm, eps, steps=5)
     standard = train(spec("standard", threat=threat), TRAIN, HELD_OUT).history[-1]
@@ -98,6 +100,7 @@ def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_from_the_seed() -> None:
     s = spec("fgsm_rs", epochs=2)
     first, again = train(s, TRAIN, HELD_OUT), train(s, TRAIN, HELD_OUT)
@@ -113,6 +116,7 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize("optimizer", [Optimizer.SGD, Optimizer.ADAM])
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_epoch_to_the_same_weights(
         tmp_path: Path, optimizer: Optimizer) -> None:
     s = spec("pgd", epochs=3, optimizer=optimizer,

@@ -24,7 +24,9 @@ from service.app import create_app
 from service.migrate import upgrade
 from service.settings import Settings
 from tests.factories import api, auth, new_key, settings, tiny_net, torchscript_bytes, upload
-from tests.service.servers import PrivateCluster, pg_bin, rss, serve
+from tests.service.servers import PrivateCluster, rss, serve
+
+pytestmark = pytest.mark.slow
 
 MB = 1 << 20
 
@@ -135,7 +137,7 @@ def test_an_unexpected_error_is_one_500_and_keeps_the_connection(
         assert conn.sock is sock  # the same TCP connection throughout
 
 
-@pytest.mark.skipif(pg_bin() is None, reason="needs the PostgreSQL server binaries")
+@pytest.mark.services  # a private cluster of its own, stopped and restarted
 def test_a_stopped_database_gives_503_and_keeps_the_connection(tmp_path: Path) -> None:
     cluster = PrivateCluster()
     try:

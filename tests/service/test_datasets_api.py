@@ -107,6 +107,7 @@ def _rows(job: dict[str, Any]) -> list[Any]:
     return [{k: r[k] for k in ("benchmark", "metric", "value", "params")} for r in job["results"]]
 
 
+@pytest.mark.slow
 def test_imagenet9_upload_runs_the_natural_benchmarks(env: Any, tmp_path: Path) -> None:
     client, key, rt = env
     archive = imagenet9_archive(tmp_path / "in9.zip")
@@ -135,6 +136,7 @@ def test_imagenet9_upload_runs_the_natural_benchmarks(env: Any, tmp_path: Path) 
     assert "group labels" in refused.json()["detail"]
 
 
+@pytest.mark.slow
 def test_waterbirds_upload_runs_groups(env: Any, tmp_path: Path) -> None:
     client, key, rt = env
     archive = waterbirds_archive(tmp_path / "wb.zip")
@@ -154,6 +156,7 @@ def test_waterbirds_upload_runs_groups(env: Any, tmp_path: Path) -> None:
     assert {"average_accuracy", "worst_group_accuracy", "accuracy"} <= metrics
 
 
+@pytest.mark.slow
 def test_every_natural_benchmark_on_builtin_data(env: Any) -> None:
     client, key, rt = env
     model = upload(client, key, torchscript_bytes(net(2)),
@@ -206,6 +209,7 @@ def test_bad_dataset_uploads(env: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("channels", "shape"), [(None, [1, 8, 8]), (3, [3, 8, 8])])
+@pytest.mark.slow
 def test_the_channels_option_reaches_the_workers_ingest(env: Any, tmp_path: Path,
                                                         channels: int | None,
                                                         shape: list[int]) -> None:

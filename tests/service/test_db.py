@@ -10,7 +10,6 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
 from service import db
-from tests.conftest import PG_ADMIN
 
 
 def _backend_pid(engine: Engine) -> int:
@@ -18,13 +17,13 @@ def _backend_pid(engine: Engine) -> int:
         return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
 
 
-def _terminate(pid: int) -> None:
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+def _terminate(admin_url: str, pid: int) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     time.sleep(0.2)
 
 
-def test_a_connection_reused_at_once_is_not_pinged(pg_url: str) -> None:
+def test_a_connection_reused_at_once_is_not_pinged(pg_url: str, pg_admin: str) -> None:
     """Under load a pooled connection is handed out as it is: no round trip per request. One
     that died in between fails its request (the API answers 503), and the pool then opens a
     new one."""
@@ -32,7 +31,7 @@ def test_a_connection_reused_at_once_is_not_pinged(pg_url: str) -> None:
     try:
         pid = _backend_pid(engine)
         assert _backend_pid(engine) == pid  # the same connection, kept open
-        _terminate(pid)
+        _terminate(pg_admin, pid)
         with pytest.raises(OperationalError):
             _backend_pid(engine)
         assert _backend_pid(engine) not in (pid, 0)
@@ -41,12 +40,12 @@ def test_a_connection_reused_at_once_is_not_pinged(pg_url: str) -> None:
 
 
 def test_a_connection_that_died_while_idle_is_replaced_before_use(
-        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        pg_url: str, pg_admin: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(db, "IDLE_PING_SECONDS", 0.05)
     engine = db.make_engine(pg_url, pool_size=1)
     try:
         pid = _backend_pid(engine)
-        _terminate(pid)  # sleeps past the idle time
+        _terminate(pg_admin, pid)  # sleeps past the idle time
         assert _backend_pid(engine) not in (pid, 0)  # pinged, found dead, replaced: no error
     finally:
         engine.dispose()

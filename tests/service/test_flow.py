@@ -23,7 +23,6 @@ import torch
 from fastapi.testclient import TestClient
 from torch import nn
 
-from tests.conftest import REDIS_URL
 from tests.factories import (
     api,
     auth,
@@ -71,16 +70,10 @@ def net() -> nn.Module:
 
 
 @pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own on the shared Redis; only its keys are removed after."""
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own on the session's Redis; only its keys are removed after."""
     prefix = f"robustscope-test-{uuid.uuid4().hex[:12]}:"
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis is not reachable at {REDIS_URL}; .ci/run starts it")
-        pytest.skip("Redis is not reachable")
+    client = redis.Redis.from_url(redis_url)
     yield prefix
     keys = list(client.scan_iter(match=f"{prefix}*"))
     if keys:
@@ -91,9 +84,9 @@ Worker = Callable[[], subprocess.Popen[bytes]]
 
 
 @pytest.fixture
-def stack(pg_url: str, redis_prefix: str,
+def stack(pg_url: str, redis_url: str, redis_prefix: str,
           tmp_path: Path) -> Iterator[tuple[TestClient, Worker]]:
-    env = {**os.environ, "ROBUSTSCOPE_DATABASE_URL": pg_url, "ROBUSTSCOPE_BROKER_URL": REDIS_URL,
+    env = {**os.environ, "ROBUSTSCOPE_DATABASE_URL": pg_url, "ROBUSTSCOPE_BROKER_URL": redis_url,
            "ROBUSTSCOPE_BROKER_KEY_PREFIX": redis_prefix,
            "ROBUSTSCOPE_DATA_DIR": str(tmp_path), "ROBUSTSCOPE_HEARTBEAT_INTERVAL": "0.5",
            "ROBUSTSCOPE_STALE_AFTER": "4", "ROBUSTSCOPE_RECONCILE_INTERVAL": "1",
@@ -108,7 +101,7 @@ def stack(pg_url: str, redis_prefix: str,
         procs.append(proc)
         return proc
 
-    with api(settings(pg_url, tmp_path, broker_url=REDIS_URL,
+    with api(settings(pg_url, tmp_path, broker_url=redis_url,
                       broker_key_prefix=redis_prefix)) as client:
         yield client, start_worker
     for p in procs:

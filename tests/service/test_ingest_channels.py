@@ -19,6 +19,8 @@ from tests.service.ingest_fixtures import png, write_zip
 from workers.engine.data.npz import load_npz
 from workers.engine.types import RunContext
 
+pytestmark = pytest.mark.slow
+
 
 def _grey_digits(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
     """28x28 grey images: a bright bar whose position is the class (4 classes), plus noise."""

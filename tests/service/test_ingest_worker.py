@@ -86,6 +86,7 @@ print(status)
 """
 
 
+@pytest.mark.slow
 def test_polling_stays_fast_and_the_api_small_while_a_worker_ingests(
         sqlite_url: str, tmp_path: Path) -> None:
     import statistics

@@ -37,6 +37,7 @@ def rt(sqlite_url: str, tmp_path: Path) -> Runtime:
                    device=torch.device("cpu"), name="test-worker")
 
 
+@pytest.mark.slow
 def test_search_precision_follows_the_setting(rt: Runtime) -> None:
     assert rt.bf16_search == fast_bf16(torch.device("cpu"))
     fp32 = dataclasses.replace(rt, settings=rt.settings.model_copy(update={"precision": "fp32"}))
@@ -121,6 +122,7 @@ def _test_benchmarks(monkeypatch: pytest.MonkeyPatch) -> Any:
     _REGISTRY.pop("test_slow")
 
 
+@pytest.mark.slow
 def test_a_job_runs_and_records_everything(rt: Runtime) -> None:
     eid = _job(rt, [{"benchmark": "clean"}, {"benchmark": "test_counted", "tag": "a"}])
     assert evaluation_jobs.run(rt, eid) == "succeeded"

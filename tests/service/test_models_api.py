@@ -60,6 +60,7 @@ def test_torchscript_upload_returns_id_sha_and_size(client: TestClient) -> None:
     assert got.json() == body
 
 
+@pytest.mark.slow
 def test_torch_export_upload(client: TestClient) -> None:
     resp = upload(client, client.key, export_bytes(tiny_net()))  # type: ignore[attr-defined]
     assert resp.status_code == 201, resp.text
@@ -156,6 +157,7 @@ def test_delete(client: TestClient) -> None:
     _problem(client.get(f"/models/{model['id']}", headers=auth(client.key)), 404, "not-found")  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_worker_loads_each_accepted_format(tmp_path: Path) -> None:
     """The engine's loaders read what the API accepted and give the same logits."""
     from workers.engine.models import Format, ModelSpec, load

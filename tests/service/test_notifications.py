@@ -49,6 +49,7 @@ def receiver() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_a_finished_job_sends_a_signed_webhook(sqlite_url: str, tmp_path: Path,
                                                receiver: tuple[str, list[Any]]) -> None:
     url, got = receiver
@@ -93,6 +94,7 @@ def test_a_finished_job_sends_a_signed_webhook(sqlite_url: str, tmp_path: Path,
     assert payload["evaluation"]["results"][0]["metric"] == "accuracy"
 
 
+@pytest.mark.slow
 def test_events_stream_until_a_final_state_and_the_report_and_metrics(
         sqlite_url: str, tmp_path: Path) -> None:
     key = new_key(sqlite_url, "streamer")
@@ -126,6 +128,7 @@ def test_events_stream_until_a_final_state_and_the_report_and_metrics(
         assert 'robustscope_evaluations{status="succeeded"} 1.0' in metrics
 
 
+@pytest.mark.slow
 def test_per_example_flags_are_served_as_an_artifact(sqlite_url: str, tmp_path: Path) -> None:
     import io
 

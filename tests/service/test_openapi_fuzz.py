@@ -20,6 +20,8 @@ from service.app import create_app
 from tests.factories import auth, new_key
 from tests.factories import settings as make_settings
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_no_operation_answers_a_server_error(backend: str, request: pytest.FixtureRequest,

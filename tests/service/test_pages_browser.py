@@ -29,6 +29,8 @@ from service.db import make_engine, make_sessionmaker
 from service.tables import Evaluation, Result, Training
 from tests.factories import auth, new_key, settings
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]

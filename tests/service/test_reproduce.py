@@ -21,6 +21,8 @@ from service.reproduce import PreservedRow, TradeoffRow
 from service.tables import Evaluation, Result, Training
 from tests.factories import api, auth, new_key, settings
 
+pytestmark = pytest.mark.slow
+
 LINF = 2 / 255
 
 # Per training: clean, RFS, BG-gap, worst-group and APGD robust accuracy per (norm, eps).

@@ -34,6 +34,8 @@ from workers.engine.benchmarks import _REGISTRY, register
 from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext
 from workers.runtime import Runtime
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def client(sqlite_url: str, tmp_path: Path) -> Iterator[TestClient]:

@@ -32,6 +32,8 @@ from workers import evaluation_jobs
 from workers.runtime import Runtime
 from workers.sandbox.jail import JailConfig
 
+pytestmark = pytest.mark.slow
+
 TIME_LIMIT = 20.0  # for the spinning model; the other tests allow for a busy machine
 
 

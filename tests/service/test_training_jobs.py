@@ -29,6 +29,8 @@ from workers.engine.threats import Norm
 from workers.engine.training import Method, ThreatSpec, TrainSpec, train
 from workers.runtime import Runtime
 
+pytestmark = pytest.mark.slow
+
 SPEC: dict[str, Any] = {
     "dataset": "shapes-32", "architecture": "small_cnn", "method": "fgsm_rs",
     "threat": {"norm": "linf", "eps": 8 / 255}, "epochs": 2, "batch_size": 16, "lr": 0.01,

@@ -193,6 +193,7 @@ def _events(client: TestClient, key: str, tid: str) -> list[tuple[str, Any]]:
             for b in blocks]
 
 
+@pytest.mark.slow
 def test_events_follow_a_training_to_its_end(client: TestClient, key: str) -> None:
     tid = _create(client, key, SPEC).json()["id"]
     sessions = client.app.state.sessionmaker  # type: ignore[attr-defined]
