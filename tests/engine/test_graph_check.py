@@ -220,6 +220,7 @@ SCRIPTED = ["small_cnn", "resnet18_cifar", "preact_resnet18", "wide_resnet28_10"
             "mobilenet_v2", "efficientnet_b0", "vit_b_16", "densenet121", "swin_t"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", SCRIPTED)
 def test_shipped_architectures_pass_when_scripted(architecture: str, tmp_path: Path) -> None:
     """Checked on the loaded archive; the forward pass is run for the small ones only."""
@@ -240,6 +241,7 @@ def _export_file(model: nn.Module, shape: tuple[int, ...], tmp_path: Path) -> Pa
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("architecture", "side"), [("small_cnn", 32), ("resnet18", 64),
                                                ("mobilenet_v2", 64), ("efficientnet_b0", 64),
                                                ("vit_b_16", 224)])

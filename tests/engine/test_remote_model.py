@@ -112,6 +112,9 @@ import json, os, socket, subprocess, threading
 import torch
 torch.set_num_threads(2)
 from workers.sandbox import seccomp
+
+# Each test starts model-server processes (torch imported in each): the slow tier.
+pytestmark = pytest.mark.slow
 seccomp.install()
 out = {}
 t = threading.Thread(target=lambda: out.setdefault("thread", "ran")); t.start(); t.join()

@@ -30,6 +30,9 @@ from workers.sandbox import child
 from workers.sandbox.model_server import Server
 from workers.sandbox.remote import read_frame, shared_memory, write_frame
 
+# Each test starts model-server processes (torch imported in each): the slow tier.
+pytestmark = pytest.mark.slow
+
 SUITE: list[dict[str, Any]] = [{"benchmark": "clean"},
          {"benchmark": "adversarial", "attack": "apgd-ce", "norm": "linf", "eps": [4 / 255],
           "steps": 5}]
