@@ -1,4 +1,4 @@
-"""AutoAttack's strength at a fraction of its cost: robustscope's ``autoattack`` and
+"""Strength and cost against the original AutoAttack: robustscope's ``autoattack`` and
 ``efficient`` cascades against the original AutoAttack code (``pyautoattack``, by its
 authors) and torchattacks' AutoAttack, on the same models, examples, eps and budgets.
 
