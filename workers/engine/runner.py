@@ -13,6 +13,7 @@ killed mid-evaluation resumes instead of restarting.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import zlib
@@ -25,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from workers.engine.attacks.apgd import APGD, APGDTargeted
-from workers.engine.attacks.base import Attack, AttackOutput, Forward, Loss, Ranking
+from workers.engine.attacks.base import Attack, AttackOutput, Forward, Loss, Ranking, margin
+from workers.engine.attacks.square import Square
 from workers.engine.threats import Norm, Threat, threat_for
 from workers.engine.types import RunContext
 
@@ -39,6 +41,9 @@ class Stage:
     name: str
     attack: Attack
     white_box: bool = True
+    # Only the examples still robust whose smallest margin found so far (z_y - max_j z_j,
+    # fp32, at any earlier stage's output) is at most this fraction of their clean margin.
+    escalate: float | None = None
 
 
 def autoattack_stages(norm: Norm, num_classes: int, steps: int = 100, n_targets: int = 9,
@@ -50,7 +55,6 @@ def autoattack_stages(norm: Norm, num_classes: int, steps: int = 100, n_targets:
     (FAB-T and Square have no l_1 version in AutoAttack).
     """
     from workers.engine.attacks.fab import FABTargeted
-    from workers.engine.attacks.square import Square
 
     k = min(n_targets, num_classes - 1)
     if norm is Norm.L1:
@@ -76,25 +80,48 @@ def fast_stages(norm: Norm, num_classes: int, steps: int = 100, n_targets: int =
     ]
 
 
+ESCALATE = 0.3
+"""``efficient``: an example still robust after the first two stages whose smallest margin
+found is at most this fraction of its clean margin is near the boundary and escalates."""
+
+
 def efficient_stages(norm: Norm, num_classes: int, steps: int = 100, n_targets: int = 2,
-                     discard: float = 4.0) -> list[Stage]:
-    """AutoAttack's strength for a fraction of its passes: APGD-CE, then targeted APGD on the
-    ``n_targets`` classes ranked best-first by the gradient-normalised margin (MALT, Melamed
-    et al. 2024) instead of by logit; in both, from the second step-size checkpoint on, an
-    example whose smallest margin would stay positive even at ``discard`` times its pace
-    since the previous checkpoint over every remaining step has converged and leaves the
-    batch (:func:`workers.engine.attacks.apgd.hopeless`: A^3's discarding of hopeless points,
-    Liu et al. 2022, and the stop of an iterate that only cycles, Doldo et al. 2025, in one
-    rule). FAB-T and Square are left out: on models without gradient masking they add almost
-    nothing after APGD-T; ``audit`` measures that claim on a sample of every evaluation.
+                     discard: float = 4.0, escalate: float = ESCALATE,
+                     more_targets: int = 7, square_queries: int = 1000) -> list[Stage]:
+    """AutoAttack's protocol with its effort spent where it can still change the result.
+
+    APGD-CE, then targeted APGD on the ``n_targets`` classes ranked best-first by the
+    gradient-normalised margin (MALT, Melamed et al. 2024) instead of by logit; in both, from
+    the second step-size checkpoint on, an example whose smallest margin would stay positive
+    even at ``discard`` times its pace since the previous checkpoint over every remaining
+    step has converged and leaves the batch (:func:`workers.engine.attacks.apgd.hopeless`:
+    A^3's discarding of hopeless points, Liu et al. 2022, and the stop of an iterate that only
+    cycles, Doldo et al. 2025, in one rule).
+
+    Then the examples still robust whose smallest margin came within ``escalate`` of their
+    clean margin (near the boundary: where a run's luck or a further target decides) escalate
+    to what AutoAttack would still try: the next ``more_targets`` classes of the ranking, a
+    second APGD-CE from a new random start, and Square (``square_queries``), each only on
+    those still robust and near. Examples far from the boundary skip them.
     """
     k = min(n_targets, num_classes - 1)
+    rest = max(min(more_targets, num_classes - 1 - k), 0)
     large = norm is Norm.L1
-    return [
+    stages = [
         Stage("apgd-ce", APGD(norm, steps, loss=Loss.CE, large_eps=large, discard=discard)),
         Stage("apgd-t", APGDTargeted(norm, steps, n_targets=k, large_eps=large,
                                      discard=discard, ranking=Ranking.NORMALISED_MARGIN)),
     ]
+    if rest:
+        stages.append(Stage("apgd-t-more", APGDTargeted(
+            norm, steps, n_targets=rest, large_eps=large, discard=discard,
+            ranking=Ranking.NORMALISED_MARGIN, skip_targets=k), escalate=escalate))
+    stages.append(Stage("apgd-ce-again", APGD(norm, steps, loss=Loss.CE, large_eps=large,
+                                              discard=discard), escalate=escalate))
+    if norm is not Norm.L1 and square_queries > 0:
+        stages.append(Stage("square", Square(norm, square_queries), white_box=False,
+                            escalate=escalate))
+    return stages
 
 
 @dataclass(frozen=True)
@@ -117,6 +144,8 @@ class CascadeResult:
     rejected: int = 0  # claimed breaks that failed the fp32 re-check
     resumed: list[str] = field(default_factory=list)  # stages loaded from state_dir
     cost: list[StageCost] = field(default_factory=list)  # per stage run in this process
+    # Per example, the smallest fp32 margin found at an output (cascades that escalate).
+    closest: Tensor | None = None
 
     @property
     def robust_accuracy(self) -> float:
@@ -183,6 +212,9 @@ def run_cascade(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
     x_adv = x.clone()
     fresh = torch.zeros(n, dtype=torch.bool)  # broken in this process (x_adv is in memory)
     result = CascadeResult(clean.correct, robust, broken_by)
+    clean_margin = margin(clean.logits, y) if n else torch.zeros(0)
+    closest = clean_margin.clone()  # the smallest margin found so far, per example
+    track = any(s.escalate is not None for s in stages)
     names = "+".join(s.name for s in stages)
     for i, stage in enumerate(stages):
         key = _fingerprint(f"{norm.value}|{eps!r}|{names}|{i}|{ctx.seed}", y)
@@ -191,10 +223,15 @@ def run_cascade(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
         if loaded is not None:
             robust.copy_(loaded[0])
             broken_by.copy_(loaded[1])
+            if loaded[2] is not None:
+                closest.copy_(loaded[2])
             result.stage_robust.append((stage.name, float(robust.float().mean())))
             result.resumed.append(stage.name)
             continue
         todo = robust.nonzero().squeeze(1)
+        if stage.escalate is not None:
+            near = closest[todo] <= stage.escalate * clean_margin[todo]
+            todo = todo[near]
         f0, b0, t0 = fwd.examples, fwd.gradients, time.perf_counter()
         gen = ctx.generator(salt=zlib.crc32(key.encode()))
         done = 0
@@ -214,6 +251,11 @@ def run_cascade(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
             broken_by[hit] = i
             x_adv[hit] = out.x_adv[broke].detach().float().cpu()
             fresh[hit] = True
+            if track and bool((~broke).any()):
+                with torch.inference_mode():
+                    z = fwd.fp32(out.x_adv[~broke].float())
+                kept = idx[(~broke).cpu()]
+                closest[kept] = torch.minimum(closest[kept], margin(z, yb[~broke]).cpu())
             done += idx.numel()
             frac = (i + done / max(todo.numel(), 1)) / len(stages)
             report(frac, f"{stage.name} {norm.value} eps={eps:g}: "
@@ -223,37 +265,122 @@ def run_cascade(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
         result.cost.append(StageCost(stage.name, fwd.examples - f0, fwd.gradients - b0,
                                      time.perf_counter() - t0))
         if path is not None:
-            _save(path, key=np.array(key), robust=robust.numpy(), broken_by=broken_by.numpy())
+            _save(path, key=np.array(key), robust=robust.numpy(), broken_by=broken_by.numpy(),
+                  closest=closest.numpy())
         result.stage_robust.append((stage.name, float(robust.float().mean())))
     assert_valid(threat, x[fresh], x_adv[fresh], eps)
+    if track:
+        result.closest = closest
     return result
+
+
+AUDIT_TOLERANCE = 0.01
+"""The overestimate of robust accuracy the audit bounds: 1 point."""
+AUDIT_CONFIDENCE = 0.95
+"""The confidence with which a passing audit bounds it."""
+
+
+def audit_plan(n_total: int, n_robust: int, tolerance: float = AUDIT_TOLERANCE,
+               confidence: float = AUDIT_CONFIDENCE) -> int:
+    """How many of the ``n_robust`` examples the audited cascade left robust (out of
+    ``n_total`` evaluated) the audit must find unbroken, drawn at random without replacement,
+    to conclude with ``confidence`` that robust accuracy is overestimated by at most
+    ``tolerance``.
+
+    The overestimate is m / n_total, m being the robust examples the reference would break.
+    It exceeds ``tolerance`` only if m >= m0 = floor(tolerance * n_total) + 1; the chance
+    that n draws without replacement find none of m0 such examples is the hypergeometric
+    C(r - m0, n) / C(r, n), and it only shrinks as m grows. The plan is the smallest n where
+    it is at most 1 - ``confidence``: 0 when m0 > r (even breaking every robust example
+    could not exceed the tolerance); never more than r - m0 + 1 (then the chance is 0).
+    """
+    r = n_robust
+    m0 = math.floor(tolerance * n_total + 1e-9) + 1
+    if m0 > r:
+        return 0
+    alpha = 1.0 - confidence
+    p = 1.0  # C(r - m0, n) / C(r, n), built one draw at a time
+    for n in range(1, r + 1):
+        p *= (r - m0 - (n - 1)) / (r - (n - 1))
+        if p <= alpha + 1e-12:
+            return n
+    return r
+
+
+def audit_bound(n_total: int, n_robust: int, audited: int, confidence: float = AUDIT_CONFIDENCE
+                ) -> float:
+    """The overestimate of robust accuracy bounded with ``confidence`` when ``audited`` of the
+    ``n_robust`` robust examples, drawn at random without replacement, were all found
+    unbroken: (m - 1) / n_total for the smallest m whose chance of hiding from such a sample,
+    C(r - m, n) / C(r, n), is at most 1 - ``confidence`` (0 once every robust example was
+    audited)."""
+    r, n = n_robust, audited
+    if n >= r:
+        return 0.0
+    alpha = 1.0 - confidence
+    for m in range(1, r + 1):
+        p = 1.0
+        for i in range(n):
+            p *= max(r - m - i, 0) / (r - i)
+        if p <= alpha + 1e-12:
+            return (m - 1) / n_total
+    return r / n_total
 
 
 @dataclass(frozen=True)
 class Audit:
-    """The full AutoAttack protocol re-run on a seeded sample: ``missed`` counts the examples
-    of the sample the audited cascade left robust and AutoAttack broke."""
+    """The full AutoAttack protocol re-run, sequentially, on the examples the audited cascade
+    left robust, in an order drawn by the seed: ``sample`` the examples audited (indices into
+    the evaluated ones), ``missed`` those of them AutoAttack broke, ``plan`` the sample size
+    that bounds the overestimate (:func:`audit_plan`), ``bound`` the overestimate bounded
+    with ``AUDIT_CONFIDENCE`` (None once a miss was found: the result is an overestimate),
+    ``passed`` whether that bound is at most ``AUDIT_TOLERANCE``."""
 
     sample: Tensor  # int64 indices into the evaluated examples
     missed: int
     reference: CascadeResult
+    plan: int = 0
+    bound: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.missed == 0 and self.bound is not None and self.bound <= AUDIT_TOLERANCE
 
 
 def audit(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
           audited: CascadeResult, n: int, stages: list[Stage], ctx: RunContext, *,
           clean: CleanPass | None = None, fwd: Forward | None = None,
-          progress: ProgressFn | None = None) -> Audit:
-    """Run the reference ``stages`` (AutoAttack's standard protocol in evaluations) on ``n``
-    examples drawn without replacement by the job's seed, and compare per example with
-    ``audited``. ``progress`` (default the context's) also carries cancellation."""
+          progress: ProgressFn | None = None, chunk: int = 16) -> Audit:
+    """A sequential audit of ``audited`` by the reference ``stages`` (AutoAttack's standard
+    protocol in evaluations). Only an example the cascade left robust can be an
+    overestimate, so those are audited, in an order drawn by the job's seed, ``chunk`` at a
+    time; the audit stops at the first example the reference breaks (the result is an
+    overestimate), once :func:`audit_plan` examples were found unbroken (the overestimate is
+    at most ``AUDIT_TOLERANCE`` with ``AUDIT_CONFIDENCE``), or after ``n`` examples, the
+    caller's bound on its cost (then :func:`audit_bound` says what the sample shows).
+    ``progress`` (default the context's) also carries cancellation."""
     g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 7919)
-    sample = torch.randperm(x.shape[0], generator=g)[:min(n, x.shape[0])].sort().values
-    ref_clean = None if clean is None else CleanPass(clean.correct[sample],
-                                                     clean.logits[sample])
-    ref = run_cascade(model, x[sample], y[sample], norm, eps, stages, ctx, clean=ref_clean,
-                      fwd=fwd, progress=progress)
-    missed = int((audited.robust[sample] & ~ref.robust).sum())
-    return Audit(sample, missed, ref)
+    robust = audited.robust.nonzero().squeeze(1)
+    order = robust[torch.randperm(robust.numel(), generator=g)]
+    total, r = int(x.shape[0]), int(robust.numel())
+    plan = audit_plan(total, r)
+    limit = min(plan, n, r)
+    ref_robust = audited.robust.clone()
+    broken_by = audited.broken_by.clone()
+    done = missed = 0
+    while done < limit and missed == 0:
+        idx = order[done:min(done + max(chunk, 1), limit)].sort().values
+        ref_clean = None if clean is None else CleanPass(clean.correct[idx], clean.logits[idx])
+        part = run_cascade(model, x[idx], y[idx], norm, eps, stages, ctx, clean=ref_clean,
+                           fwd=fwd, progress=progress)
+        ref_robust[idx] = part.robust
+        broken_by[idx] = part.broken_by
+        missed += int((~part.robust).sum())
+        done += idx.numel()
+    sample = order[:done].sort().values
+    reference = CascadeResult(audited.clean_correct.clone(), ref_robust, broken_by)
+    bound = None if missed else audit_bound(total, r, done)
+    return Audit(sample, missed, reference, plan, bound)
 
 
 def _halve(batch_size: int, err: torch.cuda.OutOfMemoryError) -> int:
@@ -313,13 +440,14 @@ def _save(path: Path, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _load_stage(path: Path | None, key: str) -> tuple[Tensor, Tensor] | None:
+def _load_stage(path: Path | None, key: str) -> tuple[Tensor, Tensor, Tensor | None] | None:
     if path is None or not path.exists():
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
             if str(f["key"]) != key:
                 return None
-            return torch.from_numpy(f["robust"]), torch.from_numpy(f["broken_by"])
+            closest = torch.from_numpy(f["closest"]) if "closest" in f.files else None
+            return torch.from_numpy(f["robust"]), torch.from_numpy(f["broken_by"]), closest
     except (OSError, KeyError, ValueError):
         return None  # a torn or foreign file: run the stage again

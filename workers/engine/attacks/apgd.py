@@ -72,13 +72,15 @@ class APGDTargeted(Attack):
     # AutoAttack's rule, every example takes every step.
     discard: float | None = None
     ranking: Ranking = Ranking.LOGITS
+    skip_targets: int = 0  # leave out the first classes of the ranking (tried before)
     name: str = "apgd-t"
 
     def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
             clean_logits: Tensor | None = None) -> AttackOutput:
         e = per_example(eps, x)
         return over_targets(fwd, x, y, clean_logits, self.n_targets, lambda i, t: run_restarts(
-            self, fwd, x[i], y[i], e[i], generator, t), self.ranking, self.norm)
+            self, fwd, x[i], y[i], e[i], generator, t), self.ranking, self.norm,
+            self.skip_targets)
 
 
 def too_few_increases(hist: Tensor, i: int, k: int, rho: float) -> Tensor:

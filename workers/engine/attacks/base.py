@@ -372,17 +372,20 @@ def top_targets(clean_logits: Tensor, y: Tensor, n_targets: int) -> Tensor:
 def over_targets(fwd: Forward, x: Tensor, y: Tensor, clean_logits: Tensor | None,
                  n_targets: int,
                  attack: Callable[[Tensor, Tensor], AttackOutput],
-                 ranking: Ranking = Ranking.LOGITS, norm: Norm = Norm.LINF) -> AttackOutput:
+                 ranking: Ranking = Ranking.LOGITS, norm: Norm = Norm.LINF,
+                 skip: int = 0) -> AttackOutput:
     """Targeted attacks (APGD-T, PGD-T) try the top wrong classes in turn; each target runs
     only on the examples no earlier target broke. ``attack(index, targets)`` attacks
-    ``x[index]`` towards ``targets``."""
+    ``x[index]`` towards ``targets``. ``skip``: leave out the first ``skip`` classes of the
+    ranking (an earlier stage tried them)."""
     if clean_logits is None:
         with torch.inference_mode():
             clean_logits = fwd.fp32(x)
     if ranking is Ranking.NORMALISED_MARGIN:
-        targets = margin_ranked_targets(fwd, x, y, clean_logits, n_targets, norm)
+        targets = margin_ranked_targets(fwd, x, y, clean_logits, n_targets + skip, norm)
     else:
-        targets = top_targets(clean_logits, y, n_targets)
+        targets = top_targets(clean_logits, y, n_targets + skip)
+    targets = targets[:, skip:]
     out = x.clone()
     success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for k in range(targets.shape[1]):

@@ -58,6 +58,9 @@ from workers.engine.benchmarks import register
 from workers.engine.benchmarks.clean import degenerate_check
 from workers.engine.layout import in_layout
 from workers.engine.runner import (
+    AUDIT_CONFIDENCE,
+    AUDIT_TOLERANCE,
+    Audit,
     CascadeResult,
     CleanPass,
     Stage,
@@ -199,16 +202,19 @@ def adversarial(model: nn.Module, data: EvalData, entry: Adversarial,
                           autoattack_stages(p.norm, p.num_classes), ctx, clean=clean, fwd=fwd,
                           progress=audit_progress)
             sample = int(found.sample.numel())
+            audit_params = {**params_eps, "sample": sample, "plan": found.plan,
+                            "reference": "autoattack", "tolerance": AUDIT_TOLERANCE,
+                            "confidence": AUDIT_CONFIDENCE}
             rows.append(MetricRow("adversarial", "audit_missed", float(found.missed),
-                                  {**params_eps, "sample": sample,
-                                   "reference": "autoattack"}))
+                                  audit_params))
+            if found.bound is not None:
+                rows.append(MetricRow("adversarial", "audit_bound", found.bound, audit_params))
             result.checks.append(Check(
-                "autoattack_audit", found.missed == 0,
-                "" if found.missed == 0 else f"AutoAttack broke {found.missed} of {sample} "
-                f"sampled examples that {p.attack.value} left robust at eps={eps:g}: its robust "
-                "accuracy is an overestimate",
-                {"eps": eps, "sample": sample, "missed": found.missed,
-                 "reference_robust_accuracy": found.reference.robust_accuracy}))
+                "autoattack_audit", found.passed, _audit_message(found, p.attack.value, eps),
+                {"eps": eps, "sample": sample, "plan": found.plan, "missed": found.missed,
+                 "bound": found.bound, "tolerance": AUDIT_TOLERANCE,
+                 "confidence": AUDIT_CONFIDENCE,
+                 "robust_accuracy_after_audit": found.reference.robust_accuracy}))
         accs.append((eps, res.robust_accuracy))
         result.checks.extend(_cascade_checks(stages, res, eps, len(data)))
         if ctx.artifact_dir is not None:
@@ -217,6 +223,18 @@ def adversarial(model: nn.Module, data: EvalData, entry: Adversarial,
             result.artifacts[f"adversarial-{tag}"] = path
     result.checks.append(_monotone_check(accs))
     return result
+
+
+def _audit_message(found: Audit, attack: str, eps: float) -> str:
+    if found.passed:
+        return ""
+    n = int(found.sample.numel())
+    if found.missed:
+        return (f"AutoAttack broke {found.missed} of {n} audited examples that {attack} left "
+                f"robust at eps={eps:g}: its robust accuracy is an overestimate")
+    return (f"the audit stopped at {n} examples (its limit), which bounds the overestimate at "
+            f"{found.bound:.4f} with {AUDIT_CONFIDENCE:.0%} confidence, not "
+            f"{AUDIT_TOLERANCE:g}: {found.plan} examples would")
 
 
 @register("robustness_curve")
