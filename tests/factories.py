@@ -193,3 +193,24 @@ def accept_test_entries(monkeypatch: pytest.MonkeyPatch, *models: type[BaseEntry
         return model.model_validate(raw) if model is not None else real(raw)
 
     monkeypatch.setattr(benchmarks, "parse", parse)
+
+
+def worker_runtime(database_url: str, data_dir: Path, **change: Any) -> Any:
+    """A worker's runtime for job tests: quick heartbeats, a 300 s job limit unless changed
+    (``workers.runtime.Runtime``; imported here so that API tests do not import torch)."""
+    import torch
+
+    from workers.runtime import Runtime
+
+    cfg = settings(database_url, data_dir, **{"heartbeat_interval": 0.2, "stale_after": 5.0,
+                                              "job_time_limit": 300.0, **change})
+    engine = make_engine(database_url)
+    return Runtime(settings=cfg, engine=engine, sessions=make_sessionmaker(engine),
+                   device=torch.device("cpu"), name="test-worker")
+
+
+def closed_after(runtime: Any) -> Iterator[Any]:
+    """Yield ``runtime``, then close the jail it built (a fixture's body)."""
+    yield runtime
+    if runtime._jail is not None:
+        runtime._jail.close()

@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from sqlalchemy import select
 
-from service.db import make_engine, make_sessionmaker
 from service.tables import Evaluation, Model, Result
-from tests.factories import META, settings, tiny_net
+from tests.factories import META, closed_after, tiny_net, worker_runtime
 from tests.factories import torchscript_bytes as scripted
 from workers import evaluation_jobs
 from workers.runtime import Runtime
@@ -61,19 +59,14 @@ PRELUDE = textwrap.dedent("""
 
 
 def _runtime(sqlite_url: str, data_dir: Path, **change: Any) -> Runtime:
-    cfg = settings(sqlite_url, data_dir, heartbeat_interval=0.2, stale_after=5.0,
-                   job_time_limit=120.0, **change)
-    engine = make_engine(sqlite_url)
-    return Runtime(settings=cfg, engine=engine, sessions=make_sessionmaker(engine),
-                   device=torch.device("cpu"), name="test-worker")
+    runtime: Runtime = worker_runtime(sqlite_url, data_dir, **{"job_time_limit": 120.0,
+                                                               **change})
+    return runtime
 
 
 @pytest.fixture
 def rt(sqlite_url: str, tmp_path: Path) -> Iterator[Runtime]:
-    runtime = _runtime(sqlite_url, tmp_path / "data")
-    yield runtime
-    if runtime._jail is not None:
-        runtime._jail.close()
+    yield from closed_after(_runtime(sqlite_url, tmp_path / "data"))
 
 
 def _hostile(rt: Runtime, body: str) -> None:

@@ -24,9 +24,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from torch import Tensor, nn
 
-from service.db import make_engine, make_sessionmaker
 from service.tables import Evaluation, Model
-from tests.factories import META, api, auth, export_bytes, new_key, settings, tiny_net
+from tests.factories import (
+    META,
+    api,
+    auth,
+    closed_after,
+    export_bytes,
+    new_key,
+    tiny_net,
+    worker_runtime,
+)
 from tests.factories import torchscript_bytes as scripted
 from workers import evaluation_jobs
 from workers.runtime import Runtime
@@ -38,20 +46,14 @@ TIME_LIMIT = 20.0  # for the spinning model; the other tests allow for a busy ma
 
 
 def _runtime(sqlite_url: str, data_dir: Path, **change: Any) -> Runtime:
-    change = {"job_time_limit": 300.0, **change}
-    cfg = settings(sqlite_url, data_dir, heartbeat_interval=0.2, stale_after=5.0,
-                   sandbox_memory_limit=8 << 30, **change)
-    engine = make_engine(sqlite_url)
-    return Runtime(settings=cfg, engine=engine, sessions=make_sessionmaker(engine),
-                   device=torch.device("cpu"), name="test-worker")
+    runtime: Runtime = worker_runtime(sqlite_url, data_dir, sandbox_memory_limit=8 << 30,
+                                      **change)
+    return runtime
 
 
 @pytest.fixture
 def rt(sqlite_url: str, tmp_path: Path) -> Iterator[Runtime]:
-    runtime = _runtime(sqlite_url, tmp_path / "data")
-    yield runtime
-    if runtime._jail is not None:
-        runtime._jail.close()
+    yield from closed_after(_runtime(sqlite_url, tmp_path / "data"))
 
 
 @pytest.fixture
