@@ -31,6 +31,7 @@ from workers.sandbox.jail import Child, Jail, JailConfig, find_bwrap, probe, pro
 pytestmark = pytest.mark.slow
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
+CHILD = "workers.sandbox.child"
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,13 @@ class ScriptJail(JailConfig):
     instead of the engine child."""
 
     script: str = ""
+    model_server: bool = False  # the script stands for the evaluator; no model is served
 
-    def argv(self, slot: Path, fd: int) -> list[str]:
-        argv = super().argv(slot, fd)
-        return [*argv[:argv.index("--") + 1], sys.executable, "-c", self.script, str(fd)]
+    def argv(self, slot: Path, *fds: int, module: str = CHILD, writable: bool = True
+             ) -> list[str]:
+        argv = super().argv(slot, *fds, module=module, writable=writable)
+        return [*argv[:argv.index("--") + 1], sys.executable, "-c", self.script,
+                *map(str, fds)]
 
 
 PRELUDE = textwrap.dedent("""
@@ -162,8 +166,11 @@ def test_a_child_the_jail_cannot_start_is_a_sandbox_error(rt: Runtime) -> None:
 
     @dataclass(frozen=True)
     class Broken(JailConfig):
-        def argv(self, slot: Path, fd: int) -> list[str]:
-            argv = config.argv(slot, fd)
+        model_server: bool = False
+
+        def argv(self, slot: Path, *fds: int, module: str = CHILD, writable: bool = True
+                 ) -> list[str]:
+            argv = config.argv(slot, *fds, module=module, writable=writable)
             return [*argv[:argv.index("--") + 1], "/nonexistent/python", "-m", "x"]
 
     rt._jail = Jail(Broken(slot_root=config.slot_root), prewarm=False)
@@ -448,7 +455,7 @@ def test_the_start_up_probe_runs_the_engine_and_refuses_a_budget_below_it(
     assert 2 << 30 < measured["address_space"] <= measured["peak_address_space"] < 8 << 30
     small = 2 << 30
     with pytest.raises(Exception, match=r"ROBUSTSCOPE_SANDBOX_MEMORY_LIMIT=2147483648 bytes "
-                                        r"leaves 1811939328 bytes .* a benign job needs \d+"):
+                                        r"leaves 1543503872 bytes .* a benign job needs \d+"):
         probe_engine(JailConfig(slot_root=tmp_path, memory_limit=small))
 
 

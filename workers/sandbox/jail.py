@@ -650,10 +650,11 @@ def probe_engine(config: JailConfig, timeout: float = 300.0) -> dict[str, int]:
     measured = {"address_space": int(child.address_space or 0),
                 "peak_address_space": int(end["peak_address_space"])}
     if cap is not None and cap < measured["peak_address_space"]:
-        floor = measured["peak_address_space"] + config.tmp_size + config.shm_size
+        floor = measured["peak_address_space"] + (config.memory_limit or 0) - cap
         raise SandboxUnavailable(
             f"the memory budget ROBUSTSCOPE_SANDBOX_MEMORY_LIMIT={config.memory_limit} bytes "
-            f"leaves {cap} bytes of address space per process after /tmp and /dev/shm, but a "
+            f"leaves {cap} bytes of address space per process after /tmp, /dev/shm and the "
+            f"model channel's shared memory, but a "
             f"benign job needs {measured['peak_address_space']} bytes (measured: importing "
             f"torch and the engine maps {measured['address_space']}); set at least {floor}")
     return measured
