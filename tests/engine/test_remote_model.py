@@ -23,6 +23,9 @@ from workers.engine.models import ModelSpec, load
 from workers.sandbox.jail import JailConfig, ModelServer
 from workers.sandbox.remote import ModelChannel, RemoteModel
 
+# Each test starts model-server processes (torch imported in each): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def serve(tmp_path: Path, model: bytes, shm: int = 1 << 20, timeout: float = 120.0
           ) -> tuple[ModelServer, RemoteModel]:
@@ -113,8 +116,6 @@ import torch
 torch.set_num_threads(2)
 from workers.sandbox import seccomp
 
-# Each test starts model-server processes (torch imported in each): the slow tier.
-pytestmark = pytest.mark.slow
 seccomp.install()
 out = {}
 t = threading.Thread(target=lambda: out.setdefault("thread", "ran")); t.start(); t.join()
