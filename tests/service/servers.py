@@ -202,12 +202,14 @@ class PrivateCluster:
                   "-c max_connections=300",
                   "start", timeout=180)
 
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` writes what was committed first (commits here do not wait for the WAL:
+        ``synchronous_commit=off``), so a restarted cluster has it; ``immediate`` does not."""
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", mode, "-w", "stop")
 
     def remove(self) -> None:
         try:
-            self.stop()
+            self.stop("immediate")
         except (RuntimeError, subprocess.TimeoutExpired):
             pass
         shutil.rmtree(self.dir, ignore_errors=True)
