@@ -306,7 +306,8 @@ def test_filling_scratch_past_its_limit_fails_the_job(sqlite_url: str, tmp_path:
 def _run_script(config: JailConfig, script: str, timeout: float = 120) -> dict[str, Any]:
     """Run ``script`` in ``config``'s jail (as a child, in its cgroup where there is one);
     it writes its findings as JSON to /scratch/result.json."""
-    child = Child(ScriptJail(**{**config.__dict__, "script": textwrap.dedent(script)}))
+    child = Child(ScriptJail(**{**config.__dict__, "script": textwrap.dedent(script),
+                                   "model_server": False}))
     try:
         child.proc.wait(timeout)
         result = child.scratch / "result.json"
