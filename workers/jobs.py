@@ -16,7 +16,6 @@ resumes where it stopped.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import threading
@@ -339,7 +338,7 @@ def _execute_jailed(rt: Runtime, sup: Supervisor, work: Work) -> None:
     child = rt.jail().take()
     try:
         for name, src in work.inputs().items():
-            _link(src, child.inputs / name)
+            files.link_in(src, child.inputs / name)
         _copy_state_in(work.state_dir, child.scratch / "state")
         sync = _StateSync(child.scratch, "state", work.state_dir)
         scratch = Scratch(state=Path("/scratch/state"), artifacts=Path("/scratch/artifacts"),
@@ -492,13 +491,6 @@ def _died(status: int | None) -> dict[str, str]:
         return {"type": "model-crashed", "detail": f"the model's process died ({name})"}
     return {"type": "model-crashed",
             "detail": f"the model's process exited without a result (status {status})"}
-
-
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system
-        shutil.copyfile(src, dst)
 
 
 def _copy_state_in(src: Path, dst: Path) -> None:

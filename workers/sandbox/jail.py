@@ -35,6 +35,7 @@ from typing import Any
 
 import contract
 import workers
+from workers.sandbox.files import link_in
 from workers.sandbox.protocol import Decoder, ProtocolError
 
 _SYSTEM = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache",
@@ -490,10 +491,7 @@ class ModelServer:
         """Give the server its model; returns the child's ``model_server`` job field (the
         numbers of its ends of the channel, ``channel``, as it was started with them)."""
         link = self.slot / "in" / "model"
-        try:
-            os.link(checkpoint, link)
-        except OSError:  # another file system
-            shutil.copyfile(checkpoint, link)
+        link_in(checkpoint, link)
         assert self.proc.stdin is not None
         try:
             path = "/job/model" if self.jailed else str(link)
