@@ -13,8 +13,10 @@ from pydantic.json_schema import models_json_schema
 from sqlalchemy.exc import OperationalError
 
 from service import errors
+from service.auth import login
 from service.auth.keys import KeyCache, ensure_key
 from service.auth.router import router as keys_router
+from service.auth.shares import router as shares_router
 from service.datasets.router import router as datasets_router
 from service.db import make_engine, make_sessionmaker, transaction
 from service.evaluations.router import router as evaluations_router
@@ -26,6 +28,7 @@ from service.ops.router import make_registry
 from service.ops.router import router as ops_router
 from service.pages import docs
 from service.pages.home import router as home_router
+from service.pages.shared import router as shared_router
 from service.polling import hot_route, records
 from service.queue import make_celery
 from service.settings import Settings, get_settings
@@ -68,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "classifiers, measured side by side.")
     app.state.settings = settings
     errors.install(app)
+    login.install(app)
     docs.install(app)  # Swagger UI from a package, so /docs works offline
 
     app.add_middleware(Guard, settings=settings,
@@ -75,8 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        hot_routes=[hot_route])
 
     _document_hand_parsed_bodies(app)
-    for router in (home_router, keys_router, models_router, datasets_router, evaluations_router,
-                   trainings_router, sweeps_router, leaderboard_router, theory_router, ops_router):
+    for router in (home_router, login.router, keys_router, shares_router, shared_router,
+                   models_router, datasets_router, evaluations_router, trainings_router,
+                   sweeps_router, leaderboard_router, theory_router, ops_router):
         app.include_router(router)
     return app
 

@@ -25,6 +25,8 @@ from tests.factories import META, new_key, settings, tiny_net, torchscript_bytes
 
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
 PUBLIC = {"/health", "/ready", "/metrics", "/openapi.json"}
+# Read by anyone (their public rows); a key (or a browser's session) adds the owner's own.
+OPEN_READS = {"/leaderboard", "/leaderboard/page"}
 EVENT_STREAMS = {"/evaluations/{evaluation_id}/events", "/trainings/{training_id}/events"}
 HTML = {"/evaluations/{evaluation_id}/report", "/sweeps/{sweep_id}/report", "/leaderboard/page"}
 MEDIA_TYPES = {
@@ -203,7 +205,7 @@ def test_the_app_refuses_every_non_public_operation_without_a_key(sqlite_url: st
         for path, method, _ in _operations(app.openapi()):
             url = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), path)
             status = client.request(method, url).status_code
-            if path in PUBLIC:
+            if path in PUBLIC | OPEN_READS:
                 assert status != 401 or path == "/metrics", (method, path, status)
             else:
                 assert status == 401, (method, path, status)

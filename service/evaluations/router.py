@@ -8,17 +8,16 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from service import polling, storage
-from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
+from service.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
 from service.errors import Invalid, NotFound, invalid, problem_responses
 from service.evaluations import report, service
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
 from service.jobs import progress_events
 from service.models import service as models
-from service.pages.links import origin
 from service.queue import Outbox
 from service.quotas import check_active_jobs, check_stored_bytes
 from service.settings import Settings
@@ -155,9 +154,15 @@ async def evaluation_events(evaluation_id: uuid.UUID, request: Request,
 
 @router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)
 def evaluation_report(evaluation_id: uuid.UUID, session: SessionDep,
-                      owner: CurrentOwner) -> HTMLResponse:
-    ev = service.to_out(service.get(session, owner, evaluation_id))
-    return HTMLResponse(report.render(ev, *origin(session, owner, evaluation_id)))
+                      viewer: CurrentViewer) -> HTMLResponse:
+    """The report as a page: the owner's, or anyone's when the evaluation is public (a
+    browser without a session is sent to ``/login`` for a private one)."""
+    row = session.get(Evaluation, evaluation_id, options=[selectinload(Evaluation.results)])
+    viewer.may_read(row.owner if row else None, bool(row and row.public),
+                    f"evaluation {evaluation_id}")
+    assert row is not None
+    return HTMLResponse(report.render(service.to_out(row),
+                                      report.context(session, row, viewer.owner)))
 
 
 @router.get("/{evaluation_id}/artifacts/{name:path}", response_class=Response,
