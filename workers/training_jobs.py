@@ -29,18 +29,9 @@ from service.models.schemas import ModelMetadata
 from service.objectstore import StoreError, file_sha256
 from service.queue import Outbox
 from service.tables import Dataset, Training, utcnow
+from workers import jobs
 from workers.engine import ENGINE_VERSION
-from workers.jobs import (
-    JobFailed,
-    JobTable,
-    Scratch,
-    StoredFile,
-    Superseded,
-    device_info,
-    fetch,
-    run_work,
-    state_mirror,
-)
+from workers.jobs import JobFailed, JobTable, Scratch, Superseded, device_info, run_work
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.worker")
@@ -74,7 +65,7 @@ class TrainingWork:
     name: str
     spec: TrainingSpec  # the contract's typed spec, read once from the job's row
     dataset: str
-    dataset_file: StoredFile | None
+    dataset_file: jobs.StoredFile | None
     dataset_params: dict[str, Any]
     held_out_split: str
     train_examples: int | None
@@ -97,7 +88,7 @@ class TrainingWork:
                 if ds is None:
                     raise JobFailed({"type": "training-error",
                                      "detail": "the dataset of this training was deleted"})
-                dataset_file = StoredFile.of_dataset(ds)
+                dataset_file = jobs.StoredFile.of_dataset(ds)
             opts = row.options or {}
             try:
                 spec = TrainingSpec(
@@ -126,7 +117,7 @@ class TrainingWork:
     def inputs(self) -> dict[str, Path]:
         if self._inputs is None:
             self._inputs = {} if self.dataset_file is None else {
-                "dataset.npz": fetch(self.rt, self.dataset_file, "training-error")}
+                "dataset.npz": jobs.fetch(self.rt, self.dataset_file, "training-error")}
         return self._inputs
 
     def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
@@ -171,7 +162,7 @@ class TrainingWork:
         if status != "superseded":  # never resumed now
             shutil.rmtree(self.state_dir, ignore_errors=True)
             try:
-                state_mirror(self.rt, self.state_dir).clear()
+                jobs.state_mirror(self.rt, self.state_dir).clear()
             except StoreError:
                 log.warning("could not remove the stored state of training %s", self.id,
                             exc_info=True)
