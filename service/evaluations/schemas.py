@@ -98,6 +98,8 @@ class EvaluationOut(BaseModel):
     finished_at: datetime | None = Field(description="when it reached a final state (UTC)")
     attempts: int = Field(description="how many times a worker has started the job")
     device: str | None = Field(description="the device it ran on, e.g. `cpu`, `cuda:0`")
+    worker: str | None = Field(None, description="the worker that ran (or runs) it: "
+                               "`robustscope worker --name`, else host:pid")
     engine_version: str | None = Field(description="the version of the engine that measured it")
     error: ErrorOut | None = Field(description="why it failed; null unless `failed`")
     results: list[ResultOut] = Field(description="the measured numbers, one row each")

@@ -147,6 +147,7 @@ def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
         dataset_params=row.dataset_params or {}, split=row.split, suite=row.suite,
         seed=row.seed, public=row.public, created_at=row.created_at, started_at=row.started_at,
         finished_at=row.finished_at, attempts=row.attempts, device=row.device,
+        worker=row.worker,
         engine_version=row.engine_version,
         error=ErrorOut(**row.error) if row.error else None,
         results=[_result(r) for r in results],
