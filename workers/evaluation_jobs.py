@@ -183,7 +183,8 @@ class EvaluationWork:
                 s.add(Result(evaluation_id=self.id, entry_index=index,
                              benchmark=row["benchmark"], metric=row["metric"],
                              value=float(row["value"]), params=params,
-                             params_key=json.dumps(params, sort_keys=True)))
+                             params_key=json.dumps(params, sort_keys=True),
+                             n=row.get("n"), outcomes=row.get("outcomes")))
             ev.checks = [*ev.checks, *[{**c, "entry": index} for c in message["checks"]]]
             ev.artifacts = {**ev.artifacts, **artifacts}
             ev.completed_entries = sorted({*ev.completed_entries, index})

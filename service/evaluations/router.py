@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from service import polling, storage
 from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
 from service.errors import Invalid, NotFound, invalid, problem_responses
-from service.evaluations import report, service
+from service.evaluations import compare, report, service
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
 from service.jobs import progress_events
 from service.models import service as models
@@ -153,6 +153,18 @@ async def evaluation_events(evaluation_id: uuid.UUID, request: Request,
     async for event in progress_events(
             request, lambda s: service.to_out(service.get(s, owner, evaluation_id))):
         yield event
+
+
+@router.get("/{evaluation_id}/compare", response_model=compare.Comparison, responses=ERRORS)
+def compare_evaluation(
+    evaluation_id: uuid.UUID, session: SessionDep, owner: CurrentOwner,
+    baseline: Annotated[uuid.UUID, Query(description="the evaluation to compare with")],
+) -> compare.Comparison:
+    """Each metric beside the baseline's, on the same examples: the difference with its 95%
+    interval and McNemar's exact p-value (docs/METRICS.md, Uncertainty). 409 while either
+    is unfinished or when they measured other examples (dataset, dataset_params, split,
+    seed, n_examples)."""
+    return compare.compare(session, owner, evaluation_id, baseline)
 
 
 @router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)

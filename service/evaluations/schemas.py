@@ -77,6 +77,11 @@ class ResultOut(BaseModel):
     params: dict[str, Any] = Field(
         description="the settings this value was measured at, e.g. {\"norm\": \"linf\", "
                     "\"eps\": 0.0314}")
+    n: int | None = Field(
+        None, description="for an accuracy (a share of examples): the examples it counts")
+    interval: tuple[float, float] | None = Field(
+        None, description="for an accuracy: its 95% Wilson score interval [low, high] "
+                          "(docs/METRICS.md, Uncertainty)")
 
 
 class EvaluationOut(BaseModel):

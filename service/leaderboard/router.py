@@ -14,6 +14,7 @@ from sqlalchemy import or_, select
 
 from contract.attacks import Norm
 from contract.metrics import BENCHMARK_METRICS, LOWER_IS_BETTER
+from contract.stats import interval
 from service.deps import CurrentOwner, SessionDep
 from service.errors import Invalid, problem_responses
 from service.pages import leaderboard as leaderboard_page
@@ -25,6 +26,9 @@ class LeaderboardRow(BaseModel):
     rank: int = Field(description="1 for the best value; ties keep the earlier evaluation first")
     value: float = Field(description="the metric's value")
     params: dict[str, Any] = Field(description="the result row's parameters (attack, norm, eps…)")
+    n: int | None = Field(None, description="for an accuracy: the examples it counts")
+    interval: tuple[float, float] | None = Field(
+        None, description="for an accuracy: its 95% Wilson score interval [low, high]")
     evaluation_id: uuid.UUID = Field(description="the evaluation the value comes from")
     model_id: uuid.UUID | None = Field(description="its model (null once deleted)")
     model_name: str = Field(description="the model's name when it was evaluated")
@@ -97,7 +101,8 @@ def leaderboard(
     return Leaderboard(
         dataset=dataset, benchmark=benchmark, metric=metric, threat=threat,
         order="descending" if descending else "ascending",
-        rows=[LeaderboardRow(rank=i + 1, value=r.value, params=r.params, evaluation_id=ev.id,
+        rows=[LeaderboardRow(rank=i + 1, value=r.value, params=r.params, n=r.n,
+                             interval=interval(r.value, r.n), evaluation_id=ev.id,
                              model_id=ev.model_id, model_name=ev.model_name, owner=ev.owner,
                              public=ev.public, finished_at=ev.finished_at)
               for i, (r, ev) in enumerate(session.execute(q))],
