@@ -74,19 +74,20 @@ def _key_and_job(job: Any, shown: tuple[str, ...]) -> Any:
 _KEY_AND_EVALUATION = _key_and_job(_EVALUATIONS, (
     "id", "status", "progress_fraction", "progress_stage", "progress_message", "model_id",
     "model_name", "dataset", "dataset_params", "split", "suite", "seed", "public",
-    "created_at", "started_at", "finished_at", "attempts", "device", "engine_version", "error",
-    "checks", "timings", "artifacts", "options"))
+    "created_at", "started_at", "finished_at", "attempts", "device", "worker", "engine_version",
+    "error", "checks", "timings", "artifacts", "options"))
 
 #: The columns :func:`service.trainings.service.to_out` reads, and no others.
 _KEY_AND_TRAINING = _key_and_job(_TRAININGS, (
     "id", "status", "progress_fraction", "progress_stage", "progress_message", "name",
     "dataset", "dataset_params", "held_out_split", "architecture", "method", "threat",
     "epochs", "batch_size", "lr", "seed", "options", "evaluate", "history", "created_at",
-    "started_at", "finished_at", "attempts", "device", "engine_version", "error", "model_id",
-    "evaluation_id"))
+    "started_at", "finished_at", "attempts", "device", "worker", "engine_version", "error",
+    "model_id", "evaluation_id"))
 
 _RESULTS_OF = (
-    select(_RESULTS.c.benchmark, _RESULTS.c.metric, _RESULTS.c.value, _RESULTS.c.params)
+    select(_RESULTS.c.benchmark, _RESULTS.c.metric, _RESULTS.c.value, _RESULTS.c.params,
+           _RESULTS.c.n)
     .where(_RESULTS.c.evaluation_id == bindparam("evaluation_id",
                                                  type_=_RESULTS.c.evaluation_id.type))
     .order_by(_RESULTS.c.id)

@@ -269,12 +269,9 @@ COST_METRICS = frozenset({"forward_passes", "backward_passes", "attack_seconds"}
 
 
 def _result_cells(r: ResultOut) -> str:
-    n = getattr(r, "n", None)
-    interval = getattr(r, "interval", None)
-    ci = (f"[{interval[0]:.3f}, {interval[1]:.3f}]"
-          if isinstance(interval, list | tuple) and len(interval) == 2 else "-")
+    ci = f"{r.interval[0]:.3f} to {r.interval[1]:.3f}" if r.interval else "-"
     return (f"<td class='num'>{r.value:.4f}</td><td class='num'>{ci}</td>"
-            f"<td class='num'>{n if n is not None else '-'}</td>")
+            f"<td class='num'>{r.n if r.n is not None else '-'}</td>")
 
 
 def _section(name: str, rows: list[ResultOut]) -> str:

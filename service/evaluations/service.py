@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
+from contract.stats import interval
 from service import jobs
 from service.datasets.service import check_params, resolve
 from service.errors import Conflict, Invalid
@@ -147,6 +148,7 @@ def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
         dataset_params=row.dataset_params or {}, split=row.split, suite=row.suite,
         seed=row.seed, public=row.public, created_at=row.created_at, started_at=row.started_at,
         finished_at=row.finished_at, attempts=row.attempts, device=row.device,
+        worker=row.worker,
         engine_version=row.engine_version,
         error=ErrorOut(**row.error) if row.error else None,
         results=[_result(r) for r in results],
@@ -158,7 +160,8 @@ def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
 
 
 def _result(r: Result | Any) -> ResultOut:
-    return ResultOut(benchmark=r.benchmark, metric=r.metric, value=r.value, params=r.params)
+    return ResultOut(benchmark=r.benchmark, metric=r.metric, value=r.value, params=r.params,
+                     n=r.n, interval=interval(r.value, r.n))
 
 
 def merge_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from contract.metrics import BENCHMARK_METRICS, LOWER_IS_BETTER
+from contract.stats import interval
 from service.deps import CurrentViewer, SessionDep
 from service.errors import Invalid, problem_responses
 from service.leaderboard import ranking
@@ -84,7 +85,7 @@ def _check_names(benchmark: str, metric: str) -> None:
 def _row(i: int, x: Entry) -> LeaderboardRow:
     ev, r = x.evaluation, x.result
     return LeaderboardRow(
-        rank=i + 1, value=r.value, params=r.params, n=getattr(r, "n", None), interval=None,
+        rank=i + 1, value=r.value, params=r.params, n=r.n, interval=interval(r.value, r.n),
         flagged=x.flagged, failed_checks=[FailedCheck(**c) for c in x.failed_checks],
         evaluation_id=ev.id, model_id=ev.model_id, model_name=ev.model_name, owner=ev.owner,
         public=ev.public, finished_at=ev.finished_at)

@@ -140,7 +140,7 @@ def to_out(row: Any) -> TrainingOut:
         n_examples=opts.get("n_examples"),
         evaluate=row.evaluate, history=list(row.history or []), created_at=row.created_at,
         started_at=row.started_at, finished_at=row.finished_at, attempts=row.attempts,
-        device=row.device, engine_version=row.engine_version,
+        device=row.device, worker=row.worker, engine_version=row.engine_version,
         error=ErrorOut(**row.error) if row.error else None, model_id=row.model_id,
         evaluation_id=row.evaluation_id,
     )
