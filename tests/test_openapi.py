@@ -28,7 +28,8 @@ PUBLIC = {"/health", "/ready", "/metrics", "/openapi.json"}
 # Read by anyone (their public rows); a key (or a browser's session) adds the owner's own.
 OPEN_READS = {"/leaderboard", "/leaderboard/page"}
 EVENT_STREAMS = {"/evaluations/{evaluation_id}/events", "/trainings/{training_id}/events"}
-HTML = {"/evaluations/{evaluation_id}/report", "/sweeps/{sweep_id}/report", "/leaderboard/page"}
+HTML = {"/evaluations/{evaluation_id}/report", "/sweeps/{sweep_id}/report", "/leaderboard/page",
+        "/evaluations/{evaluation_id}/compare/page"}
 MEDIA_TYPES = {
     **{p: "text/event-stream" for p in EVENT_STREAMS},
     **{p: "text/html" for p in HTML},

@@ -187,10 +187,10 @@ def _failure(ev: EvaluationOut) -> str:
     e = html.escape
     kind = ev.error.type if ev.error else "unknown"
     detail = error_detail(ev.error.detail) if ev.error else "no detail was recorded"
-    done = len({r.benchmark for r in ev.results})
+    finished = ("The results of the suite entries that finished before it are below."
+                if ev.results else "No suite entry had finished; no result was recorded.")
     return (f"<div class='box failure'><h2>What failed</h2><p class='flag'>{e(kind)}: "
-            f"{e(detail)}</p><p>{done} of {len(ev.suite)} suite entries had finished; their "
-            f"results are below.</p><h3>What to do</h3>"
+            f"{e(detail)}</p><p>{finished}</p><h3>What to do</h3>"
             f"<p class='todo'>{e(WHAT_TO_DO.get(kind, DEFAULT_TO_DO))}</p></div>")
 
 
@@ -327,13 +327,16 @@ def _adversarial(rows: list[ResultOut]) -> str:
     out = []
     for norm, attacks in sorted(by_norm.items()):
         name = NORM_NAMES.get(norm, norm)
-        series = [Series(f"{attack}: robust accuracy (eps = 0: clean accuracy)", pts,
+        anchored = all(any(x == 0.0 for x, _ in pts) for pts in attacks.values())
+        series = [Series(f"{attack}: robust accuracy"
+                         + (" (eps = 0: clean accuracy)" if anchored else ""), pts,
                          COLORS[i % len(COLORS)]) for i, (attack, pts) in
                   enumerate(sorted(attacks.items()))]
         out.append(chart(
-            f"Robust accuracy against eps ({name}; {', '.join(sorted(attacks))}), clean "
-            "accuracy at eps = 0", Axis(f"eps, {name} perturbation budget (pixel scale [0, 1])",
-                                        0.0), ACCURACY, series, width=600))
+            f"Robust accuracy against eps ({name}; {', '.join(sorted(attacks))})"
+            + (", clean accuracy at eps = 0" if anchored else ""),
+            Axis(f"eps, {name} perturbation budget (pixel scale [0, 1])", 0.0), ACCURACY,
+            series, width=600))
     return "".join(out)
 
 
@@ -354,7 +357,7 @@ def _noise(rows: list[ResultOut]) -> str:
                              Series("noise on the background (bg), dashed", bg, COLORS[1],
                                     marker="square", dashed=True)], width=600))
     rfs = points("rfs")
-    if rfs:
+    if len(rfs) > 1:
         out.append(chart("RFS (relative foreground sensitivity) against sigma", sigma,
                          Axis("RFS (-1 to 1; higher = relies more on the object)", -1.0, 1.0),
                          [Series("RFS", rfs, COLORS[2])], width=600))
@@ -375,6 +378,8 @@ def _plot(bench: str, rows: list[ResultOut]) -> str:
     """The accuracies of a benchmark: against a numeric parameter when one varies, else as
     bars (one per row, labelled in full)."""
     plotted = [r for r in rows if "accuracy" in r.metric or r.metric == "rfs"] or rows
+    if len(plotted) < 2:
+        return ""  # one number: the table says it
     x_param = next((p for p in _X_PARAMS
                     if sum(isinstance(r.params.get(p), int | float) for r in plotted) >= 2),
                    None)

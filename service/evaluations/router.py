@@ -14,12 +14,13 @@ from starlette.concurrency import run_in_threadpool
 
 from service import polling, storage
 from service.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, NotFound, invalid, problem_responses
+from service.errors import Conflict, Invalid, NotFound, invalid, problem_responses
 from service.evaluations import compare, report, service
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
 from service.jobs import progress_events
 from service.models import service as models
 from service.objectstore import check_key
+from service.pages import compare as compare_page
 from service.queue import Outbox
 from service.quotas import check_active_jobs, check_stored_bytes
 from service.settings import Settings
@@ -164,6 +165,28 @@ def compare_evaluation(
     is unfinished or when they measured other examples (dataset, dataset_params, split,
     seed, n_examples)."""
     return compare.compare(session, owner, evaluation_id, baseline)
+
+
+@router.get("/{evaluation_id}/compare/page", response_class=HTMLResponse, responses=ERRORS)
+def compare_evaluation_page(
+    evaluation_id: uuid.UUID, session: SessionDep, viewer: CurrentViewer,
+    baseline: Annotated[uuid.UUID, Query(description="the evaluation to compare with")],
+) -> HTMLResponse:
+    """The comparison as a page: every metric of both, the difference and which is better.
+    Either evaluation may be the viewer's own or public."""
+    rows = []
+    for eid in (evaluation_id, baseline):
+        row = session.get(Evaluation, eid)
+        viewer.may_read(row.owner if row else None, bool(row and row.public), f"evaluation {eid}")
+        assert row is not None
+        rows.append(row)
+    ev, base = rows
+    try:
+        result = compare.between(session, ev, base)
+    except Conflict as exc:
+        return HTMLResponse(compare_page.render(viewer.owner, ev, base, None, exc.detail,
+                                                exc.extra.get("differences")))
+    return HTMLResponse(compare_page.render(viewer.owner, ev, base, result, None))
 
 
 @router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 FONT = 12
 CHAR_W = 6.6  # average glyph width at 12 px in the system sans-serif, for fitting labels
+BOLD = 0.82  # the share of a line's width to wrap bold text at (bold glyphs are wider)
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -114,8 +115,9 @@ def chart(title: str, x: Axis, y: Axis, series: Sequence[Series], width: int = 6
     """A line chart or scatter plot with ticks on both axes, axis titles and a legend; every
     text wraps to the chart's width (nothing is cut)."""
     e = html.escape
+    series = [s for s in series if s.points]
     left, right, plot_h = 70, 16, height - 76
-    title_lines = wrap(title, width - 10)
+    title_lines = wrap(title, (width - 10) * BOLD)
     y_lines = wrap(y.title, plot_h)
     left += 15 * (len(y_lines) - 1)
     pw = width - left - right
@@ -217,7 +219,7 @@ def bars(title: str, items: Sequence[tuple[str, float]], x: Axis, width: int = 6
     lo = min([x.lo if x.lo is not None else 0.0, *[v for _, v in items]])
     ticks = nice_ticks(lo, hi)
     t0, t1 = ticks[0], ticks[-1]
-    title_lines = wrap(title, width - 10)
+    title_lines = wrap(title, (width - 10) * BOLD)
     top = 10 + 16 * len(title_lines)
     labels = [wrap(label, label_w - 10) for label, _ in items]
     heights = [max(20, 6 + 15 * len(lines)) for lines in labels]

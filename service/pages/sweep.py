@@ -75,7 +75,9 @@ def _reference(rows: list[SweepRow], key: str, axis: str) -> Reference | None:
 
 
 def _cell(v: float | None) -> str:
-    return "<td class='num'>-</td>" if v is None else f"<td class='num'>{v:.3f}</td>"
+    if v is None:
+        return "<td class='num'>-</td>"
+    return f"<td class='num'>{round(v, 3) + 0.0:.3f}</td>"  # never "-0.000"
 
 
 def _checks(r: SweepRow) -> str:
