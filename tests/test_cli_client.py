@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service import client
-from service.cli import main
+from robustscope import client
+from robustscope.cli import main
 
 ROWS = [
     {"benchmark": "clean", "metric": "accuracy", "value": 0.9, "params": {}},

@@ -32,7 +32,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
-from service.tables import Evaluation, Training, utcnow
+from core.tables import Evaluation, Training, utcnow
 from workers.engine.types import Cancelled
 from workers.runtime import Runtime
 from workers.sandbox import child as engine_child

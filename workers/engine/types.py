@@ -23,6 +23,10 @@ from torch import Tensor, nn
 from contract.suite import BaseEntry
 
 
+class CheckpointError(ValueError):
+    """The checkpoint cannot be loaded as described; the message says why, for the user."""
+
+
 class Cancelled(Exception):
     """Raised by a progress callback when the job was cancelled; benchmarks let it propagate."""
 

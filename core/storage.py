@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
-from service.errors import PayloadTooLarge
+from core.errors import PayloadTooLarge
 
 CHUNK = 1 << 20
 

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     # held back). With 2 slots at 0.25, writes take at most half of a process's time, and a
     # flood of submissions queues instead of slowing every read. 1: no pause.
     api_write_share: float = Field(0.25, gt=0, le=1)
-    # Connections (service/connections.py): a request's head must arrive within
+    # Connections (service/http/connections.py): a request's head must arrive within
     # api_header_timeout seconds; a body gets api_body_timeout seconds plus one second per
     # api_body_min_rate bytes received (a slower trickle is closed); past api_max_connections
     # open connections, a process answers a new one 503 and closes it. 0 turns one off
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     # open for a burst; past the pool, a connection is opened and closed per use.
     db_pool_size: int = Field(5, ge=1)
     db_max_overflow: int = Field(5, ge=0)
-    # Connections one process keeps for polls on PostgreSQL (service/polling.py), apart from
+    # Connections one process keeps for polls on PostgreSQL (service/http/polling.py), apart from
     # the pool; more polls at once wait their turn. A process opens at most
     # db_pool_size + db_max_overflow + db_poll_connections: times the API processes, that
     # must stay under the server's max_connections, with room for the workers.
