@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.objectstore import Store, open_store
+
 _PLACEHOLDER = "change-me"
 
 
@@ -20,6 +22,14 @@ class Settings(BaseSettings):
     broker_url: str = ""  # default: an embedded SQLAlchemy/SQLite broker in data_dir
     # Prepended to every Redis key the broker uses, so deployments can share one Redis.
     broker_key_prefix: str = ""
+    # Where checkpoints, datasets, artifacts and job state are kept (core/objectstore.py):
+    # empty for data_dir itself, file:///path, or s3://bucket/prefix (with the usual AWS_*
+    # variables; AWS_ENDPOINT_URL for any S3-compatible store). With an object store the API and
+    # each worker keep only caches and temporary files in their own data_dir.
+    storage_url: str = ""
+    # Bytes of checkpoints and datasets a worker keeps fetched from an object store (least
+    # recently used removed first).
+    cache_bytes: int = Field(20 << 30, ge=1 << 20)
     bootstrap_key: str | None = None
     webhook_signing_secret: str = _PLACEHOLDER
 
@@ -81,6 +91,10 @@ class Settings(BaseSettings):
     broker_visibility_timeout: int = 12 * 3600
 
     # Worker.
+    # The worker's name in job records (``robustscope worker --name``); empty: host:pid.
+    worker_name: str = ""
+    # CPU threads of a worker's jobs; 0: PyTorch's default (one per core).
+    threads: int = Field(0, ge=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto: attacks search in bf16 on CUDA, and on a CPU where a probe convolution measured
     # at start-up runs at least 1.5x faster in bf16 than in fp32 (AMX: yes; some AVX512-BF16
@@ -128,6 +142,10 @@ class Settings(BaseSettings):
     @property
     def embedded_broker(self) -> bool:
         return self.broker_url.startswith("sqla+") or self.broker_url.startswith("filesystem")
+
+    def store(self) -> Store:
+        """The store ``storage_url`` names (one per process and URL)."""
+        return open_store(self.storage_url, self.data_dir)
 
     def path(self, *parts: str) -> Path:
         p = self.data_dir.joinpath(*parts)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -135,10 +137,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     if args.device:
         os.environ["ROBUSTSCOPE_DEVICE"] = args.device
+    node = node_name(args.name)
+    if args.name:  # the job records say which worker ran them
+        os.environ["ROBUSTSCOPE_WORKER_NAME"] = node
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
             f"--pool={args.pool}", "--concurrency=1", "-Q", args.queues, "--loglevel=INFO",
-            "-n", f"robustscope-{os.getpid()}@%h", "--without-gossip", "--without-mingle"]
+            "-n", node, "--without-gossip", "--without-mingle"]
     os.execv(sys.executable, argv)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@[A-Za-z0-9][A-Za-z0-9.-]{0,99})?$")
+
+
+def node_name(name: str | None) -> str:
+    """The Celery node name: ``NAME@host`` (NAME as given where it names a host), else
+    ``robustscope-<pid>@host``."""
+    if not name:
+        return f"robustscope-{os.getpid()}@{socket.gethostname()}"
+    if not _NAME.match(name):
+        raise SystemExit(f"robustscope: --name {name!r}: letters, digits, '.', '_' and '-' "
+                         "(up to 100), optionally @host")
+    return name if "@" in name else f"{name}@{socket.gethostname()}"
 
 
 def _local_key(data_dir: Path) -> str:
@@ -169,40 +188,49 @@ class _Worker:
     name: str
     queues: str
     what: str  # what starts once it is ready, for the message
+    node: str  # its Celery node name (its ready line names it)
     proc: subprocess.Popen[bytes]
     log: Path
     offset: int
     started: float
 
 
-# Two workers: a training or an evaluation can hold one for minutes, and a dataset upload's
-# ingest must not wait behind it.
-UP_WORKERS = (("worker", "evaluations,webhooks", "evaluations and trainings"),
-              ("ingest", "ingest", "dataset ingests"))
+def up_workers(count: int, cores: int) -> list[tuple[str, str, str, int]]:
+    """``robustscope up``'s worker processes: ``count`` for evaluations and trainings (their
+    jobs' threads split the cores between them; one keeps PyTorch's default) and one for
+    dataset ingests, so an upload never waits behind a training. Each: name, queues, what it
+    starts, threads (0: the default)."""
+    threads = 0 if count == 1 else max(1, cores // count)
+    jobs = [("worker" if count == 1 else f"worker-{i + 1}", "evaluations,webhooks",
+             "evaluations and trainings", threads) for i in range(count)]
+    return [*jobs, ("ingest", "ingest", "dataset ingests", 0)]
 
 
-def _start_workers(data_dir: Path) -> list[_Worker]:
+def _start_workers(data_dir: Path, count: int) -> list[_Worker]:
     workers = []
-    for name, queues, what in UP_WORKERS:
+    for name, queues, what, threads in up_workers(count, os.cpu_count() or 1):
         log_path = data_dir / f"{name}.log"
+        node = node_name(name)
+        env = {**os.environ, **({"ROBUSTSCOPE_THREADS": str(threads)} if threads else {})}
         with log_path.open("ab") as log:
             offset = log.tell()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "robustscope.cli", "worker", "--queues", queues],
-                stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-        workers.append(_Worker(name, queues, what, proc, log_path, offset, time.monotonic()))
+                [sys.executable, "-m", "robustscope.cli", "worker", "--queues", queues,
+                 "--name", node], stdout=log, stderr=subprocess.STDOUT, env=env)
+        workers.append(_Worker(name, queues, what, node, proc, log_path, offset,
+                               time.monotonic()))
     return workers
 
 
 async def _announce_ready(w: _Worker) -> None:
-    """Prints when ``w`` is ready to take jobs (Celery logs ``<hostname> ready.``; the
-    hostname carries the worker's pid, see :func:`cmd_worker`), or that it exited."""
-    mark = f"robustscope-{w.proc.pid}@"
+    """Prints when ``w`` is ready to take jobs (Celery logs ``<node name> ready.``), or that
+    it exited."""
+    mark = f"{w.node} ready."
     while True:
         with w.log.open("rb") as f:
             f.seek(w.offset)
             text = f.read().decode("utf-8", "replace")
-        if any(mark in line and line.rstrip().endswith(" ready.") for line in text.splitlines()):
+        if any(line.rstrip().endswith(mark) for line in text.splitlines()):
             print(f"{w.name} ready after {time.monotonic() - w.started:.0f} s: {w.what} "
                   "start now", flush=True)
             return
@@ -234,7 +262,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     upgrade(settings.database_url)
     key = _local_key(data_dir)
-    workers = _start_workers(data_dir)
+    workers = _start_workers(data_dir, args.workers)
     config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
                             log_level="warning", http="service.http.connections:GuardedHTTP")
     server = uvicorn.Server(config)
@@ -285,6 +313,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return exc.code
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustscope", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -306,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
                     help="folder for the database, the broker, checkpoints, datasets, results, "
                          "the API key and the worker logs; created if missing (default: "
                          "$ROBUSTSCOPE_DATA_DIR, else ./var)")
+    up.add_argument("--workers", type=positive, default=1,
+                    help="worker processes for evaluations and trainings, their threads split "
+                         "between them (default: %(default)s); dataset ingests have one more")
     up.set_defaults(fn=cmd_up)
 
     api = sub.add_parser("api", help="run the API server (production shape)")
@@ -320,6 +358,10 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", default="evaluations,webhooks,ingest")
     worker.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     worker.add_argument("--pool", default="solo", choices=("solo", "prefork", "threads"))
+    worker.add_argument("--name", default=None,
+                        help="the worker's name (its Celery node name, NAME@host unless it "
+                             "names a host), shown in the job records it runs (default: "
+                             "robustscope-<pid>@host)")
     worker.set_defaults(fn=cmd_worker)
 
     mig = sub.add_parser("migrate", help="upgrade the database schema")

@@ -149,8 +149,18 @@ def engine_rows(net: nn.Module, data: EvalData, suite: list[dict[str, Any]], see
     rows = []
     for entry in suite:
         result = benchmarks.run(model, data, benchmarks.parse(entry), ctx)
-        rows += [r.as_dict() for r in result.rows]
+        rows += [{k: r.as_dict().get(k) for k in ROW_KEYS} for r in result.rows]
     return comparable(rows)
+
+
+ROW_KEYS = ("benchmark", "metric", "value", "params", "n")
+"""What a result row says, as the engine reports it and the API serves it (the API adds the
+interval, a function of the value and ``n``)."""
+
+
+def served(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The API's result rows with only :data:`ROW_KEYS`, to compare with :func:`engine_rows`."""
+    return [{k: r[k] for k in ROW_KEYS} for r in results]
 
 
 COST_METRICS = frozenset({"attack_seconds", "forward_passes", "backward_passes"})

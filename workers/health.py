@@ -55,6 +55,12 @@ def problems(cfg: Settings) -> list[str]:
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as exc:
         found.append(f"broker: {type(exc).__name__}: {str(exc)[:200]}")
+    try:
+        store_problem = cfg.store().check()
+    except Exception as exc:  # a malformed URL, a library that cannot start
+        store_problem = f"{type(exc).__name__}: {exc}"
+    if store_problem:
+        found.append(f"storage: {store_problem[:300]}")
     return found
 
 

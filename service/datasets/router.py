@@ -49,7 +49,7 @@ def upload_dataset(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    row = service.upload(session, owner, tmp, sha, size, name, settings.data_dir, outbox,
+    row = service.upload(session, owner, tmp, sha, size, name, settings.store(), outbox,
                          channels=channels)
     response.headers["Location"] = f"/datasets/{row.id}"
     return service.upload_out(row)
@@ -72,5 +72,5 @@ def get_dataset(ref: str, session: SessionDep, owner: CurrentOwner) -> DatasetOu
 @router.delete("/{ref}", status_code=204, responses=ERRORS)
 def delete_dataset(ref: str, session: SessionDep, owner: CurrentOwner,
                    settings: SettingsDep) -> Response:
-    service.delete(session, owner, ref, settings.data_dir)
+    service.delete(session, owner, ref, settings.store())
     return Response(status_code=204)

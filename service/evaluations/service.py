@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
+from contract.stats import interval
 from core import jobs
 from core.errors import Conflict, Invalid
 from core.queue import EVALUATE_TASK, Outbox
@@ -148,6 +149,7 @@ def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
         dataset_params=row.dataset_params or {}, split=row.split, suite=row.suite,
         seed=row.seed, public=row.public, created_at=row.created_at, started_at=row.started_at,
         finished_at=row.finished_at, attempts=row.attempts, device=row.device,
+        worker=row.worker,
         engine_version=row.engine_version,
         error=ErrorOut(**row.error) if row.error else None,
         results=[_result(r) for r in results],
@@ -159,7 +161,8 @@ def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
 
 
 def _result(r: Result | Any) -> ResultOut:
-    return ResultOut(benchmark=r.benchmark, metric=r.metric, value=r.value, params=r.params)
+    return ResultOut(benchmark=r.benchmark, metric=r.metric, value=r.value, params=r.params,
+                     n=r.n, interval=interval(r.value, r.n))
 
 
 def merge_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -181,5 +184,5 @@ def merge_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 POLLED = Polled("evaluation", Evaluation.__table__, (
     "id", "status", "progress_fraction", "progress_stage", "progress_message", "model_id",
     "model_name", "dataset", "dataset_params", "split", "suite", "seed", "public",
-    "created_at", "started_at", "finished_at", "attempts", "device", "engine_version", "error",
-    "checks", "timings", "artifacts", "options"), out_of, with_results=True)
+    "created_at", "started_at", "finished_at", "attempts", "device", "worker", "engine_version",
+    "error", "checks", "timings", "artifacts", "options"), out_of, with_results=True)

@@ -85,7 +85,8 @@ class Polled:
 Kinds = Mapping[str, Polled]
 
 _RESULTS_OF = (
-    select(_RESULTS.c.benchmark, _RESULTS.c.metric, _RESULTS.c.value, _RESULTS.c.params)
+    select(_RESULTS.c.benchmark, _RESULTS.c.metric, _RESULTS.c.value, _RESULTS.c.params,
+           _RESULTS.c.n)
     .where(_RESULTS.c.evaluation_id == bindparam("evaluation_id",
                                                  type_=_RESULTS.c.evaluation_id.type))
     .order_by(_RESULTS.c.id)

@@ -11,6 +11,7 @@ from sqlalchemy import or_, select
 
 from contract.attacks import Norm
 from contract.metrics import BENCHMARK_METRICS, LOWER_IS_BETTER
+from contract.stats import interval
 from core.errors import Invalid, problem_responses
 from core.tables import Evaluation, Result
 from service.http.deps import CurrentOwner, SessionDep
@@ -74,7 +75,8 @@ def leaderboard(
     return Leaderboard(
         dataset=dataset, benchmark=benchmark, metric=metric, threat=threat,
         order="descending" if descending else "ascending",
-        rows=[LeaderboardRow(rank=i + 1, value=r.value, params=r.params, evaluation_id=ev.id,
+        rows=[LeaderboardRow(rank=i + 1, value=r.value, params=r.params, n=r.n,
+                             interval=interval(r.value, r.n), evaluation_id=ev.id,
                              model_id=ev.model_id, model_name=ev.model_name, owner=ev.owner,
                              public=ev.public, finished_at=ev.finished_at)
               for i, (r, ev) in enumerate(session.execute(q))],

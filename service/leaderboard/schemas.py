@@ -13,6 +13,9 @@ class LeaderboardRow(BaseModel):
     rank: int = Field(description="1 for the best value; ties keep the earlier evaluation first")
     value: float = Field(description="the metric's value")
     params: dict[str, Any] = Field(description="the result row's parameters (attack, norm, eps…)")
+    n: int | None = Field(None, description="for an accuracy: the examples it counts")
+    interval: tuple[float, float] | None = Field(
+        None, description="for an accuracy: its 95% Wilson score interval [low, high]")
     evaluation_id: uuid.UUID = Field(description="the evaluation the value comes from")
     model_id: uuid.UUID | None = Field(description="its model (null once deleted)")
     model_name: str = Field(description="the model's name when it was evaluated")

@@ -34,7 +34,7 @@ def upload_model(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    row = service.register(session, owner, tmp, sha, size, meta, settings.data_dir)
+    row = service.register(session, owner, tmp, sha, size, meta, settings.store())
     return service.to_out(row)
 
 
@@ -59,7 +59,7 @@ def get_model(model_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> 
 @router.delete("/{model_id}", status_code=204, responses=ERRORS)
 def delete_model(model_id: uuid.UUID, session: SessionDep, owner: CurrentOwner,
                  settings: SettingsDep) -> Response:
-    service.delete(session, owner, model_id, settings.data_dir)
+    service.delete(session, owner, model_id, settings.store())
     return Response(status_code=204)
 
 

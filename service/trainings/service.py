@@ -141,7 +141,7 @@ def to_out(row: Any) -> TrainingOut:
         n_examples=opts.get("n_examples"),
         evaluate=row.evaluate, history=list(row.history or []), created_at=row.created_at,
         started_at=row.started_at, finished_at=row.finished_at, attempts=row.attempts,
-        device=row.device, engine_version=row.engine_version,
+        device=row.device, worker=row.worker, engine_version=row.engine_version,
         error=ErrorOut(**row.error) if row.error else None, model_id=row.model_id,
         evaluation_id=row.evaluation_id,
     )
@@ -152,5 +152,5 @@ POLLED = Polled("training", Training.__table__, (
     "id", "status", "progress_fraction", "progress_stage", "progress_message", "name",
     "dataset", "dataset_params", "held_out_split", "architecture", "method", "threat",
     "epochs", "batch_size", "lr", "seed", "options", "evaluate", "history", "created_at",
-    "started_at", "finished_at", "attempts", "device", "engine_version", "error", "model_id",
-    "evaluation_id"), lambda row, _results: to_out(row))
+    "started_at", "finished_at", "attempts", "device", "worker", "engine_version", "error",
+    "model_id", "evaluation_id"), lambda row, _results: to_out(row))

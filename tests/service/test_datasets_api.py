@@ -24,6 +24,7 @@ from tests.factories import (
     auth,
     engine_rows,
     new_key,
+    served,
     settings,
     torchscript_bytes,
     upload,
@@ -104,7 +105,7 @@ def _run(client: TestClient, key: str, rt: Runtime, model_id: str, dataset: str,
 
 
 def _rows(job: dict[str, Any]) -> list[Any]:
-    return [{k: r[k] for k in ("benchmark", "metric", "value", "params")} for r in job["results"]]
+    return served(job["results"])
 
 
 @pytest.mark.slow

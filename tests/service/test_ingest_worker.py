@@ -79,9 +79,10 @@ from pathlib import Path
 from service.datasets.ingest import IngestLimits
 from service.datasets.service import run_ingest
 from core.db import make_engine, make_sessionmaker
+from core.objectstore import LocalStore
 url, dataset_id, data_dir = sys.argv[1:4]
-status = run_ingest(make_sessionmaker(make_engine(url)), uuid.UUID(dataset_id), Path(data_dir),
-                    IngestLimits(decode_threads=1))
+status = run_ingest(make_sessionmaker(make_engine(url)), uuid.UUID(dataset_id),
+                    LocalStore(Path(data_dir)), Path(data_dir), IngestLimits(decode_threads=1))
 print(status)
 """
 
