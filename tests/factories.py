@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from torch import Tensor, nn
 
 from contract.suite import BaseEntry
+from core.db import make_engine, make_sessionmaker, transaction
+from core.keys import create_key
+from core.settings import Settings
 from service.app import create_app
-from service.auth.keys import create_key
-from service.db import make_engine, make_sessionmaker, transaction
-from service.settings import Settings
 from workers.engine import benchmarks
 from workers.engine.models import Normalized
 from workers.engine.types import EvalData, RunContext

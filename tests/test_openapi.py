@@ -25,8 +25,9 @@ from tests.factories import META, new_key, settings, tiny_net, torchscript_bytes
 
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
 PUBLIC = {"/health", "/ready", "/metrics", "/openapi.json"}
-# Read by anyone (their public rows); a key (or a browser's session) adds the owner's own.
-OPEN_READS = {"/leaderboard", "/leaderboard/page"}
+# Read by anyone (their public rows, or two public evaluations side by side); a key (or a
+# browser's session) adds the owner's own.
+OPEN_READS = {"/leaderboard", "/leaderboard/page", "/evaluations/{evaluation_id}/compare/page"}
 EVENT_STREAMS = {"/evaluations/{evaluation_id}/events", "/trainings/{training_id}/events"}
 HTML = {"/evaluations/{evaluation_id}/report", "/sweeps/{sweep_id}/report", "/leaderboard/page",
         "/evaluations/{evaluation_id}/compare/page"}
@@ -244,8 +245,8 @@ def test_a_generated_client_runs_the_walkthrough(sqlite_url: str, tmp_path: Path
     import torch
     from fastapi.testclient import TestClient
 
-    from service.db import make_engine, make_sessionmaker
-    from service.settings import Settings
+    from core.db import make_engine, make_sessionmaker
+    from core.settings import Settings
     from workers import evaluation_jobs
     from workers.runtime import Runtime
 

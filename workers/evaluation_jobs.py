@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import select, update
 
 from contract.suite import Entry, dump_entry
-from service.queue import WEBHOOK_TASK
-from service.tables import Dataset, Evaluation, Model, Result
+from core.queue import WEBHOOK_TASK
+from core.tables import Dataset, Evaluation, Model, Result
 from workers.engine import ENGINE_VERSION, benchmarks
 from workers.engine.types import BenchmarkError
 from workers.jobs import (

@@ -1,4 +1,4 @@
-"""``GET/POST /login`` and ``POST /logout``: a browser's session (``service.auth.sessions``).
+"""``GET/POST /login`` and ``POST /logout``: a browser's session (``core.sessions``).
 
 A page asked for without a session sends a browser here (303 to ``/login?next=…``); a valid
 key posted in the form answers 303 back to ``next`` with the session cookie (``HttpOnly``,
@@ -15,11 +15,11 @@ from urllib.parse import quote, urlsplit
 from fastapi import APIRouter, FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from service.auth import sessions
-from service.auth.sessions import COOKIE, LoginRequired, safe_next
-from service.deps import SessionDep, SettingsDep
-from service.errors import DomainError, Unauthorized
-from service.pages.svg import page
+from core import sessions
+from core.errors import DomainError, Unauthorized
+from core.sessions import COOKIE, LoginRequired, safe_next
+from service.http.deps import SessionDep, SettingsDep
+from service.http.svg import page
 
 router = APIRouter(include_in_schema=False)
 

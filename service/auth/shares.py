@@ -1,6 +1,6 @@
 """Share links of private reports: made and revoked with the API key (``/share-links``, or
 the form on a report page, which asks for the key), opened by anyone holding the link
-(``GET /shared/{token}``, in ``service.pages.shared``)."""
+(``GET /shared/{token}``, in ``service.sweeps.shared``)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy.orm import Session
 
-from service.auth import keys, sessions
+from core import keys, sessions
+from core.errors import Invalid, NotFound, Unauthorized, problem_responses
+from core.settings import Settings
+from core.tables import Evaluation, ShareLink, Sweep
 from service.auth.login import refuse_cross_site
-from service.deps import CurrentOwner, SessionDep, SettingsDep
-from service.errors import Invalid, NotFound, Unauthorized, problem_responses
-from service.pages.svg import page
-from service.settings import Settings
-from service.tables import Evaluation, ShareLink, Sweep
+from service.http.deps import CurrentOwner, SessionDep, SettingsDep
+from service.http.svg import page
 
 router = APIRouter(tags=["share links"])
 ERRORS = problem_responses(401, 404, 422)

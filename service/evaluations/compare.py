@@ -21,9 +21,9 @@ from sqlalchemy.orm import Session, undefer
 
 from contract.metrics import LOWER_IS_BETTER
 from contract.stats import CONFIDENCE, Paired, decode_outcomes, interval
-from service.errors import Conflict
-from service.repository import owned
-from service.tables import Evaluation, Result
+from core.errors import Conflict
+from core.repository import owned
+from core.tables import Evaluation, Result
 
 #: What two evaluations must share for their examples to be the same ones.
 SAME_EXAMPLES = ("dataset", "dataset_params", "split", "seed", "n_examples")

@@ -12,21 +12,22 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
-from service import polling, storage
-from service.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
-from service.errors import Conflict, Invalid, NotFound, invalid, problem_responses
-from service.evaluations import compare, report, service
+from core import storage
+from core.errors import Conflict, Invalid, NotFound, invalid, problem_responses
+from core.objectstore import check_key
+from core.queue import Outbox
+from core.quotas import check_active_jobs, check_stored_bytes
+from core.settings import Settings
+from core.tables import Evaluation
+from core.webhook_policy import check_url
+from service.evaluations import compare, compare_page, service
+from service.evaluations import page as report
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
-from service.jobs import progress_events
+from service.http import polling
+from service.http.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
+from service.http.events import progress_events
+from service.http.validation import loads, reject_nul
 from service.models import service as models
-from service.objectstore import check_key
-from service.pages import compare as compare_page
-from service.queue import Outbox
-from service.quotas import check_active_jobs, check_stored_bytes
-from service.settings import Settings
-from service.tables import Evaluation
-from service.validation import loads, reject_nul
-from service.webhook_policy import check_url
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
@@ -128,7 +129,7 @@ def list_evaluations(
 @router.get("/{evaluation_id}", response_model=EvaluationOut, **polling.documented(ERRORS))
 async def get_evaluation(evaluation_id: uuid.UUID, request: Request) -> Response:
     """The evaluation's record, with an ``ETag``; pollers send it back in ``If-None-Match``
-    and get 304 with no body until the job changes (``service/polling.py``)."""
+    and get 304 with no body until the job changes (``service/http/polling.py``)."""
     return await polling.response("evaluations", request, evaluation_id)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.pagination import Page
+from service.http.pagination import Page
 
 
 class EvaluationIn(BaseModel):

@@ -25,10 +25,10 @@ from sqlalchemy.orm import Session
 
 from contract.attacks import Norm
 from contract.metrics import LOWER_IS_BETTER
+from core.errors import Invalid
+from core.tables import Evaluation, Result
 from service.datasets.builtin import get_builtin
 from service.datasets.service import DEFAULT_EPS
-from service.errors import Invalid
-from service.tables import Evaluation, Result
 
 STANDARD_ATTACK = "autoattack"
 STANDARD_NORM = "linf"

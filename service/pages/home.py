@@ -10,10 +10,10 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.deps import CurrentViewer, SessionDep
-from service.pages.chrome import nav
-from service.pages.svg import page
-from service.tables import Evaluation, Training
+from core.tables import Evaluation, Training
+from service.http.chrome import nav
+from service.http.deps import CurrentViewer, SessionDep
+from service.http.svg import page
 
 router = APIRouter()
 

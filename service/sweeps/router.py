@@ -7,13 +7,13 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
-from service.errors import problem_responses
-from service.pages import sweep as sweep_page
-from service.quotas import check_active_jobs
+from core.errors import problem_responses
+from core.quotas import check_active_jobs
+from core.tables import Sweep
+from service.http.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
+from service.sweeps import page as sweep_page
 from service.sweeps import service
 from service.sweeps.schemas import SweepIn, SweepOut, SweepPage
-from service.tables import Sweep
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 ERRORS = problem_responses(401, 404, 409, 422)

@@ -155,7 +155,8 @@ def test_the_audit_stops_at_the_first_miss(grey_cnn: Setup) -> None:
     # audit capped four examples earlier, which runs the same chunks, finds nothing). Which
     # chunk that is depends on the CPU's rounding of FGSM's one step.
     k = found.sample.numel()
-    assert k % 4 == 0 and 0 < k < min(found.plan, int(weak.robust.sum()))
+    assert k % 4 == 0
+    assert 0 < k < min(found.plan, int(weak.robust.sum()))
     assert bool(weak.robust[found.sample].all())
     assert found.missed == int((~found.reference.robust[found.sample]).sum()) > 0
     assert found.bound is None

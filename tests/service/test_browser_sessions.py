@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
+from core.db import make_engine, make_sessionmaker
+from core.sessions import COOKIE, safe_next
+from core.tables import BrowserSession, Evaluation, Result, ShareLink, Sweep, utcnow
 from service.app import create_app
-from service.auth.sessions import COOKIE, safe_next
-from service.db import make_engine, make_sessionmaker
-from service.tables import BrowserSession, Evaluation, Result, ShareLink, Sweep, utcnow
 from tests.factories import auth, new_key, settings
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}

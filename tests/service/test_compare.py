@@ -17,7 +17,7 @@ from sqlalchemy import update
 from torch import nn
 
 from contract.stats import Paired, wilson
-from service.tables import Evaluation
+from core.tables import Evaluation
 from tests.factories import api, auth, new_key, settings, torchscript_bytes, upload, worker_runtime
 from workers import evaluation_jobs
 from workers.engine.benchmarks.clean import predict

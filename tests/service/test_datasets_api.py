@@ -17,8 +17,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from contract.metrics import BENCHMARK_METRICS
-from service.db import make_engine, make_sessionmaker
-from service.settings import Settings
+from core.db import make_engine, make_sessionmaker
+from core.settings import Settings
 from tests.factories import (
     api,
     auth,

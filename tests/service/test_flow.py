@@ -97,7 +97,7 @@ def stack(pg_url: str, redis_url: str, redis_prefix: str,
 
     def start_worker() -> subprocess.Popen[bytes]:
         log = (tmp_path / f"worker-{len(procs)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "robustscope.cli", "worker"], cwd=ROOT,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         procs.append(proc)
         return proc

@@ -24,8 +24,8 @@ import torch
 from fastapi.testclient import TestClient
 from torch import nn
 
-from service.db import make_engine, make_sessionmaker
-from service.tables import Evaluation, Result
+from core.db import make_engine, make_sessionmaker
+from core.tables import Evaluation, Result
 from tests.factories import api, auth, new_key, settings
 from workers.engine import benchmarks
 from workers.engine.data.builtin import load_builtin

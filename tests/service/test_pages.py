@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.pages.svg import fmt, nice_ticks, wrap
+from service.http.svg import fmt, nice_ticks, wrap
 from tests.factories import auth, new_key, settings, tiny_net, torchscript_bytes, upload
 
 

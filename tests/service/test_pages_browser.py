@@ -28,9 +28,9 @@ import pytest
 import uvicorn
 from sqlalchemy import select
 
+from core.db import make_engine, make_sessionmaker
+from core.tables import Dataset, Evaluation, Result, Training
 from service.app import create_app
-from service.db import make_engine, make_sessionmaker
-from service.tables import Dataset, Evaluation, Result, Training
 from tests.factories import auth, new_key, settings
 
 pytestmark = pytest.mark.slow

@@ -24,6 +24,10 @@ from contract.stats import encode_outcomes
 from contract.suite import BaseEntry
 
 
+class CheckpointError(ValueError):
+    """The checkpoint cannot be loaded as described; the message says why, for the user."""
+
+
 class Cancelled(Exception):
     """Raised by a progress callback when the job was cancelled; benchmarks let it propagate."""
 

@@ -1,10 +1,14 @@
 """What every page carries around its content: the navigation (with who is logged in, and a
-log-out button, or a log-in link that comes back here), and wide tables that scroll."""
+log-out button, or a log-in link that comes back here), wide tables that scroll, the share
+form, and how threats and suite entries are written for a person."""
 
 from __future__ import annotations
 
 import html
+from typing import Any
 from urllib.parse import quote
+
+NORM_NAMES = {"linf": "l_inf", "l2": "l_2", "l1": "l_1"}
 
 
 def nav(viewer: str | None, here: str, *links: tuple[str, str]) -> str:
@@ -45,3 +49,30 @@ changes).</p>
 <label>valid for <input type='number' name='days' value='7' min='1' max='90' size='3'>
 days</label>
 <button type='submit'>Make a share link</button></form>"""
+
+
+def entry_label(suite: list[dict[str, Any]], index: Any) -> str:
+    """A suite entry as a person reads it: ``entry 2: adversarial (autoattack, l_inf, eps
+    8/255)``."""
+    if not isinstance(index, int) or not 0 <= index < len(suite):
+        return "the whole evaluation"
+    entry = suite[index]
+    bench = str(entry.get("benchmark", "?"))
+    parts = []
+    if entry.get("attack"):
+        parts.append(str(entry["attack"]))
+    norm = entry.get("norm")
+    if norm:
+        parts.append(NORM_NAMES.get(str(norm), str(norm)))
+    eps = entry.get("eps")
+    if eps is not None:
+        values = eps if isinstance(eps, list) else [eps]
+        parts.append("eps " + ", ".join(eps_text(str(norm), float(v)) for v in values))
+    return f"entry {index + 1}: {bench}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def eps_text(norm: str, eps: float) -> str:
+    """An eps as people write it: l_inf in 255ths when it is one (8/255), else its value."""
+    if norm == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-3 and eps > 0:
+        return f"{round(eps * 255)}/255"
+    return f"{eps:.4g}"

@@ -13,14 +13,13 @@ from urllib.parse import urlencode
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from service.evaluations.report import NORM_NAMES, entry_label, eps_text
+from core.tables import Evaluation
+from service.http.chrome import NORM_NAMES, entry_label, eps_text, nav, scroll
+from service.http.svg import page
 from service.leaderboard.ranking import STANDARD_ATTACK, Threat, default_eps
-from service.pages.chrome import nav, scroll
-from service.pages.svg import page
-from service.tables import Evaluation
 
 if TYPE_CHECKING:
-    from service.leaderboard.router import Leaderboard, LeaderboardRow, ThreatOption
+    from service.leaderboard.schemas import Leaderboard, LeaderboardRow, ThreatOption
 
 SUMMARY = ("clean accuracy", "robust accuracy", "RFS", "BG-gap", "worst group")
 

@@ -11,14 +11,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import sessions
-from service.auth.keys import KeyCache
-from service.auth.sessions import LoginRequired
-from service.errors import DomainError, NotFound, Unauthorized
-from service.guard import bearer_key
-from service.queue import Outbox
-from service.settings import Settings
-from service.storage import run_rollback_hooks
+from core import sessions
+from core.errors import DomainError, NotFound, Unauthorized
+from core.keys import KeyCache
+from core.queue import Outbox
+from core.sessions import LoginRequired
+from core.settings import Settings
+from core.storage import run_rollback_hooks
+from service.http.guard import bearer_key
 
 
 # Dependencies without I/O are ``async`` so FastAPI runs them on the event loop; a plain

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import html
 
-from service.pages.chrome import nav, scroll, share_form
-from service.pages.svg import Axis, Reference, Series, chart, page
+from service.http.chrome import NORM_NAMES, eps_text, nav, scroll, share_form
+from service.http.svg import Axis, Reference, Series, chart, page
 from service.sweeps.schemas import SweepOut, SweepRow
 
 NORM_COLORS = {"l2": "#1f77b4", "linf": "#d62728", "l1": "#2ca02c"}
-NORM_NAMES = {"l2": "l_2", "linf": "l_inf", "l1": "l_1"}
 FINAL = ("succeeded", "failed", "cancelled")
-
-
-def _eps_text(norm: str, eps: float) -> str:
-    return f"{eps * 255:.3g}/255" if norm == "linf" else f"{eps:.4g}"
 
 
 def _threat_keys(sweep: SweepOut) -> dict[str, tuple[str, float]]:
@@ -103,7 +98,7 @@ def render(sweep: SweepOut, viewer: str | None = None, mine: bool = False,
     keys = _threat_keys(sweep)
     charts = []
     for norm, (key, eps) in keys.items():
-        threat = f"{NORM_NAMES.get(norm, norm)} eps {_eps_text(norm, eps)}"
+        threat = f"{NORM_NAMES.get(norm, norm)} eps {eps_text(norm, eps)}"
         y = Axis(f"robust accuracy, APGD-CE {threat} (fraction)", 0.0, 1.0)
         pair = [chart(f"Robust accuracy ({threat}) against {label}", x_axis, y,
                       _series(sweep.table, key, axis), width=600,
@@ -116,7 +111,7 @@ def render(sweep: SweepOut, viewer: str | None = None, mine: bool = False,
     zg_norms = sorted({n for r in sweep.table for n in r.zero_gradient_fraction})
     head = ("<tr><th>model</th><th>checks</th><th>trained</th><th>status</th><th>clean</th>"
             + "".join(f"<th>robust {e(NORM_NAMES.get(k.split(':')[0], k.split(':')[0]))} "
-                      f"{e(_eps_text(k.split(':')[0], float(k.split(':')[1])))}</th>"
+                      f"{e(eps_text(k.split(':')[0], float(k.split(':')[1])))}</th>"
                       for k in all_keys)
             + "".join(f"<th>no gradient {e(NORM_NAMES.get(n, n))}</th>" for n in zg_norms)
             + "<th>RFS</th><th>BG-gap</th><th>mixed_rand</th><th>worst group</th>"
@@ -131,7 +126,7 @@ def render(sweep: SweepOut, viewer: str | None = None, mine: bool = False,
         if r.evaluation_id and not shared:
             links.append(f"<a class='report' href='/evaluations/{r.evaluation_id}/report'>"
                          "report</a>")
-        trained = (f"{r.method}, {NORM_NAMES.get(r.norm, r.norm)} eps {_eps_text(r.norm, r.eps)}"
+        trained = (f"{r.method}, {NORM_NAMES.get(r.norm, r.norm)} eps {eps_text(r.norm, r.eps)}"
                    if r.norm and r.eps is not None else r.method)
         status = r.training_status if r.evaluation_status is None else (
             r.evaluation_status if r.training_status == "succeeded" else r.training_status)

@@ -8,14 +8,14 @@ from fastapi import APIRouter, Path
 from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import selectinload
 
-from service.auth import sessions
-from service.deps import SessionDep
-from service.errors import NotFound
-from service.evaluations import report
+from core import sessions
+from core.errors import NotFound
+from core.tables import Evaluation, Sweep
+from service.evaluations import page as report
 from service.evaluations import service as evaluations
-from service.pages import sweep as sweep_page
+from service.http.deps import SessionDep
+from service.sweeps import page as sweep_page
 from service.sweeps import service as sweeps
-from service.tables import Evaluation, Sweep
 
 router = APIRouter(include_in_schema=False)
 

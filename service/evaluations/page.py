@@ -3,7 +3,7 @@ what the metric means and which direction is better, and the results table; the 
 checks with what each one guards against; links to the model, its training and its sweep.
 While the job runs, the page reloads itself.
 
-No plotting library and no JavaScript (charts are inline SVG from :mod:`service.pages.svg`):
+No plotting library and no JavaScript (charts are inline SVG from :mod:`service.http.svg`):
 the report is a single file a user can attach to a ticket. Robust accuracy is drawn against
 eps per norm, with the clean accuracy as its eps = 0 point; noise accuracies against sigma; a
 numeric parameter (eps, sigma, severity) becomes a line chart's x axis, anything else bars.
@@ -23,11 +23,11 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
+from core.tables import Dataset, Evaluation, Sweep
+from service.evaluations.repository import origin
 from service.evaluations.schemas import EvaluationOut, ResultOut
-from service.pages.chrome import nav, scroll, share_form
-from service.pages.links import origin
-from service.pages.svg import COLORS, Axis, Series, bars, chart, page
-from service.tables import Dataset, Evaluation, Sweep
+from service.http.chrome import NORM_NAMES, entry_label, nav, scroll, share_form
+from service.http.svg import COLORS, Axis, Series, bars, chart, page
 
 _X_PARAMS = ("eps", "sigma", "severity")
 _X_TITLES = {
@@ -83,8 +83,6 @@ CHECKS = {
 }
 
 FINAL = ("succeeded", "failed", "cancelled")
-
-NORM_NAMES = {"linf": "l_inf", "l2": "l_2", "l1": "l_1"}
 
 # What to do about a failed job, per error type (docs/API.md, Errors).
 WHAT_TO_DO = {
@@ -192,33 +190,6 @@ def _failure(ev: EvaluationOut) -> str:
     return (f"<div class='box failure'><h2>What failed</h2><p class='flag'>{e(kind)}: "
             f"{e(detail)}</p><p>{finished}</p><h3>What to do</h3>"
             f"<p class='todo'>{e(WHAT_TO_DO.get(kind, DEFAULT_TO_DO))}</p></div>")
-
-
-def entry_label(suite: list[dict[str, Any]], index: Any) -> str:
-    """A suite entry as a person reads it: ``entry 2: adversarial (autoattack, l_inf, eps
-    8/255)``."""
-    if not isinstance(index, int) or not 0 <= index < len(suite):
-        return "the whole evaluation"
-    entry = suite[index]
-    bench = str(entry.get("benchmark", "?"))
-    parts = []
-    if entry.get("attack"):
-        parts.append(str(entry["attack"]))
-    norm = entry.get("norm")
-    if norm:
-        parts.append(NORM_NAMES.get(str(norm), str(norm)))
-    eps = entry.get("eps")
-    if eps is not None:
-        values = eps if isinstance(eps, list) else [eps]
-        parts.append("eps " + ", ".join(eps_text(str(norm), float(v)) for v in values))
-    return f"entry {index + 1}: {bench}" + (f" ({', '.join(parts)})" if parts else "")
-
-
-def eps_text(norm: str, eps: float) -> str:
-    """An eps as people write it: l_inf in 255ths when it is one (8/255), else its value."""
-    if norm == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-3 and eps > 0:
-        return f"{round(eps * 255)}/255"
-    return f"{eps:.4g}"
 
 
 def _checks(ev: EvaluationOut) -> str:

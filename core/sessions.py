@@ -4,7 +4,7 @@ A session starts when a browser posts a valid API key to ``/login``. Its cookie 
 token (256 bits); the table holds only the token's hash, the key it was opened with and when
 it expires. The cookie is read on ``GET`` and ``HEAD`` only, so it opens its owner's pages and
 reads but authorises no write: every request with a body needs ``Authorization: Bearer``
-(``service.guard``), so a cross-site form cannot submit, cancel or revoke anything. A session
+(``service.http.guard``), so a cross-site form cannot submit, cancel or revoke anything. A session
 ends at its expiry, at logout, or when its key is revoked.
 
 A share link opens one private report (an evaluation's or a sweep's) read-only, to anyone
@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from service.auth import keys
-from service.errors import DomainError, NotFound
-from service.tables import ApiKey, BrowserSession, ShareLink, utcnow
+from core import keys
+from core.errors import DomainError, NotFound
+from core.tables import ApiKey, BrowserSession, ShareLink, utcnow
 
 COOKIE = "robustscope_session"
 SHARE_KINDS = ("evaluation", "sweep")

@@ -9,11 +9,11 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from core.tables import Evaluation
 from service.evaluations.compare import Comparison, MetricComparison
-from service.evaluations.report import COST_METRICS, error_detail
-from service.pages.chrome import nav, scroll
-from service.pages.svg import page
-from service.tables import Evaluation
+from service.evaluations.page import COST_METRICS, error_detail
+from service.http.chrome import nav, scroll
+from service.http.svg import page
 
 
 def _params(params: dict[str, Any]) -> str:
