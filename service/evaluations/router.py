@@ -2,29 +2,32 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import PurePosixPath
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
-from service import polling, storage
-from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, NotFound, invalid, problem_responses
-from service.evaluations import report, service
+from core import storage
+from core.errors import Conflict, Invalid, NotFound, invalid, problem_responses
+from core.objectstore import check_key
+from core.queue import Outbox
+from core.quotas import check_active_jobs, check_stored_bytes
+from core.settings import Settings
+from core.tables import Evaluation
+from core.webhook_policy import check_url
+from service.evaluations import compare, compare_page, service
+from service.evaluations import page as report
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
-from service.jobs import progress_events
+from service.http import polling
+from service.http.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
+from service.http.events import progress_events
+from service.http.validation import loads, reject_nul
 from service.models import service as models
-from service.pages.links import origin
-from service.queue import Outbox
-from service.quotas import check_active_jobs, check_stored_bytes
-from service.settings import Settings
-from service.tables import Evaluation
-from service.validation import loads, reject_nul
-from service.webhook_policy import check_url
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
@@ -71,7 +74,7 @@ async def create_evaluation(
             tmp.unlink(missing_ok=True)
             raise
         model = await run_in_threadpool(models.register, session, owner, tmp, sha, size, meta,
-                                        settings.data_dir)
+                                        settings.store())
         uploaded = model.storage_path
         raw = {**fields, "model_id": str(model.id)}
     else:
@@ -86,7 +89,7 @@ async def create_evaluation(
                                                idempotency_key, settings)
     except BaseException:
         if uploaded is not None:  # the transaction rolls back; the file must go too
-            storage.remove(settings.data_dir, uploaded)
+            storage.remove(settings.store(), uploaded)
         raise
     _accepted(response, row.id, created)
     return service.to_out(row)
@@ -126,7 +129,7 @@ def list_evaluations(
 @router.get("/{evaluation_id}", response_model=EvaluationOut, **polling.documented(ERRORS))
 async def get_evaluation(evaluation_id: uuid.UUID, request: Request) -> Response:
     """The evaluation's record, with an ``ETag``; pollers send it back in ``If-None-Match``
-    and get 304 with no body until the job changes (``service/polling.py``)."""
+    and get 304 with no body until the job changes (``service/http/polling.py``)."""
     return await polling.response("evaluations", request, evaluation_id)
 
 
@@ -153,22 +156,78 @@ async def evaluation_events(evaluation_id: uuid.UUID, request: Request,
         yield event
 
 
+@router.get("/{evaluation_id}/compare", response_model=compare.Comparison, responses=ERRORS)
+def compare_evaluation(
+    evaluation_id: uuid.UUID, session: SessionDep, owner: CurrentOwner,
+    baseline: Annotated[uuid.UUID, Query(description="the evaluation to compare with")],
+) -> compare.Comparison:
+    """Each metric beside the baseline's, on the same examples: the difference with its 95%
+    interval and McNemar's exact p-value (docs/METRICS.md, Uncertainty). 409 while either
+    is unfinished or when they measured other examples (dataset, dataset_params, split,
+    seed, n_examples)."""
+    return compare.compare(session, owner, evaluation_id, baseline)
+
+
+@router.get("/{evaluation_id}/compare/page", response_class=HTMLResponse, responses=ERRORS)
+def compare_evaluation_page(
+    evaluation_id: uuid.UUID, session: SessionDep, viewer: CurrentViewer,
+    baseline: Annotated[uuid.UUID, Query(description="the evaluation to compare with")],
+) -> HTMLResponse:
+    """The comparison as a page: every metric of both, the difference and which is better.
+    Either evaluation may be the viewer's own or public."""
+    rows = []
+    for eid in (evaluation_id, baseline):
+        row = session.get(Evaluation, eid)
+        viewer.may_read(row.owner if row else None, bool(row and row.public), f"evaluation {eid}")
+        assert row is not None
+        rows.append(row)
+    ev, base = rows
+    try:
+        result = compare.between(session, ev, base)
+    except Conflict as exc:
+        return HTMLResponse(compare_page.render(viewer.owner, ev, base, None, exc.detail,
+                                                exc.extra.get("differences")))
+    return HTMLResponse(compare_page.render(viewer.owner, ev, base, result, None))
+
+
 @router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)
 def evaluation_report(evaluation_id: uuid.UUID, session: SessionDep,
-                      owner: CurrentOwner) -> HTMLResponse:
-    ev = service.to_out(service.get(session, owner, evaluation_id))
-    return HTMLResponse(report.render(ev, *origin(session, owner, evaluation_id)))
+                      viewer: CurrentViewer) -> HTMLResponse:
+    """The report as a page: the owner's, or anyone's when the evaluation is public (a
+    browser without a session is sent to ``/login`` for a private one)."""
+    row = session.get(Evaluation, evaluation_id, options=[selectinload(Evaluation.results)])
+    viewer.may_read(row.owner if row else None, bool(row and row.public),
+                    f"evaluation {evaluation_id}")
+    assert row is not None
+    return HTMLResponse(report.render(service.to_out(row),
+                                      report.context(session, row, viewer.owner)))
 
 
 @router.get("/{evaluation_id}/artifacts/{name:path}", response_class=Response,
             responses={**ERRORS, 200: {"description": "the file's bytes", "content": {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 def evaluation_artifact(evaluation_id: uuid.UUID, name: str, session: SessionDep,
-                        owner: CurrentOwner, settings: SettingsDep) -> FileResponse:
-    """A file a benchmark kept with its results, e.g. per-example robust flags (``.npy``)."""
+                        owner: CurrentOwner, settings: SettingsDep) -> Response:
+    """A file a benchmark kept with its results, e.g. per-example robust flags (``.npz``),
+    from the store (streamed where it is an object store)."""
     row = service.get(session, owner, evaluation_id)
-    relative = (row.artifacts or {}).get(name)
-    path = (settings.data_dir / relative).resolve() if relative else None
-    if path is None or not path.is_file() or settings.data_dir.resolve() not in path.parents:
-        raise NotFound(f"evaluation {evaluation_id} has no artifact {name!r}")
-    return FileResponse(path, filename=path.name, media_type="application/octet-stream")
+    key = (row.artifacts or {}).get(name)
+    store = settings.store()
+    missing = NotFound(f"evaluation {evaluation_id} has no artifact {name!r}")
+    try:
+        if not key or not key.startswith(f"artifacts/{evaluation_id}/"):
+            raise missing
+        check_key(key)
+    except ValueError as exc:
+        raise missing from exc
+    filename = PurePosixPath(name).name
+    path = store.local_path(key)
+    if path is not None:
+        if not path.is_file():
+            raise missing
+        return FileResponse(path, filename=filename, media_type="application/octet-stream")
+    if not store.exists(key):
+        raise missing
+    return StreamingResponse(store.iter_bytes(key), media_type="application/octet-stream",
+                             headers={"Content-Disposition":
+                                      f"attachment; filename=\"{filename}\""})

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from contract.training import MAX_MODELS, SweepIn
 from service.evaluations.schemas import Progress
-from service.pagination import Page
+from service.http.pagination import Page
 
 __all__ = ["MAX_MODELS", "SweepIn", "SweepOut", "SweepPage", "SweepRow"]
 
@@ -45,6 +45,9 @@ class SweepRow(BaseModel):
         None, description="true if the model's predictions were flagged degenerate (nearly "
                           "one class)")
     name: str | None = Field(None, description="the trained model's name")
+    failed_checks: list[str] = Field(
+        default_factory=list, description="the names of the evaluation's failed sanity checks "
+                                          "(`degenerate_predictions`, …); empty when all passed")
 
 
 class SweepOut(BaseModel):
