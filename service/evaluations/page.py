@@ -23,10 +23,10 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
-from core.tables import Dataset, Evaluation, Sweep
+from core.tables import Evaluation, Sweep
 from service.evaluations.repository import origin
 from service.evaluations.schemas import EvaluationOut, ResultOut
-from service.http.chrome import NORM_NAMES, entry_label, nav, scroll, share_form
+from service.http.chrome import NORM_NAMES, dataset_names, entry_label, nav, scroll, share_form
 from service.http.svg import COLORS, Axis, Series, bars, chart, page
 
 _X_PARAMS = ("eps", "sigma", "severity")
@@ -381,10 +381,7 @@ def context(session: Session, row: Evaluation, viewer: str | None,
     sweep = session.get(Sweep, sweep_id) if sweep_id else None
     if sweep is not None and not (mine or sweep.spec.get("public")):
         sweep_id = None
-    name = None
-    if row.dataset_id is not None:
-        ds = session.get(Dataset, row.dataset_id)
-        name = ds.name if ds is not None else None
+    name = dataset_names(session, [row.dataset])[row.dataset]
     return Context(viewer=None if shared else viewer, mine=mine, shared=shared,
                    dataset_name=name, training_id=training_id if mine else None,
                    sweep_id=sweep_id)
