@@ -19,7 +19,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import urlencode
 
 from sqlalchemy.orm import Session
 
@@ -139,8 +139,7 @@ def render(ev: EvaluationOut, ctx: Context | None = None) -> str:
         links.append((f"/sweeps/{ctx.sweep_id}/report", "sweep report"))
     dataset = ctx.dataset_name or ev.dataset
     if not ctx.shared and ev.status == "succeeded":
-        links.append((f"/leaderboard/page?dataset={quote(ev.dataset)}&compare={ev.id}",
-                      "compare with another evaluation"))
+        links.append((_compare_link(ev), "compare with another evaluation"))
     scope = (f"a seeded subset of {ev.n_examples} examples of the {e(ev.split)} split"
              if ev.n_examples else f"the whole {e(ev.split)} split")
     cmap = ev.class_map if isinstance(ev.class_map, str) else (
@@ -168,6 +167,18 @@ a red one means the numbers below should not be trusted as they stand.</p>
 """
     return page(f"robustscope: {ev.model_name} on {dataset}", body,
                 refresh=5 if running else None)
+
+
+def _compare_link(ev: EvaluationOut) -> str:
+    """The leaderboard of the evaluation's dataset at the first threat it was attacked at (or
+    the dataset's standard one), each row linked to compare with it."""
+    query = {"dataset": ev.dataset, "compare": str(ev.id)}
+    attacked = next((r for r in ev.results if (r.benchmark, r.metric) == (
+        "adversarial", "robust_accuracy") and isinstance(r.params.get("eps"), int | float)), None)
+    if attacked is not None:
+        query.update(threat=f"{attacked.params['norm']}:{attacked.params['eps']}",
+                     attack=str(attacked.params.get("attack")))
+    return "/leaderboard/page?" + urlencode(query)
 
 
 def error_detail(detail: str) -> str:
