@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from core.tables import Evaluation
-from service.http.chrome import NORM_NAMES, entry_label, eps_text, nav, scroll
+from service.http.chrome import NORM_NAMES, dataset_names, entry_label, eps_text, nav, scroll
 from service.http.svg import page
 from service.leaderboard.ranking import STANDARD_ATTACK, Threat, default_eps
 
@@ -106,8 +106,10 @@ def render(session: Session, board: Leaderboard, viewer: str | None, datasets: l
             f"<td class='num'>{r.n if r.n is not None else '-'}</td>{cells}"
             f"<td>{e(r.owner)}{mine}, {'public' if r.public else 'private'}</td>"
             f"<td>{' · '.join(links)}</td></tr>")
-    options = "".join(f"<option value='{e(d)}'{' selected' if d == dataset else ''}>{e(d)}"
-                      "</option>" for d in datasets)
+    names = dataset_names(session, datasets)
+    shown = names.get(dataset, dataset)
+    options = "".join(f"<option value='{e(d)}'{' selected' if d == dataset else ''}>"
+                      f"{e(names[d])}</option>" for d in datasets)
     query = {k: v for k, v in (("dataset", dataset), ("benchmark", benchmark),
                                ("metric", metric), ("threat", threat),
                                ("attack", board.attack)) if v}
@@ -120,13 +122,13 @@ def render(session: Session, board: Leaderboard, viewer: str | None, datasets: l
     top = nav(viewer, "/leaderboard/page?" + urlencode(query), ("/docs", "API"),
               (json_link, "this leaderboard as JSON"))
     empty = (f"<tr><td colspan='{5 + len(SUMMARY)}'>No evaluation you can see measured "
-             f"{e(metric)}{e(ranked)} on {e(dataset)}."
+             f"{e(metric)}{e(ranked)} on {e(shown)}."
              + (" Pick a threat below." if board.threats else "") + "</td></tr>")
     compare_note = (f"<p class='note'>The compare links set each evaluation beside "
                     f"{'the one you chose' if compare else 'the first'}.</p>" if rows else "")
     html_body = f"""
 {top}
-<h1>Leaderboard: {e(metric)} ({e(benchmark)}){e(ranked)} on {e(dataset)}</h1>
+<h1>Leaderboard: {e(metric)} ({e(benchmark)}){e(ranked)} on {e(shown)}</h1>
 <form method='get' action='/leaderboard/page'>
 <label>dataset <select name='dataset'>{options}</select></label>
 <label>benchmark <input name='benchmark' value='{e(benchmark)}' size='14'></label>
@@ -149,9 +151,9 @@ the object; better), BG-gap (lower is better) and worst-group accuracy (higher i
 'your private ones beside them.'}</p>
 {scroll(f"<table class='board'>{head}{''.join(body) or empty}</table>")}
 {compare_note}
-{f"<h2>Threats measured on {e(dataset)}</h2><ul class='threats'>{choices}</ul>" if choices else ""}
+{f"<h2>Threats measured on {e(shown)}</h2><ul class='threats'>{choices}</ul>" if choices else ""}
 """
-    return page(f"robustscope leaderboard {dataset} {metric}", html_body)
+    return page(f"robustscope leaderboard {shown} {metric}", html_body)
 
 
 def _split(threat: str) -> tuple[str, float]:

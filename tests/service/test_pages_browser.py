@@ -337,6 +337,20 @@ def test_a_browser_logs_in_and_reads_the_sweep_its_reports_and_shares_one(
             f"/trainings/{table[0]['training_id']}")
         assert page.locator("meta[http-equiv=refresh]").count() == 0
 
+        # From the report to the leaderboard at its first threat, and to a comparison.
+        report_url = page.url
+        page.click("nav a.compare")
+        page.wait_for_load_state()
+        assert page.inner_text("h1") == ("Leaderboard: robust_accuracy (adversarial) at "
+                                         "apgd-ce, l_2 eps 0.25 on waterbirds-32")
+        assert page.locator("table.board tr").count() == 1 + 5  # alice's five, private
+        assert page.locator("table.board a.compare").count() == 4  # all but this one
+        page.locator("table.board a.compare").first.click()
+        page.wait_for_load_state()
+        assert page.url.endswith(f"/compare/page?baseline={first_eval}")
+        assert page.locator("table.compare tr").count() > 1
+        page.goto(report_url)
+
         # The cookie makes no write, even from the service's own page.
         status = page.evaluate("() => fetch('/evaluations', {method: 'POST', "
                                "headers: {'content-type': 'application/json'}, body: '{}'})"
