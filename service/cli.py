@@ -140,6 +140,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     node = node_name(args.name)
     if args.name:  # the job records say which worker ran them
         os.environ["ROBUSTSCOPE_WORKER_NAME"] = node
+    os.environ["ROBUSTSCOPE_WORKER_QUEUES"] = args.queues
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
             f"--pool={args.pool}", "--concurrency=1", "-Q", args.queues, "--loglevel=INFO",
             "-n", node, "--without-gossip", "--without-mingle"]

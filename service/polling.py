@@ -47,7 +47,7 @@ from service.auth.keys import key_matches, key_prefix
 from service.errors import NotFound, Unauthorized, Unavailable
 from service.evaluations.service import out_of
 from service.guard import bearer_key
-from service.tables import ApiKey, Evaluation, Result, Training
+from service.tables import ApiKey, Evaluation, EvaluationShard, Result, Training
 from service.trainings.service import to_out as training_out
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ _KEYS = ApiKey.__table__
 _EVALUATIONS = Evaluation.__table__
 _TRAININGS = Training.__table__
 _RESULTS = Result.__table__
+_SHARDS = EvaluationShard.__table__
 
 
 def _key_and_job(job: Any, shown: tuple[str, ...]) -> Any:
@@ -75,7 +76,7 @@ _KEY_AND_EVALUATION = _key_and_job(_EVALUATIONS, (
     "id", "status", "progress_fraction", "progress_stage", "progress_message", "model_id",
     "model_name", "dataset", "dataset_params", "split", "suite", "seed", "public",
     "created_at", "started_at", "finished_at", "attempts", "device", "worker", "engine_version",
-    "error", "checks", "timings", "artifacts", "options"))
+    "error", "checks", "timings", "artifacts", "options", "shards"))
 
 #: The columns :func:`service.trainings.service.to_out` reads, and no others.
 _KEY_AND_TRAINING = _key_and_job(_TRAININGS, (
@@ -90,6 +91,16 @@ _RESULTS_OF = (
     .where(_RESULTS.c.evaluation_id == bindparam("evaluation_id",
                                                  type_=_RESULTS.c.evaluation_id.type))
     .order_by(_RESULTS.c.id)
+)
+
+
+#: A sharded evaluation's shards (a third statement, for those only).
+_SHARDS_OF = (
+    select(*(_SHARDS.c[name] for name in ("index", "start", "stop", "status", "worker",
+                                          "attempts", "progress_fraction")))
+    .where(_SHARDS.c.evaluation_id == bindparam("evaluation_id",
+                                                type_=_SHARDS.c.evaluation_id.type))
+    .order_by(_SHARDS.c.index)
 )
 
 
@@ -114,11 +125,11 @@ def _owned(row: Any, key: str, job_id: uuid.UUID, kind: str) -> Any:
     return row
 
 
-def _record(kind: str, row: Any, results: Iterable[Any]) -> bytes:
+def _record(kind: str, row: Any, results: Iterable[Any], shards: Iterable[Any] = ()) -> bytes:
     """The job's record as the JSON bytes to send (an evaluation's with its results)."""
     if kind == "trainings":
         return training_out(row).model_dump_json().encode()
-    return out_of(row, results).model_dump_json().encode()
+    return out_of(row, results, shards).model_dump_json().encode()
 
 
 def record_json(engine: Engine, kind: str, key: str, job_id: uuid.UUID) -> bytes:
@@ -128,7 +139,9 @@ def record_json(engine: Engine, kind: str, key: str, job_id: uuid.UUID) -> bytes
         row = _owned(row, key, job_id, kind)
         results = (conn.execute(_RESULTS_OF, {"evaluation_id": job_id}).all()
                    if kind == "evaluations" else [])
-    return _record(kind, row, results)
+        shards = (conn.execute(_SHARDS_OF, {"evaluation_id": job_id}).all()
+                  if kind == "evaluations" and row.shards > 1 else [])
+    return _record(kind, row, results, shards)
 
 
 class Records(Protocol):
@@ -167,7 +180,7 @@ class PostgresRecords:
         dialect = engine.dialect
         self.sql = {name: str(statement.compile(dialect=dialect)) for name, statement in (
             *((kind, statement) for kind, (statement, _) in _KINDS.items()),
-            ("results", _RESULTS_OF))}
+            ("results", _RESULTS_OF), ("shards", _SHARDS_OF))}
         self.slots = asyncio.Semaphore(size)
         self.idle: list[psycopg.AsyncConnection[Any]] = []
 
@@ -187,15 +200,19 @@ class PostgresRecords:
                                          {"prefix": key_prefix(key), "job_id": job_id})
                 row = _owned(await cur.fetchone(), key, job_id, kind)
                 results: list[Any] = []
+                shards: list[Any] = []
                 if kind == "evaluations":
                     cur = await conn.execute(self.sql["results"], {"evaluation_id": job_id})
                     results = await cur.fetchall()
+                if kind == "evaluations" and row.shards > 1:
+                    cur = await conn.execute(self.sql["shards"], {"evaluation_id": job_id})
+                    shards = await cur.fetchall()
         except (psycopg.OperationalError, psycopg.InterfaceError):
             if not reused:
                 raise
             await self.close()  # kept connections die together (a restart): open anew
             return await self._read(kind, key, job_id, reused=False)
-        return _record(kind, row, results)
+        return _record(kind, row, results, shards)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:

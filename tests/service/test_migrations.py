@@ -13,7 +13,7 @@ from service.db import Base, make_engine
 from service.migrate import downgrade, upgrade
 
 TABLES = {"api_keys", "models", "datasets", "evaluations", "results", "trainings", "sweeps",
-          "alembic_version"}
+          "evaluation_shards", "workers_seen", "alembic_version"}
 
 
 def _roundtrip(url: str) -> None:

@@ -249,12 +249,13 @@ def run_cascade(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
         blocks = (todo + ctx.offset) // block
         done = 0
         bs = block
-        gen, gen_block = None, -1
+        gen, gen_block = torch.Generator(), -1
         while done < todo.numel():
             here = int(blocks[done])
-            if here != gen_block:  # a block's own draws, wherever it is run
+            if here != gen_block:  # a block's own draws and checks, wherever it is run
                 gen = ctx.generator(salt=zlib.crc32(f"{seed_key}|block={here}".encode()))
                 gen_block, bs = here, block
+                fwd.new_block()
             end = done + int((blocks[done:done + bs] == here).sum())
             idx = todo[done:end]
             xb, yb = x[idx].to(ctx.device), y[idx].to(ctx.device)
