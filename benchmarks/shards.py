@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from fastapi.testclient import TestClient
 
+from core.db import make_engine, make_sessionmaker, transaction
+from core.keys import create_key
+from core.migrate import upgrade
+from core.settings import Settings
 from service.app import create_app
-from service.auth.keys import create_key
-from service.db import make_engine, make_sessionmaker, transaction
-from service.migrate import upgrade
-from service.settings import Settings
 from workers.engine import nets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def _worker(root: Path, name: str, env: dict[str, str]) -> subprocess.Popen[byte
     folder.mkdir()
     log = (root / f"{name}.log").open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--name", name, "--queues",
+        [sys.executable, "-m", "robustscope.cli", "worker", "--name", name, "--queues",
          "evaluations,webhooks"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, **env, "ROBUSTSCOPE_DATA_DIR": str(folder)})
 

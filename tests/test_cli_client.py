@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service import client
-from service.cli import main
+from robustscope import client
+from robustscope.cli import main
 
 ROWS = [
     {"benchmark": "clean", "metric": "accuracy", "value": 0.9, "params": {}},
@@ -117,7 +117,7 @@ def test_an_uploaded_checkpoint_is_reused(tmp_path: Path) -> None:
 def test_worker_names_are_celery_node_names() -> None:
     import socket
 
-    from service.cli import node_name
+    from robustscope.cli import node_name
 
     host = socket.gethostname()
     assert node_name("gpu-3") == f"gpu-3@{host}"
@@ -130,7 +130,7 @@ def test_worker_names_are_celery_node_names() -> None:
 
 
 def test_up_splits_the_cores_between_its_job_workers() -> None:
-    from service.cli import parser, up_workers
+    from robustscope.cli import parser, up_workers
 
     assert up_workers(1, 8) == [("worker", "evaluations,webhooks", "evaluations and trainings", 0),
                                 ("ingest", "ingest", "dataset ingests", 0)]

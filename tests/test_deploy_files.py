@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from service.cli import parser
+from robustscope.cli import parser
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = ("worker-1", "worker-2")

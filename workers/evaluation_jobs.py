@@ -20,8 +20,8 @@ from typing import Any
 from sqlalchemy import select, update
 
 from contract.suite import Entry, dump_entry
-from service.queue import WEBHOOK_TASK
-from service.tables import Dataset, Evaluation, EvaluationShard, Model, Result
+from core.queue import WEBHOOK_TASK
+from core.tables import Dataset, Evaluation, EvaluationShard, Model, Result
 from workers.engine import ENGINE_VERSION, benchmarks
 from workers.engine.types import BenchmarkError
 from workers.jobs import (
@@ -231,7 +231,8 @@ class EvaluationWork:
                 s.add(Result(evaluation_id=self.id, entry_index=index,
                              benchmark=row["benchmark"], metric=row["metric"],
                              value=float(row["value"]), params=params,
-                             params_key=json.dumps(params, sort_keys=True)))
+                             params_key=json.dumps(params, sort_keys=True),
+                             n=row.get("n"), outcomes=row.get("outcomes")))
             ev.checks = [*ev.checks, *[{**c, "entry": index} for c in message["checks"]]]
             ev.artifacts = {**ev.artifacts, **artifacts}
             ev.completed_entries = sorted({*ev.completed_entries, index})

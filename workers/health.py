@@ -18,8 +18,8 @@ from pathlib import Path
 from kombu import Connection
 from sqlalchemy import text
 
-from service.db import make_engine
-from service.settings import Settings, get_settings
+from core.db import make_engine
+from core.settings import Settings, get_settings
 
 
 def _data_problems(data_dir: Path) -> list[str]:

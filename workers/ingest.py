@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import uuid
 
+from core.settings import Settings
 from service.datasets.ingest import IngestLimits
 from service.datasets.service import run_ingest
-from service.settings import Settings
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.ingest")

@@ -32,8 +32,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
-from service.objectstore import StateMirror, StoreError, file_sha256
-from service.tables import Dataset, Evaluation, EvaluationShard, Training, utcnow
+from core.objectstore import StateMirror, StoreError, file_sha256
+from core.tables import Dataset, Evaluation, EvaluationShard, Training, utcnow
 from workers.engine.types import Cancelled
 from workers.runtime import Runtime
 from workers.sandbox import child as engine_child
@@ -86,7 +86,7 @@ class Sender:
 
 
 def storage_error(exc: StoreError) -> dict[str, str]:
-    """The store (service/objectstore.py) failed or holds a file that is not what was stored."""
+    """The store (core/objectstore.py) failed or holds a file that is not what was stored."""
     return {"type": "storage-error", "detail": str(exc)[:500]}
 
 

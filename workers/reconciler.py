@@ -18,8 +18,8 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
-from service.queue import EVALUATE_TASK, EVALUATIONS_QUEUE, INGEST_TASK, SHARD_TASK, TRAIN_TASK
-from service.tables import Dataset, Evaluation, EvaluationShard, Training, WorkerSeen, utcnow
+from core.queue import EVALUATE_TASK, EVALUATIONS_QUEUE, INGEST_TASK, SHARD_TASK, TRAIN_TASK
+from core.tables import Dataset, Evaluation, EvaluationShard, Training, WorkerSeen, utcnow
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.reconciler")

@@ -13,9 +13,9 @@ import torch
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import make_engine, make_sessionmaker
-from service.objectstore import BlobCache, Store
-from service.settings import Settings, get_settings
+from core.db import make_engine, make_sessionmaker
+from core.objectstore import BlobCache, Store
+from core.settings import Settings, get_settings
 from workers.engine.types import fast_bf16, strict_fp32
 from workers.sandbox.jail import Jail, config_from_settings, probe
 

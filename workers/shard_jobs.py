@@ -25,10 +25,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from contract.suite import dump_entry
+from core.jobs import request_cancel
+from core.queue import EVALUATE_TASK, WEBHOOK_TASK, Outbox
+from core.tables import FINAL_STATES, Evaluation, EvaluationShard, utcnow
 from service.evaluations.service import shardable
-from service.jobs import request_cancel
-from service.queue import EVALUATE_TASK, WEBHOOK_TASK, Outbox
-from service.tables import FINAL_STATES, Evaluation, EvaluationShard, utcnow
 from workers.evaluation_jobs import SHARDS_SHARE, EvaluationWork
 from workers.jobs import JobFailed, JobTable, Scratch, Sender, Superseded, run_work, sandbox_error
 from workers.runtime import Runtime

@@ -22,13 +22,13 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 
 from contract.training import BETA, Threat, TrainingSpec
+from core.objectstore import StoreError, file_sha256
+from core.queue import Outbox
+from core.tables import Dataset, Training, utcnow
 from service.evaluations import service as evaluations
 from service.evaluations.schemas import EvaluationIn
 from service.models import service as models
 from service.models.schemas import ModelMetadata
-from service.objectstore import StoreError, file_sha256
-from service.queue import Outbox
-from service.tables import Dataset, Training, utcnow
 from workers import jobs
 from workers.engine import ENGINE_VERSION
 from workers.jobs import JobFailed, JobTable, Scratch, Superseded, device_info, run_work

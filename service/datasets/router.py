@@ -4,13 +4,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from service import storage
+from core import storage
+from core.errors import Invalid, problem_responses
+from core.quotas import check_stored_bytes
 from service.datasets import service
 from service.datasets.schemas import DatasetList, DatasetOut
-from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, problem_responses
-from service.quotas import check_stored_bytes
-from service.validation import reject_nul
+from service.http.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
+from service.http.validation import reject_nul
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)

@@ -11,17 +11,16 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import storage
+from core import storage
+from core.errors import Conflict, Invalid, NotFound
+from core.objectstore import Store, StoreError, file_sha256
+from core.queue import INGEST_TASK, Outbox
+from core.repository import owned_rows
+from core.tables import Dataset, Evaluation, Training, utcnow
 from service.datasets.builtin import get_builtin, list_builtins, validate_params
 from service.datasets.ingest import DatasetIngestError, IngestLimits, ingest
-from service.datasets.schemas import DatasetOut
-from service.errors import Conflict, Invalid, NotFound
-from service.evaluations.suite import Capabilities
-from service.objectstore import Store, StoreError, file_sha256
-from service.pagination import newest_first
-from service.queue import INGEST_TASK, Outbox
-from service.repository import owned_rows
-from service.tables import Dataset, Evaluation, Training, utcnow
+from service.datasets.schemas import Capabilities, DatasetOut
+from service.http.pagination import newest_first
 
 # Reasonable l_p budgets in [0,1] pixel units when an uploaded dataset names none.
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}

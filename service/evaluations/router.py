@@ -12,21 +12,23 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import polling, storage
-from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, NotFound, invalid, problem_responses
-from service.evaluations import report, service
+from core import storage
+from core.errors import Invalid, NotFound, invalid, problem_responses
+from core.objectstore import check_key
+from core.queue import Outbox
+from core.quotas import check_active_jobs, check_stored_bytes
+from core.settings import Settings
+from core.tables import Evaluation
+from core.webhook_policy import check_url
+from service.evaluations import compare, service
+from service.evaluations import page as report
+from service.evaluations.repository import origin
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
-from service.jobs import progress_events
+from service.http import polling
+from service.http.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
+from service.http.events import progress_events
+from service.http.validation import loads, reject_nul
 from service.models import service as models
-from service.objectstore import check_key
-from service.pages.links import origin
-from service.queue import Outbox
-from service.quotas import check_active_jobs, check_stored_bytes
-from service.settings import Settings
-from service.tables import Evaluation
-from service.validation import loads, reject_nul
-from service.webhook_policy import check_url
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
@@ -128,7 +130,7 @@ def list_evaluations(
 @router.get("/{evaluation_id}", response_model=EvaluationOut, **polling.documented(ERRORS))
 async def get_evaluation(evaluation_id: uuid.UUID, request: Request) -> Response:
     """The evaluation's record, with an ``ETag``; pollers send it back in ``If-None-Match``
-    and get 304 with no body until the job changes (``service/polling.py``)."""
+    and get 304 with no body until the job changes (``service/http/polling.py``)."""
     return await polling.response("evaluations", request, evaluation_id)
 
 
@@ -153,6 +155,18 @@ async def evaluation_events(evaluation_id: uuid.UUID, request: Request,
     async for event in progress_events(
             request, lambda s: service.to_out(service.get(s, owner, evaluation_id))):
         yield event
+
+
+@router.get("/{evaluation_id}/compare", response_model=compare.Comparison, responses=ERRORS)
+def compare_evaluation(
+    evaluation_id: uuid.UUID, session: SessionDep, owner: CurrentOwner,
+    baseline: Annotated[uuid.UUID, Query(description="the evaluation to compare with")],
+) -> compare.Comparison:
+    """Each metric beside the baseline's, on the same examples: the difference with its 95%
+    interval and McNemar's exact p-value (docs/METRICS.md, Uncertainty). 409 while either
+    is unfinished or when they measured other examples (dataset, dataset_params, split,
+    seed, n_examples)."""
+    return compare.compare(session, owner, evaluation_id, baseline)
 
 
 @router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.pagination import Page
+from service.http.pagination import Page
 
 #: The most shards one evaluation may have.
 MAX_SHARDS = 64
@@ -98,6 +98,11 @@ class ResultOut(BaseModel):
     params: dict[str, Any] = Field(
         description="the settings this value was measured at, e.g. {\"norm\": \"linf\", "
                     "\"eps\": 0.0314}")
+    n: int | None = Field(
+        None, description="for an accuracy (a share of examples): the examples it counts")
+    interval: tuple[float, float] | None = Field(
+        None, description="for an accuracy: its 95% Wilson score interval [low, high] "
+                          "(docs/METRICS.md, Uncertainty)")
 
 
 class EvaluationOut(BaseModel):

@@ -7,14 +7,19 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
-from service import jobs
+from contract.stats import interval
+from core import jobs
+from core.errors import Conflict, Invalid
+from core.queue import EVALUATE_TASK, SHARD_TASK, Outbox
+from core.repository import owned, owned_rows
+from core.settings import Settings
+from core.tables import Evaluation, EvaluationShard, Result, WorkerSeen, utcnow
 from service.datasets.service import check_params, resolve
-from service.errors import Conflict, Invalid
 from service.evaluations import suite as suites
 from service.evaluations.schemas import (
     MAX_SHARDS,
@@ -25,12 +30,9 @@ from service.evaluations.schemas import (
     ResultOut,
     ShardOut,
 )
+from service.http.pagination import newest_first
+from service.http.polling import Polled
 from service.models.service import get as get_model
-from service.pagination import newest_first
-from service.queue import EVALUATE_TASK, SHARD_TASK, Outbox
-from service.repository import owned, owned_rows
-from service.settings import Settings
-from service.tables import Evaluation, EvaluationShard, Result, WorkerSeen, utcnow
 
 
 def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
@@ -213,8 +215,8 @@ def to_out(row: Evaluation) -> EvaluationOut:
 
 def out_of(row: Any, results: Iterable[Any], shards: Iterable[Any] = ()) -> EvaluationOut:
     """The record of an evaluation from anything with its columns as attributes: the ORM row,
-    or a Core row of the polling path (:mod:`service.polling`) and its results (and shards,
-    for a sharded one)."""
+    or a Core row of the polling path (:mod:`service.http.polling`) and its results (and
+    shards, for a sharded one)."""
     return EvaluationOut(
         id=row.id, status=row.status,
         progress=Progress(fraction=row.progress_fraction, stage=row.progress_stage,
@@ -238,7 +240,8 @@ def out_of(row: Any, results: Iterable[Any], shards: Iterable[Any] = ()) -> Eval
 
 
 def _result(r: Result | Any) -> ResultOut:
-    return ResultOut(benchmark=r.benchmark, metric=r.metric, value=r.value, params=r.params)
+    return ResultOut(benchmark=r.benchmark, metric=r.metric, value=r.value, params=r.params,
+                     n=r.n, interval=interval(r.value, r.n))
 
 
 def merge_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -254,3 +257,15 @@ def merge_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(meta, dict):
         raise Invalid("spec.model must be an object of model metadata", field="spec.model")
     return meta, spec
+
+
+#: What a poll of an evaluation reads: the columns :func:`out_of` reads, and no others.
+POLLED = Polled("evaluation", Evaluation.__table__, (
+    "id", "status", "progress_fraction", "progress_stage", "progress_message", "model_id",
+    "model_name", "dataset", "dataset_params", "split", "suite", "seed", "public",
+    "created_at", "started_at", "finished_at", "attempts", "device", "worker", "engine_version",
+    "error", "checks", "timings", "artifacts", "options", "shards"), out_of, with_results=True,
+    more=select(*(EvaluationShard.__table__.c[name] for name in (
+        "index", "start", "stop", "status", "worker", "attempts", "progress_fraction")))
+    .where(EvaluationShard.evaluation_id == bindparam("job_id", type_=EvaluationShard.id.type))
+    .order_by(EvaluationShard.index), more_if="shards")

@@ -5,12 +5,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from service import storage
-from service.deps import CurrentOwner, SessionDep, SettingsDep
-from service.errors import problem_responses
+from core import storage
+from core.errors import problem_responses
+from core.quotas import check_stored_bytes
+from service.http.deps import CurrentOwner, SessionDep, SettingsDep
 from service.models import service
 from service.models.schemas import ModelList, ModelOut
-from service.quotas import check_stored_bytes
 
 router = APIRouter(prefix="/models", tags=["models"])
 ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)

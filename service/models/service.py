@@ -9,15 +9,15 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service import storage
-from service.errors import Conflict, Invalid, invalid
+from core import storage
+from core.errors import Conflict, Invalid, invalid
+from core.objectstore import Store
+from core.repository import owned, owned_rows
+from core.tables import Evaluation, Model
+from service.http.pagination import newest_first
+from service.http.validation import check_depth, loads, reject_nul
 from service.models.schemas import ModelMetadata, ModelOut
 from service.models.sniff import check_architecture, sniff
-from service.objectstore import Store
-from service.pagination import newest_first
-from service.repository import owned, owned_rows
-from service.tables import Evaluation, Model
-from service.validation import check_depth, loads, reject_nul
 
 
 def parse_metadata(raw: str | dict[str, object]) -> ModelMetadata:

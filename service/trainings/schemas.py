@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from contract.training import LrSchedule, Method, Optimizer, ThreatIn, TrainingIn
 from service.evaluations.schemas import ErrorOut, Progress
-from service.pagination import Page
+from service.http.pagination import Page
 
 __all__ = ["LrSchedule", "Method", "Optimizer", "ThreatIn", "TrainingIn",
            "TrainingOut", "TrainingPage"]

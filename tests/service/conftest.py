@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.objectstore import open_store
+from core.objectstore import open_store
 from tests.service.servers import free_port
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.objectstore import (
+from core.objectstore import (
     BlobCache,
     LocalStore,
     S3Store,

@@ -14,9 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from core.queue import EVALUATE_TASK
+from core.tables import EvaluationShard
 from service.evaluations.service import shard_bounds
-from service.queue import EVALUATE_TASK
-from service.tables import EvaluationShard
 from tests.factories import (
     api,
     auth,

@@ -59,7 +59,7 @@ def cluster(pg_url: str, redis_url: str, s3_url: str,
         folder.mkdir()
         env = {**os.environ, **common, "ROBUSTSCOPE_DATA_DIR": str(folder)}
         log = (tmp_path / f"{name}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--name", name],
+        proc = subprocess.Popen([sys.executable, "-m", "robustscope.cli", "worker", "--name", name],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         procs.append(proc)
         return proc

@@ -1,5 +1,5 @@
 """Uploads: received into the local data directory (hashed, size-limited), then kept in the
-store (:mod:`service.objectstore`) under a key the row records.
+store (:mod:`core.objectstore`) under a key the row records.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
-from service.errors import PayloadTooLarge
-from service.objectstore import Store
+from core.errors import PayloadTooLarge
+from core.objectstore import Store
 
 CHUNK = 1 << 20
 log = logging.getLogger("robustscope.storage")

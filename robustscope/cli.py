@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service import client, reproduce
+from robustscope import client, reproduce
 
 
 def _settings_env(data_dir: str | None) -> None:
@@ -23,8 +23,8 @@ def _settings_env(data_dir: str | None) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from service.migrate import upgrade
-    from service.settings import get_settings
+    from core.migrate import upgrade
+    from core.settings import get_settings
 
     upgrade(get_settings().database_url, args.revision)
     print(f"database at {args.revision}")
@@ -32,10 +32,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_apikey(args: argparse.Namespace) -> int:
-    from service.auth.keys import create_key, webhook_secret
-    from service.db import make_engine, make_sessionmaker, transaction
-    from service.settings import get_settings
-    from service.webhook_policy import standard_secret
+    from core.db import make_engine, make_sessionmaker, transaction
+    from core.keys import create_key, webhook_secret
+    from core.settings import get_settings
+    from core.webhook_policy import standard_secret
 
     engine = make_engine(get_settings().database_url)
     with transaction(make_sessionmaker(engine)) as session:
@@ -50,9 +50,9 @@ def cmd_apikey(args: argparse.Namespace) -> int:
 
 
 def cmd_apikey_list(args: argparse.Namespace) -> int:
-    from service.auth.keys import list_keys
-    from service.db import make_engine, make_sessionmaker
-    from service.settings import get_settings
+    from core.db import make_engine, make_sessionmaker
+    from core.keys import list_keys
+    from core.settings import get_settings
 
     engine = make_engine(get_settings().database_url)
     with make_sessionmaker(engine)() as session:
@@ -64,10 +64,10 @@ def cmd_apikey_list(args: argparse.Namespace) -> int:
 
 
 def cmd_apikey_revoke(args: argparse.Namespace) -> int:
-    from service.auth.keys import key_prefix, revoke
-    from service.db import make_engine, make_sessionmaker, transaction
-    from service.errors import NotFound
-    from service.settings import get_settings
+    from core.db import make_engine, make_sessionmaker, transaction
+    from core.errors import NotFound
+    from core.keys import key_prefix, revoke
+    from core.settings import get_settings
 
     # A whole key or its prefix (the second part of rs_<prefix>_<secret>, as listed).
     prefix = key_prefix(args.key) if args.key.startswith("rs_") else args.key
@@ -94,14 +94,14 @@ def cmd_api(args: argparse.Namespace) -> int:
         os.cpu_count() or 1)
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=workers, log_level=args.log_level, access_log=False,
-                http="service.connections:GuardedHTTP")
+                http="service.http.connections:GuardedHTTP")
     return 0
 
 
 def _sandbox_refused() -> str | None:
     """Why this machine cannot run models in the sandbox, or None where it can (or where
     ``ROBUSTSCOPE_SANDBOX=off`` says not to)."""
-    from service.settings import get_settings
+    from core.settings import get_settings
 
     cfg = get_settings()
     if cfg.sandbox == "off":
@@ -163,9 +163,9 @@ def node_name(name: str | None) -> str:
 
 def _local_key(data_dir: Path) -> str:
     """The key ``robustscope up`` prints: created once, kept in the data directory (0600)."""
-    from service.auth.keys import create_key, ensure_key
-    from service.db import make_engine, make_sessionmaker, transaction
-    from service.settings import get_settings
+    from core.db import make_engine, make_sessionmaker, transaction
+    from core.keys import create_key, ensure_key
+    from core.settings import get_settings
 
     path = data_dir / "local-api-key"
     engine = make_engine(get_settings().database_url)
@@ -216,7 +216,7 @@ def _start_workers(data_dir: Path, count: int) -> list[_Worker]:
         with log_path.open("ab") as log:
             offset = log.tell()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "worker", "--queues", queues,
+                [sys.executable, "-m", "robustscope.cli", "worker", "--queues", queues,
                  "--name", node], stdout=log, stderr=subprocess.STDOUT, env=env)
         workers.append(_Worker(name, queues, what, node, proc, log_path, offset,
                                time.monotonic()))
@@ -246,9 +246,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     """The embedded shape: SQLite, the SQLAlchemy broker, two worker processes, the API."""
     import uvicorn
 
+    from core.migrate import upgrade
+    from core.settings import get_settings
     from service.app import create_app
-    from service.migrate import upgrade
-    from service.settings import get_settings
 
     for var in ("ROBUSTSCOPE_DATABASE_URL", "ROBUSTSCOPE_BROKER_URL"):
         os.environ.pop(var, None)
@@ -265,7 +265,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     key = _local_key(data_dir)
     workers = _start_workers(data_dir, args.workers)
     config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
-                            log_level="warning", http="service.connections:GuardedHTTP")
+                            log_level="warning", http="service.http.connections:GuardedHTTP")
     server = uvicorn.Server(config)
 
     async def serve() -> None:
