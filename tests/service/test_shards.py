@@ -125,7 +125,7 @@ def test_a_failed_shard_fails_the_evaluation_and_cancels_the_rest(sqlite_url: st
         shard_jobs.run(rt, ids[0], send_task=sent)
         done = client.get(f"/evaluations/{eid}", headers=auth(key)).json()
     assert done["status"] == "failed"
-    assert done["error"] == {"type": "model-crashed", "detail": "shard 1 (128-192): boom"}
+    assert done["error"] == {"type": "model-crashed", "detail": "shard 1 (64-192): boom"}
     assert [s["status"] for s in done["shards"]] == ["succeeded", "failed", "cancelled"]
     assert sent == []
 
