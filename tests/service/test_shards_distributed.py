@@ -132,7 +132,7 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
                            for r in body["results"]])
 
     assert rows(a) == rows(b)
-    assert len(rows(a)) > 20
+    assert len(rows(a)) == 19  # clean, fast at 4 eps (3 rows each), pgd at 2 eps, checks aside
     assert a["checks"] == b["checks"]
     assert sorted(a["artifacts"]) == sorted(b["artifacts"])
 
