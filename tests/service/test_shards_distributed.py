@@ -132,7 +132,7 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
                            for r in body["results"]])
 
     assert rows(a) == rows(b)
-    assert len(rows(a)) == 19  # clean, fast at 4 eps (3 rows each), pgd at 2 eps, checks aside
+    assert len(rows(a)) == 19  # clean; fast: 2 + 3 per eps (4); pgd: 2 + 1 per eps (2)
     assert a["checks"] == b["checks"]
     assert sorted(a["artifacts"]) == sorted(b["artifacts"])
 
