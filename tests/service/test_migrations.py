@@ -13,7 +13,8 @@ from core.db import Base, make_engine
 from core.migrate import downgrade, upgrade
 
 TABLES = {"api_keys", "models", "datasets", "evaluations", "results", "trainings", "sweeps",
-          "evaluation_shards", "workers_seen", "alembic_version"}
+          "browser_sessions", "share_links", "evaluation_shards", "workers_seen",
+          "alembic_version"}
 
 
 def _roundtrip(url: str) -> None:

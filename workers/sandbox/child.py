@@ -74,9 +74,12 @@ def classify(exc: BaseException) -> dict[str, str]:
             return {"type": name, "detail": _short(str(exc)) or cls.__name__}
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # TorchScript puts its interpreter traceback first and the raised message last.
+    # (A message that already starts with its type's name keeps it once.)
+    name = type(exc).__name__
+    last = lines[-1] if lines else ""
     return {"type": "model-crashed",
-            "detail": _short(f"{type(exc).__name__}: {lines[-1]}" if lines
-                             else type(exc).__name__)}
+            "detail": _short(last if last.startswith(f"{name}:") else
+                             f"{name}: {last}" if last else name)}
 
 
 def strip_paths(text: str) -> str:
