@@ -62,13 +62,20 @@ def _rows(body: dict[str, Any]) -> list[dict[str, Any]]:
                        for r in body["results"]])
 
 
+def _runtime(sqlite_url: str, tmp_path: Path, name: str = "test-worker") -> Any:
+    """A worker in this process: the engine here (no jail), batches of 64 like the API's."""
+    rt = worker_runtime(sqlite_url, tmp_path, sandbox="off", batch_size=64)
+    rt.name = name
+    return rt
+
+
 @pytest.mark.slow
 def test_a_sharded_evaluation_merges_into_the_one_job_results(sqlite_url: str,
                                                                tmp_path: Path) -> None:
     from workers import evaluation_jobs, shard_jobs
 
     key = new_key(sqlite_url, "shards")
-    rt = worker_runtime(sqlite_url, tmp_path, sandbox="off", batch_size=64)
+    rt = _runtime(sqlite_url, tmp_path)
     sent = Sent()
     with api(settings(sqlite_url, tmp_path, batch_size=64)) as client:
         model = upload(client, key, torchscript_bytes(tiny_net(seed=3))).json()
@@ -83,8 +90,7 @@ def test_a_sharded_evaluation_merges_into_the_one_job_results(sqlite_url: str,
             shard_ids = list(s.scalars(select(EvaluationShard.id).where(
                 EvaluationShard.evaluation_id == eid).order_by(EvaluationShard.index)))
         for k, sid in enumerate(shard_ids):
-            worker = worker_runtime(sqlite_url, tmp_path, sandbox="off", batch_size=64)
-            worker.name = f"worker-{k}"
+            worker = _runtime(sqlite_url, tmp_path, f"worker-{k}")
             assert shard_jobs.run(worker, sid, send_task=sent) == "succeeded"
             mid = client.get(f"/evaluations/{eid}", headers=auth(key)).json()
             assert mid["status"] == "running"
@@ -110,8 +116,7 @@ def test_a_failed_shard_fails_the_evaluation_and_cancels_the_rest(sqlite_url: st
     from workers import shard_jobs
 
     key = new_key(sqlite_url, "shard-fail")
-    rt = worker_runtime(sqlite_url, tmp_path, sandbox="off", batch_size=64)
-    sent = Sent()
+    rt, sent = _runtime(sqlite_url, tmp_path), Sent()
     with api(settings(sqlite_url, tmp_path, batch_size=64)) as client:
         model = upload(client, key, torchscript_bytes(tiny_net())).json()
         eid = uuid.UUID(_submit(client, key, model["id"], shards=3)["id"])

@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from tests.factories import api, auth, comparable, new_key, settings, torchscript_bytes
 from tests.service.ingest_fixtures import png, write_zip
+from tests.service.servers import stop_processes
 from tests.service.test_flow import trained_shapes_cnn
 from workers.engine.data import load_builtin
 
@@ -71,13 +72,7 @@ def cluster(pg_url: str, redis_url: str, s3_url: str,
         with api(cfg) as client:
             yield client, start
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_processes(procs)
         keys = list(redis.Redis.from_url(redis_url).scan_iter(match=f"{prefix}*"))
         if keys:
             redis.Redis.from_url(redis_url).delete(*keys)
