@@ -140,6 +140,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     node = node_name(args.name)
     if args.name:  # the job records say which worker ran them
         os.environ["ROBUSTSCOPE_WORKER_NAME"] = node
+    os.environ["ROBUSTSCOPE_WORKER_QUEUES"] = args.queues
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
             f"--pool={args.pool}", "--concurrency=1", "-Q", args.queues, "--loglevel=INFO",
             "-n", node, "--without-gossip", "--without-mingle"]
@@ -242,7 +243,7 @@ async def _announce_ready(w: _Worker) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """The embedded shape: SQLite, the SQLAlchemy broker, two worker processes, the API."""
+    """The embedded shape: SQLite, the SQLAlchemy broker, the worker processes, the API."""
     import uvicorn
 
     from core.migrate import upgrade
@@ -344,8 +345,8 @@ def parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "up", help="start the embedded service: API, workers, SQLite, broker",
         description="Start robustscope on this machine with no servers to install: migrate a "
-                    "SQLite database in the data folder, start two worker processes on an "
-                    "embedded broker (one for evaluations and trainings, one for dataset "
+                    "SQLite database in the data folder, start worker processes on an "
+                    "embedded broker (--workers for evaluations and trainings, one for dataset "
                     "ingests, so an upload never waits behind a training), serve the API, and "
                     "print its address, an API key for the owner 'local' and when each worker "
                     "is ready. Stop it with Ctrl-C.")

@@ -100,7 +100,7 @@ def _create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
     """The blocking part of a submission, in one thread hop: the webhook URL's check (it
     resolves the host), the job's creation and the active-jobs quota."""
     check_url(body.webhook_url, settings.webhook_allow_private)
-    row, created = service.create(session, outbox, owner, body, idempotency_key)
+    row, created = service.create(session, outbox, owner, body, idempotency_key, settings)
     if created:
         check_active_jobs(session, owner, settings, 0)
     return row, created
