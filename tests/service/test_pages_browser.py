@@ -419,6 +419,18 @@ def test_anyone_reads_the_public_leaderboard_and_compares_two_evaluations(
         assert "log in" in page.inner_text("nav")
         _clean_text(page)
 
+        # A public report opens without a session, read-only.
+        page.locator("table.board a.report").first.click()
+        page.wait_for_load_state()
+        assert page.url == f"{server}/evaluations/{ids['resnet18-pgd-linf']}/report"
+        shot(page, "public-report")
+        assert page.inner_text("h1") == "Evaluation of resnet18-pgd-linf on waterbirds-32"
+        assert "public: anyone can open this report" in page.inner_text("body")
+        assert page.locator("form.share").count() == 0
+        assert page.locator("nav a.evaluation").count() == 0  # the owner's JSON record
+        _clean_text(page)
+        page.go_back()
+
         # Compare the second with the first, side by side.
         page.locator("a.compare").first.click()
         page.wait_for_load_state()
