@@ -14,7 +14,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from core.tables import Evaluation
-from service.http.chrome import NORM_NAMES, dataset_names, entry_label, eps_text, nav, scroll
+from service.http.chrome import (
+    NORM_NAMES,
+    dataset_names,
+    entry_label,
+    eps_text,
+    nav,
+    num,
+    scroll,
+)
 from service.http.svg import page
 from service.leaderboard.ranking import Threat
 
@@ -48,7 +56,7 @@ def _both_axes(ev: Evaluation, side: Threat) -> dict[str, tuple[float, str] | No
 def _cell(v: tuple[float, str] | None) -> str:
     if v is None:
         return "<td class='num'>-</td>"
-    return f"<td class='num' title='{html.escape(v[1])}'>{v[0]:.3f}</td>"
+    return f"<td class='num' title='{html.escape(v[1])}'>{num(v[0])}</td>"
 
 
 def threat_text(attack: str | None, norm: str, eps: float) -> str:
@@ -68,7 +76,7 @@ def _checks(r: LeaderboardRow, suite: list[dict[str, Any]]) -> str:
 def _value(r: LeaderboardRow) -> str:
     ci = (f"<div class='ci'>95%: {r.interval[0]:.3f} to {r.interval[1]:.3f}</div>"
           if r.interval else "")
-    return f"<td class='num value'><b>{r.value:.4f}</b>{ci}</td>"
+    return f"<td class='num value'><b>{num(r.value, 4)}</b>{ci}</td>"
 
 
 def render(session: Session, board: Leaderboard, viewer: str | None, datasets: list[str],

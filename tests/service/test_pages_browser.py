@@ -359,6 +359,7 @@ def test_a_browser_logs_in_and_reads_the_sweep_its_reports_and_shares_one(
             "1 small_cnn-standard", "2 small_cnn-pgd-l2-0.25", "3 small_cnn-pgd-linf-0.007843",
             "4 small_cnn-pgd-linf-0.03137", "5 small_cnn-pgd-l2-1"]
         assert [r[5] for r in rows] == ["0.500", "0.600", "0.800", "0.900", "0.700"]
+        assert [r[6] for r in rows] == ["0.300", "0.200", "0.000", "-0.100", "0.100"]  # RFS
         shot(page, "leaderboard-rfs")
         page.goto(report_url)
 
