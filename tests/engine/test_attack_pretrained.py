@@ -25,7 +25,7 @@ def test_efficient_is_as_strong_as_pyautoattack_on_a_held_out_pretrained_model(
     assert "mldr-lenet" in HELD_OUT
     spec = MODELS["mldr-lenet"]
     model = spec.build()
-    xa, ya = uci_digits(spec.size, spec.box)
+    xa, ya = uci_digits(spec.size, spec.box, spec.channels)
     x, y = correct_sample(model, xa, ya, 24, seed=7)
     eps = spec.eps_linf if norm is Norm.LINF else spec.eps_l2
     ref = pyautoattack_robust(model, x, y, norm, eps, seed=0, steps=100, queries=1000)
