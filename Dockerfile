@@ -18,7 +18,10 @@ COPY pyproject.toml uv.lock README.md ./
 
 FROM base AS api
 RUN uv sync --frozen --no-dev --no-install-project
+COPY contract ./contract
+COPY core ./core
 COPY service ./service
+COPY robustscope ./robustscope
 COPY workers ./workers
 COPY migrations ./migrations
 RUN uv sync --frozen --no-dev
@@ -31,7 +34,10 @@ CMD ["robustscope", "api", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
 RUN uv sync --frozen --no-dev --extra worker --no-install-project
+COPY contract ./contract
+COPY core ./core
 COPY service ./service
+COPY robustscope ./robustscope
 COPY workers ./workers
 COPY migrations ./migrations
 RUN uv sync --frozen --no-dev --extra worker

@@ -50,9 +50,9 @@ import psycopg
 import redis
 import uvloop
 
-from service.auth.keys import create_key
-from service.db import make_engine, make_sessionmaker, transaction
-from service.migrate import upgrade
+from core.db import make_engine, make_sessionmaker, transaction
+from core.keys import create_key
+from core.migrate import upgrade
 
 ARCHITECTURE = "small_cnn"
 
@@ -283,7 +283,7 @@ def main() -> int:
         env = {**os.environ, "ROBUSTSCOPE_DATABASE_URL": url, "ROBUSTSCOPE_BROKER_URL": args.redis,
                "ROBUSTSCOPE_DATA_DIR": str(data_dir), "ROBUSTSCOPE_QUOTA_ACTIVE_JOBS": "0"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "api", "--host", "127.0.0.1", "--port",
+            [sys.executable, "-m", "robustscope.cli", "api", "--host", "127.0.0.1", "--port",
              str(args.port), "--workers", str(args.workers), "--log-level", "warning"], env=env)
         base = f"http://127.0.0.1:{args.port}"
         wait_ready(base, proc)

@@ -28,12 +28,12 @@ import torch
 from fastapi.testclient import TestClient
 from torch import Tensor, nn
 
+from core.db import make_engine, make_sessionmaker, transaction
+from core.keys import create_key
+from core.migrate import upgrade
+from core.settings import Settings
+from core.tables import Evaluation, Model
 from service.app import create_app
-from service.auth.keys import create_key
-from service.db import make_engine, make_sessionmaker, transaction
-from service.migrate import upgrade
-from service.settings import Settings
-from service.tables import Evaluation, Model
 from workers import evaluation_jobs
 from workers.runtime import Runtime
 

@@ -64,7 +64,7 @@ def api_server(env: dict[str, str], database_url: str | None = None) -> Iterator
     full |= {"PYTHONUNBUFFERED": "1", "ROBUSTSCOPE_DATA_DIR": str(work / "var"),
              "ROBUSTSCOPE_BOOTSTRAP_KEY": KEY}
     if database_url is None:
-        from service.migrate import upgrade
+        from core.migrate import upgrade
 
         database_url = f"sqlite:///{work / 'robustscope.db'}"
         upgrade(database_url)
@@ -72,7 +72,7 @@ def api_server(env: dict[str, str], database_url: str | None = None) -> Iterator
     full |= {f"ROBUSTSCOPE_{k}": v for k, v in env.items()}
     log = (work / "api.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "api", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "robustscope.cli", "api", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--log-level", "warning"],
         cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
     try:

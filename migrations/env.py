@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import pool
 
-from service import tables  # noqa: F401  (registers every table on Base.metadata)
-from service.db import Base, make_engine
-from service.settings import Settings
+from core import tables  # noqa: F401  (registers every table on Base.metadata)
+from core.db import Base, make_engine
+from core.settings import Settings
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or Settings().database_url

@@ -12,30 +12,35 @@ from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 from sqlalchemy.exc import OperationalError
 
-from service import errors
-from service.auth.keys import KeyCache, ensure_key
+from core.db import make_engine, make_sessionmaker, transaction
+from core.keys import KeyCache, ensure_key
+from core.queue import make_celery
+from core.settings import Settings, get_settings
 from service.auth.router import router as keys_router
 from service.datasets.router import router as datasets_router
-from service.db import make_engine, make_sessionmaker, transaction
+from service.evaluations import service as evaluations
 from service.evaluations.router import router as evaluations_router
 from service.evaluations.schemas import EvaluationIn, EvaluationUpload
-from service.guard import Guard
+from service.http import problems
+from service.http.guard import Guard
+from service.http.polling import hot_route, records
 from service.leaderboard.router import router as leaderboard_router
 from service.models.router import router as models_router
 from service.ops.router import make_registry
 from service.ops.router import router as ops_router
 from service.pages import docs
 from service.pages.home import router as home_router
-from service.polling import hot_route, records
-from service.queue import make_celery
-from service.settings import Settings, get_settings
 from service.sweeps.router import router as sweeps_router
 from service.theory.router import router as theory_router
+from service.trainings import service as trainings
 from service.trainings.router import router as trainings_router
 
 log = logging.getLogger("robustscope.api")
 
 VERSION = "0.1.0"
+
+#: The jobs whose records the polling path serves, by their path.
+POLLED = {"evaluations": evaluations.POLLED, "trainings": trainings.POLLED}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -47,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
                              max_overflow=settings.db_max_overflow)
         app.state.engine = engine
-        app.state.records = records(engine, settings.db_poll_connections)
+        app.state.records = records(engine, POLLED, settings.db_poll_connections)
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.keys = KeyCache(engine, settings.auth_cache_seconds)
         app.state.celery = make_celery(settings)
@@ -67,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Adversarial and natural distributional robustness of image "
                               "classifiers, measured side by side.")
     app.state.settings = settings
-    errors.install(app)
+    problems.install(app)
     docs.install(app)  # Swagger UI from a package, so /docs works offline
 
     app.add_middleware(Guard, settings=settings,

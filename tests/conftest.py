@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from service.migrate import upgrade
+from core.migrate import upgrade
 
 # A server given here is used as it is; without one the session starts its own (below).
 PG_ENV = "ROBUSTSCOPE_TEST_DATABASE_URL"  # a superuser URL: the tests create their databases

@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from torch import Tensor, nn
 
 from contract.suite import BaseEntry
+from core.db import make_engine, make_sessionmaker, transaction
+from core.keys import create_key
+from core.settings import Settings
 from service.app import create_app
-from service.auth.keys import create_key
-from service.db import make_engine, make_sessionmaker, transaction
-from service.settings import Settings
 from workers.engine import benchmarks
 from workers.engine.models import Normalized
 from workers.engine.types import EvalData, RunContext
@@ -149,8 +149,18 @@ def engine_rows(net: nn.Module, data: EvalData, suite: list[dict[str, Any]], see
     rows = []
     for entry in suite:
         result = benchmarks.run(model, data, benchmarks.parse(entry), ctx)
-        rows += [r.as_dict() for r in result.rows]
+        rows += [{k: r.as_dict().get(k) for k in ROW_KEYS} for r in result.rows]
     return comparable(rows)
+
+
+ROW_KEYS = ("benchmark", "metric", "value", "params", "n")
+"""What a result row says, as the engine reports it and the API serves it (the API adds the
+interval, a function of the value and ``n``)."""
+
+
+def served(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The API's result rows with only :data:`ROW_KEYS`, to compare with :func:`engine_rows`."""
+    return [{k: r[k] for k in ROW_KEYS} for r in results]
 
 
 COST_METRICS = frozenset({"attack_seconds", "forward_passes", "backward_passes"})

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service import client
-from service.cli import main
+from robustscope import client
+from robustscope.cli import main
 
 ROWS = [
     {"benchmark": "clean", "metric": "accuracy", "value": 0.9, "params": {}},
@@ -112,3 +112,31 @@ def test_an_uploaded_checkpoint_is_reused(tmp_path: Path) -> None:
     with httpx.Client(base_url="http://x", transport=_transport([other], seen)) as c:
         client.submit(c, ckpt, meta, "shapes-32", "standard", 0, False)
     assert seen[1].headers["content-type"].startswith("multipart/form-data")
+
+
+def test_worker_names_are_celery_node_names() -> None:
+    import socket
+
+    from robustscope.cli import node_name
+
+    host = socket.gethostname()
+    assert node_name("gpu-3") == f"gpu-3@{host}"
+    assert node_name("gpu-3@rack7") == "gpu-3@rack7"
+    assert node_name(None).startswith("robustscope-")
+    assert node_name(None).endswith(f"@{host}")
+    for bad in ("a b", "-x", "x@", "x/y", "a" * 101):
+        with pytest.raises(SystemExit, match="--name"):
+            node_name(bad)
+
+
+def test_up_splits_the_cores_between_its_job_workers() -> None:
+    from robustscope.cli import parser, up_workers
+
+    assert up_workers(1, 8) == [("worker", "evaluations,webhooks", "evaluations and trainings", 0),
+                                ("ingest", "ingest", "dataset ingests", 0)]
+    assert [(n, t) for n, _, _, t in up_workers(3, 8)] == [
+        ("worker-1", 2), ("worker-2", 2), ("worker-3", 2), ("ingest", 0)]
+    assert [t for *_, t in up_workers(4, 2)][:4] == [1, 1, 1, 1]
+    assert parser().parse_args(["up", "--workers", "2"]).workers == 2
+    with pytest.raises(SystemExit):
+        parser().parse_args(["up", "--workers", "0"])

@@ -18,7 +18,7 @@ from contract import training as contract_training
 from contract.attacks import Attack
 from contract.metrics import BENCHMARK_METRICS
 from contract.suite import Adversarial, RobustnessCurve, dump_entry
-from service.errors import Invalid
+from core.errors import Invalid
 from service.evaluations import suite
 from service.trainings.schemas import TrainingIn
 from service.trainings.service import spec_of

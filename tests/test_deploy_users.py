@@ -37,10 +37,10 @@ _API = """
 import sys
 from fastapi.testclient import TestClient
 from service.app import create_app
-from service.auth.keys import create_key
-from service.db import make_engine, make_sessionmaker, transaction
-from service.migrate import upgrade
-from service.settings import get_settings
+from core.keys import create_key
+from core.db import make_engine, make_sessionmaker, transaction
+from core.migrate import upgrade
+from core.settings import get_settings
 
 cfg = get_settings()
 upgrade(cfg.database_url)  # what compose's migrate service does, from the same image
@@ -134,7 +134,8 @@ def test_the_worker_user_ingests_what_the_api_user_uploaded(volume: Path) -> Non
     log = volume.parent / "worker.log"
     with log.open("wb") as out:
         worker = subprocess.Popen(
-            [*worker_prefix, sys.executable, "-m", "service.cli", "worker", "--queues", "ingest"],
+            [*worker_prefix, sys.executable, "-m", "robustscope.cli", "worker", "--queues",
+             "ingest"],
             cwd=ROOT, env=_env("worker", volume, **extra), stdout=out, stderr=subprocess.STDOUT)
     try:
         status = "ingesting"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,26 +20,156 @@ def _modules_after(code: str) -> set[str]:
     return set(out.stdout.split())
 
 
+#: Which package may import which (its own modules aside). A package is a top-level one, or
+#: for ``service`` and ``workers`` one of their sub-packages. The order is the layering: each
+#: package imports only packages listed before it, so an upward import or a circle between
+#: packages is a name missing from its line. ``service``'s domains (auth … theory) import the
+#: HTTP layer's building blocks and the domains they build on; ``service.app`` composes them.
+MAY_IMPORT: dict[str, set[str]] = {
+    "contract": set(),
+    "core": {"contract"},
+    "service.http": {"contract", "core"},
+    "service.auth": {"contract", "core", "service.http"},
+    "service.models": {"contract", "core", "service.http"},
+    "service.datasets": {"contract", "core", "service.http"},
+    "service.evaluations": {"contract", "core", "service.http", "service.models",
+                            "service.datasets"},
+    "service.trainings": {"contract", "core", "service.http", "service.models",
+                          "service.datasets", "service.evaluations"},
+    "service.sweeps": {"contract", "core", "service.http", "service.datasets",
+                       "service.evaluations", "service.trainings"},
+    "service.leaderboard": {"contract", "core", "service.http"},
+    "service.ops": {"contract", "core", "service.http"},
+    "service.pages": {"contract", "core", "service.http"},
+    "service.theory": {"contract", "core", "service.http"},
+    "service.app": {"contract", "core", "service.http", "service.auth", "service.models",
+                    "service.datasets", "service.evaluations", "service.trainings",
+                    "service.sweeps", "service.leaderboard", "service.ops", "service.pages",
+                    "service.theory"},
+    "workers.engine": {"contract"},
+    "workers.sandbox": {"contract", "core", "workers.engine"},
+    # The worker's jobs: the kernel and the domains' services, never the HTTP layer.
+    "workers": {"contract", "core", "service.models", "service.datasets",
+                "service.evaluations", "workers.engine", "workers.sandbox"},
+    "robustscope": {"contract", "core", "service.auth", "service.app"},
+}
+PACKAGES = ("contract", "core", "service", "workers", "robustscope")
+#: Packages that never import torch (nor numpy's heavy kin through the engine).
+TORCH_FREE = ("contract", "core", "service", "robustscope")
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] in ("service", "workers") and len(parts) > 1 and (
+            parts[0] == "service" or parts[1] in ("engine", "sandbox")):
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+def _sources() -> dict[str, Path]:
+    return {_module(p): p for top in PACKAGES for p in (ROOT / top).rglob("*.py")}
+
+
+def _imports(path: Path, modules: Iterable[str]) -> list[tuple[int, str]]:
+    """Every module ``path`` imports, at any depth of its code (a function's lazy import, one
+    under ``TYPE_CHECKING``), with its line: ``from a import b`` is ``a.b`` when that is a
+    module, else ``a``."""
+    known = set(modules)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                found.append((node.lineno, sub if sub in known else node.module))
+    return found
+
+
+def _graph() -> tuple[dict[str, Path], dict[str, list[tuple[int, str]]]]:
+    sources = _sources()
+    return sources, {m: _imports(p, sources) for m, p in sources.items()}
+
+
+def test_every_package_has_its_rule() -> None:
+    sources = _sources()
+    assert {_package(m) for m in sources} - {"service"} == set(MAY_IMPORT)
+
+
+def test_packages_import_only_what_their_rule_allows() -> None:
+    """No upward import and no circle between packages: each package imports only those
+    before it in :data:`MAY_IMPORT`, and never torch where the rule says torch-free."""
+    sources, graph = _graph()
+    offenders = []
+    for module, imported in graph.items():
+        mine = _package(module)
+        for line, name in imported:
+            where = f"{sources[module].relative_to(ROOT)}:{line} imports {name}"
+            top = name.split(".")[0]
+            if top == "torch" and mine.split(".")[0] in TORCH_FREE:
+                offenders.append(where)
+            if top in PACKAGES and _package(name) not in (mine, "service") and (
+                    _package(name) not in MAY_IMPORT[mine]):
+                offenders.append(where)
+    assert offenders == []
+
+
+def test_the_rules_are_layered() -> None:
+    """Every package's rule names only packages listed before it: the rules have no circle."""
+    order = list(MAY_IMPORT)
+    assert [(p, q) for p, allowed in MAY_IMPORT.items() for q in allowed
+            if order.index(q) >= order.index(p)] == []
+
+
+def test_no_module_import_circle() -> None:
+    """No two modules import each other, directly or round a loop (a lazy import included)."""
+    _, graph = _graph()
+    edges = {m: {n for _, n in imported if n in graph and n != m}
+             for m, imported in graph.items()}
+    circles = []
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(edges[m]):
+            if state.get(n) == 1:
+                circles.append(" -> ".join([*path[path.index(n):], n]))
+            elif n not in state:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert circles == []
+
+
+def test_rules_catch_an_upward_import(tmp_path: Path) -> None:
+    """The checks above are not vacuous: an import from the kernel up into a domain, and one
+    from the HTTP layer into a domain, are both seen."""
+    kernel = tmp_path / "core.py"
+    kernel.write_text("from service.evaluations.service import to_out\n"
+                      "def f():\n    from service.http import polling\n")
+    names = [name for _, name in _imports(kernel, ["service.evaluations.service"])]
+    assert names == ["service.evaluations.service", "service.http"]
+    assert {_package(n) for n in names} - MAY_IMPORT["core"] == {"service.evaluations",
+                                                                 "service.http"}
+
+
+@pytest.mark.slow
 def test_api_process_never_imports_torch_or_the_engine() -> None:
-    mods = _modules_after("from service.app import create_app\nfrom service.cli import main\n"
-                          "create_app()")
+    mods = _modules_after("from service.app import create_app\nfrom robustscope.cli import main\n"
+                          "import robustscope.client, robustscope.reproduce\ncreate_app()")
     assert "torch" not in mods
     assert not any(m == "workers" or m.startswith("workers.") for m in mods)
 
 
-def test_no_service_module_imports_workers_even_lazily() -> None:
-    """A function-level import escapes the interpreter check above; read the sources."""
-    offenders = []
-    for path in ROOT.glob("service/**/*.py"):
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            words = line.split()
-            if words[:2] in (["import", "workers"], ["from", "workers"]) or (
-                    words[:1] in (["import"], ["from"]) and len(words) > 1
-                    and words[1].startswith(("workers.", "torch"))):
-                offenders.append(f"{path.relative_to(ROOT)}:{n}")
-    assert offenders == []
-
-
+@pytest.mark.slow
 def test_engine_imports_no_web_celery_or_database_code() -> None:
     mods = _modules_after("import workers.engine.benchmarks as b\nb.names()\n"
                           "import workers.engine.models, workers.engine.data")
@@ -50,25 +180,37 @@ def test_engine_imports_no_web_celery_or_database_code() -> None:
 
 def test_no_unsafe_torch_load_in_sources() -> None:
     offenders = []
-    for path in [*ROOT.glob("service/**/*.py"), *ROOT.glob("workers/**/*.py")]:
+    for path in [p for top in PACKAGES for p in ROOT.glob(f"{top}/**/*.py")]:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if "torch.load(" in line and "weights_only=True" not in line:
                 offenders.append(f"{path.relative_to(ROOT)}:{n}")
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_the_engine_child_imports_no_service_or_database_code() -> None:
     """The jailed child holds no settings, secrets or connections: it cannot import them."""
     mods = _modules_after("import workers.sandbox.child")
-    banned = ("fastapi", "starlette", "celery", "sqlalchemy", "service", "kombu", "psycopg",
-              "redis", "pydantic_settings")
+    banned = ("fastapi", "starlette", "celery", "sqlalchemy", "core", "service", "kombu",
+              "psycopg", "redis", "pydantic_settings")
     found = sorted(m for m in mods if m.split(".")[0] in banned)
     assert found == []
 
 
+@pytest.mark.slow
 def test_the_contract_imports_neither_torch_nor_web_nor_database_code() -> None:
     """Both the API and the engine import the contract, so it must suit both."""
     mods = _modules_after("import contract.attacks, contract.metrics")
     banned = ("torch", "fastapi", "starlette", "celery", "sqlalchemy", "service", "workers",
               "numpy")
     assert sorted(m for m in mods if m.split(".")[0] in banned) == []
+
+
+@pytest.mark.slow
+def test_the_kernel_imports_neither_torch_nor_the_http_layer_nor_workers() -> None:
+    """The workers import the kernel: it must not drag in the API or the engine."""
+    mods = _modules_after("import core.tables, core.db, core.settings, core.queue, "
+                          "core.storage, core.migrate, core.repository, core.errors, core.jobs, "
+                          "core.keys, core.quotas, core.webhook_policy")
+    assert sorted(m for m in mods if m.split(".")[0] in ("torch", "workers", "fastapi")
+                  or m.startswith(("service.", "robustscope"))) == []

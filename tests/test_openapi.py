@@ -241,8 +241,8 @@ def test_a_generated_client_runs_the_walkthrough(sqlite_url: str, tmp_path: Path
     import torch
     from fastapi.testclient import TestClient
 
-    from service.db import make_engine, make_sessionmaker
-    from service.settings import Settings
+    from core.db import make_engine, make_sessionmaker
+    from core.settings import Settings
     from workers import evaluation_jobs
     from workers.runtime import Runtime
 

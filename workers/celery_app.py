@@ -6,8 +6,8 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
-from service.queue import make_celery
-from service.settings import get_settings
+from core.queue import make_celery
+from core.settings import get_settings
 
 app = make_celery(get_settings())
 app.conf.imports = ("workers.tasks",)

@@ -18,16 +18,19 @@ from typing import Any
 from sqlalchemy import select, update
 
 from contract.suite import Entry, dump_entry
-from service.queue import WEBHOOK_TASK
-from service.tables import Dataset, Evaluation, Model, Result
+from core.queue import WEBHOOK_TASK
+from core.tables import Dataset, Evaluation, Model, Result
 from workers.engine import ENGINE_VERSION, benchmarks
 from workers.engine.types import BenchmarkError
 from workers.jobs import (
     JobFailed,
     JobTable,
     Scratch,
+    StoredFile,
     Superseded,
     device_info,
+    fetch,
+    keep_output,
     run_work,
     sandbox_error,
 )
@@ -51,16 +54,17 @@ class EvaluationWork:
     suite: list[Entry]  # the contract's typed entries, parsed once from the stored JSON
     completed: set[int]
     seed: int
-    model_path: Path
+    model_file: StoredFile
     model_format: str
     model_metadata: dict[str, Any]
     dataset: str
-    dataset_path: Path | None
+    dataset_file: StoredFile | None
     dataset_params: dict[str, Any]
     split: str
     options: dict[str, Any] = field(default_factory=dict)  # n_examples, class_map
     send_task: Any = None
     table: JobTable = Evaluation
+    _inputs: dict[str, Path] | None = None
 
     @classmethod
     def load(cls, rt: Runtime, eid: uuid.UUID, token: int,
@@ -72,13 +76,13 @@ class EvaluationWork:
             if model is None:
                 raise JobFailed({"type": "checkpoint-error",
                                  "detail": "the model of this evaluation was deleted"})
-            dataset_path = None
+            dataset_file = None
             if ev.dataset_id is not None:
                 ds = s.get(Dataset, ev.dataset_id)
                 if ds is None:
                     raise JobFailed({"type": "benchmark-error",
                                      "detail": "the dataset of this evaluation was deleted"})
-                dataset_path = rt.settings.data_dir / ds.storage_path
+                dataset_file = StoredFile.of_dataset(ds)
             try:
                 suite = [benchmarks.parse(entry) for entry in ev.suite]
             except BenchmarkError as exc:  # stored before the contract changed
@@ -86,9 +90,10 @@ class EvaluationWork:
             return cls(
                 rt=rt, id=eid, token=token, suite=suite,
                 completed=set(ev.completed_entries or []), seed=ev.seed,
-                model_path=rt.settings.data_dir / model.storage_path, model_format=model.format,
+                model_file=StoredFile(model.storage_path, model.sha256),
+                model_format=model.format,
                 model_metadata=dict(model.model_metadata), dataset=ev.dataset,
-                dataset_path=dataset_path, dataset_params=dict(ev.dataset_params or {}),
+                dataset_file=dataset_file, dataset_params=dict(ev.dataset_params or {}),
                 split=ev.split, options=dict(ev.options or {}), send_task=send_task)
 
     @property
@@ -96,10 +101,12 @@ class EvaluationWork:
         return self.rt.settings.data_dir / "state" / str(self.id)
 
     def inputs(self) -> dict[str, Path]:
-        files = {"model": self.model_path}
-        if self.dataset_path is not None:
-            files["dataset.npz"] = self.dataset_path
-        return files
+        if self._inputs is None:
+            files = {"model": fetch(self.rt, self.model_file, "checkpoint-error")}
+            if self.dataset_file is not None:
+                files["dataset.npz"] = fetch(self.rt, self.dataset_file, "benchmark-error")
+            self._inputs = files
+        return self._inputs
 
     def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
         return {"kind": "evaluate", "suite": [dump_entry(e) for e in self.suite],
@@ -160,14 +167,13 @@ class EvaluationWork:
         if index >= len(self.suite) or index in self.completed:
             raise JobFailed(sandbox_error(f"the engine child reported entry {index}, which "
                                           "is not one it was asked to run"))
-        data_dir = self.rt.settings.data_dir
         artifacts: dict[str, str] = {}
         for name, rel in message["artifacts"].items():
-            dst = data_dir / "artifacts" / str(self.id) / rel
-            if scratch.host_root is not None or dst != scratch.host_artifacts / rel:
-                # Copied from the descriptor it checked: a regular file, no link followed.
-                scratch.copy_out(scratch.host_artifacts, rel, dst, MAX_ARTIFACT_BYTES)
-            artifacts[f"entry-{index}/{name}"] = str(dst.relative_to(data_dir))
+            # Copied from the descriptor it checked (a regular file, no link followed), then
+            # stored under its content hash: the child's names never become keys.
+            key = keep_output(self.rt, scratch, scratch.host_artifacts, rel,
+                              f"artifacts/{self.id}", MAX_ARTIFACT_BYTES)
+            artifacts[f"entry-{index}/{name}"] = key
         with self.rt.sessions.begin() as s:
             ev = s.scalar(select(Evaluation).where(Evaluation.id == self.id).with_for_update())
             if ev is None or ev.attempts != self.token or ev.status != "running":
@@ -177,7 +183,8 @@ class EvaluationWork:
                 s.add(Result(evaluation_id=self.id, entry_index=index,
                              benchmark=row["benchmark"], metric=row["metric"],
                              value=float(row["value"]), params=params,
-                             params_key=json.dumps(params, sort_keys=True)))
+                             params_key=json.dumps(params, sort_keys=True),
+                             n=row.get("n"), outcomes=row.get("outcomes")))
             ev.checks = [*ev.checks, *[{**c, "entry": index} for c in message["checks"]]]
             ev.artifacts = {**ev.artifacts, **artifacts}
             ev.completed_entries = sorted({*ev.completed_entries, index})

@@ -18,8 +18,8 @@ from pathlib import Path
 from kombu import Connection
 from sqlalchemy import text
 
-from service.db import make_engine
-from service.settings import Settings, get_settings
+from core.db import make_engine
+from core.settings import Settings, get_settings
 
 
 def _data_problems(data_dir: Path) -> list[str]:
@@ -55,6 +55,12 @@ def problems(cfg: Settings) -> list[str]:
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as exc:
         found.append(f"broker: {type(exc).__name__}: {str(exc)[:200]}")
+    try:
+        store_problem = cfg.store().check()
+    except Exception as exc:  # a malformed URL, a library that cannot start
+        store_problem = f"{type(exc).__name__}: {exc}"
+    if store_problem:
+        found.append(f"storage: {store_problem[:300]}")
     return found
 
 

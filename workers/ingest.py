@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import uuid
 
+from core.settings import Settings
 from service.datasets.ingest import IngestLimits
 from service.datasets.service import run_ingest
-from service.settings import Settings
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.ingest")
@@ -24,6 +24,7 @@ def limits(settings: Settings) -> IngestLimits:
 
 
 def run(rt: Runtime, dataset_id: uuid.UUID) -> str | None:
-    status = run_ingest(rt.sessions, dataset_id, rt.settings.data_dir, limits(rt.settings))
+    status = run_ingest(rt.sessions, dataset_id, rt.settings.store(), rt.settings.data_dir,
+                        limits(rt.settings))
     log.info("dataset %s: %s", dataset_id, status or "nothing to do")
     return status

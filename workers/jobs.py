@@ -32,7 +32,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
-from service.tables import Evaluation, Training, utcnow
+from core.objectstore import StateMirror, StoreError, file_sha256
+from core.tables import Dataset, Evaluation, Training, utcnow
 from workers.engine.types import Cancelled
 from workers.runtime import Runtime
 from workers.sandbox import child as engine_child
@@ -70,6 +71,50 @@ def sandbox_error(detail: str) -> dict[str, str]:
     """The jail or the supervisor failed (not the user's model): bubblewrap could not start
     the child, the child broke the report protocol, a file from the jail was refused."""
     return {"type": "sandbox-error", "detail": detail[:500]}
+
+
+def storage_error(exc: StoreError) -> dict[str, str]:
+    """The store (core/objectstore.py) failed or holds a file that is not what was stored."""
+    return {"type": "storage-error", "detail": str(exc)[:500]}
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A checkpoint or dataset in the store: its key and the SHA-256 it was stored with."""
+
+    key: str
+    sha256: str | None
+
+    @classmethod
+    def of_dataset(cls, ds: Dataset) -> StoredFile:
+        return cls(ds.storage_path, (ds.info or {}).get("content_sha256"))
+
+
+def fetch(rt: Runtime, stored: StoredFile, missing: str) -> Path:
+    """The local file of a job's input; a file the store no longer has fails the job as
+    ``missing`` (the kind of input it is), any other store failure as ``storage-error``."""
+    try:
+        return rt.fetch(stored.key, stored.sha256)
+    except StoreError as exc:
+        if "is not in the store" in str(exc):
+            raise JobFailed({"type": missing, "detail": str(exc)}) from exc
+        raise JobFailed(storage_error(exc)) from exc
+
+
+def keep_output(rt: Runtime, scratch: Scratch, host_dir: Path, rel: str, folder: str,
+                max_bytes: int) -> str:
+    """Copy the child's file out (no link followed), store it as ``folder/<sha256>`` and
+    return that key."""
+    tmp = rt.settings.data_dir / "tmp" / f"out-{uuid.uuid4().hex}"
+    try:
+        scratch.copy_out(host_dir, rel, tmp, max_bytes)
+        key = f"{folder}/{file_sha256(tmp)}"
+        rt.store.put_file(key, tmp)
+    except StoreError as exc:
+        raise JobFailed(storage_error(exc)) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return key
 
 
 class JobRef(Protocol):
@@ -291,21 +336,40 @@ def run_work(rt: Runtime, table: JobTable, jid: uuid.UUID,
     return status
 
 
+def state_mirror(rt: Runtime, state_dir: Path) -> StateMirror:
+    """The job's resumable state in the store (a no-op where the store is the data folder)."""
+    prefix = state_dir.relative_to(rt.settings.data_dir).as_posix()
+    return StateMirror(rt.store, prefix, state_dir)
+
+
 def execute(rt: Runtime, sup: Supervisor, work: Work) -> None:
-    """Run the work in a jailed child, or in this process where the sandbox is off."""
-    if rt.settings.sandbox == "off":
-        _execute_here(rt, sup, work)
-    else:
-        _execute_jailed(rt, sup, work)
+    """Run the work in a jailed child, or in this process where the sandbox is off. The
+    job's state comes from the store first (another worker may have started it) and goes back
+    with each report that depends on it, and with the heartbeat; the local copy is removed at
+    the end."""
+    mirror = state_mirror(rt, work.state_dir)
+    try:
+        mirror.pull()
+        if rt.settings.sandbox == "off":
+            _execute_here(rt, sup, work, mirror)
+        else:
+            _execute_jailed(rt, sup, work, mirror)
+    except StoreError as exc:
+        raise JobFailed(storage_error(exc)) from exc
+    finally:
+        if mirror.active:  # the store has it; this folder is the worker's own
+            shutil.rmtree(work.state_dir, ignore_errors=True)
 
 
-def _execute_here(rt: Runtime, sup: Supervisor, work: Work) -> None:
-    artifacts = rt.settings.data_dir / "artifacts" / str(work.id)
+def _execute_here(rt: Runtime, sup: Supervisor, work: Work, mirror: StateMirror) -> None:
     out = rt.settings.data_dir / "tmp" / f"{work.table.__tablename__}-{work.id}-{work.token}"
+    artifacts = out / "artifacts"
     scratch = Scratch(state=work.state_dir, artifacts=artifacts, out=out,
                       host_artifacts=artifacts, host_out=out)
     job = work.describe({k: str(v) for k, v in work.inputs().items()}, scratch)
     job.update(threads=torch.get_num_threads(), device=str(rt.device))
+
+    pushed = time.monotonic()
 
     def emit(message: dict[str, Any]) -> None:
         sup.check()
@@ -314,11 +378,16 @@ def _execute_here(rt: Runtime, sup: Supervisor, work: Work) -> None:
         except ProtocolError as exc:
             raise JobFailed(sandbox_error(f"the engine broke the report protocol: {exc}")
                             ) from exc
+        nonlocal pushed
+        if checked.get("t") in ("entry", "epoch", "trained") or (
+                time.monotonic() - pushed > rt.settings.heartbeat_interval):
+            mirror.push()  # the state that goes with this report first
+            pushed = time.monotonic()
         _dispatch(sup, work, checked, scratch)
 
     try:
         engine_child.run_job(job, emit)
-    except (Cancelled, TimeLimit, DBAPIError, JobFailed):
+    except (Cancelled, TimeLimit, DBAPIError, JobFailed, StoreError):
         raise
     except Exception as exc:  # the model's (or the engine's) failure, as a typed error
         log.info("%s %s failed in the engine", work.table.__tablename__, work.id, exc_info=True)
@@ -334,13 +403,13 @@ def _dispatch(sup: Supervisor, work: Work, message: dict[str, Any], scratch: Scr
         work.handle(message, scratch)
 
 
-def _execute_jailed(rt: Runtime, sup: Supervisor, work: Work) -> None:
+def _execute_jailed(rt: Runtime, sup: Supervisor, work: Work, mirror: StateMirror) -> None:
     child = rt.jail().take()
     try:
         for name, src in work.inputs().items():
             files.link_in(src, child.inputs / name)
         _copy_state_in(work.state_dir, child.scratch / "state")
-        sync = _StateSync(child.scratch, "state", work.state_dir)
+        sync = _StateSync(child.scratch, "state", work.state_dir, mirror)
         scratch = Scratch(state=Path("/scratch/state"), artifacts=Path("/scratch/artifacts"),
                           out=Path("/scratch/out"), host_artifacts=child.scratch / "artifacts",
                           host_out=child.scratch / "out", host_root=child.scratch)
@@ -509,8 +578,8 @@ class _StateSync:
 
     MAX_BYTES = 4 << 30
 
-    def __init__(self, root: Path, sub: str, dst: Path) -> None:
-        self.root, self.sub, self.dst = root, sub, dst
+    def __init__(self, root: Path, sub: str, dst: Path, mirror: StateMirror) -> None:
+        self.root, self.sub, self.dst, self.mirror = root, sub, dst, mirror
         self.seen: dict[str, tuple[int, int]] = dict(self._files())
 
     def _files(self) -> list[tuple[str, tuple[int, int]]]:
@@ -532,6 +601,7 @@ class _StateSync:
             except (files.UnsafeFile, OSError) as exc:
                 raise JobFailed(sandbox_error(f"the job's state was refused: {exc}")) from exc
             self.seen[rel] = key
+        self.mirror.push()
 
 
 def device_info(rt: Runtime, base: str) -> str:

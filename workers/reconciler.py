@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
-from service.queue import EVALUATE_TASK, INGEST_TASK, TRAIN_TASK
-from service.tables import Dataset, Evaluation, Training, utcnow
+from core.queue import EVALUATE_TASK, INGEST_TASK, TRAIN_TASK
+from core.tables import Dataset, Evaluation, Training, utcnow
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.reconciler")

@@ -7,13 +7,15 @@ import socket
 import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import make_engine, make_sessionmaker
-from service.settings import Settings, get_settings
+from core.db import make_engine, make_sessionmaker
+from core.objectstore import BlobCache, Store
+from core.settings import Settings, get_settings
 from workers.engine.types import fast_bf16, strict_fp32
 from workers.sandbox.jail import Jail, config_from_settings, probe
 
@@ -26,6 +28,19 @@ class Runtime:
     device: torch.device
     name: str
     _jail: Jail | None = field(default=None, repr=False, compare=False)
+    _cache: BlobCache | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def store(self) -> Store:
+        return self.settings.store()
+
+    def fetch(self, key: str, sha256: str | None) -> Path:
+        """A checkpoint's or dataset's local file: in place where the store is a local
+        folder, else from this worker's cache (fetched and verified by content hash)."""
+        if self._cache is None:
+            self._cache = BlobCache(self.settings.data_dir / "cache",
+                                    self.settings.cache_bytes)
+        return self._cache.path(self.store, key, sha256)
 
     def jail(self) -> Jail:
         """The sandbox this worker runs models in (built once, checked when built)."""
@@ -64,10 +79,12 @@ def pick_device(setting: str) -> torch.device:
 @lru_cache
 def _runtime(pid: int) -> Runtime:
     settings = get_settings()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     engine = make_engine(settings.database_url)
     return Runtime(settings=settings, engine=engine, sessions=make_sessionmaker(engine),
                    device=pick_device(settings.device),
-                   name=f"{socket.gethostname()}:{pid}")
+                   name=settings.worker_name or f"{socket.gethostname()}:{pid}")
 
 
 def runtime() -> Runtime:

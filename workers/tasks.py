@@ -6,8 +6,8 @@ import uuid
 
 import httpx
 
-from service.queue import EVALUATE_TASK, INGEST_TASK, TRAIN_TASK, WEBHOOK_TASK
-from service.settings import get_settings
+from core.queue import EVALUATE_TASK, INGEST_TASK, TRAIN_TASK, WEBHOOK_TASK
+from core.settings import get_settings
 from workers import evaluation_jobs, ingest, training_jobs, webhooks
 from workers.celery_app import app
 from workers.runtime import runtime

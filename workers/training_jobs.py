@@ -10,7 +10,7 @@ written together or not at all, so a model is never registered twice.
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -22,15 +22,19 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 
 from contract.training import BETA, Threat, TrainingSpec
+from core.objectstore import StoreError, file_sha256
+from core.queue import Outbox
+from core.tables import Dataset, Training, utcnow
 from service.evaluations import service as evaluations
 from service.evaluations.schemas import EvaluationIn
 from service.models import service as models
 from service.models.schemas import ModelMetadata
-from service.queue import Outbox
-from service.tables import Dataset, Training, utcnow
+from workers import jobs
 from workers.engine import ENGINE_VERSION
 from workers.jobs import JobFailed, JobTable, Scratch, Superseded, device_info, run_work
 from workers.runtime import Runtime
+
+log = logging.getLogger("robustscope.worker")
 
 
 def run(rt: Runtime, tid: uuid.UUID, send_task: Any = None) -> str:
@@ -61,7 +65,7 @@ class TrainingWork:
     name: str
     spec: TrainingSpec  # the contract's typed spec, read once from the job's row
     dataset: str
-    dataset_path: Path | None
+    dataset_file: jobs.StoredFile | None
     dataset_params: dict[str, Any]
     held_out_split: str
     train_examples: int | None
@@ -70,6 +74,7 @@ class TrainingWork:
     n_examples: int | None = None  # of the evaluation the training queues
     send_task: Any = None
     table: JobTable = Training
+    _inputs: dict[str, Path] | None = None
 
     @classmethod
     def load(cls, rt: Runtime, tid: uuid.UUID, token: int,
@@ -77,13 +82,13 @@ class TrainingWork:
         with rt.sessions() as s:
             row = s.get(Training, tid)
             assert row is not None
-            dataset_path = None
+            dataset_file = None
             if row.dataset_id is not None:
                 ds = s.get(Dataset, row.dataset_id)
                 if ds is None:
                     raise JobFailed({"type": "training-error",
                                      "detail": "the dataset of this training was deleted"})
-                dataset_path = rt.settings.data_dir / ds.storage_path
+                dataset_file = jobs.StoredFile.of_dataset(ds)
             opts = row.options or {}
             try:
                 spec = TrainingSpec(
@@ -99,7 +104,7 @@ class TrainingWork:
                                 ) from exc
             return cls(
                 rt=rt, id=tid, token=token, owner=row.owner, name=row.name, spec=spec,
-                dataset=row.dataset, dataset_path=dataset_path,
+                dataset=row.dataset, dataset_file=dataset_file,
                 dataset_params=dict(row.dataset_params or {}),
                 held_out_split=row.held_out_split, train_examples=opts.get("train_examples"),
                 eval_examples=int(opts.get("eval_examples") or 1000), evaluate=row.evaluate,
@@ -110,7 +115,10 @@ class TrainingWork:
         return checkpoint_path(self.rt, self.id).parent
 
     def inputs(self) -> dict[str, Path]:
-        return {} if self.dataset_path is None else {"dataset.npz": self.dataset_path}
+        if self._inputs is None:
+            self._inputs = {} if self.dataset_file is None else {
+                "dataset.npz": jobs.fetch(self.rt, self.dataset_file, "training-error")}
+        return self._inputs
 
     def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
         return {"kind": "train", "spec": self.spec.model_dump(mode="json"),
@@ -151,8 +159,13 @@ class TrainingWork:
                       .execution_options(synchronize_session=False))
 
     def finished(self, status: str, error: dict[str, str] | None) -> None:
-        if status != "superseded":
-            shutil.rmtree(self.state_dir, ignore_errors=True)  # never resumed now
+        if status != "superseded":  # never resumed now
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            try:
+                jobs.state_mirror(self.rt, self.state_dir).clear()
+            except StoreError:
+                log.warning("could not remove the stored state of training %s", self.id,
+                            exc_info=True)
 
     def _succeed(self, trained: dict[str, Any], scratch: Scratch) -> None:
         """Register the weights as the owner's model and queue its evaluation, in the same
@@ -164,7 +177,7 @@ class TrainingWork:
         tmp = tmp_dir / f"training-{self.id}-{self.token}.safetensors"
         scratch.copy_out(scratch.host_out, "weights.safetensors", tmp,
                          self.rt.settings.max_checkpoint_bytes)
-        sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        sha = file_sha256(tmp)
         meta = ModelMetadata(name=self.name, architecture=self.spec.architecture,
                              num_classes=int(trained["num_classes"]),
                              input_shape=[int(d) for d in trained["input_shape"]],
@@ -176,7 +189,7 @@ class TrainingWork:
                 if row is None or row.attempts != self.token or row.status != "running":
                     raise Superseded("the job changed hands before its model was registered")
                 model = models.register(s, self.owner, tmp, sha, tmp.stat().st_size, meta,
-                                        data_dir)
+                                        self.rt.store)
                 if self.evaluate is not None:
                     ev, _ = evaluations.create(s, outbox, self.owner, EvaluationIn(
                         model_id=model.id, dataset=self.dataset,

@@ -1,5 +1,5 @@
 """Webhook delivery, signed by the Standard Webhooks scheme (see
-:mod:`service.webhook_policy`): the final evaluation record, POSTed once the job ends.
+:mod:`core.webhook_policy`): the final evaluation record, POSTed once the job ends.
 
 The URL is checked again here, since a name may resolve to another address than when the job
 was submitted, and the connection goes to the very addresses that check vetted (no second
@@ -17,11 +17,11 @@ from datetime import UTC, datetime
 import httpx
 from standardwebhooks.webhooks import Webhook
 
-from service.auth.keys import webhook_secret
+from core.keys import webhook_secret
+from core.settings import Settings
+from core.tables import Evaluation
+from core.webhook_policy import standard_secret, vet
 from service.evaluations.service import to_out
-from service.settings import Settings
-from service.tables import Evaluation
-from service.webhook_policy import standard_secret, vet
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.webhooks")

@@ -7,9 +7,9 @@ from datetime import datetime
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.auth import keys
-from service.deps import CurrentOwner, SessionDep
-from service.errors import problem_responses
+from core import keys
+from core.errors import problem_responses
+from service.http.deps import CurrentOwner, SessionDep
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 ERRORS = problem_responses(401, 404, 422, 503)

@@ -4,13 +4,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from service import storage
+from core import storage
+from core.errors import Invalid, problem_responses
+from core.quotas import check_stored_bytes
 from service.datasets import service
 from service.datasets.schemas import DatasetList, DatasetOut
-from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, problem_responses
-from service.quotas import check_stored_bytes
-from service.validation import reject_nul
+from service.http.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
+from service.http.validation import reject_nul
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
@@ -49,7 +49,7 @@ def upload_dataset(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    row = service.upload(session, owner, tmp, sha, size, name, settings.data_dir, outbox,
+    row = service.upload(session, owner, tmp, sha, size, name, settings.store(), outbox,
                          channels=channels)
     response.headers["Location"] = f"/datasets/{row.id}"
     return service.upload_out(row)
@@ -72,5 +72,5 @@ def get_dataset(ref: str, session: SessionDep, owner: CurrentOwner) -> DatasetOu
 @router.delete("/{ref}", status_code=204, responses=ERRORS)
 def delete_dataset(ref: str, session: SessionDep, owner: CurrentOwner,
                    settings: SettingsDep) -> Response:
-    service.delete(session, owner, ref, settings.data_dir)
+    service.delete(session, owner, ref, settings.store())
     return Response(status_code=204)

@@ -1,11 +1,23 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from service.pagination import Page
+from service.http.pagination import Page
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a dataset can support, as the suite needs to know it."""
+
+    name: str
+    has_masks: bool
+    has_groups: bool
+    regenerable: bool  # a generated dataset that can be redrawn under another correlation
+    default_eps: dict[str, float]
 
 
 class DatasetOut(BaseModel):

@@ -11,16 +11,16 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import storage
+from core import storage
+from core.errors import Conflict, Invalid, NotFound
+from core.objectstore import Store, StoreError, file_sha256
+from core.queue import INGEST_TASK, Outbox
+from core.repository import owned_rows
+from core.tables import Dataset, Evaluation, Training, utcnow
 from service.datasets.builtin import get_builtin, list_builtins, validate_params
 from service.datasets.ingest import DatasetIngestError, IngestLimits, ingest
-from service.datasets.schemas import DatasetOut
-from service.errors import Conflict, Invalid, NotFound
-from service.evaluations.suite import Capabilities
-from service.pagination import newest_first
-from service.queue import INGEST_TASK, Outbox
-from service.repository import owned_rows
-from service.tables import Dataset, Evaluation, Training, utcnow
+from service.datasets.schemas import Capabilities, DatasetOut
+from service.http.pagination import newest_first
 
 # Reasonable l_p budgets in [0,1] pixel units when an uploaded dataset names none.
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
@@ -116,7 +116,7 @@ def upload(
     sha256: str,
     size: int,
     name: str,
-    data_dir: Path,
+    store: Store,
     outbox: Outbox,
     channels: int | None = None,
 ) -> Dataset:
@@ -134,7 +134,7 @@ def upload(
         archive.unlink(missing_ok=True)
         raise
     dataset_id = uuid.uuid4()
-    storage.keep(archive, data_dir, archive_path(dataset_id))
+    storage.keep(archive, store, archive_path(dataset_id))
     row = Dataset(
         id=dataset_id,
         owner=owner,
@@ -150,9 +150,9 @@ def upload(
     try:
         session.flush()
     except IntegrityError as exc:
-        storage.remove(data_dir, archive_path(dataset_id))
+        storage.remove(store, archive_path(dataset_id))
         raise Conflict(f"you already have a dataset named {name!r}", field="name") from exc
-    storage.remove_on_rollback(session, data_dir, archive_path(dataset_id))
+    storage.remove_on_rollback(session, store, archive_path(dataset_id))
     outbox.add(INGEST_TASK, str(dataset_id))
     return row
 
@@ -161,45 +161,62 @@ def archive_path(dataset_id: uuid.UUID) -> str:
     return f"datasets/{dataset_id}.upload"
 
 
-def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, data_dir: Path,
-               limits: IngestLimits) -> str | None:
+def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, store: Store,
+               work_dir: Path, limits: IngestLimits) -> str | None:
     """Decodes a queued upload into its canonical npz; the row becomes ``ready`` or ``failed``
     (with the ingest error's problem body, every bad row named). No transaction is held while
-    the archive is decoded. Returns the final status, or None when there is nothing to do
-    (an unknown id, or an upload already ingested: a redelivered task)."""
+    the archive is decoded. The archive comes from the store (read in place where the store is
+    a local folder, else fetched into ``work_dir/tmp``); the npz is written there and put in the
+    store, its SHA-256 recorded (``info.content_sha256``) for the workers' caches. Returns the
+    final status, or None when there is nothing to do (an unknown id, or an upload already
+    ingested: a redelivered task)."""
     with sessions() as session:
         row = session.get(Dataset, dataset_id)
         if row is None or row.status != "ingesting":
             return None
-        name, dest = row.name, data_dir / row.storage_path
+        name, key = row.name, row.storage_path
         channels = (row.info or {}).get("requested_channels")
-    archive = data_dir / archive_path(dataset_id)
+    tmp_dir = work_dir / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    dest = tmp_dir / f"ingest-{dataset_id}-{uuid.uuid4().hex[:8]}.npz"
+    fetched = tmp_dir / f"ingest-{dataset_id}-{uuid.uuid4().hex[:8]}.upload"
     status, info, error = "failed", None, None
     try:
+        archive = store.local_path(archive_path(dataset_id))
+        if archive is None:
+            store.download(archive_path(dataset_id), fetched)
+            archive = fetched
         info = ingest(archive, dest, name=name, limits=limits, channels=channels).as_dict()
-        status = "ready"
     except DatasetIngestError as exc:
         error = exc.problem()
-    except FileNotFoundError:
+    except (FileNotFoundError, StoreError):
         error = {"type": "https://robustscope.dev/problems/dataset-archive-missing",
                  "title": "Archive missing", "status": 422,
-                 "detail": "the uploaded archive is no longer on disk; upload it again"}
+                 "detail": "the uploaded archive is no longer stored; upload it again"}
+    try:
+        if info is not None:  # a store that fails here raises: the ingest is sent again
+            info["content_sha256"] = file_sha256(dest)
+            store.put_file(key, dest)
+            status = "ready"
+    finally:
+        dest.unlink(missing_ok=True)
+        fetched.unlink(missing_ok=True)
     with sessions() as session, session.begin():
         row = session.get(Dataset, dataset_id)
         if row is None:  # deleted meanwhile
-            dest.unlink(missing_ok=True)
-            archive.unlink(missing_ok=True)
+            storage.remove(store, key)
+            storage.remove(store, archive_path(dataset_id))
             return None
         if row.status != "ingesting":  # a redelivered task finished first; its file stays
             return None
         row.status, row.error, row.finished_at = status, error, utcnow()
         if info is not None:
             row.info = info
-    archive.unlink(missing_ok=True)
+    storage.remove(store, archive_path(dataset_id))
     return status
 
 
-def delete(session: Session, owner: str, ref: str, data_dir: Path) -> None:
+def delete(session: Session, owner: str, ref: str, store: Store) -> None:
     if get_builtin(ref) is not None:
         raise Conflict(f"{ref!r} is a built-in dataset; it cannot be deleted")
     row = _find(session, owner, ref)
@@ -216,8 +233,8 @@ def delete(session: Session, owner: str, ref: str, data_dir: Path) -> None:
                        "cancel them first")
     session.delete(row)
     session.flush()
-    storage.remove(data_dir, row.storage_path)
-    storage.remove(data_dir, archive_path(row.id))
+    storage.remove(store, row.storage_path)
+    storage.remove(store, archive_path(row.id))
 
 
 def get_out(session: Session, owner: str, ref: str) -> DatasetOut:

@@ -2,29 +2,33 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import PurePosixPath
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import polling, storage
-from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import Invalid, NotFound, invalid, problem_responses
-from service.evaluations import report, service
+from core import storage
+from core.errors import Invalid, NotFound, invalid, problem_responses
+from core.objectstore import check_key
+from core.queue import Outbox
+from core.quotas import check_active_jobs, check_stored_bytes
+from core.settings import Settings
+from core.tables import Evaluation
+from core.webhook_policy import check_url
+from service.evaluations import compare, service
+from service.evaluations import page as report
+from service.evaluations.repository import origin
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
-from service.jobs import progress_events
+from service.http import polling
+from service.http.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
+from service.http.events import progress_events
+from service.http.validation import loads, reject_nul
 from service.models import service as models
-from service.pages.links import origin
-from service.queue import Outbox
-from service.quotas import check_active_jobs, check_stored_bytes
-from service.settings import Settings
-from service.tables import Evaluation
-from service.validation import loads, reject_nul
-from service.webhook_policy import check_url
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
@@ -71,7 +75,7 @@ async def create_evaluation(
             tmp.unlink(missing_ok=True)
             raise
         model = await run_in_threadpool(models.register, session, owner, tmp, sha, size, meta,
-                                        settings.data_dir)
+                                        settings.store())
         uploaded = model.storage_path
         raw = {**fields, "model_id": str(model.id)}
     else:
@@ -86,7 +90,7 @@ async def create_evaluation(
                                                idempotency_key, settings)
     except BaseException:
         if uploaded is not None:  # the transaction rolls back; the file must go too
-            storage.remove(settings.data_dir, uploaded)
+            storage.remove(settings.store(), uploaded)
         raise
     _accepted(response, row.id, created)
     return service.to_out(row)
@@ -126,7 +130,7 @@ def list_evaluations(
 @router.get("/{evaluation_id}", response_model=EvaluationOut, **polling.documented(ERRORS))
 async def get_evaluation(evaluation_id: uuid.UUID, request: Request) -> Response:
     """The evaluation's record, with an ``ETag``; pollers send it back in ``If-None-Match``
-    and get 304 with no body until the job changes (``service/polling.py``)."""
+    and get 304 with no body until the job changes (``service/http/polling.py``)."""
     return await polling.response("evaluations", request, evaluation_id)
 
 
@@ -153,6 +157,18 @@ async def evaluation_events(evaluation_id: uuid.UUID, request: Request,
         yield event
 
 
+@router.get("/{evaluation_id}/compare", response_model=compare.Comparison, responses=ERRORS)
+def compare_evaluation(
+    evaluation_id: uuid.UUID, session: SessionDep, owner: CurrentOwner,
+    baseline: Annotated[uuid.UUID, Query(description="the evaluation to compare with")],
+) -> compare.Comparison:
+    """Each metric beside the baseline's, on the same examples: the difference with its 95%
+    interval and McNemar's exact p-value (docs/METRICS.md, Uncertainty). 409 while either
+    is unfinished or when they measured other examples (dataset, dataset_params, split,
+    seed, n_examples)."""
+    return compare.compare(session, owner, evaluation_id, baseline)
+
+
 @router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)
 def evaluation_report(evaluation_id: uuid.UUID, session: SessionDep,
                       owner: CurrentOwner) -> HTMLResponse:
@@ -164,11 +180,27 @@ def evaluation_report(evaluation_id: uuid.UUID, session: SessionDep,
             responses={**ERRORS, 200: {"description": "the file's bytes", "content": {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 def evaluation_artifact(evaluation_id: uuid.UUID, name: str, session: SessionDep,
-                        owner: CurrentOwner, settings: SettingsDep) -> FileResponse:
-    """A file a benchmark kept with its results, e.g. per-example robust flags (``.npy``)."""
+                        owner: CurrentOwner, settings: SettingsDep) -> Response:
+    """A file a benchmark kept with its results, e.g. per-example robust flags (``.npz``),
+    from the store (streamed where it is an object store)."""
     row = service.get(session, owner, evaluation_id)
-    relative = (row.artifacts or {}).get(name)
-    path = (settings.data_dir / relative).resolve() if relative else None
-    if path is None or not path.is_file() or settings.data_dir.resolve() not in path.parents:
-        raise NotFound(f"evaluation {evaluation_id} has no artifact {name!r}")
-    return FileResponse(path, filename=path.name, media_type="application/octet-stream")
+    key = (row.artifacts or {}).get(name)
+    store = settings.store()
+    missing = NotFound(f"evaluation {evaluation_id} has no artifact {name!r}")
+    try:
+        if not key or not key.startswith(f"artifacts/{evaluation_id}/"):
+            raise missing
+        check_key(key)
+    except ValueError as exc:
+        raise missing from exc
+    filename = PurePosixPath(name).name
+    path = store.local_path(key)
+    if path is not None:
+        if not path.is_file():
+            raise missing
+        return FileResponse(path, filename=filename, media_type="application/octet-stream")
+    if not store.exists(key):
+        raise missing
+    return StreamingResponse(store.iter_bytes(key), media_type="application/octet-stream",
+                             headers={"Content-Disposition":
+                                      f"attachment; filename=\"{filename}\""})

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.pagination import Page
+from service.http.pagination import Page
 
 
 class EvaluationIn(BaseModel):
@@ -77,6 +77,11 @@ class ResultOut(BaseModel):
     params: dict[str, Any] = Field(
         description="the settings this value was measured at, e.g. {\"norm\": \"linf\", "
                     "\"eps\": 0.0314}")
+    n: int | None = Field(
+        None, description="for an accuracy (a share of examples): the examples it counts")
+    interval: tuple[float, float] | None = Field(
+        None, description="for an accuracy: its 95% Wilson score interval [low, high] "
+                          "(docs/METRICS.md, Uncertainty)")
 
 
 class EvaluationOut(BaseModel):
@@ -98,6 +103,8 @@ class EvaluationOut(BaseModel):
     finished_at: datetime | None = Field(description="when it reached a final state (UTC)")
     attempts: int = Field(description="how many times a worker has started the job")
     device: str | None = Field(description="the device it ran on, e.g. `cpu`, `cuda:0`")
+    worker: str | None = Field(None, description="the worker that ran (or runs) it: "
+                               "`robustscope worker --name`, else host:pid")
     engine_version: str | None = Field(description="the version of the engine that measured it")
     error: ErrorOut | None = Field(description="why it failed; null unless `failed`")
     results: list[ResultOut] = Field(description="the measured numbers, one row each")

@@ -10,9 +10,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
-from service import jobs
+from contract.stats import interval
+from core import jobs
+from core.errors import Conflict, Invalid
+from core.queue import EVALUATE_TASK, Outbox
+from core.repository import owned, owned_rows
+from core.tables import Evaluation, Result, utcnow
 from service.datasets.service import check_params, resolve
-from service.errors import Conflict, Invalid
 from service.evaluations import suite as suites
 from service.evaluations.schemas import (
     ErrorOut,
@@ -21,11 +25,9 @@ from service.evaluations.schemas import (
     Progress,
     ResultOut,
 )
+from service.http.pagination import newest_first
+from service.http.polling import Polled
 from service.models.service import get as get_model
-from service.pagination import newest_first
-from service.queue import EVALUATE_TASK, Outbox
-from service.repository import owned, owned_rows
-from service.tables import Evaluation, Result, utcnow
 
 
 def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
@@ -138,7 +140,7 @@ def to_out(row: Evaluation) -> EvaluationOut:
 
 def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
     """The record of an evaluation from anything with its columns as attributes: the ORM row,
-    or a Core row of the polling path (:mod:`service.polling`) and its results."""
+    or a Core row of the polling path (:mod:`service.http.polling`) and its results."""
     return EvaluationOut(
         id=row.id, status=row.status,
         progress=Progress(fraction=row.progress_fraction, stage=row.progress_stage,
@@ -147,6 +149,7 @@ def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
         dataset_params=row.dataset_params or {}, split=row.split, suite=row.suite,
         seed=row.seed, public=row.public, created_at=row.created_at, started_at=row.started_at,
         finished_at=row.finished_at, attempts=row.attempts, device=row.device,
+        worker=row.worker,
         engine_version=row.engine_version,
         error=ErrorOut(**row.error) if row.error else None,
         results=[_result(r) for r in results],
@@ -158,7 +161,8 @@ def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
 
 
 def _result(r: Result | Any) -> ResultOut:
-    return ResultOut(benchmark=r.benchmark, metric=r.metric, value=r.value, params=r.params)
+    return ResultOut(benchmark=r.benchmark, metric=r.metric, value=r.value, params=r.params,
+                     n=r.n, interval=interval(r.value, r.n))
 
 
 def merge_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -174,3 +178,11 @@ def merge_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(meta, dict):
         raise Invalid("spec.model must be an object of model metadata", field="spec.model")
     return meta, spec
+
+
+#: What a poll of an evaluation reads: the columns :func:`out_of` reads, and no others.
+POLLED = Polled("evaluation", Evaluation.__table__, (
+    "id", "status", "progress_fraction", "progress_stage", "progress_message", "model_id",
+    "model_name", "dataset", "dataset_params", "split", "suite", "seed", "public",
+    "created_at", "started_at", "finished_at", "attempts", "device", "worker", "engine_version",
+    "error", "checks", "timings", "artifacts", "options"), out_of, with_results=True)

@@ -9,7 +9,6 @@ stores the expanded entries as JSON and parses them back with the contract.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -31,24 +30,14 @@ from contract.suite import (
     dump_entry,
     problem,
 )
-from service.errors import Invalid, invalid
+from core.errors import Invalid, invalid
+from service.datasets.schemas import Capabilities
 
 __all__ = ["CORRUPTIONS", "PRESETS", "Adversarial", "Attack", "Backgrounds", "Capabilities",
            "Clean", "Corruptions", "Entry", "FgBgNoise", "Groups", "Norm", "RobustnessCurve",
            "SpuriousShift", "expand"]
 
 PRESETS = ("standard",)
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a dataset can support, as the suite needs to know it."""
-
-    name: str
-    has_masks: bool
-    has_groups: bool
-    regenerable: bool  # a generated dataset that can be redrawn under another correlation
-    default_eps: dict[str, float]
 
 
 def expand(suite: Any, caps: Capabilities) -> list[dict[str, Any]]:

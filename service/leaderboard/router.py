@@ -3,44 +3,22 @@
 from __future__ import annotations
 
 import math
-import uuid
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
 from sqlalchemy import or_, select
 
 from contract.attacks import Norm
 from contract.metrics import BENCHMARK_METRICS, LOWER_IS_BETTER
-from service.deps import CurrentOwner, SessionDep
-from service.errors import Invalid, problem_responses
-from service.pages import leaderboard as leaderboard_page
-from service.tables import Evaluation, Result
+from contract.stats import interval
+from core.errors import Invalid, problem_responses
+from core.tables import Evaluation, Result
+from service.http.deps import CurrentOwner, SessionDep
+from service.leaderboard import page as leaderboard_page
+from service.leaderboard.schemas import Leaderboard, LeaderboardRow
 
 router = APIRouter(tags=["leaderboard"])
-
-class LeaderboardRow(BaseModel):
-    rank: int = Field(description="1 for the best value; ties keep the earlier evaluation first")
-    value: float = Field(description="the metric's value")
-    params: dict[str, Any] = Field(description="the result row's parameters (attack, norm, eps…)")
-    evaluation_id: uuid.UUID = Field(description="the evaluation the value comes from")
-    model_id: uuid.UUID | None = Field(description="its model (null once deleted)")
-    model_name: str = Field(description="the model's name when it was evaluated")
-    owner: str = Field(description="who ran the evaluation")
-    public: bool = Field(description="whether every key sees this row")
-    finished_at: datetime | None = Field(description="when the evaluation finished")
-
-
-class Leaderboard(BaseModel):
-    dataset: str = Field(description="the dataset ranked on")
-    benchmark: str = Field(description="the benchmark whose metric ranks")
-    metric: str = Field(description="the metric that ranks")
-    threat: str | None = Field(description="`NORM` or `NORM:EPS`, when the rows were filtered")
-    order: str = Field(description="`descending` (higher is better) or `ascending`")
-    rows: list[LeaderboardRow] = Field(description="best first")
-
 
 def _parse_threat(threat: str) -> tuple[str, float | None]:
     """``linf`` or ``linf:0.0314`` (norm, optionally the eps)."""
@@ -97,7 +75,8 @@ def leaderboard(
     return Leaderboard(
         dataset=dataset, benchmark=benchmark, metric=metric, threat=threat,
         order="descending" if descending else "ascending",
-        rows=[LeaderboardRow(rank=i + 1, value=r.value, params=r.params, evaluation_id=ev.id,
+        rows=[LeaderboardRow(rank=i + 1, value=r.value, params=r.params, n=r.n,
+                             interval=interval(r.value, r.n), evaluation_id=ev.id,
                              model_id=ev.model_id, model_name=ev.model_name, owner=ev.owner,
                              public=ev.public, finished_at=ev.finished_at)
               for i, (r, ev) in enumerate(session.execute(q))],

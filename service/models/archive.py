@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from service.errors import CheckpointRefused
+from core.errors import CheckpointRefused
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-/]+")
 MAX_ENTRIES = 100_000

@@ -5,12 +5,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from service import storage
-from service.deps import CurrentOwner, SessionDep, SettingsDep
-from service.errors import problem_responses
+from core import storage
+from core.errors import problem_responses
+from core.quotas import check_stored_bytes
+from service.http.deps import CurrentOwner, SessionDep, SettingsDep
 from service.models import service
 from service.models.schemas import ModelList, ModelOut
-from service.quotas import check_stored_bytes
 
 router = APIRouter(prefix="/models", tags=["models"])
 ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
@@ -34,7 +34,7 @@ def upload_model(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    row = service.register(session, owner, tmp, sha, size, meta, settings.data_dir)
+    row = service.register(session, owner, tmp, sha, size, meta, settings.store())
     return service.to_out(row)
 
 
@@ -59,7 +59,7 @@ def get_model(model_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> 
 @router.delete("/{model_id}", status_code=204, responses=ERRORS)
 def delete_model(model_id: uuid.UUID, session: SessionDep, owner: CurrentOwner,
                  settings: SettingsDep) -> Response:
-    service.delete(session, owner, model_id, settings.data_dir)
+    service.delete(session, owner, model_id, settings.store())
     return Response(status_code=204)
 
 

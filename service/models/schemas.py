@@ -5,7 +5,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.pagination import Page
+from service.http.pagination import Page
 
 
 class ModelMetadata(BaseModel):

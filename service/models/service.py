@@ -9,14 +9,15 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service import storage
-from service.errors import Conflict, Invalid, invalid
+from core import storage
+from core.errors import Conflict, Invalid, invalid
+from core.objectstore import Store
+from core.repository import owned, owned_rows
+from core.tables import Evaluation, Model
+from service.http.pagination import newest_first
+from service.http.validation import check_depth, loads, reject_nul
 from service.models.schemas import ModelMetadata, ModelOut
 from service.models.sniff import check_architecture, sniff
-from service.pagination import newest_first
-from service.repository import owned, owned_rows
-from service.tables import Evaluation, Model
-from service.validation import check_depth, loads, reject_nul
 
 
 def parse_metadata(raw: str | dict[str, object]) -> ModelMetadata:
@@ -33,7 +34,7 @@ def parse_metadata(raw: str | dict[str, object]) -> ModelMetadata:
 
 
 def register(session: Session, owner: str, upload: Path, sha256: str, size: int,
-             meta: ModelMetadata, data_dir: Path) -> Model:
+             meta: ModelMetadata, store: Store) -> Model:
     """Check the uploaded file (already on disk) and create the model row; the file moves."""
     try:
         sniffed = sniff(upload)
@@ -49,8 +50,8 @@ def register(session: Session, owner: str, upload: Path, sha256: str, size: int,
         raise
     model_id = uuid.uuid4()
     suffix = {"safetensors": ".safetensors", "torchscript": ".pt", "torch_export": ".pt2"}
-    rel = storage.keep(upload, data_dir, f"models/{model_id}{suffix[sniffed.format]}")
-    storage.remove_on_rollback(session, data_dir, rel)
+    rel = storage.keep(upload, store, f"models/{model_id}{suffix[sniffed.format]}")
+    storage.remove_on_rollback(session, store, rel)
     row = Model(
         id=model_id, owner=owner, name=meta.name, format=sniffed.format,
         architecture=meta.architecture if sniffed.format == "safetensors" else None,
@@ -79,7 +80,7 @@ def list_page(session: Session, owner: str, *, sha256: str | None = None,
     return newest_first(session, q, Model, cursor, limit)
 
 
-def delete(session: Session, owner: str, model_id: uuid.UUID, data_dir: Path) -> None:
+def delete(session: Session, owner: str, model_id: uuid.UUID, store: Store) -> None:
     row = get(session, owner, model_id)
     active = session.scalar(
         select(func.count()).select_from(Evaluation).where(
@@ -90,7 +91,7 @@ def delete(session: Session, owner: str, model_id: uuid.UUID, data_dir: Path) ->
                        "cancel them first")
     session.delete(row)
     session.flush()
-    storage.remove(data_dir, row.storage_path)
+    storage.remove(store, row.storage_path)
 
 
 def to_out(row: Model) -> ModelOut:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from contract import operators
-from service.errors import CheckpointMismatch, CheckpointRefused, PickleRefused
+from core.errors import CheckpointMismatch, CheckpointRefused, PickleRefused
 from service.models.archive import (
     Archive,
     check_tensor_pickle_archive,

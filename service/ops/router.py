@@ -13,9 +13,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
-from service.errors import RETRY_AFTER, Unauthorized, problem_responses
-from service.guard import bearer_key
-from service.tables import Evaluation
+from core.errors import RETRY_AFTER, Unauthorized, problem_responses
+from core.tables import Evaluation
+from service.http.guard import bearer_key
 
 router = APIRouter(tags=["operations"])
 

@@ -11,11 +11,11 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.auth.keys import KeyCache
-from service.deps import SessionDep
-from service.guard import bearer_key
-from service.pages.svg import page
-from service.tables import Evaluation, Training
+from core.keys import KeyCache
+from core.tables import Evaluation, Training
+from service.http.deps import SessionDep
+from service.http.guard import bearer_key
+from service.http.svg import page
 
 router = APIRouter()
 

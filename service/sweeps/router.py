@@ -7,10 +7,10 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import problem_responses
-from service.pages import sweep as sweep_page
-from service.quotas import check_active_jobs
+from core.errors import problem_responses
+from core.quotas import check_active_jobs
+from service.http.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
+from service.sweeps import page as sweep_page
 from service.sweeps import service
 from service.sweeps.schemas import SweepIn, SweepOut, SweepPage
 

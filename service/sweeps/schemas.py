@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from contract.training import MAX_MODELS, SweepIn
 from service.evaluations.schemas import Progress
-from service.pagination import Page
+from service.http.pagination import Page
 
 __all__ = ["MAX_MODELS", "SweepIn", "SweepOut", "SweepPage", "SweepRow"]
 

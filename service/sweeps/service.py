@@ -10,16 +10,16 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from service import jobs
+from core import jobs
+from core.errors import Conflict
+from core.queue import Outbox
+from core.repository import owned, owned_rows
+from core.tables import FINAL_STATES, Evaluation, Sweep, Training
 from service.datasets.service import resolve
-from service.errors import Conflict
 from service.evaluations import service as evaluations
 from service.evaluations.schemas import Progress
-from service.pagination import newest_first
-from service.queue import Outbox
-from service.repository import owned, owned_rows
+from service.http.pagination import newest_first
 from service.sweeps.schemas import SweepIn, SweepOut, SweepRow
-from service.tables import FINAL_STATES, Evaluation, Sweep, Training
 from service.trainings import service as trainings
 from service.trainings.schemas import Method, ThreatIn, TrainingIn
 

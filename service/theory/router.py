@@ -11,8 +11,8 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.deps import CurrentOwner
-from service.errors import Invalid, problem_responses
+from core.errors import Invalid, problem_responses
+from service.http.deps import CurrentOwner
 from service.theory.solver import LinearSetting, solve
 
 router = APIRouter(tags=["theory"])

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from service import polling
-from service.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.errors import problem_responses
-from service.jobs import progress_events
-from service.quotas import check_active_jobs
+from core.errors import problem_responses
+from core.quotas import check_active_jobs
+from service.http import polling
+from service.http.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
+from service.http.events import progress_events
 from service.trainings import service
 from service.trainings.schemas import TrainingIn, TrainingOut, TrainingPage
 
@@ -52,7 +52,7 @@ def list_trainings(
 @router.get("/{training_id}", response_model=TrainingOut, **polling.documented(ERRORS))
 async def get_training(training_id: uuid.UUID, request: Request) -> Response:
     """The training's record, with an ``ETag``; pollers send it back in ``If-None-Match``
-    and get 304 with no body until the job changes (``service/polling.py``)."""
+    and get 304 with no body until the job changes (``service/http/polling.py``)."""
     return await polling.response("trainings", request, training_id)
 
 

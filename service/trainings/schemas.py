@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from contract.training import LrSchedule, Method, Optimizer, ThreatIn, TrainingIn
 from service.evaluations.schemas import ErrorOut, Progress
-from service.pagination import Page
+from service.http.pagination import Page
 
 __all__ = ["LrSchedule", "Method", "Optimizer", "ThreatIn", "TrainingIn",
            "TrainingOut", "TrainingPage"]
@@ -48,6 +48,8 @@ class TrainingOut(BaseModel):
     finished_at: datetime | None = Field(description="when it reached a final state (UTC)")
     attempts: int = Field(description="how many times a worker has started the job")
     device: str | None = Field(description="the device it ran on, e.g. `cpu`, `cuda:0`")
+    worker: str | None = Field(None, description="the worker that ran (or runs) it: "
+                               "`robustscope worker --name`, else host:pid")
     engine_version: str | None = Field(description="the version of the engine that trained it")
     error: ErrorOut | None = Field(description="why it failed; null unless `failed`")
     model_id: uuid.UUID | None = Field(description="the trained model, once saved")

@@ -11,16 +11,17 @@ from sqlalchemy.orm import Session
 
 from contract import training as contract
 from contract.attacks import Norm
-from service import jobs
+from core import jobs
+from core.errors import Conflict, Invalid
+from core.queue import TRAIN_TASK, Outbox
+from core.repository import owned, owned_rows
+from core.tables import Training, utcnow
 from service.datasets.service import ResolvedDataset, check_params, resolve
-from service.errors import Conflict, Invalid
 from service.evaluations import suite as suites
 from service.evaluations.schemas import ErrorOut, Progress
+from service.http.pagination import newest_first
+from service.http.polling import Polled
 from service.models.sniff import _shape_table
-from service.pagination import newest_first
-from service.queue import TRAIN_TASK, Outbox
-from service.repository import owned, owned_rows
-from service.tables import Training, utcnow
 from service.trainings.schemas import Method, ThreatIn, TrainingIn, TrainingOut
 
 
@@ -125,7 +126,7 @@ def list_page(session: Session, owner: str, *, status: str | None, cursor: str |
 
 def to_out(row: Any) -> TrainingOut:
     """The record of a training from anything with its columns as attributes: the ORM row,
-    or a Core row of the polling path (:mod:`service.polling`)."""
+    or a Core row of the polling path (:mod:`service.http.polling`)."""
     opts = row.options or {}
     return TrainingOut(
         id=row.id, status=row.status,
@@ -140,7 +141,16 @@ def to_out(row: Any) -> TrainingOut:
         n_examples=opts.get("n_examples"),
         evaluate=row.evaluate, history=list(row.history or []), created_at=row.created_at,
         started_at=row.started_at, finished_at=row.finished_at, attempts=row.attempts,
-        device=row.device, engine_version=row.engine_version,
+        device=row.device, worker=row.worker, engine_version=row.engine_version,
         error=ErrorOut(**row.error) if row.error else None, model_id=row.model_id,
         evaluation_id=row.evaluation_id,
     )
+
+
+#: What a poll of a training reads: the columns :func:`to_out` reads, and no others.
+POLLED = Polled("training", Training.__table__, (
+    "id", "status", "progress_fraction", "progress_stage", "progress_message", "name",
+    "dataset", "dataset_params", "held_out_split", "architecture", "method", "threat",
+    "epochs", "batch_size", "lr", "seed", "options", "evaluate", "history", "created_at",
+    "started_at", "finished_at", "attempts", "device", "worker", "engine_version", "error",
+    "model_id", "evaluation_id"), lambda row, _results: to_out(row))

@@ -150,12 +150,21 @@ def test_the_audit_stops_at_the_first_miss(grey_cnn: Setup) -> None:
     reference = autoattack_stages(Norm.LINF, 10, STEPS, square_queries=QUERIES)
     weak = run_cascade(model, x, y, Norm.LINF, eps, [Stage("fgsm", FGSM(Norm.LINF))], ctx)
     found = audit(model, x, y, Norm.LINF, eps, weak, 1000, reference, ctx, chunk=4)
-    # Only examples FGSM left robust are audited; the first chunk of four already had a miss.
-    assert found.sample.numel() == 4
+    # Only examples FGSM left robust are audited, four at a time, and the audit stops with the
+    # chunk that held a miss, long before the plan: every chunk before it had none (the same
+    # audit capped four examples earlier, which runs the same chunks, finds nothing). Which
+    # chunk that is depends on the CPU's rounding of FGSM's one step.
+    k = found.sample.numel()
+    assert k % 4 == 0
+    assert 0 < k < min(found.plan, int(weak.robust.sum()))
     assert bool(weak.robust[found.sample].all())
     assert found.missed == int((~found.reference.robust[found.sample]).sum()) > 0
     assert found.bound is None
     assert not found.passed
+    before = audit(model, x, y, Norm.LINF, eps, weak, k - 4, reference, ctx, chunk=4)
+    assert before.missed == 0
+    assert before.sample.numel() == k - 4
+    assert bool(torch.isin(before.sample, found.sample).all())
 
 
 def test_the_audit_passes_after_its_plan_and_not_before(grey_cnn: Setup) -> None:

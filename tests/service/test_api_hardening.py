@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from service import cli
+from core.migrate import upgrade
+from core.settings import Settings
+from robustscope import cli
 from service.app import create_app
-from service.migrate import upgrade
-from service.settings import Settings
 from tests.factories import api, auth, new_key, settings, tiny_net, torchscript_bytes, upload
 from tests.service.servers import PrivateCluster, rss, serve
 
@@ -244,7 +244,7 @@ def test_keys_are_listed_created_and_revoked_at_once(sqlite_url: str, tmp_path: 
         # The command line, another process's view: revoked there, refused here at once.
         monkeypatch.setenv("ROBUSTSCOPE_DATABASE_URL", sqlite_url)
         monkeypatch.setenv("ROBUSTSCOPE_DATA_DIR", str(tmp_path))
-        from service.settings import get_settings
+        from core.settings import get_settings
         get_settings.cache_clear()
         try:
             assert cli.main(["apikey", "list", "keyed"]) == 0

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.db import make_engine, make_sessionmaker
-from service.settings import Settings
-from service.tables import Evaluation, Training
+from core.db import make_engine, make_sessionmaker
+from core.settings import Settings
+from core.tables import Evaluation, Training
 from tests.factories import api, auth, new_key, settings
 from tests.factories import torchscript_bytes as scripted
 from tests.service.test_sandbox import Spins, _job

@@ -1,6 +1,6 @@
 """Slow connections against the real ``robustscope api`` process: heads and bodies that trickle
 are closed at their deadline, connections past the bound are refused at once, and a normal
-request is answered meanwhile (service/connections.py)."""
+request is answered meanwhile (service/http/connections.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from benchmarks.slow_connections import api_server, get_health, slow_clients
-from service.connections import ConnectionLimits, H11Guarded, with_limits
-from service.guard import Guard
-from service.settings import Settings
+from core.settings import Settings
+from service.http.connections import ConnectionLimits, H11Guarded, with_limits
+from service.http.guard import Guard
 from tests.service.servers import serve_asgi
 
 pytestmark = pytest.mark.slow  # servers in subprocesses, seconds of deadlines

@@ -17,13 +17,14 @@ import torch
 from fastapi.testclient import TestClient
 
 from contract.metrics import BENCHMARK_METRICS
-from service.db import make_engine, make_sessionmaker
-from service.settings import Settings
+from core.db import make_engine, make_sessionmaker
+from core.settings import Settings
 from tests.factories import (
     api,
     auth,
     engine_rows,
     new_key,
+    served,
     settings,
     torchscript_bytes,
     upload,
@@ -104,7 +105,7 @@ def _run(client: TestClient, key: str, rt: Runtime, model_id: str, dataset: str,
 
 
 def _rows(job: dict[str, Any]) -> list[Any]:
-    return [{k: r[k] for k in ("benchmark", "metric", "value", "params")} for r in job["results"]]
+    return served(job["results"])
 
 
 @pytest.mark.slow

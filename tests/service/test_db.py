@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
-from service import db
+from core import db
 
 
 def _backend_pid(engine: Engine) -> int:
@@ -77,9 +77,9 @@ def test_polls_on_postgresql_use_at_most_their_connections(
     import uuid
     from typing import Any
 
-    from service.auth.keys import create_key
-    from service.errors import NotFound
-    from service.polling import PostgresRecords
+    from core.errors import NotFound
+    from core.keys import create_key
+    from service.http.polling import PostgresRecords
 
     engine = db.make_engine(pg_url)
     with db.transaction(db.make_sessionmaker(engine)) as s:

@@ -36,7 +36,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Pat
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("ROBUSTSCOPE_")} | {"PYTHONUNBUFFERED": "1"}
     log = (work / "up.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "robustscope.cli", "up", "--port", str(port),
                              "--data-dir", str(work / "var")], cwd=work, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -77,7 +77,7 @@ def test_curl_style_flow_and_the_cli_client(up: tuple[str, str, Path]) -> None:
         {"benchmark": "clean"},
         {"benchmark": "adversarial", "attack": "pgd", "norm": "linf", "eps": [8 / 255],
          "steps": 5}]))
-    cmd = [sys.executable, "-m", "service.cli", "evaluate", str(ckpt), "--metadata",
+    cmd = [sys.executable, "-m", "robustscope.cli", "evaluate", str(ckpt), "--metadata",
            str(work / "meta.json"), "--dataset", "shapes-32", "--suite", str(work / "suite.json"),
            "--server", url, "--api-key", key, "--wait", "--interval", "0.3"]
     ok = subprocess.run([*cmd, "--min", "clean.accuracy=0.3"], cwd=ROOT, capture_output=True,
@@ -156,7 +156,7 @@ def test_an_upload_is_ingested_while_a_training_holds_the_other_worker(
 
 
 def test_up_help_explains_every_flag() -> None:
-    from service.cli import parser
+    from robustscope.cli import parser
 
     up = next(a for a in parser()._subparsers._group_actions[0].choices.items()  # type: ignore[union-attr]
               if a[0] == "up")[1]

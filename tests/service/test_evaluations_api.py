@@ -240,10 +240,10 @@ def test_polling_answers_the_orm_record_with_an_etag_and_304_while_unchanged(
     and a new tag once the job changes; a revoked key is 401 at once."""
     from sqlalchemy import update
 
-    from service.auth.keys import revoke
-    from service.db import make_engine, make_sessionmaker, transaction
+    from core.db import make_engine, make_sessionmaker, transaction
+    from core.keys import revoke
+    from core.tables import Evaluation, Result
     from service.evaluations import service
-    from service.tables import Evaluation, Result
 
     ev = _create(client, alice["key"], {"model_id": alice["model"], "dataset": "shapes-32",
                                         "suite": SUITE, "n_examples": 7}).json()
@@ -289,14 +289,15 @@ def test_the_polling_path_answers_every_form_of_the_id_alike(
         client: TestClient, alice: dict[str, Any]) -> None:
     """The guard serves ``GET /evaluations/{id}`` itself for the canonical forms of the id;
     the framework's route answers the rest. Both give the same record, tag and errors."""
-    from service.polling import hot_route
+    from service.http.polling import hot_route
 
     ev = _create(client, alice["key"], {"model_id": alice["model"], "dataset": "shapes-32",
                                         "suite": SUITE}).json()
     hyphenated, upper, plain = ev["id"], ev["id"].upper(), uuid.UUID(ev["id"]).hex
     braces = "{" + ev["id"] + "}"  # a form the framework's UUID parser takes
     for path, hot in ((hyphenated, True), (upper, True), (plain, True), (braces, False)):
-        assert (hot_route({"method": "GET", "path": f"/evaluations/{path}"}) is not None) is hot
+        assert (hot_route({"method": "GET", "path": f"/evaluations/{path}", "app": client.app})
+                is not None) is hot
     answers = [client.get(f"/evaluations/{form}", headers=auth(alice["key"]))
                for form in (hyphenated, upper, plain, braces)]
     assert {a.status_code for a in answers} == {200}
@@ -306,8 +307,9 @@ def test_the_polling_path_answers_every_form_of_the_id_alike(
     for scope in ({"method": "POST", "path": f"/evaluations/{hyphenated}"},
                   {"method": "GET", "path": f"/evaluations/{hyphenated}/"},
                   {"method": "GET", "path": f"/evaluations/{hyphenated}/events"},
-                  {"method": "GET", "path": "/evaluations/not-an-id"}):
-        assert hot_route(scope) is None
+                  {"method": "GET", "path": "/evaluations/not-an-id"},
+                  {"method": "GET", "path": f"/models/{hyphenated}"}):
+        assert hot_route({**scope, "app": client.app}) is None
     missing = client.get(f"/evaluations/{uuid.uuid4()}", headers=auth(alice["key"]))
     anonymous = client.get(f"/evaluations/{hyphenated}")
     wrong_key = client.get(f"/evaluations/{hyphenated}", headers=auth("rs_nokey_" + "x" * 20))

@@ -29,6 +29,7 @@ from tests.factories import (
     comparable,
     engine_rows,
     new_key,
+    served,
     settings,
     torchscript_bytes,
 )
@@ -96,7 +97,7 @@ def stack(pg_url: str, redis_url: str, redis_prefix: str,
 
     def start_worker() -> subprocess.Popen[bytes]:
         log = (tmp_path / f"worker-{len(procs)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "robustscope.cli", "worker"], cwd=ROOT,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         procs.append(proc)
         return proc
@@ -156,8 +157,7 @@ def test_upload_evaluate_poll_on_postgres_and_redis(stack: tuple[TestClient, Wor
     assert done["device"].startswith("cpu")
     assert done["engine_version"].startswith("0.1.0")
     assert done["started_at"] <= done["finished_at"]
-    got = comparable([{k: r[k] for k in ("benchmark", "metric", "value", "params")}
-                      for r in done["results"]])
+    got = comparable(served(done["results"]))
     test_split = load_builtin("shapes-32", "test")
     assert got == engine_rows(net, test_split, SUITE, 3, META["mean"], META["std"])
     acc = {(r["metric"], r["params"].get("norm"), r["params"].get("eps")): r["value"]
@@ -211,8 +211,7 @@ def test_worker_killed_mid_job_is_resumed_by_another(stack: tuple[TestClient, Wo
     assert sum(1 for k in keys if k[1] == "robust_accuracy") == 4
     assert sum(1 for k in keys if k[0] == "clean") == 1
     assert saved.stat().st_mtime_ns == saved_at  # the finished stage was resumed, not redone
-    got = comparable([{k: r[k] for k in ("benchmark", "metric", "value", "params")}
-                      for r in done["results"]])
+    got = comparable(served(done["results"]))
     assert got == engine_rows(net, load_builtin("shapes-32", "test"), slow, 3, META["mean"],
                              META["std"])  # and the answer is the uninterrupted one
 

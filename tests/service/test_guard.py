@@ -10,8 +10,8 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from service.guard import Guard
-from service.settings import Settings
+from core.settings import Settings
+from service.http.guard import Guard
 
 WRITE_SECONDS = 0.05
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from core.db import make_engine, make_sessionmaker
+from core.settings import Settings
 from service.app import create_app
 from service.datasets import ingest_decode
 from service.datasets.ingest import IngestLimits, ingest
 from service.datasets.ingest_errors import DatasetIngestError
-from service.db import make_engine, make_sessionmaker
-from service.settings import Settings
 from tests.factories import api, auth, new_key, settings
 from tests.service.ingest_fixtures import png, write_zip
 from tests.service.servers import rss, serve
@@ -78,10 +78,11 @@ import sys, uuid
 from pathlib import Path
 from service.datasets.ingest import IngestLimits
 from service.datasets.service import run_ingest
-from service.db import make_engine, make_sessionmaker
+from core.db import make_engine, make_sessionmaker
+from core.objectstore import LocalStore
 url, dataset_id, data_dir = sys.argv[1:4]
-status = run_ingest(make_sessionmaker(make_engine(url)), uuid.UUID(dataset_id), Path(data_dir),
-                    IngestLimits(decode_threads=1))
+status = run_ingest(make_sessionmaker(make_engine(url)), uuid.UUID(dataset_id),
+                    LocalStore(Path(data_dir)), Path(data_dir), IngestLimits(decode_threads=1))
 print(status)
 """
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from service.tables import Evaluation, Model, Result
+from core.tables import Evaluation, Model, Result
 from tests.factories import META, closed_after, tiny_net, worker_runtime
 from tests.factories import torchscript_bytes as scripted
 from workers import evaluation_jobs
@@ -247,7 +247,7 @@ def test_artifacts_flipped_to_links_never_copy_a_host_file(rt: Runtime,
 
 
 def test_trained_weights_as_a_link_are_refused(rt: Runtime, tmp_path: Path) -> None:
-    from service.tables import Training
+    from core.tables import Training
     from workers import training_jobs
 
     secret = tmp_path / "other-owners-checkpoint"
@@ -470,7 +470,7 @@ def test_a_worker_whose_jail_cannot_start_refuses_with_bwraps_reason(tmp_path: P
     fake.chmod(0o755)
     env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "ROBUSTSCOPE_DATA_DIR": str(tmp_path / "var"),
            "HOME": str(tmp_path)}
-    res = subprocess.run([sys.executable, "-m", "service.cli", "worker"], env=env, cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "robustscope.cli", "worker"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 2, res.stderr
     assert ("cannot build its sandbox (bubblewrap cannot build the jail here: bwrap: Creating "

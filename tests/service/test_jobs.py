@@ -16,9 +16,9 @@ from sqlalchemy import func, select, update
 from torch import nn
 
 from contract.suite import BaseEntry
-from service.db import make_engine, make_sessionmaker
-from service.settings import Settings
-from service.tables import Evaluation, Model, Result, utcnow
+from core.db import make_engine, make_sessionmaker
+from core.settings import Settings
+from core.tables import Evaluation, Model, Result, utcnow
 from tests.factories import META, accept_test_entries, tiny_net, torchscript_bytes
 from workers import evaluation_jobs, jobs, reconciler
 from workers.engine.benchmarks import _REGISTRY, register

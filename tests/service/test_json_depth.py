@@ -1,5 +1,5 @@
 """JSON nested past MAX_JSON_DEPTH, in a body, a multipart field or a cursor, is a 422 that
-names the limit, never a RecursionError's 500 (service/validation.py)."""
+names the limit, never a RecursionError's 500 (service/http/validation.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import uuid
 from pathlib import Path
 
-from service.validation import MAX_JSON_DEPTH, json_depth, loads, text_depth
+from service.http.validation import MAX_JSON_DEPTH, json_depth, loads, text_depth
 from tests.factories import META, api, auth, new_key, settings, tiny_net, torchscript_bytes
 
 DEEP = 100_000

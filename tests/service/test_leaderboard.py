@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.db import make_engine, make_sessionmaker
-from service.tables import Evaluation, Result
+from core.db import make_engine, make_sessionmaker
+from core.tables import Evaluation, Result
 from tests.factories import api, auth, new_key, settings
 
 

@@ -9,8 +9,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from service.db import Base, make_engine
-from service.migrate import downgrade, upgrade
+from core.db import Base, make_engine
+from core.migrate import downgrade, upgrade
 
 TABLES = {"api_keys", "models", "datasets", "evaluations", "results", "trainings", "sweeps",
           "alembic_version"}

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from service.tables import Evaluation, Model, Result
+from core.tables import Evaluation, Model, Result
 from tests.factories import META, closed_after, export_bytes, tiny_net, worker_runtime
 from tests.factories import torchscript_bytes as scripted
 from workers import evaluation_jobs

@@ -235,6 +235,7 @@ def _run_snippet(code: str, tmp_path: Path, model: torch.nn.Module, example: tor
     return written.read_bytes()
 
 
+@pytest.mark.slow  # two exports and two evaluations of a real model
 def test_the_pickle_refusals_conversion_examples_pass_upload_and_evaluation(
         client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each line of code the refusal suggests, run verbatim on a grey model that flattens with

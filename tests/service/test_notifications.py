@@ -18,12 +18,12 @@ import torch
 from sqlalchemy import update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from service.auth.keys import webhook_secret
-from service.db import make_engine, make_sessionmaker
-from service.queue import WEBHOOK_TASK
-from service.settings import Settings
-from service.tables import Evaluation, Result
-from service.webhook_policy import standard_secret
+from core.db import make_engine, make_sessionmaker
+from core.keys import webhook_secret
+from core.queue import WEBHOOK_TASK
+from core.settings import Settings
+from core.tables import Evaluation, Result
+from core.webhook_policy import standard_secret
 from tests.factories import api, auth, new_key, settings, tiny_net, torchscript_bytes, upload
 from workers import evaluation_jobs, webhooks
 from workers.runtime import Runtime

@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.pages.svg import fit, fmt, nice_ticks
+from service.http.svg import fit, fmt, nice_ticks
 from tests.factories import auth, new_key, settings, tiny_net, torchscript_bytes, upload
 
 

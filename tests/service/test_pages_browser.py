@@ -24,9 +24,9 @@ import pytest
 import uvicorn
 from sqlalchemy import select
 
+from core.db import make_engine, make_sessionmaker
+from core.tables import Evaluation, Result, Training
 from service.app import create_app
-from service.db import make_engine, make_sessionmaker
-from service.tables import Evaluation, Result, Training
 from tests.factories import auth, new_key, settings
 
 pytestmark = pytest.mark.slow

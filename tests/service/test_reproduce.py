@@ -15,10 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from service import reproduce
-from service.db import make_engine, make_sessionmaker
-from service.reproduce import PreservedRow, TradeoffRow
-from service.tables import Evaluation, Result, Training
+from core.db import make_engine, make_sessionmaker
+from core.tables import Evaluation, Result, Training
+from robustscope import reproduce
+from robustscope.reproduce import PreservedRow, TradeoffRow
 from tests.factories import api, auth, new_key, settings
 
 pytestmark = pytest.mark.slow

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from contract.suite import BaseEntry
-from service.db import make_engine, make_sessionmaker
-from service.settings import Settings
-from service.tables import Evaluation, Model, Result
+from core.db import make_engine, make_sessionmaker
+from core.settings import Settings
+from core.tables import Evaluation, Model, Result
 from tests.factories import (
     META,
     accept_test_entries,

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from torch import Tensor, nn
 
-from service.tables import Evaluation, Model
+from core.tables import Evaluation, Model
 from tests.factories import (
     META,
     api,

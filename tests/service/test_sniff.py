@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from service.errors import CheckpointRefused
+from core.errors import CheckpointRefused
 from service.models.sniff import sniff
 from tests.factories import META, api, auth, export_bytes, new_key, settings, tiny_net
 from tests.factories import torchscript_bytes as scripted

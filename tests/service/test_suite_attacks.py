@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from contract.suite import Adversarial
-from service.errors import Invalid
-from service.evaluations.suite import Capabilities, expand
+from core.errors import Invalid
+from service.datasets.schemas import Capabilities
+from service.evaluations.suite import expand
 from workers.engine.benchmarks import parse
 from workers.engine.benchmarks.adversarial import AttackParams
 from workers.engine.types import EvalData

@@ -15,9 +15,9 @@ import pytest
 import torch
 from sqlalchemy import update
 
-from service.db import make_engine, make_sessionmaker
-from service.settings import Settings
-from service.tables import Evaluation, Model
+from core.db import make_engine, make_sessionmaker
+from core.settings import Settings
+from core.tables import Evaluation, Model
 from tests.factories import META
 from workers.jobs import Supervisor, claim
 from workers.runtime import Runtime

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from service.db import make_engine, make_sessionmaker
-from service.tables import Evaluation, Result, Training
+from core.db import make_engine, make_sessionmaker
+from core.tables import Evaluation, Result, Training
 from tests.factories import api, auth, new_key, settings
 
 SWEEP: dict[str, Any] = {

@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 from sqlalchemy import update
 
-from service.db import make_engine, make_sessionmaker
-from service.queue import EVALUATE_TASK, TRAIN_TASK
-from service.tables import Training, utcnow
+from core.db import make_engine, make_sessionmaker
+from core.queue import EVALUATE_TASK, TRAIN_TASK
+from core.tables import Training, utcnow
 from tests.factories import api, auth, new_key, settings, upload_dataset
 from tests.service.ingest_fixtures import png, solid, write_zip
 from workers import evaluation_jobs, jobs, reconciler, training_jobs

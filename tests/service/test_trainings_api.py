@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from service.tables import Training
+from core.tables import Training
 from tests.factories import api, auth, new_key, settings
 
 SPEC: dict[str, Any] = {
@@ -234,20 +234,21 @@ def test_events_of_a_cancelled_training_end_at_once(client: TestClient, key: str
 
 def test_polling_a_training_is_tagged_and_conditional(client: TestClient, key: str,
                                                       db_url: str) -> None:
-    """``GET /trainings/{id}`` is served on the polling path (:mod:`service.polling`): the
+    """``GET /trainings/{id}`` is served on the polling path (:mod:`service.http.polling`): the
     same record as the list (read by the ORM), an ``ETag``, 304 while the job is unchanged,
     and the same answer from the framework's route for the forms of the id the guard does
     not take. On PostgreSQL the path reads through psycopg's asyncio connections."""
-    from service.polling import PostgresRecords, ThreadedRecords, hot_route
+    from service.http.polling import PostgresRecords, ThreadedRecords, hot_route
 
     reader = client.app.state.records  # type: ignore[attr-defined]
     assert isinstance(reader, PostgresRecords if db_url.startswith("postgresql")
                       else ThreadedRecords)
 
     tid = _create(client, key, SPEC).json()["id"]
-    assert hot_route({"method": "GET", "path": f"/trainings/{tid}"}) is not None
-    assert hot_route({"method": "GET", "path": f"/trainings/{tid}/events"}) is None
-    assert hot_route({"method": "POST", "path": f"/trainings/{tid}/cancel"}) is None
+    app = client.app
+    assert hot_route({"method": "GET", "path": f"/trainings/{tid}", "app": app}) is not None
+    assert hot_route({"method": "GET", "path": f"/trainings/{tid}/events", "app": app}) is None
+    assert hot_route({"method": "POST", "path": f"/trainings/{tid}/cancel", "app": app}) is None
     first = client.get(f"/trainings/{tid}", headers=auth(key))
     assert first.status_code == 200
     assert first.headers["content-type"] == "application/json"

@@ -13,10 +13,10 @@ import pytest
 import torch
 from sqlalchemy import update
 
-from service import webhook_policy
-from service.db import make_engine, make_sessionmaker, transaction
-from service.settings import Settings
-from service.tables import Evaluation
+from core import webhook_policy
+from core.db import make_engine, make_sessionmaker, transaction
+from core.settings import Settings
+from core.tables import Evaluation
 from tests.factories import api, auth, new_key, settings, tiny_net, torchscript_bytes, upload
 from workers import webhooks
 from workers.runtime import Runtime

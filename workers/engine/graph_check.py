@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from contract import operators
-from workers.engine.models import CheckpointError
+from workers.engine.types import CheckpointError
 
 
 def check_torchscript(module: torch.jit.ScriptModule) -> None:

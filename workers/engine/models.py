@@ -21,10 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from workers.engine import nets
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be loaded as described; the message says why, for the user."""
+from workers.engine.types import CheckpointError
 
 
 class Format(enum.StrEnum):

@@ -20,7 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from contract.stats import encode_outcomes
 from contract.suite import BaseEntry
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be loaded as described; the message says why, for the user."""
 
 
 class Cancelled(Exception):
@@ -186,13 +191,31 @@ class MetricRow:
     metric: str
     value: float
     params: dict[str, Any] = field(default_factory=dict)
+    outcomes: Tensor | None = field(default=None, compare=False, repr=False)
+    """For an accuracy (a share of examples): per example, in the data's order, whether it
+    counted (correct, robust). Reported with the row, so the API can give the value's
+    interval and compare two evaluations on the same examples one by one."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "value", float32_decimal(self.value))
 
+    @classmethod
+    def share(cls, benchmark: str, metric: str, outcomes: Tensor,
+              params: dict[str, Any] | None = None) -> MetricRow:
+        """The row of an accuracy: the share of ``outcomes`` (one bool per example) that
+        hold, kept with the outcomes themselves."""
+        flags = outcomes.detach().to("cpu", torch.bool).flatten()
+        n = int(flags.numel())
+        value = int(flags.sum()) / n if n else 0.0
+        return cls(benchmark, metric, value, dict(params or {}), flags)
+
     def as_dict(self) -> dict[str, Any]:
-        return {"benchmark": self.benchmark, "metric": self.metric,
-                "value": float(self.value), "params": dict(self.params)}
+        out = {"benchmark": self.benchmark, "metric": self.metric,
+               "value": float(self.value), "params": dict(self.params)}
+        if self.outcomes is not None:
+            out["n"] = int(self.outcomes.numel())
+            out["outcomes"] = encode_outcomes(self.outcomes.to(torch.uint8).numpy().tobytes())
+        return out
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import contract
-import workers
 from workers.sandbox.files import link_in
 from workers.sandbox.protocol import Decoder, ProtocolError
 
@@ -42,6 +41,9 @@ _SYSTEM = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cach
            "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives", "/etc/fonts")
 _NOBODY = "65534"
 MiB = 1 << 20
+
+#: The folder that holds the ``workers`` package (and ``contract``): what a jail may import.
+_CODE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class SandboxUnavailable(RuntimeError):
@@ -257,7 +259,7 @@ class JailConfig:
         return f"{pids}; {memory}; {mounts}"
 
     def readonly_paths(self) -> list[str]:
-        code = str(Path(workers.__file__).resolve().parent)
+        code = str(_CODE_ROOT / "workers")
         shared = str(Path(contract.__file__).resolve().parent)  # the API/engine contract
         env = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
         env.add(os.path.dirname(os.path.realpath(sys.executable)))
@@ -270,7 +272,7 @@ class JailConfig:
         ``writable=False`` mounts the slot's scratch read-only (the model server's)."""
         if not self.bwrap:
             raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
-        code_root = str(Path(workers.__file__).resolve().parent.parent)
+        code_root = str(_CODE_ROOT)
         args = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session",
                 "--uid", _NOBODY, "--gid", _NOBODY, "--clearenv",
                 "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/scratch/home",
@@ -462,8 +464,7 @@ class ModelServer:
         try:
             argv = (config.argv(slot, *ends, module=self.MODULE, writable=False) if jailed
                     else [sys.executable, "-m", self.MODULE, *map(str, ends)])
-            env = {} if jailed else {"PYTHONPATH": str(Path(workers.__file__).resolve()
-                                                       .parent.parent)}
+            env = {} if jailed else {"PYTHONPATH": str(_CODE_ROOT)}
             with (slot / "server.log").open("wb") as log:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                              stdout=subprocess.DEVNULL, stderr=log,
@@ -659,7 +660,7 @@ def probe_engine(config: JailConfig, timeout: float = 300.0) -> dict[str, int]:
 
 
 def config_from_settings(settings: Any, gpu: bool = False) -> JailConfig:
-    """The jail a worker with ``settings`` (service.settings.Settings) builds."""
+    """The jail a worker with ``settings`` (core.settings.Settings) builds."""
     return JailConfig(slot_root=settings.data_dir / "sandbox", gpu=gpu,
                       memory_limit=settings.sandbox_memory_limit,
                       tmp_size=settings.sandbox_tmp_size, shm_size=settings.sandbox_shm_size,
@@ -670,7 +671,7 @@ def main() -> int:
     """``python -m workers.sandbox.jail``: run the engine child in a jail end to end
     (:func:`probe_engine`); exit 0 and print which limits hold where it works, else print
     why not and exit 2 (``robustscope worker`` and ``up`` ask before they start)."""
-    from service.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     gpu = settings.device.startswith("cuda")

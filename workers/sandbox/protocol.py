@@ -16,7 +16,9 @@ import json
 import struct
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from contract.stats import decode_outcomes
 
 MAX_FRAME = 8 << 20  # one suite entry's rows and checks fit many times over
 _HEADER = struct.Struct(">I")
@@ -56,6 +58,19 @@ class Row(_Message):
     metric: str
     value: float
     params: dict[str, Any]
+    n: int | None = Field(None, ge=0)
+    outcomes: str | None = Field(None, max_length=4 << 20)
+
+    @model_validator(mode="after")
+    def _outcomes_match(self) -> Row:
+        """An accuracy's outcomes are ``n`` packed flags whose share is its value."""
+        if (self.n is None) != (self.outcomes is None):
+            raise ValueError("a row carries both n and outcomes or neither")
+        if self.n is not None and self.outcomes is not None:
+            k = decode_outcomes(self.outcomes, self.n).bit_count()
+            if self.n and abs(k / self.n - self.value) > 1e-6:
+                raise ValueError(f"outcomes count {k} of {self.n}, not the value {self.value}")
+        return self
 
 
 class CheckReport(_Message):

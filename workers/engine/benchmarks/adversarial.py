@@ -169,7 +169,7 @@ def adversarial(model: nn.Module, data: EvalData, entry: Adversarial,
     clean = clean_pass(model, data.x, data.y, ctx, state_root)
     checks.append(degenerate_check(clean.logits.argmax(1), data.y))
     base = {"attack": p.attack.value, "norm": p.norm.value}
-    rows = [MetricRow("adversarial", "clean_accuracy", _mean(clean.correct), dict(base))]
+    rows = [MetricRow.share("adversarial", "clean_accuracy", clean.correct, base)]
     if any(s.white_box for s in stages):
         ce_only = p.attack in CE_ONLY and not p.targeted
         rows.append(MetricRow("adversarial", "zero_gradient_fraction",
@@ -188,11 +188,13 @@ def adversarial(model: nn.Module, data: EvalData, entry: Adversarial,
                           state_dir=None if state_root is None else state_root / tag,
                           progress=progress, fwd=fwd)
         params_eps = {**base, "eps": eps}
-        rows.append(MetricRow("adversarial", "robust_accuracy", res.robust_accuracy, params_eps))
+        rows.append(MetricRow.share("adversarial", "robust_accuracy", res.robust, params_eps))
         if len(stages) > 1:
-            for name, acc in res.stage_robust:
-                rows.append(MetricRow("adversarial", "robust_accuracy_after", acc,
-                                      {**params_eps, "stage": name}))
+            for i, (name, _) in enumerate(res.stage_robust):
+                # Robust after stage i: not a clean error and not broken by stages 0..i.
+                after = (res.broken_by == -2) | (res.broken_by > i)
+                rows.append(MetricRow.share("adversarial", "robust_accuracy_after", after,
+                                            {**params_eps, "stage": name}))
         rows.extend(_cost_rows(res, params_eps, len(data)))
         if p.audit is not None:
             def audit_progress(frac: float, msg: str, j: int = j) -> None:
@@ -251,10 +253,10 @@ def robustness_curve(model: nn.Module, data: EvalData, entry: RobustnessCurve,
     rows = []
     accs = []
     for eps in grid:
-        acc = _mean(norms > eps)
-        accs.append((eps, acc))
-        rows.append(MetricRow("robustness_curve", "robust_accuracy", acc,
-                              {"norm": norm.value, "eps": eps, "method": method}))
+        row = MetricRow.share("robustness_curve", "robust_accuracy", norms > eps,
+                              {"norm": norm.value, "eps": eps, "method": method})
+        accs.append((eps, row.value))
+        rows.append(row)
     params_all = {"norm": norm.value, "method": method}
     rows.append(MetricRow("robustness_curve", "median_min_norm",
                           float(norms.median()) if norms.numel() else 0.0, params_all))

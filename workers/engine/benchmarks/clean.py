@@ -61,6 +61,5 @@ def clean(model: nn.Module, data: EvalData, entry: Clean,
         preds.append(predict(model, data.x[start:start + ctx.batch_size], ctx))
         ctx.progress(min(1.0, (start + ctx.batch_size) / max(n, 1)), "clean accuracy")
     pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-    correct = int((pred == data.y).sum())
-    return BenchmarkResult(rows=[MetricRow("clean", "accuracy", correct / max(n, 1))],
+    return BenchmarkResult(rows=[MetricRow.share("clean", "accuracy", pred == data.y)],
                            checks=[degenerate_check(pred, data.y)])

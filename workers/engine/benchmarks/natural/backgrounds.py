@@ -95,7 +95,7 @@ def backgrounds(model: nn.Module, data: EvalData, entry: Backgrounds,
            else "only_bg_t (object box filled by tiling background strips)")
     same, rand = choose_donors(data.y, ctx.seed)
     same_t, rand_t = torch.from_numpy(same), torch.from_numpy(rand)
-    correct = {v: 0 for v in VARIANTS}
+    correct = {v: torch.zeros(len(data), dtype=torch.bool) for v in VARIANTS}
     n = len(data)
     for sl, done in batches(data, ctx):
         x = data.x[sl].to(ctx.device)
@@ -111,10 +111,10 @@ def backgrounds(model: nn.Module, data: EvalData, entry: Backgrounds,
             "mixed_rand": x * m + bg_rand * (1 - m),
         }
         for v, xv in variants.items():
-            correct[v] += int((argmax_on_device(model, xv, ctx) == y).sum())
+            correct[v][sl] = (argmax_on_device(model, xv, ctx) == y).cpu()
         ctx.progress(done, f"background variants {sl.stop}/{n}")
-    acc = {v: correct[v] / max(n, 1) for v in VARIANTS}
-    rows = [MetricRow(NAME, "accuracy", acc[v], {"variant": v}) for v in VARIANTS]
+    rows = [MetricRow.share(NAME, "accuracy", correct[v], {"variant": v}) for v in VARIANTS]
+    acc = {v: row.value for v, row in zip(VARIANTS, rows, strict=True)}
     rows.append(MetricRow(NAME, "bg_gap", bg_gap(acc["mixed_same"], acc["mixed_rand"]), {}))
     checks = [Check("donor_backgrounds", True, f"donor backgrounds: {how}")]
     # A split drawn with backgrounds independent of the class (Waterbirds' balanced test)

@@ -416,21 +416,22 @@ def corruptions(model: nn.Module, data: EvalData, entry: Corruptions,
     severities = sorted(set(entry.severities))
     gens = {(t, s): ctx.generator(salt=104_729 + 31 * i + s)
             for i, t in enumerate(types) for s in severities}
-    correct = {key: 0 for key in gens}
+    correct = {key: torch.zeros(len(data), dtype=torch.bool) for key in gens}
     n = len(data)
     for sl, done in batches(data, ctx):
         x = data.x[sl].to(ctx.device)
         y = data.y[sl].to(ctx.device)
         for (t, s), g in gens.items():
             xc = CORRUPTIONS[t](x, s, g)
-            correct[(t, s)] += int((argmax_on_device(model, xc, ctx) == y).sum())
+            correct[(t, s)][sl] = (argmax_on_device(model, xc, ctx) == y).cpu()
         ctx.progress(done, f"corruptions {sl.stop}/{n}")
-    acc = {key: c / max(n, 1) for key, c in correct.items()}
+    shares = {key: MetricRow.share(NAME, "accuracy", ok, {"type": key[0], "severity": key[1]})
+              for key, ok in correct.items()}
+    acc = {key: row.value for key, row in shares.items()}
     rows = []
     for t in types:
         per = [acc[(t, s)] for s in severities]
-        rows += [MetricRow(NAME, "accuracy", a, {"type": t, "severity": s})
-                 for s, a in zip(severities, per, strict=True)]
+        rows += [shares[(t, s)] for s in severities]
         rows.append(MetricRow(NAME, "accuracy", mean(per), {"type": t, "severity": "mean"}))
     rows.append(MetricRow(NAME, "mean_accuracy", mean(list(acc.values())),
                           {"types": types, "severities": severities}))

@@ -30,21 +30,22 @@ def group_rows(benchmark: str, ok: Tensor, groups: Tensor, names: list[str],
 
     An empty group has no accuracy; it is left out of the minimum rather than counted as 0.
     """
-    rows = [MetricRow(benchmark, "average_accuracy", float(ok.float().mean()), dict(extra))]
-    worst: tuple[float, str] | None = None
+    rows = [MetricRow.share(benchmark, "average_accuracy", ok, extra)]
+    worst: MetricRow | None = None
     for g, name in enumerate(names):
         sel = groups == g
         count = int(sel.sum())
         if count == 0:
             continue
-        acc = float(ok[sel].float().mean())
-        rows.append(MetricRow(benchmark, "accuracy", acc, {**extra, "group": name, "n": count}))
-        if worst is None or acc < worst[0]:
-            worst = (acc, name)
+        row = MetricRow.share(benchmark, "accuracy", ok[sel], {**extra, "group": name,
+                                                               "n": count})
+        rows.append(row)
+        if worst is None or row.value < worst.value:
+            worst = MetricRow.share(benchmark, "worst_group_accuracy", ok[sel],
+                                    {**extra, "group": name})
     if worst is None:
         raise BenchmarkError(f"{benchmark}: no example belongs to any group")
-    rows.append(MetricRow(benchmark, "worst_group_accuracy", worst[0],
-                          {**extra, "group": worst[1]}))
+    rows.append(worst)
     return rows
 
 

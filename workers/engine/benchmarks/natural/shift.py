@@ -69,7 +69,7 @@ def spurious_shift(model: nn.Module, data: EvalData, entry: SpuriousShift,
 
         ok = correct_flags(model, shifted, replace(ctx, progress=progress), "accuracy")
         extra = {"shift": shift, "correlation": corr}
-        rows.append(MetricRow(NAME, "accuracy", float(ok.float().mean()), extra))
+        rows.append(MetricRow.share(NAME, "accuracy", ok, extra))
         if shifted.groups is not None and shifted.group_names:
             rows += [r for r in group_rows(NAME, ok, shifted.groups, shifted.group_names, extra)
                      if r.metric == "worst_group_accuracy"]

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import html
 import uuid
-from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from service.pages.svg import page
-from service.tables import Evaluation
-
-if TYPE_CHECKING:
-    from service.leaderboard.router import Leaderboard
+from core.tables import Evaluation
+from service.http.svg import page
+from service.leaderboard.schemas import Leaderboard
 
 SUMMARY = ("clean accuracy", "robust accuracy", "RFS", "BG-gap", "worst group")
 

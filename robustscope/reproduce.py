@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from service.client import EXIT_FAILED, ClientError, _problem
+from robustscope.client import EXIT_FAILED, ClientError, _problem
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.tables import Sweep, Training
+from core.tables import Sweep, Training
 
 
 def origin(session: Session, owner: str,

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from celery import Celery
 
-from service.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger("robustscope.queue")
 

@@ -8,7 +8,7 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from service.errors import NotFound
+from core.errors import NotFound
 
 
 class _Owned(Protocol):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, select, text, update
 from sqlalchemy.orm import Session
 
-from service.errors import NotFound, Unauthorized
-from service.tables import ApiKey, utcnow
+from core.errors import NotFound, Unauthorized
+from core.tables import ApiKey, utcnow
 
 
 def _hash(key: str) -> str:

@@ -23,7 +23,7 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from service.errors import Invalid
+from core.errors import Invalid
 
 
 def refuse_reason(url: str, allow_private: bool) -> str | None:

@@ -3,7 +3,7 @@ what the metric means and which direction is better, and the results table; the 
 checks with what each one guards against; links to the model, its training and its sweep.
 While the job runs, the page reloads itself.
 
-No plotting library and no JavaScript (charts are inline SVG from :mod:`service.pages.svg`):
+No plotting library and no JavaScript (charts are inline SVG from :mod:`service.http.svg`):
 the report is a single file a user can attach to a ticket. A numeric parameter (eps, sigma,
 severity) becomes a line chart's x axis; anything else becomes bars.
 """
@@ -16,7 +16,7 @@ from collections import defaultdict
 from typing import Any
 
 from service.evaluations.schemas import EvaluationOut, ResultOut
-from service.pages.svg import COLORS, Axis, Series, bars, chart, page
+from service.http.svg import COLORS, Axis, Series, bars, chart, page
 
 _X_PARAMS = ("eps", "sigma", "severity")
 _X_TITLES = {

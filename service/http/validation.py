@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from service.errors import Invalid
+from core.errors import Invalid
 
 
 def find_nul(value: Any, path: str = "") -> str | None:

@@ -1,7 +1,7 @@
 """The polling path, ``GET /evaluations/{id}`` and ``GET /trainings/{id}``: the busiest
 requests a CI fleet sends.
 
-The request guard (:mod:`service.guard`) serves them as plain ASGI (:func:`hot_route`),
+The request guard (:mod:`service.http.guard`) serves them as plain ASGI (:func:`hot_route`),
 before the framework's routing, dependencies and request objects, which cost more CPU than
 the work itself; the FastAPI routes document them and answer the forms of the path this one
 does not match, through the same functions.
@@ -29,64 +29,64 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
 from anyio import to_thread
 from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
+from pydantic import BaseModel
 from sqlalchemy import Engine, and_, bindparam, select
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope, Send
 
-from service.auth.keys import key_matches, key_prefix
-from service.errors import NotFound, Unauthorized, Unavailable
-from service.evaluations.service import out_of
-from service.guard import bearer_key
-from service.tables import ApiKey, Evaluation, Result, Training
-from service.trainings.service import to_out as training_out
+from core.errors import NotFound, Unauthorized, Unavailable
+from core.keys import key_matches, key_prefix
+from core.tables import ApiKey, Result
+from service.http.guard import bearer_key
 
 log = logging.getLogger(__name__)
 
 _KEYS = ApiKey.__table__
-_EVALUATIONS = Evaluation.__table__
-_TRAININGS = Training.__table__
 _RESULTS = Result.__table__
 
 
-def _key_and_job(job: Any, shown: tuple[str, ...]) -> Any:
-    """The key's row, joined with the key owner's job ``job_id`` (all NULL when there is no
-    such job of theirs); no row at all for an unknown or revoked key."""
-    return (
-        select(_KEYS.c.key_hash, *(job.c[name] for name in shown))
-        .select_from(_KEYS.outerjoin(job, and_(
-            job.c.id == bindparam("job_id", type_=job.c.id.type),
-            job.c.owner == _KEYS.c.owner)))
-        .where(_KEYS.c.prefix == bindparam("prefix"), _KEYS.c.revoked_at.is_(None))
-    )
+@dataclass(frozen=True)
+class Polled:
+    """A kind of job the polling path serves: its table, the columns its record shows (and no
+    others), how the record is made from a row of them (and, for an evaluation, its results),
+    and the job's name in a 404."""
+
+    name: str
+    table: Any
+    shown: tuple[str, ...]
+    render: Callable[[Any, list[Any]], BaseModel]
+    with_results: bool = False
+
+    def statement(self) -> Any:
+        """The key's row, joined with the key owner's job ``job_id`` (all NULL when there is
+        no such job of theirs); no row at all for an unknown or revoked key."""
+        job = self.table
+        return (
+            select(_KEYS.c.key_hash, *(job.c[name] for name in self.shown))
+            .select_from(_KEYS.outerjoin(job, and_(
+                job.c.id == bindparam("job_id", type_=job.c.id.type),
+                job.c.owner == _KEYS.c.owner)))
+            .where(_KEYS.c.prefix == bindparam("prefix"), _KEYS.c.revoked_at.is_(None))
+        )
 
 
-#: The columns :func:`service.evaluations.service.out_of` reads, and no others.
-_KEY_AND_EVALUATION = _key_and_job(_EVALUATIONS, (
-    "id", "status", "progress_fraction", "progress_stage", "progress_message", "model_id",
-    "model_name", "dataset", "dataset_params", "split", "suite", "seed", "public",
-    "created_at", "started_at", "finished_at", "attempts", "device", "engine_version", "error",
-    "checks", "timings", "artifacts", "options"))
-
-#: The columns :func:`service.trainings.service.to_out` reads, and no others.
-_KEY_AND_TRAINING = _key_and_job(_TRAININGS, (
-    "id", "status", "progress_fraction", "progress_stage", "progress_message", "name",
-    "dataset", "dataset_params", "held_out_split", "architecture", "method", "threat",
-    "epochs", "batch_size", "lr", "seed", "options", "evaluate", "history", "created_at",
-    "started_at", "finished_at", "attempts", "device", "engine_version", "error", "model_id",
-    "evaluation_id"))
+#: Per kind of job, by the first segment of its path (``evaluations``): what a poll reads.
+Kinds = Mapping[str, Polled]
 
 _RESULTS_OF = (
-    select(_RESULTS.c.benchmark, _RESULTS.c.metric, _RESULTS.c.value, _RESULTS.c.params)
+    select(_RESULTS.c.benchmark, _RESULTS.c.metric, _RESULTS.c.value, _RESULTS.c.params,
+           _RESULTS.c.n)
     .where(_RESULTS.c.evaluation_id == bindparam("evaluation_id",
                                                  type_=_RESULTS.c.evaluation_id.type))
     .order_by(_RESULTS.c.id)
@@ -98,41 +98,36 @@ def autocommit(engine: Engine) -> Engine:
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
-#: Per kind of job (the first segment of its path): the statement reading the key and the
-#: job, and the job's name in a 404.
-_KINDS = {"evaluations": (_KEY_AND_EVALUATION, "evaluation"),
-          "trainings": (_KEY_AND_TRAINING, "training")}
-
-
-def _owned(row: Any, key: str, job_id: uuid.UUID, kind: str) -> Any:
-    """The row of :data:`_KINDS`'s statement, if the key is valid and the job its owner's:
-    401 for a key that is unknown or revoked, 404 for a job missing or someone else's."""
+def _owned(row: Any, key: str, job_id: uuid.UUID, kind: Polled) -> Any:
+    """The row of the kind's statement, if the key is valid and the job its owner's: 401 for
+    a key that is unknown or revoked, 404 for a job missing or someone else's."""
     if row is None or not key_matches(key, row.key_hash):
         raise Unauthorized("the API key is not valid")
     if row.id is None:
-        raise NotFound(f"no {_KINDS[kind][1]} {job_id}")
+        raise NotFound(f"no {kind.name} {job_id}")
     return row
 
 
-def _record(kind: str, row: Any, results: Iterable[Any]) -> bytes:
-    """The job's record as the JSON bytes to send (an evaluation's with its results)."""
-    if kind == "trainings":
-        return training_out(row).model_dump_json().encode()
-    return out_of(row, results).model_dump_json().encode()
+def _record(kind: Polled, row: Any, results: list[Any]) -> bytes:
+    """The job's record as the JSON bytes to send."""
+    return kind.render(row, results).model_dump_json().encode()
 
 
-def record_json(engine: Engine, kind: str, key: str, job_id: uuid.UUID) -> bytes:
+def record_json(engine: Engine, kind: Polled, key: str, job_id: uuid.UUID) -> bytes:
     """The record of the key owner's job, read through the engine (blocking)."""
     with engine.connect() as conn:
-        row = conn.execute(_KINDS[kind][0], {"prefix": key_prefix(key), "job_id": job_id}).first()
+        row = conn.execute(kind.statement(), {"prefix": key_prefix(key),
+                                              "job_id": job_id}).first()
         row = _owned(row, key, job_id, kind)
-        results = (conn.execute(_RESULTS_OF, {"evaluation_id": job_id}).all()
-                   if kind == "evaluations" else [])
+        results = (list(conn.execute(_RESULTS_OF, {"evaluation_id": job_id}).all())
+                   if kind.with_results else [])
     return _record(kind, row, results)
 
 
 class Records(Protocol):
     """What a poll reads: the record of the key owner's job as the JSON bytes to send."""
+
+    kinds: Kinds
 
     async def json(self, kind: str, key: str, job_id: uuid.UUID) -> bytes: ...
 
@@ -142,11 +137,13 @@ class Records(Protocol):
 class ThreadedRecords:
     """Polls through the engine, in a worker thread (any database)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, kinds: Kinds) -> None:
         self.engine = autocommit(engine)
+        self.kinds = kinds
 
     async def json(self, kind: str, key: str, job_id: uuid.UUID) -> bytes:
-        return await to_thread.run_sync(record_json, self.engine, kind, key, job_id)
+        return await to_thread.run_sync(record_json, self.engine, self.kinds[kind], key,
+                                        job_id)
 
     async def close(self) -> None:
         return None
@@ -160,13 +157,15 @@ class PostgresRecords:
     that finds its kept connection dead (the server restarted, an idle connection was cut)
     is retried once on a new one; when none can be opened the poll is a 503."""
 
-    def __init__(self, engine: Engine, size: int, connect_timeout: int = 5) -> None:
+    def __init__(self, engine: Engine, kinds: Kinds, size: int,
+                 connect_timeout: int = 5) -> None:
+        self.kinds = kinds
         self.dsn = engine.url.set(drivername="postgresql").render_as_string(
             hide_password=False)
         self.connect_timeout = connect_timeout
         dialect = engine.dialect
         self.sql = {name: str(statement.compile(dialect=dialect)) for name, statement in (
-            *((kind, statement) for kind, (statement, _) in _KINDS.items()),
+            *((name, kind.statement()) for name, kind in kinds.items()),
             ("results", _RESULTS_OF))}
         self.slots = asyncio.Semaphore(size)
         self.idle: list[psycopg.AsyncConnection[Any]] = []
@@ -180,21 +179,22 @@ class PostgresRecords:
                             str(exc)[:300])
                 raise Unavailable("the database is unavailable; retry shortly") from None
 
-    async def _read(self, kind: str, key: str, job_id: uuid.UUID, reused: bool) -> bytes:
+    async def _read(self, name: str, key: str, job_id: uuid.UUID, reused: bool) -> bytes:
+        kind = self.kinds[name]
         try:
             async with self._connection() as conn:
-                cur = await conn.execute(self.sql[kind],
+                cur = await conn.execute(self.sql[name],
                                          {"prefix": key_prefix(key), "job_id": job_id})
                 row = _owned(await cur.fetchone(), key, job_id, kind)
                 results: list[Any] = []
-                if kind == "evaluations":
+                if kind.with_results:
                     cur = await conn.execute(self.sql["results"], {"evaluation_id": job_id})
                     results = await cur.fetchall()
         except (psycopg.OperationalError, psycopg.InterfaceError):
             if not reused:
                 raise
             await self.close()  # kept connections die together (a restart): open anew
-            return await self._read(kind, key, job_id, reused=False)
+            return await self._read(name, key, job_id, reused=False)
         return _record(kind, row, results)
 
     @asynccontextmanager
@@ -217,11 +217,12 @@ class PostgresRecords:
             await self.idle.pop().close()
 
 
-def records(engine: Engine, connections: int) -> Records:
-    """The polling reader for the engine's database (``connections``: PostgreSQL's most)."""
+def records(engine: Engine, kinds: Kinds, connections: int) -> Records:
+    """The polling reader of ``kinds`` for the engine's database (``connections``:
+    PostgreSQL's most)."""
     if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
-        return PostgresRecords(engine, connections)
-    return ThreadedRecords(engine)
+        return PostgresRecords(engine, kinds, connections)
+    return ThreadedRecords(engine, kinds)
 
 
 async def answer(kind: str, records: Records, headers: Headers,
@@ -279,7 +280,7 @@ def not_modified(if_none_match: str | None, tag: str) -> bool:
 
 #: A job's path with the canonical forms of its id (hyphenated or 32 hex digits); the
 #: framework takes the others.
-_PATH = re.compile(r"/(evaluations|trainings)/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+_PATH = re.compile(r"/([a-z]+)/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                    r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32})")
 
 
@@ -293,10 +294,12 @@ def hot_route(scope: Scope) -> Callable[[Send], Awaitable[None]] | None:
     if found is None:
         return None
     kind, job_id = found[1], uuid.UUID(found[2])
+    records: Records = scope["app"].state.records
+    if kind not in records.kinds:
+        return None
 
     async def serve(send: Send) -> None:
-        status, headers, body = await answer(kind, scope["app"].state.records,
-                                             Headers(scope=scope), job_id)
+        status, headers, body = await answer(kind, records, Headers(scope=scope), job_id)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

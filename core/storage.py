@@ -1,23 +1,22 @@
-"""Files under the data directory: checkpoints, datasets, job state and artifacts.
-
-Rows store paths relative to ``data_dir`` so the API and workers may mount the same volume
-at different places.
+"""Uploads: received into the local data directory (hashed, size-limited), then kept in the
+store (:mod:`core.objectstore`) under a key the row records.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
+import logging
 import uuid
 from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
-from service.errors import PayloadTooLarge
+from core.errors import PayloadTooLarge
+from core.objectstore import Store
 
 CHUNK = 1 << 20
+log = logging.getLogger("robustscope.storage")
 
 
 def receive(stream: BinaryIO, data_dir: Path, limit: int, what: str) -> tuple[Path, str, int]:
@@ -42,26 +41,26 @@ def receive(stream: BinaryIO, data_dir: Path, limit: int, what: str) -> tuple[Pa
     return path, digest.hexdigest(), size
 
 
-def keep(tmp: Path, data_dir: Path, relative: str) -> str:
-    """Move a received file to its permanent place; returns the path stored in the row."""
-    dest = data_dir / relative
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
-    return relative
+def keep(tmp: Path, store: Store, key: str) -> str:
+    """Move a received file to the store (in parts); returns the key stored in the row."""
+    try:
+        store.put_file(key, tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return key
 
 
-def remove(data_dir: Path, relative: str) -> None:
-    target = data_dir / relative
-    if target.is_dir():
-        shutil.rmtree(target, ignore_errors=True)
-    else:
-        target.unlink(missing_ok=True)
+def remove(store: Store, key: str) -> None:
+    try:
+        store.delete(key)
+    except Exception:  # the row is gone; an orphaned object costs space, not correctness
+        log.warning("could not delete %s from the store", key, exc_info=True)
 
 
-def remove_on_rollback(session: Session, data_dir: Path, relative: str) -> None:
-    """Delete ``relative`` if the request's transaction rolls back (see ``deps.get_session``),
+def remove_on_rollback(session: Session, store: Store, key: str) -> None:
+    """Delete ``key`` if the request's transaction rolls back (see ``deps.get_session``),
     so a failed request leaves no file behind."""
-    session.info.setdefault("on_rollback", []).append(lambda: remove(data_dir, relative))
+    session.info.setdefault("on_rollback", []).append(lambda: remove(store, key))
 
 
 def run_rollback_hooks(session: Session) -> None:

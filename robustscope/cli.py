@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service import client, reproduce
+from robustscope import client, reproduce
 
 
 def _settings_env(data_dir: str | None) -> None:
@@ -21,8 +23,8 @@ def _settings_env(data_dir: str | None) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from service.migrate import upgrade
-    from service.settings import get_settings
+    from core.migrate import upgrade
+    from core.settings import get_settings
 
     upgrade(get_settings().database_url, args.revision)
     print(f"database at {args.revision}")
@@ -30,10 +32,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_apikey(args: argparse.Namespace) -> int:
-    from service.auth.keys import create_key, webhook_secret
-    from service.db import make_engine, make_sessionmaker, transaction
-    from service.settings import get_settings
-    from service.webhook_policy import standard_secret
+    from core.db import make_engine, make_sessionmaker, transaction
+    from core.keys import create_key, webhook_secret
+    from core.settings import get_settings
+    from core.webhook_policy import standard_secret
 
     engine = make_engine(get_settings().database_url)
     with transaction(make_sessionmaker(engine)) as session:
@@ -48,9 +50,9 @@ def cmd_apikey(args: argparse.Namespace) -> int:
 
 
 def cmd_apikey_list(args: argparse.Namespace) -> int:
-    from service.auth.keys import list_keys
-    from service.db import make_engine, make_sessionmaker
-    from service.settings import get_settings
+    from core.db import make_engine, make_sessionmaker
+    from core.keys import list_keys
+    from core.settings import get_settings
 
     engine = make_engine(get_settings().database_url)
     with make_sessionmaker(engine)() as session:
@@ -62,10 +64,10 @@ def cmd_apikey_list(args: argparse.Namespace) -> int:
 
 
 def cmd_apikey_revoke(args: argparse.Namespace) -> int:
-    from service.auth.keys import key_prefix, revoke
-    from service.db import make_engine, make_sessionmaker, transaction
-    from service.errors import NotFound
-    from service.settings import get_settings
+    from core.db import make_engine, make_sessionmaker, transaction
+    from core.errors import NotFound
+    from core.keys import key_prefix, revoke
+    from core.settings import get_settings
 
     # A whole key or its prefix (the second part of rs_<prefix>_<secret>, as listed).
     prefix = key_prefix(args.key) if args.key.startswith("rs_") else args.key
@@ -92,14 +94,14 @@ def cmd_api(args: argparse.Namespace) -> int:
         os.cpu_count() or 1)
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=workers, log_level=args.log_level, access_log=False,
-                http="service.connections:GuardedHTTP")
+                http="service.http.connections:GuardedHTTP")
     return 0
 
 
 def _sandbox_refused() -> str | None:
     """Why this machine cannot run models in the sandbox, or None where it can (or where
     ``ROBUSTSCOPE_SANDBOX=off`` says not to)."""
-    from service.settings import get_settings
+    from core.settings import get_settings
 
     cfg = get_settings()
     if cfg.sandbox == "off":
@@ -135,17 +137,34 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     if args.device:
         os.environ["ROBUSTSCOPE_DEVICE"] = args.device
+    node = node_name(args.name)
+    if args.name:  # the job records say which worker ran them
+        os.environ["ROBUSTSCOPE_WORKER_NAME"] = node
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
             f"--pool={args.pool}", "--concurrency=1", "-Q", args.queues, "--loglevel=INFO",
-            "-n", f"robustscope-{os.getpid()}@%h", "--without-gossip", "--without-mingle"]
+            "-n", node, "--without-gossip", "--without-mingle"]
     os.execv(sys.executable, argv)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@[A-Za-z0-9][A-Za-z0-9.-]{0,99})?$")
+
+
+def node_name(name: str | None) -> str:
+    """The Celery node name: ``NAME@host`` (NAME as given where it names a host), else
+    ``robustscope-<pid>@host``."""
+    if not name:
+        return f"robustscope-{os.getpid()}@{socket.gethostname()}"
+    if not _NAME.match(name):
+        raise SystemExit(f"robustscope: --name {name!r}: letters, digits, '.', '_' and '-' "
+                         "(up to 100), optionally @host")
+    return name if "@" in name else f"{name}@{socket.gethostname()}"
 
 
 def _local_key(data_dir: Path) -> str:
     """The key ``robustscope up`` prints: created once, kept in the data directory (0600)."""
-    from service.auth.keys import create_key, ensure_key
-    from service.db import make_engine, make_sessionmaker, transaction
-    from service.settings import get_settings
+    from core.db import make_engine, make_sessionmaker, transaction
+    from core.keys import create_key, ensure_key
+    from core.settings import get_settings
 
     path = data_dir / "local-api-key"
     engine = make_engine(get_settings().database_url)
@@ -169,40 +188,49 @@ class _Worker:
     name: str
     queues: str
     what: str  # what starts once it is ready, for the message
+    node: str  # its Celery node name (its ready line names it)
     proc: subprocess.Popen[bytes]
     log: Path
     offset: int
     started: float
 
 
-# Two workers: a training or an evaluation can hold one for minutes, and a dataset upload's
-# ingest must not wait behind it.
-UP_WORKERS = (("worker", "evaluations,webhooks", "evaluations and trainings"),
-              ("ingest", "ingest", "dataset ingests"))
+def up_workers(count: int, cores: int) -> list[tuple[str, str, str, int]]:
+    """``robustscope up``'s worker processes: ``count`` for evaluations and trainings (their
+    jobs' threads split the cores between them; one keeps PyTorch's default) and one for
+    dataset ingests, so an upload never waits behind a training. Each: name, queues, what it
+    starts, threads (0: the default)."""
+    threads = 0 if count == 1 else max(1, cores // count)
+    jobs = [("worker" if count == 1 else f"worker-{i + 1}", "evaluations,webhooks",
+             "evaluations and trainings", threads) for i in range(count)]
+    return [*jobs, ("ingest", "ingest", "dataset ingests", 0)]
 
 
-def _start_workers(data_dir: Path) -> list[_Worker]:
+def _start_workers(data_dir: Path, count: int) -> list[_Worker]:
     workers = []
-    for name, queues, what in UP_WORKERS:
+    for name, queues, what, threads in up_workers(count, os.cpu_count() or 1):
         log_path = data_dir / f"{name}.log"
+        node = node_name(name)
+        env = {**os.environ, **({"ROBUSTSCOPE_THREADS": str(threads)} if threads else {})}
         with log_path.open("ab") as log:
             offset = log.tell()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "worker", "--queues", queues],
-                stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-        workers.append(_Worker(name, queues, what, proc, log_path, offset, time.monotonic()))
+                [sys.executable, "-m", "robustscope.cli", "worker", "--queues", queues,
+                 "--name", node], stdout=log, stderr=subprocess.STDOUT, env=env)
+        workers.append(_Worker(name, queues, what, node, proc, log_path, offset,
+                               time.monotonic()))
     return workers
 
 
 async def _announce_ready(w: _Worker) -> None:
-    """Prints when ``w`` is ready to take jobs (Celery logs ``<hostname> ready.``; the
-    hostname carries the worker's pid, see :func:`cmd_worker`), or that it exited."""
-    mark = f"robustscope-{w.proc.pid}@"
+    """Prints when ``w`` is ready to take jobs (Celery logs ``<node name> ready.``), or that
+    it exited."""
+    mark = f"{w.node} ready."
     while True:
         with w.log.open("rb") as f:
             f.seek(w.offset)
             text = f.read().decode("utf-8", "replace")
-        if any(mark in line and line.rstrip().endswith(" ready.") for line in text.splitlines()):
+        if any(line.rstrip().endswith(mark) for line in text.splitlines()):
             print(f"{w.name} ready after {time.monotonic() - w.started:.0f} s: {w.what} "
                   "start now", flush=True)
             return
@@ -217,9 +245,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     """The embedded shape: SQLite, the SQLAlchemy broker, two worker processes, the API."""
     import uvicorn
 
+    from core.migrate import upgrade
+    from core.settings import get_settings
     from service.app import create_app
-    from service.migrate import upgrade
-    from service.settings import get_settings
 
     for var in ("ROBUSTSCOPE_DATABASE_URL", "ROBUSTSCOPE_BROKER_URL"):
         os.environ.pop(var, None)
@@ -234,9 +262,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     upgrade(settings.database_url)
     key = _local_key(data_dir)
-    workers = _start_workers(data_dir)
+    workers = _start_workers(data_dir, args.workers)
     config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
-                            log_level="warning", http="service.connections:GuardedHTTP")
+                            log_level="warning", http="service.http.connections:GuardedHTTP")
     server = uvicorn.Server(config)
 
     async def serve() -> None:
@@ -285,6 +313,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return exc.code
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustscope", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -306,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
                     help="folder for the database, the broker, checkpoints, datasets, results, "
                          "the API key and the worker logs; created if missing (default: "
                          "$ROBUSTSCOPE_DATA_DIR, else ./var)")
+    up.add_argument("--workers", type=positive, default=1,
+                    help="worker processes for evaluations and trainings, their threads split "
+                         "between them (default: %(default)s); dataset ingests have one more")
     up.set_defaults(fn=cmd_up)
 
     api = sub.add_parser("api", help="run the API server (production shape)")
@@ -320,6 +358,10 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", default="evaluations,webhooks,ingest")
     worker.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     worker.add_argument("--pool", default="solo", choices=("solo", "prefork", "threads"))
+    worker.add_argument("--name", default=None,
+                        help="the worker's name (its Celery node name, NAME@host unless it "
+                             "names a host), shown in the job records it runs (default: "
+                             "robustscope-<pid>@host)")
     worker.set_defaults(fn=cmd_worker)
 
     mig = sub.add_parser("migrate", help="upgrade the database schema")

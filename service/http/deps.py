@@ -10,12 +10,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service.auth.keys import KeyCache
-from service.errors import Unauthorized
-from service.guard import bearer_key
-from service.queue import Outbox
-from service.settings import Settings
-from service.storage import run_rollback_hooks
+from core.errors import Unauthorized
+from core.keys import KeyCache
+from core.queue import Outbox
+from core.settings import Settings
+from core.storage import run_rollback_hooks
+from service.http.guard import bearer_key
 
 
 # Dependencies without I/O are ``async`` so FastAPI runs them on the event loop; a plain

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
 
-from service.errors import Invalid
+from core.errors import Invalid
 
 Item = TypeVar("Item")
 

@@ -35,9 +35,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors
-from service.settings import Settings
-from service.validation import MAX_JSON_DEPTH, find_nul, loads, may_be_deep
+from core import errors
+from core.settings import Settings
+from service.http import problems
+from service.http.validation import MAX_JSON_DEPTH, find_nul, loads, may_be_deep
 
 log = logging.getLogger("robustscope.api")
 
@@ -153,24 +154,24 @@ class Guard:
 
     def _answer(self, scope: Scope, exc: Exception) -> Any:
         if isinstance(exc, errors.DomainError):
-            return errors.problem(exc.status, exc.type, exc.title, exc.detail, **exc.extra)
+            return problems.problem(exc.status, exc.type, exc.title, exc.detail, **exc.extra)
         if isinstance(exc, BodyTooLarge):
-            return errors.problem(413, "payload-too-large", "Upload too large", exc.detail,
+            return problems.problem(413, "payload-too-large", "Upload too large", exc.detail,
                                   limit=exc.limit)
         if isinstance(exc, RecursionError):
             # Data nested past what a parser could hold, where no depth check ran first (e.g.
             # JSON inside an uploaded file): the client's input, not a server fault.
             log.warning("%s %s: input nested too deeply", scope["method"], scope["path"],
                         exc_info=exc)
-            return errors.problem(
+            return problems.problem(
                 422, "invalid", "Invalid request",
                 f"the request holds data nested too deeply to process (JSON may nest at most "
                 f"{MAX_JSON_DEPTH} levels)", limit=MAX_JSON_DEPTH)
         if isinstance(exc, OperationalError | InterfaceError | SATimeoutError) or (
                 isinstance(exc, DBAPIError) and exc.connection_invalidated):
-            return errors.database_down(exc)
+            return problems.database_down(exc)
         log.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=exc)
-        return errors.unexpected(exc)
+        return problems.unexpected(exc)
 
     async def _admit(self, scope: Scope, receive: Receive) -> tuple[Receive, bool]:
         """Checks what can be checked before the body is read; returns the receive to use,

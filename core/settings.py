@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.objectstore import Store, open_store
+
 _PLACEHOLDER = "change-me"
 
 
@@ -20,6 +22,14 @@ class Settings(BaseSettings):
     broker_url: str = ""  # default: an embedded SQLAlchemy/SQLite broker in data_dir
     # Prepended to every Redis key the broker uses, so deployments can share one Redis.
     broker_key_prefix: str = ""
+    # Where checkpoints, datasets, artifacts and job state are kept (core/objectstore.py):
+    # empty for data_dir itself, file:///path, or s3://bucket/prefix (with the usual AWS_*
+    # variables; AWS_ENDPOINT_URL for any S3-compatible store). With an object store the API and
+    # each worker keep only caches and temporary files in their own data_dir.
+    storage_url: str = ""
+    # Bytes of checkpoints and datasets a worker keeps fetched from an object store (least
+    # recently used removed first).
+    cache_bytes: int = Field(20 << 30, ge=1 << 20)
     bootstrap_key: str | None = None
     webhook_signing_secret: str = _PLACEHOLDER
 
@@ -50,7 +60,7 @@ class Settings(BaseSettings):
     # held back). With 2 slots at 0.25, writes take at most half of a process's time, and a
     # flood of submissions queues instead of slowing every read. 1: no pause.
     api_write_share: float = Field(0.25, gt=0, le=1)
-    # Connections (service/connections.py): a request's head must arrive within
+    # Connections (service/http/connections.py): a request's head must arrive within
     # api_header_timeout seconds; a body gets api_body_timeout seconds plus one second per
     # api_body_min_rate bytes received (a slower trickle is closed); past api_max_connections
     # open connections, a process answers a new one 503 and closes it. 0 turns one off
@@ -63,7 +73,7 @@ class Settings(BaseSettings):
     # open for a burst; past the pool, a connection is opened and closed per use.
     db_pool_size: int = Field(5, ge=1)
     db_max_overflow: int = Field(5, ge=0)
-    # Connections one process keeps for polls on PostgreSQL (service/polling.py), apart from
+    # Connections one process keeps for polls on PostgreSQL (service/http/polling.py), apart from
     # the pool; more polls at once wait their turn. A process opens at most
     # db_pool_size + db_max_overflow + db_poll_connections: times the API processes, that
     # must stay under the server's max_connections, with room for the workers.
@@ -81,6 +91,10 @@ class Settings(BaseSettings):
     broker_visibility_timeout: int = 12 * 3600
 
     # Worker.
+    # The worker's name in job records (``robustscope worker --name``); empty: host:pid.
+    worker_name: str = ""
+    # CPU threads of a worker's jobs; 0: PyTorch's default (one per core).
+    threads: int = Field(0, ge=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto: attacks search in bf16 on CUDA, and on a CPU where a probe convolution measured
     # at start-up runs at least 1.5x faster in bf16 than in fp32 (AMX: yes; some AVX512-BF16
@@ -128,6 +142,10 @@ class Settings(BaseSettings):
     @property
     def embedded_broker(self) -> bool:
         return self.broker_url.startswith("sqla+") or self.broker_url.startswith("filesystem")
+
+    def store(self) -> Store:
+        """The store ``storage_url`` names (one per process and URL)."""
+        return open_store(self.storage_url, self.data_dir)
 
     def path(self, *parts: str) -> Path:
         p = self.data_dir.joinpath(*parts)

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from service.db import Base
+from core.db import Base
 
 
 def utcnow() -> datetime:
@@ -170,6 +170,10 @@ class Result(Base):
     value: Mapped[float] = mapped_column(Float)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     params_key: Mapped[str] = mapped_column(Text)
+    # An accuracy's count of examples and its per-example outcomes (contract.stats), read
+    # only by a paired comparison: deferred, so records and polls never load them.
+    n: Mapped[int | None] = mapped_column(Integer)
+    outcomes: Mapped[str | None] = mapped_column(Text, deferred=True)
 
     evaluation: Mapped[Evaluation] = relationship(back_populates="results")
 

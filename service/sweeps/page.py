@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 
-from service.pages.svg import Axis, Series, chart, page
+from service.http.svg import Axis, Series, chart, page
 from service.sweeps.schemas import SweepOut, SweepRow
 
 NORM_COLORS = {"l2": "#1f77b4", "linf": "#d62728", "l1": "#2ca02c"}

@@ -9,9 +9,9 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.errors import QuotaExceeded
-from service.settings import Settings
-from service.tables import Dataset, Evaluation, Model, Training
+from core.errors import QuotaExceeded
+from core.settings import Settings
+from core.tables import Dataset, Evaluation, Model, Training
 
 ACTIVE = ("queued", "running")
 

@@ -1,6 +1,6 @@
 """Deadlines and a bound for the API server's connections, below ASGI (uvicorn's protocol).
 
-The request guard (``service.guard``) runs once a request's head has been read; a client that
+The request guard (``service.http.guard``) runs once a request's head has been read; a client that
 never finishes its head, or sends its body a byte at a time, never reaches it. This protocol
 (uvicorn's own, httptools or h11, with three additions) bounds them where the bytes arrive:
 
@@ -47,7 +47,7 @@ class ConnectionLimits:
 
     @classmethod
     def from_settings(cls) -> ConnectionLimits:
-        from service.settings import get_settings
+        from core.settings import get_settings
 
         s = get_settings()
         return cls(header_timeout=s.api_header_timeout, body_timeout=s.api_body_timeout,

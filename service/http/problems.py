@@ -1,8 +1,8 @@
-"""Domain errors and their RFC 9457 problem+json form.
+"""Domain errors as RFC 9457 problem+json responses.
 
-Services raise these; one handler turns them into responses with a stable ``type``. Nothing
-else in the API returns an error body, and an unexpected exception becomes a problem+json
-500 that names the request, never a bare traceback.
+Services raise :mod:`core.errors`; the handlers installed here and the request guard turn them
+into responses with a stable ``type``. Nothing else in the API returns an error body, and an
+unexpected exception becomes a problem+json 500 that names the request, never a bare traceback.
 """
 
 from __future__ import annotations
@@ -13,70 +13,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.errors import PROBLEM, RETRY_AFTER, TYPE_BASE, DomainError, Invalid, field_errors
+
 log = logging.getLogger("robustscope.api")
-
-PROBLEM = "application/problem+json"
-TYPE_BASE = "https://robustscope.dev/problems/"
-
-
-class DomainError(Exception):
-    status: int = 400
-    type: str = "bad-request"
-    title: str = "Bad request"
-
-    def __init__(self, detail: str, **extra: Any) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.extra = extra
-
-
-class NotFound(DomainError):
-    status, type, title = 404, "not-found", "Not found"
-
-
-class Unauthorized(DomainError):
-    status, type, title = 401, "unauthorized", "Missing or invalid API key"
-
-
-class Conflict(DomainError):
-    status, type, title = 409, "conflict", "Conflict"
-
-
-class PayloadTooLarge(DomainError):
-    status, type, title = 413, "payload-too-large", "Upload too large"
-
-
-class Invalid(DomainError):
-    status, type, title = 422, "invalid", "Invalid request"
-
-
-class CheckpointRefused(DomainError):
-    status, type, title = 422, "checkpoint-refused", "Checkpoint refused"
-
-
-class PickleRefused(CheckpointRefused):
-    type, title = "checkpoint-pickle-refused", "Pickled checkpoints are refused"
-
-
-class CheckpointMismatch(CheckpointRefused):
-    type, title = "checkpoint-architecture-mismatch", "Checkpoint does not fit the architecture"
-
-
-class Unavailable(DomainError):
-    status, type, title = 503, "unavailable", "Service unavailable"
-
-
-class QuotaExceeded(DomainError):
-    status, type, title = 429, "quota-exceeded", "Quota exceeded"
-
-
-#: Seconds a client is asked to wait (``Retry-After``) after a 503 or a 429.
-RETRY_AFTER = {503: 5, 429: 30}
 
 
 def problem(status: int, type_: str, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -92,39 +35,6 @@ def database_down(exc: BaseException) -> JSONResponse:
     log.warning("backend unavailable: %s: %s", type(exc).__name__, str(exc)[:300])
     return problem(503, "unavailable", "Service unavailable",
                    "the database is unavailable; retry shortly")
-
-
-def field_errors(exc: ValidationError | RequestValidationError,
-                 prefix: str = "") -> list[dict[str, str]]:
-    """A validation failure as ``[{field, message}]``, the dotted field path under ``prefix``
-    (the one shape every 422 of the API carries)."""
-    out = []
-    for e in exc.errors():
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        out.append({"field": ".".join([prefix, *loc] if prefix else loc),
-                    "message": str(e.get("msg", ""))})
-    return out
-
-
-def invalid(exc: ValidationError, prefix: str = "", what: str = "invalid fields") -> Invalid:
-    """The 422 for a pydantic validation failure of a request part (a body, a form field)."""
-    errors = field_errors(exc, prefix)
-    return Invalid(what + ": " + "; ".join(f"{e['field'] or 'body'}: {e['message']}"
-                                           for e in errors), errors=errors)
-
-
-def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` for the problem+json errors an endpoint may return."""
-    return {status: _problem_schema() for status in statuses}
-
-
-def _problem_schema() -> dict[str, Any]:
-    return {
-        "description": "RFC 9457 problem details",
-        "content": {PROBLEM: {"schema": {"type": "object", "properties": {
-            "type": {"type": "string"}, "title": {"type": "string"},
-            "status": {"type": "integer"}, "detail": {"type": "string"}}}}},
-    }
 
 
 def install(app: FastAPI) -> None:
@@ -167,7 +77,8 @@ def install(app: FastAPI) -> None:
                        f"{str(exc.orig).splitlines()[0][:200]}")
 
 
+
 def unexpected(exc: BaseException) -> JSONResponse:
-    """The one answer to an unexpected error (see ``service.guard``); never re-raised."""
+    """The one answer to an unexpected error (see ``service.http.guard``); never re-raised."""
     return problem(500, "internal-error", "Internal server error",
                    f"an unexpected {type(exc).__name__} occurred; it has been logged")

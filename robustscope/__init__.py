@@ -1,0 +1,1 @@
+"""The user tools: the command line, the API client and the reproduction runner."""
