@@ -72,6 +72,7 @@ class TrainingWork:
     eval_examples: int
     evaluate: list[dict[str, Any]] | None
     n_examples: int | None = None  # of the evaluation the training queues
+    public: bool = False  # whether that evaluation is public
     send_task: Any = None
     table: JobTable = Training
     _inputs: dict[str, Path] | None = None
@@ -108,7 +109,8 @@ class TrainingWork:
                 dataset_params=dict(row.dataset_params or {}),
                 held_out_split=row.held_out_split, train_examples=opts.get("train_examples"),
                 eval_examples=int(opts.get("eval_examples") or 1000), evaluate=row.evaluate,
-                n_examples=opts.get("n_examples"), send_task=send_task)
+                n_examples=opts.get("n_examples"), public=bool(opts.get("public")),
+                send_task=send_task)
 
     @property
     def state_dir(self) -> Path:
@@ -182,7 +184,7 @@ class TrainingWork:
                              num_classes=int(trained["num_classes"]),
                              input_shape=[int(d) for d in trained["input_shape"]],
                              class_names=[str(c) for c in trained["class_names"]])
-        outbox = Outbox(_Sender(self.send_task))
+        outbox = Outbox(jobs.Sender(self.send_task))
         try:
             with self.rt.sessions.begin() as s:
                 row = s.scalar(select(Training).where(Training.id == self.id).with_for_update())
@@ -194,7 +196,8 @@ class TrainingWork:
                     ev, _ = evaluations.create(s, outbox, self.owner, EvaluationIn(
                         model_id=model.id, dataset=self.dataset,
                         dataset_params=self.dataset_params, suite=self.evaluate,
-                        seed=self.spec.seed, n_examples=self.n_examples), None)
+                        seed=self.spec.seed, n_examples=self.n_examples,
+                        public=self.public), None)
                     row.evaluation_id = ev.id
                 row.model_id, row.history = model.id, trained["history"]
                 row.status, row.finished_at, row.error = "succeeded", utcnow(), None
@@ -206,12 +209,3 @@ class TrainingWork:
             raise
         outbox.flush()  # a send that fails is re-sent by the reconciler (the row stays queued)
 
-
-class _Sender:
-    def __init__(self, send_task: Any) -> None:
-        self._send = send_task
-
-    def send_task(self, name: str, args: list[Any]) -> Any:
-        if self._send is None:
-            return None
-        return self._send(name, args=args)

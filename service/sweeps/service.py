@@ -64,7 +64,7 @@ def create(session: Session, outbox: Outbox, owner: str, body: SweepIn,
             batch_size=body.batch_size, lr=body.lr, seed=body.seed, evaluate=suite, name=name,
             optimizer=body.optimizer, lr_schedule=body.lr_schedule,
             train_examples=body.train_examples, eval_examples=body.eval_examples,
-            n_examples=body.n_examples)
+            n_examples=body.n_examples, public=body.public)
         row, _ = trainings.create(session, outbox, owner, spec, None)
         ids.append(str(row.id))
     sweep = Sweep(owner=owner, spec={**body.model_dump(mode="json"), "suite": suite},
@@ -132,7 +132,9 @@ def _row(t: Training, ev: Evaluation | None) -> SweepRow:
         bg_gap=None, mixed_rand_accuracy=None, rfs=None, name=t.name,
         degenerate=None if ev is None or ev.status != "succeeded" else any(
             c.get("name") == "degenerate_predictions" and not c.get("passed")
-            for c in ev.checks or []))
+            for c in ev.checks or []),
+        failed_checks=sorted({str(c.get("name")) for c in (ev.checks or []) if ev is not None
+                              and not c.get("passed")}) if ev is not None else [])
     for r in ev.results if ev else []:
         if (r.benchmark, r.metric) == ("clean", "accuracy"):
             row.clean_accuracy = r.value
