@@ -191,9 +191,11 @@ def cancel(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation
 
 
 def list_page(session: Session, owner: str, *, status: str | None, model_id: uuid.UUID | None,
-              dataset: str | None, cursor: str | None, limit: int) -> tuple[list[Evaluation],
-                                                                            str | None]:
+              dataset: str | None, cursor: str | None, limit: int,
+              model_name: str | None = None) -> tuple[list[Evaluation], str | None]:
     q = owned_rows(Evaluation, owner)
+    if model_name:
+        q = q.where(Evaluation.model_name == model_name)
     if status:
         q = q.where(Evaluation.status == status)
     if model_id:
