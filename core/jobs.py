@@ -11,10 +11,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.errors import Conflict
-from core.tables import FINAL_STATES, Evaluation, Sweep, Training, utcnow
+from core.tables import FINAL_STATES, Evaluation, EvaluationShard, Sweep, Training, utcnow
 
 
-def request_cancel(row: Evaluation | Training, what: str) -> None:
+def request_cancel(row: Evaluation | Training | EvaluationShard, what: str) -> None:
     """A queued job is cancelled at once; a running one is asked to stop (its worker reads the
     flag between batches); a finished one is a 409."""
     if row.status in FINAL_STATES:

@@ -2,7 +2,10 @@
 
 Two cases: a job still ``queued`` long after it was sent (the broker restarted without
 persistence, or the send failed), and a ``running`` job whose worker stopped heart-beating
-(killed mid-run). Re-sending is safe: a worker runs a job only if it can claim it.
+(killed mid-run). Re-sending is safe: a worker runs a job only if it can claim it. Shards are
+jobs like any other; a sharded evaluation whose shards are all final is settled
+(:func:`workers.shard_jobs.settle`) in case the worker that finished the last one died before
+it could. Each round also records this worker as live, if it serves evaluations.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
-from core.queue import EVALUATE_TASK, INGEST_TASK, TRAIN_TASK
-from core.tables import Dataset, Evaluation, Training, utcnow
+from core.queue import EVALUATE_TASK, EVALUATIONS_QUEUE, INGEST_TASK, SHARD_TASK, TRAIN_TASK
+from core.tables import Dataset, Evaluation, EvaluationShard, Training, WorkerSeen, utcnow
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.reconciler")
@@ -25,9 +28,39 @@ log = logging.getLogger("robustscope.reconciler")
 def reconcile_once(rt: Runtime, send_task: Callable[..., Any]) -> list[str]:
     """Re-send lost evaluations, trainings and dataset ingests; returns their ids."""
     resent: list[str] = []
-    for table, task in ((Evaluation, EVALUATE_TASK), (Training, TRAIN_TASK)):
+    _seen(rt)
+    for table, task in ((Evaluation, EVALUATE_TASK), (Training, TRAIN_TASK),
+                        (EvaluationShard, SHARD_TASK)):
         resent += _reconcile(rt, send_task, table, task)
+    _settle_sharded(rt, send_task)
     return resent + _reconcile_ingests(rt, send_task)
+
+
+def _seen(rt: Runtime) -> None:
+    """This worker is live (it serves the evaluations queue): a sharded evaluation's default
+    counts the workers seen within ``stale_after``."""
+    if EVALUATIONS_QUEUE not in rt.settings.worker_queues.split(","):
+        return
+    now = utcnow()
+    with rt.sessions.begin() as s:
+        res = s.execute(update(WorkerSeen).where(WorkerSeen.name == rt.name)
+                        .values(seen_at=now).execution_options(synchronize_session=False))
+        if res.rowcount == 0:  # type: ignore[attr-defined]
+            s.add(WorkerSeen(name=rt.name, seen_at=now))
+
+
+def _settle_sharded(rt: Runtime, send_task: Callable[..., Any]) -> None:
+    """Sharded evaluations in their shards' phase that no merge was sent for lately."""
+    from workers.shard_jobs import settle
+
+    cutoff = utcnow() - timedelta(seconds=rt.settings.stale_after)
+    with rt.sessions() as s:
+        ids = list(s.scalars(select(Evaluation.id).where(
+            Evaluation.status == "running", Evaluation.shards > 1,
+            Evaluation.heartbeat_at.is_(None),
+            or_(Evaluation.enqueued_at.is_(None), Evaluation.enqueued_at < cutoff)).limit(100)))
+    for eid in ids:
+        settle(rt, eid, send_task)
 
 
 def _reconcile_ingests(rt: Runtime, send_task: Callable[..., Any]) -> list[str]:
@@ -55,15 +88,19 @@ def _reconcile_ingests(rt: Runtime, send_task: Callable[..., Any]) -> list[str]:
 
 
 def _reconcile(rt: Runtime, send_task: Callable[..., Any],
-               table: type[Evaluation] | type[Training], task: str) -> list[str]:
+               table: type[Evaluation] | type[Training] | type[EvaluationShard],
+               task: str) -> list[str]:
     now = utcnow()
     s_cfg = rt.settings
     queued_cutoff = now - timedelta(seconds=s_cfg.requeue_queued_after)
     stale_cutoff = now - timedelta(seconds=s_cfg.stale_after)
     resent: list[str] = []
     with rt.sessions.begin() as s:
+        queued = and_(table.status == "queued", table.enqueued_at < queued_cutoff)
+        if table is Evaluation:  # a sharded one's shards are sent, not the evaluation
+            queued = and_(queued, Evaluation.shards == 1)
         q = select(table.id).where(or_(
-            and_(table.status == "queued", table.enqueued_at < queued_cutoff),
+            queued,
             and_(table.status == "running", table.heartbeat_at < stale_cutoff,
                  or_(table.enqueued_at.is_(None), table.enqueued_at < stale_cutoff)),
         )).limit(100)

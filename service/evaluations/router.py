@@ -100,7 +100,7 @@ def _create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
     """The blocking part of a submission, in one thread hop: the webhook URL's check (it
     resolves the host), the job's creation and the active-jobs quota."""
     check_url(body.webhook_url, settings.webhook_allow_private)
-    row, created = service.create(session, outbox, owner, body, idempotency_key)
+    row, created = service.create(session, outbox, owner, body, idempotency_key, settings)
     if created:
         check_active_jobs(session, owner, settings, 0)
     return row, created
@@ -120,9 +120,12 @@ def list_evaluations(
     = None,
     model_id: uuid.UUID | None = None, dataset: str | None = None, cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    model_name: Annotated[str | None, Query(max_length=200,
+                                            description="the model's name at upload")] = None,
 ) -> EvaluationPage:
     rows, next_cursor = service.list_page(session, owner, status=status, model_id=model_id,
-                                          dataset=dataset, cursor=cursor, limit=limit)
+                                          dataset=dataset, cursor=cursor, limit=limit,
+                                          model_name=model_name)
     return EvaluationPage(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
 
 
