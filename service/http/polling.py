@@ -337,7 +337,7 @@ def hot_route(scope: Scope) -> Callable[[Send], Awaitable[None]] | None:
         return None
     kind, job_id = found[1], uuid.UUID(found[2])
     records: Records = scope["app"].state.records
-    if kind not in records.kinds or from_browser(Headers(scope=scope)):
+    if kind not in records.kinds or from_browser(Headers(raw=scope.get("headers", []))):
         return None
 
     async def serve(send: Send) -> None:
