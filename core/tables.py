@@ -23,6 +23,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from contract.jobs import JobStatus
 from core.db import Base
 
 
@@ -62,6 +63,33 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class JobColumns:
+    """The columns every kind of job carries (an evaluation, a training): who may repeat its
+    request, its state and progress, who runs it, how it failed, and its times. The worker's
+    generic loop (``workers/jobs.py``) reads and writes only these."""
+
+    owner: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
+    progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_stage: Mapped[str] = mapped_column(String(100), default=JobStatus.QUEUED.value)
+    progress_message: Mapped[str] = mapped_column(Text, default="")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    device: Mapped[str | None] = mapped_column(String(200))
+    engine_version: Mapped[str | None] = mapped_column(String(100))
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class Model(Base):
     __tablename__ = "models"
 
@@ -98,7 +126,7 @@ class Dataset(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class Evaluation(Base):
+class Evaluation(JobColumns, Base):
     __tablename__ = "evaluations"
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),
@@ -107,7 +135,6 @@ class Evaluation(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    owner: Mapped[str] = mapped_column(String(200))
     model_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("models.id", ondelete="SET NULL")
     )
@@ -122,31 +149,13 @@ class Evaluation(Base):
     seed: Mapped[int] = mapped_column(Integer)
     public: Mapped[bool] = mapped_column(Boolean, default=False)
     webhook_url: Mapped[str | None] = mapped_column(Text)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200))
-    request_hash: Mapped[str | None] = mapped_column(String(64))
 
-    status: Mapped[str] = mapped_column(String(16), default="queued")
-    progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
-    progress_stage: Mapped[str] = mapped_column(String(100), default="queued")
-    progress_message: Mapped[str] = mapped_column(Text, default="")
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(200))
-    device: Mapped[str | None] = mapped_column(String(200))
-    engine_version: Mapped[str | None] = mapped_column(String(100))
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     checks: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     artifacts: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     completed_entries: Mapped[list[int]] = mapped_column(JSON, default=list)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     # n_examples (a seeded subset of the split) and class_map (model class -> dataset class)
     options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     results: Mapped[list[Result]] = relationship(
         back_populates="evaluation", order_by="Result.id", cascade="all, delete-orphan"
@@ -178,7 +187,7 @@ class Result(Base):
     evaluation: Mapped[Evaluation] = relationship(back_populates="results")
 
 
-class Training(Base):
+class Training(JobColumns, Base):
     """An adversarial training job; when it succeeds it registers ``model_id`` and, if the spec
     asked for it, queues ``evaluation_id``."""
 
@@ -190,7 +199,6 @@ class Training(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    owner: Mapped[str] = mapped_column(String(200))
     name: Mapped[str] = mapped_column(String(200))  # the registered model's name
     dataset: Mapped[str] = mapped_column(String(200))  # a built-in name or an uploaded id
     dataset_id: Mapped[uuid.UUID | None] = mapped_column(
@@ -207,19 +215,7 @@ class Training(Base):
     seed: Mapped[int] = mapped_column(Integer)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     evaluate: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200))
-    request_hash: Mapped[str | None] = mapped_column(String(64))
 
-    status: Mapped[str] = mapped_column(String(16), default="queued")
-    progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
-    progress_stage: Mapped[str] = mapped_column(String(100), default="queued")
-    progress_message: Mapped[str] = mapped_column(Text, default="")
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(200))
-    device: Mapped[str | None] = mapped_column(String(200))
-    engine_version: Mapped[str | None] = mapped_column(String(100))
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     model_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("models.id", ondelete="SET NULL")
@@ -227,12 +223,6 @@ class Training(Base):
     evaluation_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("evaluations.id", ondelete="SET NULL")
     )
-
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Sweep(Base):
@@ -252,4 +242,6 @@ class Sweep(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+#: The tables of the kinds of job (each with :class:`JobColumns`), and one of their rows.
+JobTable = type[Evaluation] | type[Training]
+JobRow = Evaluation | Training

@@ -32,6 +32,8 @@ from typing import Any
 import httpx
 import yaml
 
+from contract.jobs import FINAL_STATES, JobStatus
+
 EXIT_FAILED, EXIT_USAGE, EXIT_THRESHOLD, EXIT_REQUEST = 1, 2, 3, 4
 
 
@@ -173,7 +175,7 @@ def wait(client: httpx.Client, job_id: str, interval: float, out: Any) -> dict[s
             out.write(("\r" + line.ljust(120)) if tty else line + "\n")
             out.flush()
             last = line
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if job["status"] in FINAL_STATES:
             if tty:
                 out.write("\n")
             return job
@@ -237,7 +239,7 @@ def evaluate(server: str, api_key: str | None, checkpoint: Path, metadata_file: 
             job = wait(client, job["id"], interval, sys.stderr)
     except httpx.HTTPError as exc:
         raise ClientError(f"cannot reach {server}: {exc}") from exc
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         err = job.get("error") or {}
         sys.stderr.write(f"evaluation {job['status']}: {err.get('type', '')} "
                          f"{err.get('detail', '')}\n")

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, undefer
 
+from contract.jobs import JobStatus
 from contract.metrics import LOWER_IS_BETTER
 from contract.stats import CONFIDENCE, Paired, decode_outcomes, interval
 from core.errors import Conflict
@@ -133,7 +134,7 @@ def compare(session: Session, owner: str, evaluation_id: uuid.UUID,
     ev = owned(session, Evaluation, owner, evaluation_id, "evaluation")
     base = owned(session, Evaluation, owner, baseline_id, "evaluation")
     for which, row in (("evaluation", ev), ("baseline", base)):
-        if row.status != "succeeded":
+        if row.status != JobStatus.SUCCEEDED:
             raise Conflict(f"the {which} {row.id} is {row.status}; only succeeded evaluations "
                            "are compared", reason="not-finished", field=which)
     mine, theirs = _examples(ev), _examples(base)

@@ -15,6 +15,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
+from contract.jobs import FINAL_STATES
 from service.evaluations.schemas import EvaluationOut, ResultOut
 from service.http.svg import COLORS, Axis, Series, bars, chart, page
 
@@ -71,7 +72,7 @@ CHECKS = {
                       "procedural fallback); results compare only within one.",
 }
 
-FINAL = ("succeeded", "failed", "cancelled")
+FINAL = FINAL_STATES
 
 
 def render(ev: EvaluationOut, training_id: uuid.UUID | None = None,

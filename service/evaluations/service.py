@@ -6,37 +6,40 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from contract.stats import interval
 from core import jobs
-from core.errors import Conflict, Invalid
+from core.errors import Invalid
 from core.queue import EVALUATE_TASK, Outbox
 from core.repository import owned, owned_rows
-from core.tables import Evaluation, Result, utcnow
+from core.tables import Evaluation, Result
 from service.datasets.service import check_params, resolve
 from service.evaluations import suite as suites
 from service.evaluations.schemas import (
-    ErrorOut,
     EvaluationIn,
     EvaluationOut,
-    Progress,
     ResultOut,
 )
 from service.http.pagination import newest_first
 from service.http.polling import Polled
+from service.jobs.schemas import RECORD_COLUMNS, record_fields
 from service.models.service import get as get_model
 
 
 def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
            idempotency_key: str | None) -> tuple[Evaluation, bool]:
     """Create a job (or return the one this Idempotency-Key made); enqueued after commit."""
-    request_hash = jobs.request_hash(body)
-    existing = jobs.replay(session, Evaluation, owner, idempotency_key, request_hash)
-    if existing is not None:
-        return existing, False
+    row, created = jobs.create(session, outbox, Evaluation, owner, body, idempotency_key,
+                               lambda: _build(session, owner, body), EVALUATE_TASK)
+    if created:
+        set_committed_value(row, "results", [])  # a new job has none: no query to load them
+    return row, created
+
+
+def _build(session: Session, owner: str, body: EvaluationIn) -> Evaluation:
+    """The job for a valid request, checked against its model and dataset."""
     model = get_model(session, owner, body.model_id)
     dataset = resolve(session, owner, body.dataset)
     check_params(body.dataset, body.dataset_params)
@@ -50,25 +53,13 @@ def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
             f"{body.dataset!r} has images of shape {dataset.input_shape}", field="dataset")
     _check_class_map(body, model.num_classes, dataset.num_classes)
     entries = suites.expand(body.suite, dataset.capabilities)
-    row = Evaluation(
-        owner=owner, model_id=model.id, model_name=model.name, dataset=dataset.name,
+    return Evaluation(
+        model_id=model.id, model_name=model.name, dataset=dataset.name,
         dataset_id=dataset.id, dataset_params=body.dataset_params, split=split, suite=entries,
-        seed=body.seed, public=body.public,
-        webhook_url=body.webhook_url, idempotency_key=idempotency_key,
-        request_hash=request_hash, status="queued", progress_stage="queued",
-        progress_message="waiting for a worker", enqueued_at=utcnow(), checks=[],
+        seed=body.seed, public=body.public, webhook_url=body.webhook_url, checks=[],
         artifacts={}, completed_entries=[], timings={},
         options={"n_examples": body.n_examples, "class_map": body.class_map},
     )
-    session.add(row)
-    try:
-        session.flush()
-    except IntegrityError as exc:  # a concurrent retry with the same key won the race
-        raise Conflict("a request with this Idempotency-Key is being processed; retry",
-                       reason="idempotency-key-race") from exc
-    set_committed_value(row, "results", [])  # a new job has none: no query to load them
-    outbox.add(EVALUATE_TASK, str(row.id))
-    return row, True
 
 
 # Class maps the engine knows by name: (model classes, dataset classes). ``imagenet9`` maps the
@@ -142,17 +133,10 @@ def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
     """The record of an evaluation from anything with its columns as attributes: the ORM row,
     or a Core row of the polling path (:mod:`service.http.polling`) and its results."""
     return EvaluationOut(
-        id=row.id, status=row.status,
-        progress=Progress(fraction=row.progress_fraction, stage=row.progress_stage,
-                          message=row.progress_message),
+        **record_fields(row),
         model_id=row.model_id, model_name=row.model_name, dataset=row.dataset,
         dataset_params=row.dataset_params or {}, split=row.split, suite=row.suite,
-        seed=row.seed, public=row.public, created_at=row.created_at, started_at=row.started_at,
-        finished_at=row.finished_at, attempts=row.attempts, device=row.device,
-        worker=row.worker,
-        engine_version=row.engine_version,
-        error=ErrorOut(**row.error) if row.error else None,
-        results=[_result(r) for r in results],
+        seed=row.seed, public=row.public, results=[_result(r) for r in results],
         checks=list(row.checks or []), timings=dict(row.timings or {}),
         artifacts=sorted(row.artifacts or {}),
         n_examples=(row.options or {}).get("n_examples"),
@@ -182,7 +166,5 @@ def merge_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 #: What a poll of an evaluation reads: the columns :func:`out_of` reads, and no others.
 POLLED = Polled("evaluation", Evaluation.__table__, (
-    "id", "status", "progress_fraction", "progress_stage", "progress_message", "model_id",
-    "model_name", "dataset", "dataset_params", "split", "suite", "seed", "public",
-    "created_at", "started_at", "finished_at", "attempts", "device", "worker", "engine_version",
-    "error", "checks", "timings", "artifacts", "options"), out_of, with_results=True)
+    *RECORD_COLUMNS, "model_id", "model_name", "dataset", "dataset_params", "split", "suite",
+    "seed", "public", "checks", "timings", "artifacts", "options"), out_of, with_results=True)

@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy import or_, select
 
 from contract.attacks import Norm
+from contract.jobs import JobStatus
 from contract.metrics import BENCHMARK_METRICS, LOWER_IS_BETTER
 from contract.stats import interval
 from core.errors import Invalid, problem_responses
@@ -60,7 +61,7 @@ def leaderboard(
     (best first), at most ``limit`` rows."""
     _check_names(benchmark, metric)
     q = (select(Result, Evaluation).join(Evaluation, Result.evaluation_id == Evaluation.id)
-         .where(Evaluation.status == "succeeded", Evaluation.dataset == dataset,
+         .where(Evaluation.status == JobStatus.SUCCEEDED, Evaluation.dataset == dataset,
                 Result.benchmark == benchmark, Result.metric == metric,
                 or_(Evaluation.owner == owner, Evaluation.public.is_(True))))
     if threat:

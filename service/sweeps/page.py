@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import html
 
+from contract.jobs import FINAL_STATES
 from service.http.svg import Axis, Series, chart, page
 from service.sweeps.schemas import SweepOut, SweepRow
 
 NORM_COLORS = {"l2": "#1f77b4", "linf": "#d62728", "l1": "#2ca02c"}
 NORM_NAMES = {"l2": "l_2", "linf": "l_inf", "l1": "l_1"}
-FINAL = ("succeeded", "failed", "cancelled")
+FINAL = FINAL_STATES
 
 
 def _eps_text(norm: str, eps: float) -> str:
