@@ -184,6 +184,9 @@ class TrainingFields(BaseModel):
     eval_examples: int = Field(1000, ge=1, le=100_000,
                                description="held-out examples the per-epoch history is measured "
                                            "on")
+    public: bool = Field(False, description="make the trained models' evaluations (and a "
+                                            "sweep's report) public: on the public "
+                                            "leaderboard, their reports open to anyone")
 
 
 class TrainingIn(TrainingFields):

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     # Seconds a verified API key is trusted in one process before its row is read again.
     # Revocation through this process is immediate; through another, within this time.
     auth_cache_seconds: float = 0.0
+    # A browser's login (POST /login) lasts this many hours, unless it logs out or its key is
+    # revoked first; its cookie is marked Secure over HTTPS, and always when this is set (a
+    # deployment behind a TLS-terminating proxy).
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)
+    session_cookie_secure: bool = False
+    # A share link of a private report is valid for at most this many days.
+    share_link_max_days: int = Field(90, ge=1, le=3650)
     # Writes with a JSON body (submissions, cancellations, keys) one API process handles at
     # once, once their body is read; more wait their turn without using CPU, so that a flood
     # of submissions cannot starve the polling reads. Uploads are not counted. 0: no limit.

@@ -245,3 +245,37 @@ class Sweep(Base):
 #: The tables of the kinds of job (each with :class:`JobColumns`), and one of their rows.
 JobTable = type[Evaluation] | type[Training]
 JobRow = Evaluation | Training
+
+
+class BrowserSession(Base):
+    """A browser's login: the cookie holds a random token, the table its hash. It opens the
+    key owner's pages until it expires, is ended (logout) or its key is revoked."""
+
+    __tablename__ = "browser_sessions"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"),
+                                              index=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ShareLink(Base):
+    """A read-only link to one private report (an evaluation's or a sweep's): the URL holds a
+    random token, the table its hash, so a link is valid only as issued and until it expires
+    or its owner revokes it."""
+
+    __tablename__ = "share_links"
+    __table_args__ = (Index("ix_share_links_owner_created", "owner", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))  # evaluation | sweep
+    target_id: Mapped[uuid.UUID] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

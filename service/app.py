@@ -16,7 +16,9 @@ from core.db import make_engine, make_sessionmaker, transaction
 from core.keys import KeyCache, ensure_key
 from core.queue import make_celery
 from core.settings import Settings, get_settings
+from service.auth import login
 from service.auth.router import router as keys_router
+from service.auth.shares import router as shares_router
 from service.datasets.router import router as datasets_router
 from service.evaluations import service as evaluations
 from service.evaluations.router import router as evaluations_router
@@ -31,6 +33,7 @@ from service.ops.router import router as ops_router
 from service.pages import docs
 from service.pages.home import router as home_router
 from service.sweeps.router import router as sweeps_router
+from service.sweeps.shared import router as shared_router
 from service.theory.router import router as theory_router
 from service.trainings import service as trainings
 from service.trainings.router import router as trainings_router
@@ -73,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "classifiers, measured side by side.")
     app.state.settings = settings
     problems.install(app)
+    login.install(app)
     docs.install(app)  # Swagger UI from a package, so /docs works offline
 
     app.add_middleware(Guard, settings=settings,
@@ -80,8 +84,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        hot_routes=[hot_route])
 
     _document_hand_parsed_bodies(app)
-    for router in (home_router, keys_router, models_router, datasets_router, evaluations_router,
-                   trainings_router, sweeps_router, leaderboard_router, theory_router, ops_router):
+    for router in (home_router, login.router, keys_router, shares_router, shared_router,
+                   models_router, datasets_router, evaluations_router, trainings_router,
+                   sweeps_router, leaderboard_router, theory_router, ops_router):
         app.include_router(router)
     return app
 

@@ -25,8 +25,12 @@ from tests.factories import META, new_key, settings, tiny_net, torchscript_bytes
 
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
 PUBLIC = {"/health", "/ready", "/metrics", "/openapi.json"}
+# Read by anyone (their public rows, or two public evaluations side by side); a key (or a
+# browser's session) adds the owner's own.
+OPEN_READS = {"/leaderboard", "/leaderboard/page", "/evaluations/{evaluation_id}/compare/page"}
 EVENT_STREAMS = {"/evaluations/{evaluation_id}/events", "/trainings/{training_id}/events"}
-HTML = {"/evaluations/{evaluation_id}/report", "/sweeps/{sweep_id}/report", "/leaderboard/page"}
+HTML = {"/evaluations/{evaluation_id}/report", "/sweeps/{sweep_id}/report", "/leaderboard/page",
+        "/evaluations/{evaluation_id}/compare/page"}
 MEDIA_TYPES = {
     **{p: "text/event-stream" for p in EVENT_STREAMS},
     **{p: "text/html" for p in HTML},
@@ -203,7 +207,7 @@ def test_the_app_refuses_every_non_public_operation_without_a_key(sqlite_url: st
         for path, method, _ in _operations(app.openapi()):
             url = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), path)
             status = client.request(method, url).status_code
-            if path in PUBLIC:
+            if path in PUBLIC | OPEN_READS:
                 assert status != 401 or path == "/metrics", (method, path, status)
             else:
                 assert status == 401, (method, path, status)

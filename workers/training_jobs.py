@@ -73,6 +73,7 @@ class TrainingWork:
     eval_examples: int
     evaluate: list[dict[str, Any]] | None
     n_examples: int | None = None  # of the evaluation the training queues
+    public: bool = False  # whether that evaluation is public
     send_task: Any = None
     table: JobTable = Training
     records_own_success = True
@@ -110,7 +111,8 @@ class TrainingWork:
                 dataset_params=dict(row.dataset_params or {}),
                 held_out_split=row.held_out_split, train_examples=opts.get("train_examples"),
                 eval_examples=int(opts.get("eval_examples") or 1000), evaluate=row.evaluate,
-                n_examples=opts.get("n_examples"), send_task=send_task)
+                n_examples=opts.get("n_examples"), public=bool(opts.get("public")),
+                send_task=send_task)
 
     @property
     def state_dir(self) -> Path:
@@ -197,7 +199,8 @@ class TrainingWork:
                     ev, _ = evaluations.create(s, outbox, self.owner, EvaluationIn(
                         model_id=model.id, dataset=self.dataset,
                         dataset_params=self.dataset_params, suite=self.evaluate,
-                        seed=self.spec.seed, n_examples=self.n_examples), None)
+                        seed=self.spec.seed, n_examples=self.n_examples,
+                        public=self.public), None)
                     row.evaluation_id = ev.id
                 row.model_id, row.history = model.id, trained["history"]
                 row.status, row.error = JobStatus.SUCCEEDED.value, None

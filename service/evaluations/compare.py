@@ -133,6 +133,12 @@ def compare(session: Session, owner: str, evaluation_id: uuid.UUID,
     owner's included), 409 while either is unfinished or when they measured other examples."""
     ev = owned(session, Evaluation, owner, evaluation_id, "evaluation")
     base = owned(session, Evaluation, owner, baseline_id, "evaluation")
+    return between(session, ev, base)
+
+
+def between(session: Session, ev: Evaluation, base: Evaluation) -> Comparison:
+    """``ev`` against ``base``, both already found readable by the caller (the comparison
+    page also compares public evaluations of other owners); 409 as :func:`compare`."""
     for which, row in (("evaluation", ev), ("baseline", base)):
         if row.status != JobStatus.SUCCEEDED:
             raise Conflict(f"the {which} {row.id} is {row.status}; only succeeded evaluations "

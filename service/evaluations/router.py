@@ -7,23 +7,22 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from pydantic import ValidationError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from contract.jobs import JobStatus
 from core import storage
-from core.errors import Invalid, NotFound, invalid, problem_responses
+from core.errors import Conflict, Invalid, NotFound, invalid, problem_responses
 from core.objectstore import check_key
 from core.queue import Outbox
 from core.quotas import check_active_jobs, check_stored_bytes
 from core.settings import Settings
 from core.tables import Evaluation
 from core.webhook_policy import check_url
-from service.evaluations import compare, service
+from service.evaluations import compare, compare_page, service
 from service.evaluations import page as report
-from service.evaluations.repository import origin
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
-from service.http.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
+from service.http.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
 from service.http.validation import loads, reject_nul
 from service.jobs.router import JobRoutes, accepted, add_job_routes
 from service.models import service as models
@@ -138,11 +137,39 @@ def compare_evaluation(
     return compare.compare(session, owner, evaluation_id, baseline)
 
 
+@router.get("/{evaluation_id}/compare/page", response_class=HTMLResponse, responses=ERRORS)
+def compare_evaluation_page(
+    evaluation_id: uuid.UUID, session: SessionDep, viewer: CurrentViewer,
+    baseline: Annotated[uuid.UUID, Query(description="the evaluation to compare with")],
+) -> HTMLResponse:
+    """The comparison as a page: every metric of both, the difference and which is better.
+    Either evaluation may be the viewer's own or public."""
+    rows = []
+    for eid in (evaluation_id, baseline):
+        row = session.get(Evaluation, eid)
+        viewer.may_read(row.owner if row else None, bool(row and row.public), f"evaluation {eid}")
+        assert row is not None
+        rows.append(row)
+    ev, base = rows
+    try:
+        result = compare.between(session, ev, base)
+    except Conflict as exc:
+        return HTMLResponse(compare_page.render(viewer.owner, ev, base, None, exc.detail,
+                                                exc.extra.get("differences")))
+    return HTMLResponse(compare_page.render(viewer.owner, ev, base, result, None))
+
+
 @router.get("/{evaluation_id}/report", response_class=HTMLResponse, responses=ERRORS)
 def evaluation_report(evaluation_id: uuid.UUID, session: SessionDep,
-                      owner: CurrentOwner) -> HTMLResponse:
-    ev = service.to_out(service.get(session, owner, evaluation_id))
-    return HTMLResponse(report.render(ev, *origin(session, owner, evaluation_id)))
+                      viewer: CurrentViewer) -> HTMLResponse:
+    """The report as a page: the owner's, or anyone's when the evaluation is public (a
+    browser without a session is sent to ``/login`` for a private one)."""
+    row = session.get(Evaluation, evaluation_id, options=[selectinload(Evaluation.results)])
+    viewer.may_read(row.owner if row else None, bool(row and row.public),
+                    f"evaluation {evaluation_id}")
+    assert row is not None
+    return HTMLResponse(report.render(service.to_out(row),
+                                      report.context(session, row, viewer.owner)))
 
 
 @router.get("/{evaluation_id}/artifacts/{name:path}", response_class=Response,

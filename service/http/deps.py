@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -10,9 +11,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from core.errors import Unauthorized
+from core import sessions
+from core.errors import DomainError, NotFound, Unauthorized
 from core.keys import KeyCache
 from core.queue import Outbox
+from core.sessions import LoginRequired
 from core.settings import Settings
 from core.storage import run_rollback_hooks
 from service.http.guard import bearer_key
@@ -92,19 +95,65 @@ async def current_owner(
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
 ) -> str:
     """The key's owner: verified by the request guard for a request with a body (before the
-    body was read), else here, on the request's own connection (one thread hop)."""
+    body was read), else here, on the request's own connection (one thread hop). A read
+    without a key may come from a browser's session cookie; without either, a browser asking
+    for a page is sent to ``/login`` and any other client gets a 401."""
     owner: str | None = getattr(request.state, "owner", None)
     if owner is not None:
         return owner
+    viewer = await current_viewer(request, session)
+    if viewer.owner is None:
+        raise viewer.refusal()
+    return viewer.owner
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who reads a page: an owner (by key or session cookie), or nobody (``owner`` None)."""
+
+    owner: str | None
+    next_url: str  # the page asked for, to come back to after logging in
+    wants_html: bool
+
+    def refusal(self) -> DomainError:
+        """What a request that needs an owner gets without one."""
+        if self.wants_html:
+            return LoginRequired(self.next_url)
+        return Unauthorized("send 'Authorization: Bearer <api key>'")
+
+    def may_read(self, owner: str | None, public: bool, what: str) -> None:
+        """Pass if the row (``owner`` None: none was found) is public or the viewer's own;
+        else ask an anonymous viewer to log in, and tell an owner it was not found (another
+        owner's private row and a missing one are indistinguishable)."""
+        if owner is not None and (public or owner == self.owner):
+            return
+        if self.owner is None:
+            raise self.refusal()
+        raise NotFound(f"no {what}")
+
+
+async def current_viewer(
+    request: Request, session: SessionDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)] = None,
+) -> Viewer:
+    """The reader of a page that may be public: a key (a wrong one is a 401), else a live
+    session cookie (on ``GET``/``HEAD`` only: a cookie authorises no write), else nobody."""
+    next_url = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    wants_html = (request.method in ("GET", "HEAD")
+                  and "text/html" in request.headers.get("accept", ""))
     key = bearer_key(request.headers)
-    if key is None:
-        raise Unauthorized("send 'Authorization: Bearer <api key>'")
-    cache: KeyCache = request.app.state.keys
-    cached = cache.cached(key)
-    if cached is not None:
-        return cached
-    verified: str = await run_in_threadpool(cache.verify, key, session)
-    return verified
+    if key is not None:
+        cache: KeyCache = request.app.state.keys
+        owner = cache.cached(key)
+        if owner is None:
+            owner = await run_in_threadpool(cache.verify, key, session)
+        return Viewer(owner, next_url, wants_html)
+    token = request.cookies.get(sessions.COOKIE)
+    if token and request.method in ("GET", "HEAD"):
+        owner = await run_in_threadpool(sessions.owner_of, session, token)
+        return Viewer(owner, next_url, wants_html)
+    return Viewer(None, next_url, wants_html)
 
 
 CurrentOwner = Annotated[str, Depends(current_owner)]
+CurrentViewer = Annotated[Viewer, Depends(current_viewer)]

@@ -2,7 +2,9 @@
 
 - A request that carries a body (POST, PUT, PATCH, DELETE) must hold a valid key before one
   byte of its body is read, so an unauthenticated upload costs nothing (no spooling, no
-  parsing).
+  parsing). A session cookie never stands in for the key: it authorises no write. The only
+  exceptions are the small browser forms of ``FORM_POSTS`` (log in, log out, share a report),
+  which carry the key in the form itself or change nothing but the session.
 - Body size limits are enforced on the bytes as they arrive, chunked bodies included: an
   upload route may take its upload limit, any other body ``max_json_bytes``.
 - Strings with a NUL character are refused in query strings and JSON bodies, naming the field;
@@ -43,6 +45,9 @@ from service.http.validation import MAX_JSON_DEPTH, find_nul, loads, may_be_deep
 log = logging.getLogger("robustscope.api")
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Browser forms that carry their own credential (the API key typed into the form) or none
+#: (logging out ends only the session its cookie names): posted without a bearer key.
+FORM_POSTS = frozenset({"/login", "/logout", "/share-links/form"})
 #: A multipart body holds its form fields and boundaries besides the file.
 MULTIPART_SLACK = 1 << 20
 
@@ -187,6 +192,8 @@ class Guard:
             return receive, False
         headers = Headers(scope=scope)
         key = bearer_key(headers)
+        if key is None and method == "POST" and scope["path"] in FORM_POSTS:
+            return _limited(receive, self.settings.max_json_bytes), False
         if key is None:
             raise errors.Unauthorized("send 'Authorization: Bearer <api key>'")
         owner = await to_thread.run_sync(self.authenticate, key)

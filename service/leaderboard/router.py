@@ -1,39 +1,26 @@
-"""Leaderboards: evaluations ranked by one metric, the caller's own plus every public one."""
+"""Leaderboards: evaluations ranked by one metric at one threat, the caller's own plus every
+public one (anyone may read the public ones); the rules are in ``ranking``."""
 
 from __future__ import annotations
 
-import math
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse
-from sqlalchemy import or_, select
+from sqlalchemy import select
 
-from contract.attacks import Norm
-from contract.jobs import JobStatus
 from contract.metrics import BENCHMARK_METRICS, LOWER_IS_BETTER
 from contract.stats import interval
 from core.errors import Invalid, problem_responses
-from core.tables import Evaluation, Result
-from service.http.deps import CurrentOwner, SessionDep
+from core.tables import Evaluation
+from service.http.deps import CurrentViewer, SessionDep
 from service.leaderboard import page as leaderboard_page
-from service.leaderboard.schemas import Leaderboard, LeaderboardRow
+from service.leaderboard import ranking
+from service.leaderboard.ranking import Entry
+from service.leaderboard.schemas import FailedCheck, Leaderboard, LeaderboardRow, ThreatOption
 
 router = APIRouter(tags=["leaderboard"])
-
-def _parse_threat(threat: str) -> tuple[str, float | None]:
-    """``linf`` or ``linf:0.0314`` (norm, optionally the eps)."""
-    norm, _, eps = threat.partition(":")
-    if norm not in {n.value for n in Norm}:
-        raise Invalid(f"threat names a norm ({', '.join(n.value for n in Norm)}), optionally "
-                      "with an eps: linf or linf:0.0314", field="threat")
-    try:
-        value = float(eps) if eps else None
-    except ValueError as exc:
-        raise Invalid("threat is NORM or NORM:EPS, e.g. linf:0.0314", field="threat") from exc
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise Invalid("the threat's eps must be a positive number", field="threat")
-    return norm, value
 
 
 def _check_names(benchmark: str, metric: str) -> None:
@@ -46,54 +33,70 @@ def _check_names(benchmark: str, metric: str) -> None:
                       f"{', '.join(sorted(BENCHMARK_METRICS[benchmark]))}", field="metric")
 
 
+def _row(i: int, x: Entry) -> LeaderboardRow:
+    ev, r = x.evaluation, x.result
+    return LeaderboardRow(
+        rank=i + 1, value=r.value, params=r.params, n=r.n, interval=interval(r.value, r.n),
+        flagged=x.flagged, failed_checks=[FailedCheck(**c) for c in x.failed_checks],
+        evaluation_id=ev.id, model_id=ev.model_id, model_name=ev.model_name, owner=ev.owner,
+        public=ev.public, finished_at=ev.finished_at)
+
+
+def board(session: SessionDep, viewer: str | None, dataset: str, metric: str,
+          benchmark: str = "adversarial", threat: str | None = None, attack: str | None = None,
+          limit: int = 100) -> Leaderboard:
+    _check_names(benchmark, metric)
+    resolved = ranking.resolve_threat(dataset, benchmark, threat, attack)
+    entries = ranking.rank(session, viewer, dataset, benchmark, metric, resolved)[:limit]
+    return Leaderboard(
+        dataset=dataset, benchmark=benchmark, metric=metric,
+        threat=f"{resolved.norm}:{resolved.eps:.6g}" if resolved else None,
+        attack=resolved.attack if resolved else None,
+        order="ascending" if metric in LOWER_IS_BETTER else "descending",
+        rows=[_row(i, x) for i, x in enumerate(entries)],
+        threats=[ThreatOption(attack=t.attack, norm=t.norm, eps=t.eps, evaluations=count)
+                 for t, count in ranking.threats_measured(session, viewer, dataset, benchmark)])
+
+
+_DATASET = Query(max_length=200, description="a dataset's name")
+_THREAT = Query(max_length=100, description="NORM or NORM:EPS, e.g. linf:0.0314 (default: the "
+                                            "dataset's standard threat, l_inf at its eps)")
+_ATTACK = Query(max_length=100, description="the attack, e.g. apgd-ce (default: autoattack)")
+
+
 @router.get("/leaderboard", response_model=Leaderboard, responses=problem_responses(401, 422))
 def leaderboard(
-    session: SessionDep, owner: CurrentOwner,
-    dataset: Annotated[str, Query(max_length=200, description="a dataset's name")],
+    session: SessionDep, viewer: CurrentViewer,
+    dataset: Annotated[str, _DATASET],
     metric: Annotated[str, Query(max_length=100, description="the metric that ranks")],
     benchmark: Annotated[str, Query(max_length=100)] = "adversarial",
-    threat: Annotated[str | None, Query(max_length=100,
-                                        description="NORM or NORM:EPS, e.g. linf:0.0314")]
-    = None,
+    threat: Annotated[str | None, _THREAT] = None,
+    attack: Annotated[str | None, _ATTACK] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> Leaderboard:
-    """The owner's evaluations and every public one, ranked by one metric in the database
-    (best first), at most ``limit`` rows."""
-    _check_names(benchmark, metric)
-    q = (select(Result, Evaluation).join(Evaluation, Result.evaluation_id == Evaluation.id)
-         .where(Evaluation.status == JobStatus.SUCCEEDED, Evaluation.dataset == dataset,
-                Result.benchmark == benchmark, Result.metric == metric,
-                or_(Evaluation.owner == owner, Evaluation.public.is_(True))))
-    if threat:
-        norm, eps = _parse_threat(threat)
-        q = q.where(Result.params["norm"].as_string() == norm)
-        if eps is not None:
-            tol = 1e-4 * max(1.0, eps)
-            q = q.where(Result.params["eps"].as_float().between(eps - tol, eps + tol))
-    descending = metric not in LOWER_IS_BETTER
-    q = q.order_by(Result.value.desc() if descending else Result.value.asc(),
-                   Evaluation.created_at, Result.id).limit(limit)
-    return Leaderboard(
-        dataset=dataset, benchmark=benchmark, metric=metric, threat=threat,
-        order="descending" if descending else "ascending",
-        rows=[LeaderboardRow(rank=i + 1, value=r.value, params=r.params, n=r.n,
-                             interval=interval(r.value, r.n), evaluation_id=ev.id,
-                             model_id=ev.model_id, model_name=ev.model_name, owner=ev.owner,
-                             public=ev.public, finished_at=ev.finished_at)
-              for i, (r, ev) in enumerate(session.execute(q))],
-    )
+    """Public evaluations for anyone, and the caller's own private ones, ranked by one metric
+    at one threat, one row per evaluation, flagged evaluations last (at most ``limit``)."""
+    return board(session, viewer.owner, dataset, metric, benchmark, threat or None,
+                 attack or None, limit)
 
 
 @router.get("/leaderboard/page", response_class=HTMLResponse,
             responses=problem_responses(401, 422))
 def leaderboard_html(
-    session: SessionDep, owner: CurrentOwner, dataset: str = "waterbirds-32",
-    metric: str = "robust_accuracy", benchmark: str = "adversarial", threat: str | None = None,
+    session: SessionDep, viewer: CurrentViewer,
+    dataset: Annotated[str, _DATASET] = "waterbirds-32",
+    metric: Annotated[str, Query(max_length=100)] = "robust_accuracy",
+    benchmark: Annotated[str, Query(max_length=100)] = "adversarial",
+    threat: Annotated[str | None, _THREAT] = None,
+    attack: Annotated[str | None, _ATTACK] = None,
+    compare: uuid.UUID | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> HTMLResponse:
-    """The same ranking as a page, with both axes beside each row and a filter form."""
-    board = leaderboard(session, owner, dataset, metric, benchmark, threat or None, limit)
+    """The same ranking as a page, with both axes beside each row, a filter form, and links
+    to compare two evaluations (``compare``: the one to compare the others with)."""
+    result = board(session, viewer.owner, dataset, metric, benchmark, threat or None,
+                   attack or None, limit)
     datasets = sorted({dataset, *session.scalars(
-        select(Evaluation.dataset).where(or_(Evaluation.owner == owner,
-                                             Evaluation.public.is_(True))).distinct())})
-    return HTMLResponse(leaderboard_page.render(session, board, owner, datasets))
+        select(Evaluation.dataset).where(ranking.visible(viewer.owner)).distinct())})
+    return HTMLResponse(leaderboard_page.render(session, result, viewer.owner, datasets,
+                                                compare))

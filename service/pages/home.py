@@ -1,20 +1,18 @@
-"""``GET /``: what robustscope is, where to go next, and (for a request with a key) the
-caller's recent jobs. Without a key it shows the links only: a browser sends no
-``Authorization`` header, and a session login is not part of the service yet."""
+"""``GET /``: what robustscope is, where to go next, and (for a request with a key, or a
+browser logged in at ``/login``) the caller's recent jobs."""
 
 from __future__ import annotations
 
 import html
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.keys import KeyCache
 from core.tables import Evaluation, Training
-from service.http.deps import SessionDep
-from service.http.guard import bearer_key
+from service.http.chrome import nav
+from service.http.deps import CurrentViewer, SessionDep
 from service.http.svg import page
 
 router = APIRouter()
@@ -30,8 +28,6 @@ AutoAttack-grade cascade under l_inf, l_2 and l_1) and <b>natural distributional
 robustness</b> (reliance on backgrounds, foreground/background noise sensitivity, worst-group
 accuracy, corruptions). It also trains models, standard and adversarial, so the trade-off
 between the two axes can be seen in one table.</p>
-<nav><a href='/docs'>API reference (/docs)</a><a href='/openapi.json'>OpenAPI schema</a>
-<a href='/leaderboard/page'>leaderboard</a><a href='/health'>health</a></nav>
 """
 
 
@@ -59,16 +55,15 @@ def _rows(session: Session, owner: str) -> str:
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-def home(request: Request, session: SessionDep) -> HTMLResponse:
-    """The landing page; with ``Authorization: Bearer <key>``, the owner's recent jobs too (a
-    key that is not valid is a 401, as on every other route)."""
-    key = bearer_key(request.headers)
-    if key is None:
-        jobs = ("<p class='note'>Your recent jobs are listed here for a request that sends "
-                "<code>Authorization: Bearer &lt;api key&gt;</code> (the key "
-                "<code>robustscope up</code> prints).</p>")
+def home(session: SessionDep, viewer: CurrentViewer) -> HTMLResponse:
+    """The landing page; with a key or a session, the owner's recent jobs too (a key that is
+    not valid is a 401, as on every other route)."""
+    if viewer.owner is None:
+        jobs = ("<p class='note'>Your recent jobs are listed here once you <a href='/login'>log "
+                "in</a> with an API key (the key <code>robustscope up</code> prints), or for a "
+                "request that sends <code>Authorization: Bearer &lt;api key&gt;</code>.</p>")
     else:
-        keys: KeyCache = request.app.state.keys
-        owner = keys.verify(key, session)
-        jobs = _rows(session, owner)
-    return HTMLResponse(page("robustscope", ABOUT + f"<h2>Recent jobs</h2>{jobs}"))
+        jobs = _rows(session, viewer.owner)
+    top = nav(viewer.owner, "/", ("/docs", "API reference (/docs)"),
+              ("/openapi.json", "OpenAPI schema"), ("/health", "health"))
+    return HTMLResponse(page("robustscope", top + ABOUT + f"<h2>Recent jobs</h2>{jobs}"))

@@ -8,7 +8,8 @@ from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from core.errors import problem_responses
-from service.http.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
+from core.tables import Sweep
+from service.http.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
 from service.jobs.router import JobRoutes, accepted, add_job_routes, check_quota
 from service.sweeps import page as sweep_page
 from service.sweeps import service
@@ -45,7 +46,12 @@ add_job_routes(router, JobRoutes(
 
 
 @router.get("/{sweep_id}/report", response_class=HTMLResponse, responses=ERRORS)
-def sweep_report(sweep_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> HTMLResponse:
-    """The trade-off as a page: robust accuracy against RFS and BG-gap, the per-model table."""
-    return HTMLResponse(sweep_page.render(service.to_out(session,
-                                                         service.get(session, owner, sweep_id))))
+def sweep_report(sweep_id: uuid.UUID, session: SessionDep, viewer: CurrentViewer) -> HTMLResponse:
+    """The trade-off as a page: robust accuracy against RFS and BG-gap, the per-model table;
+    the owner's, or anyone's when the sweep is public."""
+    row = session.get(Sweep, sweep_id)
+    viewer.may_read(row.owner if row else None, bool(row and row.spec.get("public")),
+                    f"sweep {sweep_id}")
+    assert row is not None
+    return HTMLResponse(sweep_page.render(service.to_out(session, row), viewer.owner,
+                                          mine=viewer.owner == row.owner))

@@ -45,6 +45,9 @@ class SweepRow(BaseModel):
         None, description="true if the model's predictions were flagged degenerate (nearly "
                           "one class)")
     name: str | None = Field(None, description="the trained model's name")
+    failed_checks: list[str] = Field(
+        default_factory=list, description="the names of the evaluation's failed sanity checks "
+                                          "(`degenerate_predictions`, …); empty when all passed")
 
 
 class SweepOut(BaseModel):

@@ -66,7 +66,7 @@ def _build(session: Session, outbox: Outbox, owner: str, body: SweepIn) -> Sweep
             batch_size=body.batch_size, lr=body.lr, seed=body.seed, evaluate=suite, name=name,
             optimizer=body.optimizer, lr_schedule=body.lr_schedule,
             train_examples=body.train_examples, eval_examples=body.eval_examples,
-            n_examples=body.n_examples)
+            n_examples=body.n_examples, public=body.public)
         row, _ = trainings.create(session, outbox, owner, spec, None)
         ids.append(str(row.id))
     return Sweep(spec={**body.model_dump(mode="json"), "suite": suite}, training_ids=ids)
@@ -126,7 +126,9 @@ def _row(t: Training, ev: Evaluation | None) -> SweepRow:
         bg_gap=None, mixed_rand_accuracy=None, rfs=None, name=t.name,
         degenerate=None if ev is None or ev.status != JobStatus.SUCCEEDED else any(
             c.get("name") == "degenerate_predictions" and not c.get("passed")
-            for c in ev.checks or []))
+            for c in ev.checks or []),
+        failed_checks=sorted({str(c.get("name")) for c in (ev.checks or []) if ev is not None
+                              and not c.get("passed")}) if ev is not None else [])
     for r in ev.results if ev else []:
         if (r.benchmark, r.metric) == ("clean", "accuracy"):
             row.clean_accuracy = r.value

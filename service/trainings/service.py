@@ -50,7 +50,7 @@ def _build(session: Session, owner: str, body: TrainingIn) -> Training:
         options={"optimizer": spec.optimizer.value, "lr_schedule": spec.lr_schedule.value,
                  "beta": body.beta if body.method is Method.TRADES else None,
                  "train_examples": body.train_examples, "eval_examples": body.eval_examples,
-                 "n_examples": body.n_examples},
+                 "n_examples": body.n_examples, "public": body.public},
         evaluate=evaluate, history=[],
     )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.http.svg import fit, fmt, nice_ticks
+from service.http.svg import fmt, nice_ticks, wrap
 from tests.factories import auth, new_key, settings, tiny_net, torchscript_bytes, upload
 
 
@@ -20,8 +20,10 @@ def test_nice_ticks_cover_the_range_with_round_steps() -> None:
     assert nice_ticks(0.5, 0.5) == [0.4, 0.6, 0.8, 1.0]  # a point range widens upwards
     assert [fmt(v) for v in (0.0, 0.25, 0.0314, 12.0, 0.0001)] == ["0", "0.25", "0.0314", "12",
                                                                     "0.0001"]
-    assert fit("a" * 100, 66) == "a" * 9 + "…"
-    assert fit("short", 66) == "short"
+    assert wrap("robust accuracy against eps for apgd-ce", 100) == [
+        "robust accuracy", "against eps for", "apgd-ce"]  # 15 characters a line, nothing cut
+    assert wrap("a" * 20, 66) == ["a" * 10, "a" * 10]
+    assert wrap("short", 66) == ["short"]
 
 
 def test_a_running_evaluation_report_reloads_itself(sqlite_url: str, tmp_path: Path) -> None:

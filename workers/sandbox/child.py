@@ -71,14 +71,17 @@ def classify(exc: BaseException) -> dict[str, str]:
             return job_error(JobErrorType.OUT_OF_MEMORY,
                              "the model ran out of memory (its process has a memory cap)")
         cause = cause.__cause__ or cause.__context__
-    for cls, name in _TYPED:
+    for cls, typed in _TYPED:
         if isinstance(exc, cls):
-            return job_error(name, _short(str(exc)) or cls.__name__)
+            return job_error(typed, _short(str(exc)) or cls.__name__)
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # TorchScript puts its interpreter traceback first and the raised message last.
+    # (A message that already starts with its type's name keeps it once.)
+    name = type(exc).__name__
+    last = lines[-1] if lines else ""
     return job_error(JobErrorType.MODEL_CRASHED,
-                     _short(f"{type(exc).__name__}: {lines[-1]}" if lines
-                            else type(exc).__name__))
+                     _short(last if last.startswith(f"{name}:") else
+                            f"{name}: {last}" if last else name))
 
 
 def strip_paths(text: str) -> str:
