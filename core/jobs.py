@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from contract.jobs import FINAL_STATES, JobStatus
 from core.errors import Conflict
 from core.queue import Outbox
-from core.tables import Evaluation, JobColumns, Sweep, Training, utcnow
+from core.tables import Evaluation, EvaluationShard, JobColumns, Sweep, Training, utcnow
 
 #: A request that may be repeated under an ``Idempotency-Key``: a job, or a sweep of jobs.
 Created = TypeVar("Created", Evaluation, Training, Sweep)
@@ -66,7 +66,7 @@ def create(session: Session, outbox: Outbox, table: type[Created], owner: str, b
     return row, True
 
 
-def request_cancel(row: Evaluation | Training, what: str) -> None:
+def request_cancel(row: Evaluation | Training | EvaluationShard, what: str) -> None:
     """A queued job is cancelled at once; a running one is asked to stop (its worker reads the
     flag between batches); a finished one is a 409."""
     if row.status in FINAL_STATES:

@@ -18,7 +18,8 @@ from core.settings import Settings
 
 log = logging.getLogger("robustscope.queue")
 
-EVALUATE_TASK = "robustscope.evaluate"
+EVALUATE_TASK = "robustscope.evaluate"  # an evaluation, or a sharded one's merge
+SHARD_TASK = "robustscope.evaluate_shard"  # one shard of a sharded evaluation
 TRAIN_TASK = "robustscope.train"  # on the evaluations queue: the GPU workers take both
 WEBHOOK_TASK = "robustscope.webhook"
 INGEST_TASK = "robustscope.ingest"
@@ -36,6 +37,7 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_default_queue=EVALUATIONS_QUEUE,
         task_routes={EVALUATE_TASK: {"queue": EVALUATIONS_QUEUE},
+                     SHARD_TASK: {"queue": EVALUATIONS_QUEUE},
                      TRAIN_TASK: {"queue": EVALUATIONS_QUEUE},
                      WEBHOOK_TASK: {"queue": WEBHOOKS_QUEUE},
                      INGEST_TASK: {"queue": INGEST_QUEUE}},

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     # Worker.
     # The worker's name in job records (``robustscope worker --name``); empty: host:pid.
     worker_name: str = ""
+    # The queues the worker serves (``robustscope worker --queues``); one that serves
+    # ``evaluations`` counts as live for a sharded evaluation's default.
+    worker_queues: str = ""
     # CPU threads of a worker's jobs; 0: PyTorch's default (one per core).
     threads: int = Field(0, ge=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -10,6 +10,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    ColumnElement,
     DateTime,
     Float,
     ForeignKey,
@@ -18,6 +19,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
+    exists,
+    or_,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -63,14 +67,10 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class JobColumns:
-    """The columns every kind of job carries (an evaluation, a training): who may repeat its
-    request, its state and progress, who runs it, how it failed, and its times. The worker's
-    generic loop (``workers/jobs.py``) reads and writes only these."""
-
-    owner: Mapped[str] = mapped_column(String(200))
-    idempotency_key: Mapped[str | None] = mapped_column(String(200))
-    request_hash: Mapped[str | None] = mapped_column(String(64))
+class JobState:
+    """The columns of anything a worker claims and runs (a job, or one shard of one): its state
+    and progress, who runs it, how it failed, and its times. The worker's generic loop
+    (``workers/jobs.py``) reads and writes only these."""
 
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
@@ -80,7 +80,6 @@ class JobColumns:
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
     device: Mapped[str | None] = mapped_column(String(200))
-    engine_version: Mapped[str | None] = mapped_column(String(100))
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -88,6 +87,16 @@ class JobColumns:
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class JobColumns(JobState):
+    """The columns every kind of job a user submits carries (an evaluation, a training): its
+    owner, who may repeat its request, the engine that ran it, and its :class:`JobState`."""
+
+    owner: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    engine_version: Mapped[str | None] = mapped_column(String(100))
 
 
 class Model(Base):
@@ -154,12 +163,56 @@ class Evaluation(JobColumns, Base):
     artifacts: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     completed_entries: Mapped[list[int]] = mapped_column(JSON, default=list)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
-    # n_examples (a seeded subset of the split) and class_map (model class -> dataset class)
+    # n_examples (a seeded subset of the split) and class_map (model class -> dataset class);
+    # for a sharded evaluation also block (the examples per batch its shards align to)
     options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # 1: one job. More: the adversarial entries run first as that many shard jobs
+    # (EvaluationShard), then this job merges their states and runs the rest.
+    shards: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     results: Mapped[list[Result]] = relationship(
         back_populates="evaluation", order_by="Result.id", cascade="all, delete-orphan"
     )
+
+    @classmethod
+    def claimable(cls, stale: datetime) -> ColumnElement[bool]:
+        """Which evaluations a worker may claim: queued (unsharded), running whose worker
+        went silent, or sharded whose shards all succeeded and whose merge nobody started
+        (running with no heartbeat yet)."""
+        pending = exists().where(EvaluationShard.evaluation_id == cls.id,
+                                 EvaluationShard.status != JobStatus.SUCCEEDED)
+        return or_(and_(cls.status == JobStatus.QUEUED, cls.shards == 1),
+                   and_(cls.status == JobStatus.RUNNING, cls.heartbeat_at < stale),
+                   and_(cls.status == JobStatus.RUNNING, cls.heartbeat_at.is_(None), cls.shards > 1,
+                        ~pending))
+
+
+class EvaluationShard(JobState, Base):
+    """One slice of a sharded evaluation's examples (``start`` to ``stop`` of its set), a job
+    of its own: claimed, heart-beaten, fenced by its attempt and resumed like any job."""
+
+    __tablename__ = "evaluation_shards"
+    __table_args__ = (UniqueConstraint("evaluation_id", "index"),
+                      Index("ix_evaluation_shards_status", "status"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    evaluation_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    start: Mapped[int] = mapped_column(Integer)
+    stop: Mapped[int] = mapped_column(Integer)
+
+    completed_entries: Mapped[list[int]] = mapped_column(JSON, default=list)
+
+
+class WorkerSeen(Base):
+    """A worker that serves the evaluations queue, and when it last said so (its reconciler's
+    round): the live workers a sharded evaluation's default counts."""
+
+    __tablename__ = "workers_seen"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Result(Base):
@@ -243,8 +296,8 @@ class Sweep(Base):
 
 
 #: The tables of the kinds of job (each with :class:`JobColumns`), and one of their rows.
-JobTable = type[Evaluation] | type[Training]
-JobRow = Evaluation | Training
+JobTable = type[Evaluation] | type[Training] | type[EvaluationShard]
+JobRow = Evaluation | Training | EvaluationShard
 
 
 class BrowserSession(Base):

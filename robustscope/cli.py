@@ -140,6 +140,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     node = node_name(args.name)
     if args.name:  # the job records say which worker ran them
         os.environ["ROBUSTSCOPE_WORKER_NAME"] = node
+    os.environ["ROBUSTSCOPE_WORKER_QUEUES"] = args.queues
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
             f"--pool={args.pool}", "--concurrency=1", "-Q", args.queues, "--loglevel=INFO",
             "-n", node, "--without-gossip", "--without-mingle"]
@@ -242,7 +243,7 @@ async def _announce_ready(w: _Worker) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """The embedded shape: SQLite, the SQLAlchemy broker, two worker processes, the API."""
+    """The embedded shape: SQLite, the SQLAlchemy broker, the worker processes, the API."""
     import uvicorn
 
     from core.migrate import upgrade
@@ -304,10 +305,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         return client.evaluate(
-            server=args.server, api_key=args.api_key, checkpoint=Path(args.checkpoint),
+            server=args.server, api_key=args.api_key, checkpoint=args.checkpoint,
             metadata_file=Path(args.metadata), dataset=args.dataset, suite=args.suite,
             seed=args.seed, public=args.public, do_wait=args.wait, thresholds=args.min,
-            interval=args.interval)
+            interval=args.interval, n_examples=args.n_examples, split=args.split,
+            params=args.dataset_params,
+            gating=client.Gate(baseline=args.baseline, max_drops=args.max_drop,
+                               fmt=args.format, output=args.output and Path(args.output),
+                               mlflow_run=args.mlflow_run))
     except client.ClientError as exc:
         print(f"robustscope: {exc}", file=sys.stderr)
         return exc.code
@@ -320,6 +325,19 @@ def positive(text: str) -> int:
     return value
 
 
+EVALUATE_ENVIRONMENT = """\
+environment:
+  ROBUSTSCOPE_SERVER      the service's address (--server)
+  ROBUSTSCOPE_API_KEY     the API key (--api-key)
+  MLFLOW_TRACKING_URI     the MLflow tracking server, for --mlflow-run and models:/ checkpoints
+  MLFLOW_RUN_ID           log to this run (as --mlflow-run)
+  MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID
+                          without a run: log to a new run in this experiment
+
+exit codes: 0 passed, 1 the evaluation failed, 2 usage, 3 a gate failed, 4 the server refused
+"""
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustscope", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -327,8 +345,8 @@ def parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "up", help="start the embedded service: API, workers, SQLite, broker",
         description="Start robustscope on this machine with no servers to install: migrate a "
-                    "SQLite database in the data folder, start two worker processes on an "
-                    "embedded broker (one for evaluations and trainings, one for dataset "
+                    "SQLite database in the data folder, start worker processes on an "
+                    "embedded broker (--workers for evaluations and trainings, one for dataset "
                     "ingests, so an upload never waits behind a training), serve the API, and "
                     "print its address, an API key for the owner 'local' and when each worker "
                     "is ready. Stop it with Ctrl-C.")
@@ -383,14 +401,28 @@ def parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate", help="submit a checkpoint and (with --wait) gate on results",
-        description=client.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("checkpoint")
+        description=client.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EVALUATE_ENVIRONMENT)
+    ev.add_argument("checkpoint", help="a checkpoint file (safetensors, TorchScript, "
+                    "torch.export), or models:/NAME/VERSION of an MLflow registry")
     ev.add_argument("--metadata", required=True, help="model metadata JSON/YAML file")
     ev.add_argument("--dataset", required=True)
-    ev.add_argument("--suite", default="standard", help="suite JSON/YAML file or a preset name")
+    ev.add_argument("--suite", default="standard",
+                    help="suite JSON/YAML file or a preset name (default: standard, which runs "
+                         "AutoAttack: slow on a CPU; a CI gate names a small suite)")
+    ev.add_argument("--split", help="the split to measure on (default: test)")
+    ev.add_argument("--n-examples", type=int, metavar="N",
+                    help="measure on N examples of the split, drawn from --seed (the same N "
+                         "and seed give the same examples, so a baseline compares one by one)")
+    ev.add_argument("--dataset-params", metavar="JSON|FILE",
+                    help="a built-in dataset's generator parameters, e.g. "
+                         "'{\"correlation\": 0.8}'")
     ev.add_argument("--server", default=os.environ.get("ROBUSTSCOPE_SERVER",
-                                                       "http://127.0.0.1:8000"))
-    ev.add_argument("--api-key", default=os.environ.get("ROBUSTSCOPE_API_KEY"))
+                                                       "http://127.0.0.1:8000"),
+                    help="the service (default: $ROBUSTSCOPE_SERVER, else "
+                         "http://127.0.0.1:8000)")
+    ev.add_argument("--api-key", default=os.environ.get("ROBUSTSCOPE_API_KEY"),
+                    help="the API key (default: $ROBUSTSCOPE_API_KEY)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--public", action="store_true")
     ev.add_argument("--wait", action="store_true", help="follow progress; print the results")
@@ -398,6 +430,23 @@ def parser() -> argparse.ArgumentParser:
                     metavar="[BENCHMARK.]METRIC[@KEY=VALUE,...]=MINIMUM",
                     help="fail (exit 3) unless every result row this selects reaches MINIMUM; "
                          "a bare METRIC must belong to one benchmark only; repeatable")
+    ev.add_argument("--baseline", metavar="EVALUATION_ID|model:NAME",
+                    help="compare with this evaluation on the same examples (model:NAME: the "
+                         "newest succeeded one of that model with the same dataset, suite, "
+                         "split, seed and --n-examples)")
+    ev.add_argument("--max-drop", action="append", default=[],
+                    metavar="[BENCHMARK.]METRIC[@KEY=VALUE,...]=DROP",
+                    help="fail (exit 3) when a selected metric is worse than the baseline's "
+                         "by more than DROP and McNemar's exact test gives p < 0.05; "
+                         "repeatable; needs --baseline")
+    ev.add_argument("--format", choices=("text", "json", "junit"), default="text",
+                    help="text (tables), json (the evaluation record with the comparison and "
+                         "the gate) or junit (XML: one test case per threshold and drop limit)")
+    ev.add_argument("--output", metavar="FILE", help="write the --format output here, not to "
+                    "standard output")
+    ev.add_argument("--mlflow-run", metavar="RUN_ID",
+                    help="log the results, suite, report and record to this MLflow run "
+                         "(default: $MLFLOW_RUN_ID; the mlflow extra)")
     ev.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     ev.set_defaults(fn=cmd_evaluate)
 

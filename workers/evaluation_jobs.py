@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from sqlalchemy import select, update
 from contract.jobs import JobErrorType, JobStatus, job_error
 from contract.suite import Entry, dump_entry
 from core.queue import WEBHOOK_TASK
-from core.tables import Dataset, Evaluation, Model, Result
+from core.tables import Dataset, Evaluation, EvaluationShard, Model, Result
 from workers.engine import ENGINE_VERSION, benchmarks
 from workers.engine.types import BenchmarkError
 from workers.jobs import (
@@ -34,11 +36,14 @@ from workers.jobs import (
     keep_output,
     run_work,
     sandbox_error,
+    state_mirror,
 )
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.worker")
 MAX_ARTIFACT_BYTES = 64 << 20  # one artifact (a picture, a small table) copied out of a job
+#: The share of a sharded evaluation's progress its shards fill; its merge fills the rest.
+SHARDS_SHARE = 0.9
 
 
 def run(rt: Runtime, eid: uuid.UUID, send_task: Any = None) -> str:
@@ -66,7 +71,12 @@ class EvaluationWork:
     send_task: Any = None
     table: JobTable = Evaluation
     records_own_success = False
+    # A sharded evaluation's merge: its shards (id, start, stop), in order, and when it
+    # started (its time limit counts from then); None for one run as one job.
+    shards: list[tuple[uuid.UUID, int, int]] = field(default_factory=list)
+    started: datetime | None = None
     _inputs: dict[str, Path] | None = None
+    _parts: dict[str, Path] | None = None
 
     @classmethod
     def load(cls, rt: Runtime, eid: uuid.UUID, token: int,
@@ -89,6 +99,10 @@ class EvaluationWork:
                 suite = [benchmarks.parse(entry) for entry in ev.suite]
             except BenchmarkError as exc:  # stored before the contract changed
                 raise JobFailed(job_error(JobErrorType.BENCHMARK_ERROR, str(exc))) from exc
+            shards = [] if ev.shards <= 1 else [
+                (sh.id, sh.start, sh.stop) for sh in s.scalars(
+                    select(EvaluationShard).where(EvaluationShard.evaluation_id == eid)
+                    .order_by(EvaluationShard.index))]
             return cls(
                 rt=rt, id=eid, token=token, suite=suite,
                 completed=set(ev.completed_entries or []), seed=ev.seed,
@@ -96,7 +110,8 @@ class EvaluationWork:
                 model_format=model.format,
                 model_metadata=dict(model.model_metadata), dataset=ev.dataset,
                 dataset_file=dataset_file, dataset_params=dict(ev.dataset_params or {}),
-                split=ev.split, options=dict(ev.options or {}), send_task=send_task)
+                split=ev.split, options=dict(ev.options or {}), send_task=send_task,
+                shards=shards, started=ev.started_at if shards else None)
 
     @property
     def state_dir(self) -> Path:
@@ -111,10 +126,42 @@ class EvaluationWork:
             self._inputs = files
         return self._inputs
 
+    @property
+    def progress_span(self) -> tuple[float, float]:
+        """A merge runs after the shards, which fill the first :data:`SHARDS_SHARE`."""
+        return (SHARDS_SHARE, 1 - SHARDS_SHARE) if self.shards else (0.0, 1.0)
+
+    def scratch_dirs(self) -> dict[str, Path]:
+        """A merge's input: each shard's state, from the store (or in place where the store
+        is this data folder)."""
+        if self._parts is None:
+            self._parts = {}
+            for k, (sid, _, _) in enumerate(self.shards):
+                local = self.rt.settings.data_dir / "state" / str(sid)
+                mirror = state_mirror(self.rt, local)
+                if mirror.active:
+                    mirror.local = self._parts_root / str(k)
+                    mirror.pull()
+                self._parts[f"part-{k}"] = mirror.local
+        return self._parts
+
+    @property
+    def _parts_root(self) -> Path:
+        return self.rt.settings.data_dir / "tmp" / f"parts-{self.id}-{self.token}"
+
     def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
+        job = self._describe(files, scratch)
+        if self.shards and scratch.dirs:
+            job["shard_parts"] = [str(scratch.dirs[f"part-{k}"])
+                                  for k in range(len(self.shards))]
+            job["shard_bounds"] = [[a, b] for _, a, b in self.shards]
+        return job
+
+    def _describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
+        batch = self.options.get("block") or self.rt.settings.batch_size
         return {"kind": "evaluate", "suite": [dump_entry(e) for e in self.suite],
                 "completed": sorted(self.completed),
-                "seed": self.seed, "batch_size": self.rt.settings.batch_size,
+                "seed": self.seed, "batch_size": int(batch),
                 "amp": self.rt.bf16_search, "model_path": files["model"],
                 "model_format": self.model_format, "model_metadata": self.model_metadata,
                 "dataset": self.dataset, "dataset_path": files.get("dataset.npz"),
@@ -133,6 +180,7 @@ class EvaluationWork:
             self._write_entry(message, scratch)
 
     def finished(self, status: str, error: dict[str, str] | None) -> None:
+        shutil.rmtree(self._parts_root, ignore_errors=True)
         with self.rt.sessions() as s:
             ev = s.get(Evaluation, self.id)
             webhook = ev.webhook_url if ev is not None and ev.attempts == self.token else None

@@ -22,8 +22,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,6 +70,18 @@ def sandbox_error(detail: str) -> dict[str, str]:
     """The jail or the supervisor failed (not the user's model): bubblewrap could not start
     the child, the child broke the report protocol, a file from the jail was refused."""
     return job_error(JobErrorType.SANDBOX_ERROR, detail)
+
+
+class Sender:
+    """An outbox's sender from a worker's ``send_task`` (None: send nothing, as in tests)."""
+
+    def __init__(self, send_task: Any) -> None:
+        self._send = send_task
+
+    def send_task(self, name: str, args: list[Any]) -> Any:
+        if self._send is None:
+            return None
+        return self._send(name, args=args)
 
 
 def storage_error(exc: StoreError) -> dict[str, str]:
@@ -130,6 +142,8 @@ class Scratch:
     out: Path  # the child's outputs (as the child sees it)
     host_artifacts: Path  # the same directories, as the supervisor sees them
     host_out: Path
+    # Folders the work asked for beside its state (Work.scratch_dirs), as the child sees them.
+    dirs: dict[str, Path] = field(default_factory=dict)
     # The jailed child's scratch directory as the supervisor made it: files under it are
     # read only through :mod:`workers.sandbox.files` (no link followed). ``None``: no jail.
     host_root: Path | None = None
@@ -173,17 +187,24 @@ class Work(Protocol):
         """After the outcome was written: notifications, clean-up."""
 
 
+#: Optional parts of a Work (read with getattr): ``scratch_dirs()`` (folders copied into the
+#: child's scratch beside its state, by name), ``progress_span`` (the part of the job's
+#: progress its child's 0..1 fills), ``started`` (when the time limit started counting, if
+#: not at this attempt's claim) and ``on_write(session)`` (written with each heartbeat).
+
+
 def claim(rt: Runtime, eid: uuid.UUID, table: JobTable) -> int | None:
     """Take the job if it is queued or its worker went silent; returns the attempt number."""
     now = utcnow()
     stale = now - timedelta(seconds=rt.settings.stale_after)
+    claimable = getattr(table, "claimable", None)
+    when = claimable(stale) if claimable is not None else or_(
+        table.status == JobStatus.QUEUED,
+        and_(table.status == JobStatus.RUNNING, table.heartbeat_at < stale))
     with rt.sessions.begin() as s:
         res = s.execute(
             update(table)
-            .where(table.id == eid,
-                   table.attempts < rt.settings.max_attempts,
-                   or_(table.status == JobStatus.QUEUED,
-                       and_(table.status == JobStatus.RUNNING, table.heartbeat_at < stale)))
+            .where(table.id == eid, table.attempts < rt.settings.max_attempts, when)
             .values(status=JobStatus.RUNNING, attempts=table.attempts + 1, worker=rt.name,
                     heartbeat_at=now,
                     progress_stage="starting", progress_message=f"claimed by {rt.name}")
@@ -216,7 +237,10 @@ class Supervisor:
         self.cancelled = threading.Event()
         self.superseded = threading.Event()
         self.stop = threading.Event()
-        self.deadline = time.monotonic() + rt.settings.job_time_limit
+        started: datetime | None = getattr(job, "started", None)
+        spent = 0.0 if started is None else max(0.0, (utcnow() - started).total_seconds())
+        self.deadline = time.monotonic() + rt.settings.job_time_limit - spent
+        self.on_write = getattr(job, "on_write", None)
         self.thread = threading.Thread(target=self._loop, name=f"supervise-{job.id}", daemon=True)
 
     def __enter__(self) -> Supervisor:
@@ -276,6 +300,8 @@ class Supervisor:
             if res.rowcount == 1:  # type: ignore[attr-defined]
                 if s.scalar(select(table.cancel_requested).where(table.id == self.job.id)):
                     self.cancelled.set()
+                if self.on_write is not None:
+                    self.on_write(s)
                 return
         self._read_flags()  # not running under this attempt: whose is it now?
 
@@ -366,8 +392,9 @@ def execute(rt: Runtime, sup: Supervisor, work: Work) -> None:
 def _execute_here(rt: Runtime, sup: Supervisor, work: Work, mirror: StateMirror) -> None:
     out = rt.settings.data_dir / "tmp" / f"{work.table.__tablename__}-{work.id}-{work.token}"
     artifacts = out / "artifacts"
+    dirs: dict[str, Path] = getattr(work, "scratch_dirs", dict)()
     scratch = Scratch(state=work.state_dir, artifacts=artifacts, out=out,
-                      host_artifacts=artifacts, host_out=out)
+                      host_artifacts=artifacts, host_out=out, dirs=dirs)
     job = work.describe({k: str(v) for k, v in work.inputs().items()}, scratch)
     job.update(threads=torch.get_num_threads(), device=str(rt.device))
 
@@ -400,7 +427,9 @@ def _execute_here(rt: Runtime, sup: Supervisor, work: Work, mirror: StateMirror)
 
 def _dispatch(sup: Supervisor, work: Work, message: dict[str, Any], scratch: Scratch) -> None:
     if message.get("t") == "progress":
-        sup.progress(float(message["fraction"]), str(message["stage"]), str(message["message"]))
+        low, span = getattr(work, "progress_span", (0.0, 1.0))
+        sup.progress(low + span * float(message["fraction"]), str(message["stage"]),
+                     str(message["message"]))
     else:
         work.handle(message, scratch)
 
@@ -411,10 +440,14 @@ def _execute_jailed(rt: Runtime, sup: Supervisor, work: Work, mirror: StateMirro
         for name, src in work.inputs().items():
             files.link_in(src, child.inputs / name)
         _copy_state_in(work.state_dir, child.scratch / "state")
+        dirs: dict[str, Path] = getattr(work, "scratch_dirs", dict)()
+        for name, src in dirs.items():
+            _copy_state_in(src, child.scratch / "in" / name)
         sync = _StateSync(child.scratch, "state", work.state_dir, mirror)
         scratch = Scratch(state=Path("/scratch/state"), artifacts=Path("/scratch/artifacts"),
                           out=Path("/scratch/out"), host_artifacts=child.scratch / "artifacts",
-                          host_out=child.scratch / "out", host_root=child.scratch)
+                          host_out=child.scratch / "out", host_root=child.scratch,
+                          dirs={name: Path("/scratch/in") / name for name in dirs})
         job = work.describe({k: f"/job/{k}" for k in work.inputs()}, scratch)
         job.update(threads=torch.get_num_threads(), device=str(rt.device))
         _serve_model(rt, child, work, job)

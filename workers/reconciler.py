@@ -2,7 +2,10 @@
 
 Two cases: a job still ``queued`` long after it was sent (the broker restarted without
 persistence, or the send failed), and a ``running`` job whose worker stopped heart-beating
-(killed mid-run). Re-sending is safe: a worker runs a job only if it can claim it.
+(killed mid-run). Re-sending is safe: a worker runs a job only if it can claim it. Shards are
+jobs like any other; a sharded evaluation whose shards are all final is settled
+(:func:`workers.shard_jobs.settle`) in case the worker that finished the last one died before
+it could. Each round also records this worker as live, if it serves evaluations.
 """
 
 from __future__ import annotations
@@ -16,15 +19,14 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, or_, select, update
 
 from contract.jobs import JobStatus
-from core.queue import EVALUATE_TASK, INGEST_TASK, TRAIN_TASK
-from core.tables import Dataset, Evaluation, Training, utcnow
+from core.queue import EVALUATE_TASK, EVALUATIONS_QUEUE, INGEST_TASK, SHARD_TASK, TRAIN_TASK
+from core.tables import Dataset, Evaluation, EvaluationShard, Training, WorkerSeen, utcnow
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.reconciler")
 
 
-#: What is re-sent: each kind of queued work, the task that runs it and which of its rows were
-#: lost (given the cut-offs for queued and for silent work).
+#: Which rows of a kind were lost, given the cut-offs for queued and for silent work.
 Lost = Callable[[Any, datetime, datetime], ColumnElement[bool]]
 
 
@@ -36,21 +38,58 @@ def _lost_job(table: Any, queued_cutoff: datetime, stale_cutoff: datetime) -> An
              or_(table.enqueued_at.is_(None), table.enqueued_at < stale_cutoff)))
 
 
+def _lost_evaluation(table: Any, queued_cutoff: datetime, stale_cutoff: datetime) -> Any:
+    """As any job, but a sharded evaluation's shards are sent, never the evaluation itself."""
+    return and_(_lost_job(table, queued_cutoff, stale_cutoff),
+                or_(table.status != JobStatus.QUEUED, table.shards == 1))
+
+
 def _lost_ingest(table: Any, queued_cutoff: datetime, _stale: datetime) -> Any:
     """An upload still ``ingesting`` long after its ingest was sent. A re-sent ingest that
     meets one still running only repeats work: the first to finish decides the state."""
     return and_(table.status == "ingesting", table.enqueued_at < queued_cutoff)
 
 
+#: What is re-sent: each kind of queued work, the task that runs it, and which rows were lost.
 KINDS: tuple[tuple[Any, str, Lost], ...] = (
-    (Evaluation, EVALUATE_TASK, _lost_job), (Training, TRAIN_TASK, _lost_job),
-    (Dataset, INGEST_TASK, _lost_ingest))
+    (Evaluation, EVALUATE_TASK, _lost_evaluation), (Training, TRAIN_TASK, _lost_job),
+    (EvaluationShard, SHARD_TASK, _lost_job), (Dataset, INGEST_TASK, _lost_ingest))
 
 
 def reconcile_once(rt: Runtime, send_task: Callable[..., Any]) -> list[str]:
-    """Re-send lost evaluations, trainings and dataset ingests; returns their ids."""
-    return [rid for table, task, lost in KINDS
-            for rid in _reconcile(rt, send_task, table, task, lost)]
+    """Re-send lost evaluations, trainings, shards and dataset ingests; returns their ids."""
+    _seen(rt)
+    resent = [rid for table, task, lost in KINDS
+              for rid in _reconcile(rt, send_task, table, task, lost)]
+    _settle_sharded(rt, send_task)
+    return resent
+
+
+def _seen(rt: Runtime) -> None:
+    """This worker is live (it serves the evaluations queue): a sharded evaluation's default
+    counts the workers seen within ``stale_after``."""
+    if EVALUATIONS_QUEUE not in rt.settings.worker_queues.split(","):
+        return
+    now = utcnow()
+    with rt.sessions.begin() as s:
+        res = s.execute(update(WorkerSeen).where(WorkerSeen.name == rt.name)
+                        .values(seen_at=now).execution_options(synchronize_session=False))
+        if res.rowcount == 0:  # type: ignore[attr-defined]
+            s.add(WorkerSeen(name=rt.name, seen_at=now))
+
+
+def _settle_sharded(rt: Runtime, send_task: Callable[..., Any]) -> None:
+    """Sharded evaluations in their shards' phase that no merge was sent for lately."""
+    from workers.shard_jobs import settle
+
+    cutoff = utcnow() - timedelta(seconds=rt.settings.stale_after)
+    with rt.sessions() as s:
+        ids = list(s.scalars(select(Evaluation.id).where(
+            Evaluation.status == JobStatus.RUNNING, Evaluation.shards > 1,
+            Evaluation.heartbeat_at.is_(None),
+            or_(Evaluation.enqueued_at.is_(None), Evaluation.enqueued_at < cutoff)).limit(100)))
+    for eid in ids:
+        settle(rt, eid, send_task)
 
 
 def _reconcile(rt: Runtime, send_task: Callable[..., Any], table: Any, task: str,

@@ -6,9 +6,9 @@ import uuid
 
 import httpx
 
-from core.queue import EVALUATE_TASK, INGEST_TASK, TRAIN_TASK, WEBHOOK_TASK
+from core.queue import EVALUATE_TASK, INGEST_TASK, SHARD_TASK, TRAIN_TASK, WEBHOOK_TASK
 from core.settings import get_settings
-from workers import evaluation_jobs, ingest, training_jobs, webhooks
+from workers import evaluation_jobs, ingest, shard_jobs, training_jobs, webhooks
 from workers.celery_app import app
 from workers.runtime import runtime
 
@@ -19,6 +19,12 @@ from workers.runtime import runtime
           soft_time_limit=get_settings().job_time_limit + 60)
 def evaluate(evaluation_id: str) -> str:
     return evaluation_jobs.run(runtime(), uuid.UUID(evaluation_id), send_task=app.send_task)
+
+
+@app.task(name=SHARD_TASK, acks_late=True, reject_on_worker_lost=True,
+          soft_time_limit=get_settings().job_time_limit + 60)
+def evaluate_shard(shard_id: str) -> str:
+    return shard_jobs.run(runtime(), uuid.UUID(shard_id), send_task=app.send_task)
 
 
 @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True,

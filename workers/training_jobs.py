@@ -187,7 +187,7 @@ class TrainingWork:
                              num_classes=int(trained["num_classes"]),
                              input_shape=[int(d) for d in trained["input_shape"]],
                              class_names=[str(c) for c in trained["class_names"]])
-        outbox = Outbox(_Sender(self.send_task))
+        outbox = Outbox(jobs.Sender(self.send_task))
         try:
             with self.rt.sessions.begin() as s:
                 row = s.scalar(select(Training).where(Training.id == self.id).with_for_update())
@@ -213,12 +213,3 @@ class TrainingWork:
             raise
         outbox.flush()  # a send that fails is re-sent by the reconciler (the row stays queued)
 
-
-class _Sender:
-    def __init__(self, send_task: Any) -> None:
-        self._send = send_task
-
-    def send_task(self, name: str, args: list[Any]) -> Any:
-        if self._send is None:
-            return None
-        return self._send(name, args=args)

@@ -50,6 +50,7 @@ class ResolvedDataset:
     capabilities: Capabilities
     storage_path: str | None
     splits: list[str]
+    sizes: dict[str, int]  # examples per split
 
 
 def resolve(session: Session, owner: str, ref: str) -> ResolvedDataset:
@@ -63,6 +64,7 @@ def resolve(session: Session, owner: str, ref: str) -> ResolvedDataset:
             input_shape=list(builtin["input_shape"]),
             storage_path=None,
             splits=list(builtin["splits"]),
+            sizes=dict(builtin["num_examples"]),
             capabilities=Capabilities(
                 ref, builtin["has_masks"], builtin["has_groups"], True, dict(builtin["default_eps"])
             ),
@@ -78,6 +80,7 @@ def resolve(session: Session, owner: str, ref: str) -> ResolvedDataset:
         input_shape=list(info["input_shape"]),
         storage_path=row.storage_path,
         splits=list(info["splits"]),
+        sizes=dict(info["splits"]),
         capabilities=Capabilities(
             row.name, info["has_masks"], info["has_groups"], False, dict(DEFAULT_EPS)
         ),

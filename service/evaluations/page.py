@@ -19,15 +19,23 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import urlencode
 
 from sqlalchemy.orm import Session
 
 from contract.jobs import FINAL_STATES, JobStatus
-from core.tables import Dataset, Evaluation, Sweep
+from core.tables import Evaluation, Sweep
 from service.evaluations.repository import origin
 from service.evaluations.schemas import EvaluationOut, ResultOut
-from service.http.chrome import NORM_NAMES, entry_label, nav, scroll, share_form
+from service.http.chrome import (
+    NORM_NAMES,
+    dataset_names,
+    entry_label,
+    nav,
+    num,
+    scroll,
+    share_form,
+)
 from service.http.svg import COLORS, Axis, Series, bars, chart, page
 
 _X_PARAMS = ("eps", "sigma", "severity")
@@ -140,8 +148,7 @@ def render(ev: EvaluationOut, ctx: Context | None = None) -> str:
         links.append((f"/sweeps/{ctx.sweep_id}/report", "sweep report"))
     dataset = ctx.dataset_name or ev.dataset
     if not ctx.shared and ev.status == JobStatus.SUCCEEDED:
-        links.append((f"/leaderboard/page?dataset={quote(ev.dataset)}&compare={ev.id}",
-                      "compare with another evaluation"))
+        links.append((_compare_link(ev), "compare with another evaluation"))
     scope = (f"a seeded subset of {ev.n_examples} examples of the {e(ev.split)} split"
              if ev.n_examples else f"the whole {e(ev.split)} split")
     cmap = ev.class_map if isinstance(ev.class_map, str) else (
@@ -171,6 +178,18 @@ a red one means the numbers below should not be trusted as they stand.</p>
                 refresh=5 if running else None)
 
 
+def _compare_link(ev: EvaluationOut) -> str:
+    """The leaderboard of the evaluation's dataset at the first threat it was attacked at (or
+    the dataset's standard one), each row linked to compare with it."""
+    query = {"dataset": ev.dataset, "compare": str(ev.id)}
+    attacked = next((r for r in ev.results if (r.benchmark, r.metric) == (
+        "adversarial", "robust_accuracy") and isinstance(r.params.get("eps"), int | float)), None)
+    if attacked is not None:
+        query.update(threat=f"{attacked.params['norm']}:{attacked.params['eps']}",
+                     attack=str(attacked.params.get("attack")))
+    return "/leaderboard/page?" + urlencode(query)
+
+
 def error_detail(detail: str) -> str:
     """An error's detail with an exception's type named once (``RuntimeError: RuntimeError:
     x`` reads ``RuntimeError: x``)."""
@@ -181,7 +200,7 @@ def _failure(ev: EvaluationOut) -> str:
     if ev.status == JobStatus.CANCELLED:
         return ("<div class='box failure'><h2>Cancelled</h2><p>The evaluation was cancelled "
                 "before it finished; the results below are the entries it completed.</p></div>")
-    if ev.status != "failed":
+    if ev.status != JobStatus.FAILED:
         return ""
     e = html.escape
     kind = ev.error.type if ev.error else "unknown"
@@ -242,7 +261,7 @@ COST_METRICS = frozenset({"forward_passes", "backward_passes", "attack_seconds"}
 
 def _result_cells(r: ResultOut) -> str:
     ci = f"{r.interval[0]:.3f} to {r.interval[1]:.3f}" if r.interval else "-"
-    return (f"<td class='num'>{r.value:.4f}</td><td class='num'>{ci}</td>"
+    return (f"<td class='num'>{num(r.value, 4)}</td><td class='num'>{ci}</td>"
             f"<td class='num'>{r.n if r.n is not None else '-'}</td>")
 
 
@@ -382,10 +401,7 @@ def context(session: Session, row: Evaluation, viewer: str | None,
     sweep = session.get(Sweep, sweep_id) if sweep_id else None
     if sweep is not None and not (mine or sweep.spec.get("public")):
         sweep_id = None
-    name = None
-    if row.dataset_id is not None:
-        ds = session.get(Dataset, row.dataset_id)
-        name = ds.name if ds is not None else None
+    name = dataset_names(session, [row.dataset])[row.dataset]
     return Context(viewer=None if shared else viewer, mine=mine, shared=shared,
                    dataset_name=name, training_id=training_id if mine else None,
                    sweep_id=sweep_id)

@@ -93,7 +93,7 @@ def _create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
     """The blocking part of a submission, in one thread hop: the webhook URL's check (it
     resolves the host), the job's creation and the active-jobs quota."""
     check_url(body.webhook_url, settings.webhook_allow_private)
-    row, created = service.create(session, outbox, owner, body, idempotency_key)
+    row, created = service.create(session, outbox, owner, body, idempotency_key, settings)
     if created:
         check_active_jobs(session, owner, settings, 0)
     return row, created
@@ -109,8 +109,10 @@ def _parse_body(raw: object) -> EvaluationIn:
 def _filters(
     status: JobStatus | None = None, model_id: uuid.UUID | None = None,
     dataset: str | None = None,
+    model_name: Annotated[str | None, Query(max_length=200,
+                                            description="the model's name at upload")] = None,
 ) -> dict[str, Any]:
-    return {"status": status, "model_id": model_id, "dataset": dataset}
+    return {"status": status, "model_id": model_id, "dataset": dataset, "model_name": model_name}
 
 
 add_job_routes(router, JobRoutes(

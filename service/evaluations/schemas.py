@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.http.pagination import Page
 from service.jobs.schemas import JobRecord
 
+#: The most shards one evaluation may have.
+MAX_SHARDS = 64
+
 
 class EvaluationIn(BaseModel):
     """An evaluation of an uploaded model (``POST /evaluations`` as JSON)."""
@@ -41,6 +44,24 @@ class EvaluationIn(BaseModel):
     class_map: str | list[int] | None = Field(
         None, description="for a model whose classes are not the dataset's: per model class "
                           "the dataset class it counts as (or -1), or `imagenet9`")
+    shards: int | None = Field(
+        None, ge=1, le=MAX_SHARDS,
+        description="run the adversarial entries as this many jobs over slices of the "
+                    "examples, on as many workers, merged exactly (the results are identical "
+                    "to `1`); default: one per live worker while each gets at least "
+                    "4 batches of examples, else 1 (docs/API.md, Shards)")
+
+
+class ShardOut(BaseModel):
+    """One shard of a sharded evaluation: a job over a slice of its examples."""
+
+    index: int = Field(description="its place, 0 first")
+    start: int = Field(description="the first example of the slice")
+    stop: int = Field(description="one past its last example")
+    status: str = Field(description="`queued`, `running`, `succeeded`, `failed` or `cancelled`")
+    worker: str | None = Field(description="the worker that ran (or runs) it")
+    attempts: int = Field(description="how many times a worker has started it")
+    fraction: float = Field(description="the share of its work done, 0 to 1")
 
 
 class EvaluationUpload(BaseModel):
@@ -92,6 +113,9 @@ class EvaluationOut(JobRecord):
         None, description="the number of examples measured on; null for the whole split")
     class_map: str | list[int] | None = Field(
         None, description="the model-to-dataset class map used, if any")
+    shards: list[ShardOut] = Field(
+        default_factory=list, description="a sharded evaluation's shards, in order; empty "
+                                          "for an evaluation run as one job")
 
 
 class EvaluationPage(Page[EvaluationOut]):

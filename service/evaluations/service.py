@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import bindparam, func, select
+from sqlalchemy.orm import Session, object_session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
+from contract.jobs import ACTIVE_STATES, JobStatus
 from contract.stats import interval
 from core import jobs
 from core.errors import Invalid
-from core.queue import EVALUATE_TASK, Outbox
+from core.queue import EVALUATE_TASK, SHARD_TASK, Outbox
 from core.repository import owned, owned_rows
-from core.tables import Evaluation, Result
+from core.settings import Settings
+from core.tables import Evaluation, EvaluationShard, Result, WorkerSeen, utcnow
 from service.datasets.service import check_params, resolve
 from service.evaluations import suite as suites
 from service.evaluations.schemas import (
+    MAX_SHARDS,
     EvaluationIn,
     EvaluationOut,
     ResultOut,
+    ShardOut,
 )
 from service.http.pagination import newest_first
 from service.http.polling import Polled
@@ -29,17 +35,37 @@ from service.models.service import get as get_model
 
 
 def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
-           idempotency_key: str | None) -> tuple[Evaluation, bool]:
-    """Create a job (or return the one this Idempotency-Key made); enqueued after commit."""
+           idempotency_key: str | None, settings: Settings | None = None
+           ) -> tuple[Evaluation, bool]:
+    """Create a job (or return the one this Idempotency-Key made); enqueued after commit.
+    A sharded one (``shards`` > 1) is its shard jobs, enqueued; it is merged when they have
+    all succeeded (``settings`` gives the batch the shards align to and the live workers the
+    default counts; without them it is one job)."""
+    bounds: list[tuple[int, int]] = []  # a sharded one's slices, as its request gives them
     row, created = jobs.create(session, outbox, Evaluation, owner, body, idempotency_key,
-                               lambda: _build(session, owner, body), EVALUATE_TASK)
-    if created:
-        set_committed_value(row, "results", [])  # a new job has none: no query to load them
-    return row, created
+                               lambda: _build(session, owner, body, settings, bounds))
+    if not created:
+        return row, False
+    set_committed_value(row, "results", [])  # a new job has none: no query to load them
+    if row.shards == 1:
+        outbox.add(EVALUATE_TASK, str(row.id))
+        return row, True
+    for index, (start, stop) in enumerate(bounds):
+        shard = EvaluationShard(evaluation_id=row.id, index=index, start=start, stop=stop,
+                                status=JobStatus.QUEUED.value,
+                                progress_stage=JobStatus.QUEUED.value,
+                                progress_message="waiting for a worker", enqueued_at=utcnow(),
+                                completed_entries=[])
+        session.add(shard)
+        session.flush()
+        outbox.add(SHARD_TASK, str(shard.id))
+    return row, True
 
 
-def _build(session: Session, owner: str, body: EvaluationIn) -> Evaluation:
-    """The job for a valid request, checked against its model and dataset."""
+def _build(session: Session, owner: str, body: EvaluationIn, settings: Settings | None,
+           bounds: list[tuple[int, int]]) -> Evaluation:
+    """The job for a valid request, checked against its model and dataset (``bounds``
+    receives a sharded one's slices)."""
     model = get_model(session, owner, body.model_id)
     dataset = resolve(session, owner, body.dataset)
     check_params(body.dataset, body.dataset_params)
@@ -53,13 +79,60 @@ def _build(session: Session, owner: str, body: EvaluationIn) -> Evaluation:
             f"{body.dataset!r} has images of shape {dataset.input_shape}", field="dataset")
     _check_class_map(body, model.num_classes, dataset.num_classes)
     entries = suites.expand(body.suite, dataset.capabilities)
+    size = dataset.sizes.get(split, 0)
+    n = min(body.n_examples, size) if body.n_examples else size
+    block = settings.batch_size if settings is not None else 0
+    shards = _shard_count(session, body.shards, entries, n, block, settings)
+    options: dict[str, Any] = {"n_examples": body.n_examples, "class_map": body.class_map}
+    if shards > 1:
+        options["block"] = block
+        bounds += shard_bounds(n, block, shards)
     return Evaluation(
         model_id=model.id, model_name=model.name, dataset=dataset.name,
         dataset_id=dataset.id, dataset_params=body.dataset_params, split=split, suite=entries,
         seed=body.seed, public=body.public, webhook_url=body.webhook_url, checks=[],
-        artifacts={}, completed_entries=[], timings={},
-        options={"n_examples": body.n_examples, "class_map": body.class_map},
+        artifacts={}, completed_entries=[], timings={}, options=options, shards=shards,
     )
+
+
+def shardable(entries: list[dict[str, Any]]) -> list[int]:
+    """The suite entries shards run: adversarial ones, whose work is per example. An audit
+    draws from the whole set's robust examples, and the other benchmarks are cheap or draw
+    from the whole set; they run once, in the merge."""
+    return [i for i, e in enumerate(entries)
+            if e.get("benchmark") == "adversarial" and not e.get("audit")]
+
+
+def shard_bounds(n: int, block: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` slices of ``n`` examples, each a run of whole blocks of ``block`` (the last
+    may end mid-block), as even as blocks allow."""
+    blocks = -(-n // block)
+    cuts = [k * blocks // shards * block for k in range(shards)] + [n]
+    return [(cuts[k], min(cuts[k + 1], n)) for k in range(shards)]
+
+
+def _shard_count(session: Session, asked: int | None, entries: list[dict[str, Any]], n: int,
+                 block: int, settings: Settings | None) -> int:
+    if asked == 1 or settings is None or (asked is None and not shardable(entries)):
+        return 1
+    blocks = -(-n // max(block, 1))
+    if asked is not None:
+        if not shardable(entries):
+            raise Invalid("no entry of this suite runs in shards: only adversarial entries "
+                          "without an audit do", field="shards")
+        if asked > blocks:
+            raise Invalid(f"at most {blocks} shards for {n} examples: each shard takes whole "
+                          f"batches of {block} (ROBUSTSCOPE_BATCH_SIZE)", field="shards")
+        return asked
+    since = utcnow() - timedelta(seconds=settings.stale_after)
+    live = session.scalar(select(func.count()).select_from(WorkerSeen)
+                          .where(WorkerSeen.seen_at >= since)) or 0
+    return max(1, min(live, blocks // DEFAULT_BLOCKS_PER_SHARD, MAX_SHARDS))
+
+
+#: By default a shard gets at least this many batches of examples: below it, starting one
+#: more job (a sandbox, the model) costs more than the work it takes off the others.
+DEFAULT_BLOCKS_PER_SHARD = 4
 
 
 # Class maps the engine knows by name: (model classes, dataset classes). ``imagenet9`` maps the
@@ -108,13 +181,19 @@ def get(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation:
 def cancel(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation:
     row = get(session, owner, evaluation_id)
     jobs.request_cancel(row, "evaluation")
+    for shard in session.scalars(select(EvaluationShard).where(
+            EvaluationShard.evaluation_id == row.id,
+            EvaluationShard.status.in_(ACTIVE_STATES))):
+        jobs.request_cancel(shard, "shard")
     return row
 
 
 def list_page(session: Session, owner: str, *, status: str | None, model_id: uuid.UUID | None,
-              dataset: str | None, cursor: str | None, limit: int) -> tuple[list[Evaluation],
-                                                                            str | None]:
+              dataset: str | None, cursor: str | None, limit: int,
+              model_name: str | None = None) -> tuple[list[Evaluation], str | None]:
     q = owned_rows(Evaluation, owner)
+    if model_name:
+        q = q.where(Evaluation.model_name == model_name)
     if status:
         q = q.where(Evaluation.status == status)
     if model_id:
@@ -126,12 +205,18 @@ def list_page(session: Session, owner: str, *, status: str | None, model_id: uui
 
 
 def to_out(row: Evaluation) -> EvaluationOut:
-    return out_of(row, row.results)
+    shards: list[EvaluationShard] = []
+    session = object_session(row)
+    if row.shards > 1 and session is not None:
+        shards = list(session.scalars(select(EvaluationShard).where(
+            EvaluationShard.evaluation_id == row.id).order_by(EvaluationShard.index)))
+    return out_of(row, row.results, shards)
 
 
-def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
+def out_of(row: Any, results: Iterable[Any], shards: Iterable[Any] = ()) -> EvaluationOut:
     """The record of an evaluation from anything with its columns as attributes: the ORM row,
-    or a Core row of the polling path (:mod:`service.http.polling`) and its results."""
+    or a Core row of the polling path (:mod:`service.http.polling`) and its results (and
+    shards, for a sharded one)."""
     return EvaluationOut(
         **record_fields(row),
         model_id=row.model_id, model_name=row.model_name, dataset=row.dataset,
@@ -141,6 +226,9 @@ def out_of(row: Any, results: Iterable[Any]) -> EvaluationOut:
         artifacts=sorted(row.artifacts or {}),
         n_examples=(row.options or {}).get("n_examples"),
         class_map=(row.options or {}).get("class_map"),
+        shards=[ShardOut(index=s.index, start=s.start, stop=s.stop, status=s.status,
+                         worker=s.worker, attempts=s.attempts, fraction=s.progress_fraction)
+                for s in shards],
     )
 
 
@@ -167,4 +255,9 @@ def merge_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 #: What a poll of an evaluation reads: the columns :func:`out_of` reads, and no others.
 POLLED = Polled("evaluation", Evaluation.__table__, (
     *RECORD_COLUMNS, "model_id", "model_name", "dataset", "dataset_params", "split", "suite",
-    "seed", "public", "checks", "timings", "artifacts", "options"), out_of, with_results=True)
+    "seed", "public", "checks", "timings", "artifacts", "options", "shards"), out_of,
+    with_results=True,
+    more=select(*(EvaluationShard.__table__.c[name] for name in (
+        "index", "start", "stop", "status", "worker", "attempts", "progress_fraction")))
+    .where(EvaluationShard.evaluation_id == bindparam("job_id", type_=EvaluationShard.id.type))
+    .order_by(EvaluationShard.index), more_if="shards")

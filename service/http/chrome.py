@@ -5,8 +5,15 @@ form, and how threats and suite entries are written for a person."""
 from __future__ import annotations
 
 import html
+import uuid
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.tables import Dataset
 
 NORM_NAMES = {"linf": "l_inf", "l2": "l_2", "l1": "l_1"}
 
@@ -76,3 +83,25 @@ def eps_text(norm: str, eps: float) -> str:
     if norm == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-3 and eps > 0:
         return f"{round(eps * 255)}/255"
     return f"{eps:.4g}"
+
+
+def dataset_names(session: Session, refs: Iterable[str]) -> dict[str, str]:
+    """How to show each dataset reference: a built-in by its name, an upload (recorded by its
+    id) by the name it was uploaded under; an id whose upload is gone stays an id."""
+    ids = {}
+    for ref in refs:
+        try:
+            ids[uuid.UUID(ref)] = ref
+        except ValueError:
+            continue
+    names = {ref: ref for ref in refs}
+    if ids:
+        for row_id, name in session.execute(select(Dataset.id, Dataset.name)
+                                            .where(Dataset.id.in_(list(ids)))):
+            names[ids[row_id]] = name
+    return names
+
+
+def num(value: float, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals, never "-0.000" (a value that rounds to zero)."""
+    return f"{round(value, digits) + 0.0:.{digits}f}"

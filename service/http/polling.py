@@ -65,8 +65,12 @@ class Polled:
     name: str
     table: Any
     shown: tuple[str, ...]
-    render: Callable[[Any, list[Any]], BaseModel]
+    render: Callable[..., BaseModel]
     with_results: bool = False
+    # Rows of another table some records list (an evaluation's shards), read by ``job_id``
+    # only where the job's column ``more_if`` is above 1; render then takes them third.
+    more: Any | None = None
+    more_if: str | None = None
 
     def statement(self) -> Any:
         """The key's row, joined with the key owner's job ``job_id`` (all NULL when there is
@@ -108,9 +112,14 @@ def _owned(row: Any, key: str, job_id: uuid.UUID, kind: Polled) -> Any:
     return row
 
 
-def _record(kind: Polled, row: Any, results: list[Any]) -> bytes:
+def _record(kind: Polled, row: Any, results: list[Any], more: list[Any]) -> bytes:
     """The job's record as the JSON bytes to send."""
-    return kind.render(row, results).model_dump_json().encode()
+    out = kind.render(row, results) if kind.more is None else kind.render(row, results, more)
+    return out.model_dump_json().encode()
+
+
+def _wants_more(kind: Polled, row: Any) -> bool:
+    return kind.more is not None and kind.more_if is not None and getattr(row, kind.more_if) > 1
 
 
 def record_json(engine: Engine, kind: Polled, key: str, job_id: uuid.UUID) -> bytes:
@@ -121,7 +130,9 @@ def record_json(engine: Engine, kind: Polled, key: str, job_id: uuid.UUID) -> by
         row = _owned(row, key, job_id, kind)
         results = (list(conn.execute(_RESULTS_OF, {"evaluation_id": job_id}).all())
                    if kind.with_results else [])
-    return _record(kind, row, results)
+        more = (list(conn.execute(kind.more, {"job_id": job_id}).all())
+                if kind.more is not None and _wants_more(kind, row) else [])
+    return _record(kind, row, results, more)
 
 
 class Records(Protocol):
@@ -166,6 +177,8 @@ class PostgresRecords:
         dialect = engine.dialect
         self.sql = {name: str(statement.compile(dialect=dialect)) for name, statement in (
             *((name, kind.statement()) for name, kind in kinds.items()),
+            *((f"{name}:more", kind.more) for name, kind in kinds.items()
+              if kind.more is not None),
             ("results", _RESULTS_OF))}
         self.slots = asyncio.Semaphore(size)
         self.idle: list[psycopg.AsyncConnection[Any]] = []
@@ -187,15 +200,19 @@ class PostgresRecords:
                                          {"prefix": key_prefix(key), "job_id": job_id})
                 row = _owned(await cur.fetchone(), key, job_id, kind)
                 results: list[Any] = []
+                more: list[Any] = []
                 if kind.with_results:
                     cur = await conn.execute(self.sql["results"], {"evaluation_id": job_id})
                     results = await cur.fetchall()
+                if _wants_more(kind, row):
+                    cur = await conn.execute(self.sql[f"{name}:more"], {"job_id": job_id})
+                    more = await cur.fetchall()
         except (psycopg.OperationalError, psycopg.InterfaceError):
             if not reused:
                 raise
             await self.close()  # kept connections die together (a restart): open anew
             return await self._read(name, key, job_id, reused=False)
-        return _record(kind, row, results)
+        return _record(kind, row, results, more)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.tables import Evaluation, Training
-from service.http.chrome import nav
+from service.http.chrome import dataset_names, nav
 from service.http.deps import CurrentViewer, SessionDep
 from service.http.svg import page
 
@@ -42,12 +42,13 @@ def _rows(session: Session, owner: str) -> str:
                   + [(t.created_at, "training", t.id, t.name or t.architecture, t.dataset,
                       t.status, f"/trainings/{t.id}") for t in trainings],
                   key=lambda j: j[0], reverse=True)[:RECENT]
+    names = dataset_names(session, [j[4] for j in jobs])
     if not jobs:
         return ("<p class='note'>No jobs yet: the README's first example trains a model and "
                 "evaluates it on both axes.</p>")
     body = "".join(
         f"<tr><td>{e(created.strftime('%Y-%m-%d %H:%M:%S'))}</td><td>{kind}</td>"
-        f"<td>{e(name)}</td><td>{e(dataset)}</td><td>{e(status)}</td>"
+        f"<td>{e(name)}</td><td>{e(names[dataset])}</td><td>{e(status)}</td>"
         f"<td><a href='{e(link)}'>{'report' if kind == 'evaluation' else 'record'}</a></td>"
         f"</tr>" for created, kind, _id, name, dataset, status, link in jobs)
     return ("<table><tr><th>created (UTC)</th><th>job</th><th>model</th><th>dataset</th>"

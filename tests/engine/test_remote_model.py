@@ -138,3 +138,31 @@ print(json.dumps(out))
     seen = json.loads(res.stdout)
     assert seen == {"thread": "ran", "matmul": 256.0 ** 3, "fork": 1, "exec": 1, "spawn": 1,
                     "socket": 1, "socketpair": 1, "unix": 1}  # EPERM
+
+
+def test_the_servers_first_input_gradient_does_not_import_sympy() -> None:
+    """The first VJP a job's model server answers costs about what its backward costs: an
+    output-gradient tensor passed to ``autograd.grad`` makes torch import its symbolic shapes
+    and sympy (seconds of CPU in every job); the server's form does not. Its numbers are
+    those of the output-gradient form, bit for bit."""
+    code = """
+import json, sys
+import torch
+from workers.sandbox.model_server import input_gradient
+
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                          torch.nn.Linear(4 * 6 * 6, 5))
+x = torch.rand(6, 3, 8, 8, requires_grad=True)
+logits = net(x)
+grad = torch.randn(6, 5)
+before = set(sys.modules)
+got = input_gradient(logits, x, grad)
+imported = sorted(m for m in set(sys.modules) - before
+                  if m.split(".")[0] == "sympy" or m.endswith("symbolic_shapes"))
+(want,) = torch.autograd.grad(logits, x, grad)
+print(json.dumps({"imported": imported, "equal": bool(torch.equal(got, want))}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True, cwd=Path(__file__).resolve().parents[2])
+    assert json.loads(res.stdout) == {"imported": [], "equal": True}

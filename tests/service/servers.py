@@ -63,6 +63,17 @@ def serve_asgi(app: Any, http: type[asyncio.Protocol] | str = "auto",
         thread.join(10)
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 15) -> None:
+    """Terminate the processes a test started that still run; kill those that linger."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def rss() -> int:
     """This process's resident memory in bytes (the server of :func:`serve` runs in it)."""
     with open("/proc/self/statm") as fh:

@@ -33,6 +33,7 @@ from tests.factories import (
     settings,
     torchscript_bytes,
 )
+from tests.service.servers import stop_processes
 from workers.engine.data import load_builtin
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -105,13 +106,7 @@ def stack(pg_url: str, redis_url: str, redis_prefix: str,
     with api(settings(pg_url, tmp_path, broker_url=redis_url,
                       broker_key_prefix=redis_prefix)) as client:
         yield client, start_worker
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    stop_processes(procs)
 
 
 def _poll(client: TestClient, key: str, eid: str, until: Callable[[dict[str, Any]], bool],

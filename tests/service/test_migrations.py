@@ -13,7 +13,7 @@ from core.db import Base, make_engine
 from core.migrate import downgrade, upgrade
 
 TABLES = {"api_keys", "models", "datasets", "evaluations", "results", "trainings", "sweeps",
-          "browser_sessions", "share_links",
+          "browser_sessions", "share_links", "evaluation_shards", "workers_seen",
           "alembic_version"}
 
 

@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from core.objectstore import (
 )
 from tests.factories import api, auth, new_key, settings, tiny_net, torchscript_bytes, upload
 from tests.service.ingest_fixtures import png, write_zip
-from tests.service.servers import free_port
 
 
 def _sha(data: bytes) -> str:
@@ -96,33 +94,6 @@ def test_state_goes_by_hash_and_comes_back_in_another_folder(tmp_path: Path) -> 
 
 
 # --- an S3-compatible store -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def s3_url(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket on the test's S3 server, reached through the usual AWS variables."""
-    import boto3
-
-    for name, value in (("AWS_ENDPOINT_URL", s3_endpoint), ("AWS_ACCESS_KEY_ID", "test"),
-                        ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(name, value)
-    bucket = f"rs-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    open_store.cache_clear()
-    return f"s3://{bucket}/deploy-1"
 
 
 @pytest.mark.slow

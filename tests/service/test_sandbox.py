@@ -346,8 +346,10 @@ def test_the_jail_holds_no_secret_no_network_and_no_other_files(
     assert not [k for k in seen["env"] if k.startswith("ROBUSTSCOPE_")]
     assert "bootstrap-secret" not in res.stdout.decode()
     assert set(seen["env"]) <= {"PATH", "HOME", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE",
-                                "PYTHONNOUSERSITE", "MALLOC_ARENA_MAX", "PWD",
+                                "PYTHONNOUSERSITE", "MALLOC_ARENA_MAX", "OMP_WAIT_POLICY",
+                                "PWD",
                                 "LC_CTYPE"}  # Python's own locale coercion
+    assert seen["env"]["OMP_WAIT_POLICY"] == "PASSIVE"  # child and server take turns
     assert (seen["other"], seen["passwd"]) == ("FileNotFoundError", "FileNotFoundError")
     assert seen["net"] != "open"
     assert seen["job"] == "OSError"

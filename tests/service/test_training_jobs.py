@@ -127,6 +127,7 @@ def test_a_training_registers_its_model_and_queues_its_evaluation(
     assert (ev["status"], ev["model_id"], ev["dataset"], ev["seed"]) == (
         "queued", model["id"], "shapes-32", 3)
     assert ev["suite"] == [{"benchmark": "clean"}]
+    assert ev["public"] is False
     assert sent == [(EVALUATE_TASK, [done["evaluation_id"]])]
     assert evaluation_jobs.run(rt, uuid.UUID(done["evaluation_id"])) == "succeeded"
     ev = client.get(f"/evaluations/{done['evaluation_id']}", headers=auth(key)).json()
@@ -239,7 +240,7 @@ def test_a_sweep_runs_end_to_end_into_its_trade_off_table(
     resp = client.post("/sweeps", headers=auth(key), json={
         "dataset": "shapes-32", "architecture": "small_cnn", "methods": ["standard", "fgsm_rs"],
         "threats": {"linf": [8 / 255]}, "epochs": 1, "batch_size": 16, "lr": 0.01,
-        "train_examples": 32, "eval_examples": 8,
+        "train_examples": 32, "eval_examples": 8, "public": True,
         "suite": [{"benchmark": "clean"},
                   {"benchmark": "adversarial", "attack": "fgsm", "norm": "linf",
                    "eps": 8 / 255},
@@ -266,6 +267,13 @@ def test_a_sweep_runs_end_to_end_into_its_trade_off_table(
         assert row["bg_gap"] == values[("backgrounds", "bg_gap", None)]
         assert row["mixed_rand_accuracy"] == values[("backgrounds", "accuracy", "mixed_rand")]
         assert row["rfs"] is None  # fg_bg_noise was not in this suite
+        assert ev["public"] is True  # a public sweep's evaluations are public
+    # Its page, and its models' reports, open to anyone.
+    html = {"Accept": "text/html"}
+    assert client.get(f"/sweeps/{sweep['id']}/report", headers=html).status_code == 200
+    for row in done["table"]:
+        assert client.get(f"/evaluations/{row['evaluation_id']}/report",
+                          headers=html).status_code == 200
 
 
 def test_a_training_on_an_uploaded_dataset(rt: Runtime, client: TestClient, key: str,

@@ -9,6 +9,14 @@ look weaker than it is. This is AutoAttack's worst-case-per-example definition.
 The flags are saved after every stage (``npz``, no pickles) in ``state_dir``; a re-run with
 the same state directory, data, threat and seed skips the stages already done, so a worker
 killed mid-evaluation resumes instead of restarting.
+
+Each stage attacks the examples still robust *block by block*: a block is ``batch_size``
+consecutive examples of the whole evaluation set (``ctx.offset`` is where the examples given
+here start in it), attacked as one batch with a generator seeded by the stage and the block.
+So an example's outcome depends on its block only, never on which other blocks one process
+ran: a slice of the set that starts on a block boundary (a shard) gives every example the
+outcome it gets in the whole run, and the slices' saved states concatenate into the whole
+run's (:func:`merge_states`).
 """
 
 from __future__ import annotations
@@ -227,17 +235,29 @@ def run_cascade(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
                 closest.copy_(loaded[2])
             result.stage_robust.append((stage.name, float(robust.float().mean())))
             result.resumed.append(stage.name)
+            if loaded[3] is not None:  # what it cost where it ran (summed over shards)
+                fw, bw, sec = (float(v) for v in loaded[3])
+                result.cost.append(StageCost(stage.name, int(fw), int(bw), sec))
             continue
         todo = robust.nonzero().squeeze(1)
         if stage.escalate is not None:
             near = closest[todo] <= stage.escalate * clean_margin[todo]
             todo = todo[near]
         f0, b0, t0 = fwd.examples, fwd.gradients, time.perf_counter()
-        gen = ctx.generator(salt=zlib.crc32(key.encode()))
+        seed_key = key.rsplit("|n=", 1)[0]  # the stage, not the examples
+        block = max(ctx.batch_size, 1)
+        blocks = (todo + ctx.offset) // block
         done = 0
-        bs = max(ctx.batch_size, 1)
+        bs = block
+        gen, gen_block = torch.Generator(), -1
         while done < todo.numel():
-            idx = todo[done:done + bs]
+            here = int(blocks[done])
+            if here != gen_block:  # a block's own draws and checks, wherever it is run
+                gen = ctx.generator(salt=zlib.crc32(f"{seed_key}|block={here}".encode()))
+                gen_block, bs = here, block
+                fwd.new_block()
+            end = done + int((blocks[done:done + bs] == here).sum())
+            idx = todo[done:end]
             xb, yb = x[idx].to(ctx.device), y[idx].to(ctx.device)
             try:
                 out = stage.attack.run(fwd, xb, yb, eps, gen, clean.logits[idx].to(ctx.device))
@@ -265,8 +285,10 @@ def run_cascade(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float,
         result.cost.append(StageCost(stage.name, fwd.examples - f0, fwd.gradients - b0,
                                      time.perf_counter() - t0))
         if path is not None:
+            c = result.cost[-1]
             _save(path, key=np.array(key), robust=robust.numpy(), broken_by=broken_by.numpy(),
-                  closest=closest.numpy())
+                  closest=closest.numpy(),
+                  cost=np.array([c.forwards, c.backwards, c.seconds], dtype=np.float64))
         result.stage_robust.append((stage.name, float(robust.float().mean())))
     assert_valid(threat, x[fresh], x_adv[fresh], eps)
     if track:
@@ -440,7 +462,8 @@ def _save(path: Path, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _load_stage(path: Path | None, key: str) -> tuple[Tensor, Tensor, Tensor | None] | None:
+def _load_stage(path: Path | None, key: str
+                ) -> tuple[Tensor, Tensor, Tensor | None, np.ndarray | None] | None:
     if path is None or not path.exists():
         return None
     try:
@@ -448,6 +471,53 @@ def _load_stage(path: Path | None, key: str) -> tuple[Tensor, Tensor, Tensor | N
             if str(f["key"]) != key:
                 return None
             closest = torch.from_numpy(f["closest"]) if "closest" in f.files else None
-            return torch.from_numpy(f["robust"]), torch.from_numpy(f["broken_by"]), closest
+            cost = f["cost"] if "cost" in f.files else None
+            return (torch.from_numpy(f["robust"]), torch.from_numpy(f["broken_by"]), closest,
+                    cost)
     except (OSError, KeyError, ValueError):
         return None  # a torn or foreign file: run the stage again
+
+
+def merge_states(parts: list[Path], bounds: list[tuple[int, int]], dest: Path,
+                 y: Tensor) -> int:
+    """Concatenate the saved states of shards (``parts[k]`` ran examples ``bounds[k]`` of
+    the whole set, whose labels are ``y``) into ``dest``, as the whole run would have saved
+    them: per-example arrays joined in order, costs summed, each file's key made for the whole
+    set. A file that is not in every part, or whose key does not say it holds its part's
+    examples, is left out (that stage then runs again on the whole set). Returns the files
+    written."""
+    written = 0
+    if not parts:
+        return 0
+    for first in sorted(parts[0].rglob("*.npz")):
+        rel = first.relative_to(parts[0])
+        if ".tmp" in rel.name or (dest / rel).exists():
+            continue
+        loaded: list[dict[str, np.ndarray]] = []
+        prefix = ""
+        for part, (a, b) in zip(parts, bounds, strict=True):
+            try:
+                with np.load(part / rel, allow_pickle=False) as f:
+                    arrays = {k: f[k] for k in f.files}
+            except (OSError, KeyError, ValueError):
+                break
+            key = str(arrays.get("key", ""))
+            prefix = prefix or key.rsplit("|n=", 1)[0]
+            if (not key or key != _fingerprint(prefix, y[a:b])
+                    or set(arrays) != set(loaded[0] if loaded else arrays)
+                    or any(v.ndim == 0 for k, v in arrays.items() if k != "key")):
+                break
+            loaded.append(arrays)
+        else:
+            merged: dict[str, np.ndarray] = {}
+            for name in loaded[0]:
+                if name == "key":
+                    merged[name] = np.array(_fingerprint(prefix, y))
+                elif name == "cost":
+                    merged[name] = np.sum([arr[name] for arr in loaded], axis=0)
+                else:
+                    merged[name] = np.concatenate([arr[name] for arr in loaded])
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            _save(dest / rel, **merged)
+            written += 1
+    return written

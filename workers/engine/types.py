@@ -100,6 +100,9 @@ class RunContext:
     progress: ProgressFn = _no_progress
     state_dir: Path | None = None
     artifact_dir: Path | None = None
+    # Where the examples given start in the whole evaluation set (a shard's slice): attacks
+    # batch and seed by blocks of the whole set (workers/engine/runner.py).
+    offset: int = 0
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A fresh local generator; library code never seeds the global RNG."""

@@ -32,6 +32,7 @@ from workers.engine import benchmarks
 from workers.engine.data import DatasetFormatError, load_builtin, load_npz
 from workers.engine.models import CheckpointError, Format, ModelSpec
 from workers.engine.models import load as load_model
+from workers.engine.runner import merge_states
 from workers.engine.scope import scoped
 from workers.engine.training import (
     TrainingError,
@@ -147,11 +148,22 @@ def _evaluate(job: dict[str, Any], emit: Emit) -> None:
                              f"{list(spec.input_shape)}")
     model, data = scoped(model, data, n_examples=job.get("n_examples"),
                          class_map=job.get("class_map"), seed=int(job["seed"]), device=device)
+    offset = 0
+    if job.get("shard"):  # a shard: its slice of the set, batched and seeded as in the whole
+        offset, stop = (int(v) for v in job["shard"])
+        data = data.subset(torch.arange(offset, min(stop, len(data))))
     emit({"t": "device"})
     assets = getattr(data.source, "assets", None)
     if assets:
         emit({"t": "assets", "assets": [list(a) for a in assets]})
     state_root, artifact_root = Path(job["state_dir"]), Path(job["artifact_dir"])
+    if job.get("shard_parts"):  # a sharded evaluation's merge: the shards' states first
+        parts = [Path(p) for p in job["shard_parts"]]
+        bounds = [(int(a), int(b)) for a, b in job["shard_bounds"]]
+        for i in range(n):
+            if i not in completed:
+                merge_states([p / f"entry-{i}" for p in parts], bounds,
+                             state_root / f"entry-{i}", data.y.cpu())
     for i, entry in enumerate(suite):
         if i in completed:
             continue
@@ -163,7 +175,7 @@ def _evaluate(job: dict[str, Any], emit: Emit) -> None:
 
         progress(0.0, f"starting {name}")
         ctx = RunContext(device=device, seed=int(job["seed"]), batch_size=int(job["batch_size"]),
-                         amp=bool(job["amp"]), progress=progress,
+                         amp=bool(job["amp"]), progress=progress, offset=offset,
                          state_dir=state_root / f"entry-{i}",
                          artifact_dir=artifact_root / f"entry-{i}")
         ctx.state_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]

@@ -280,7 +280,13 @@ class JailConfig:
                 "--setenv", "PYTHONNOUSERSITE", "1",
                 # glibc gives each thread a 64 MB arena; few arenas keep the address space
                 # (what the memory cap counts) close to what is really used.
-                "--setenv", "MALLOC_ARENA_MAX", "2"]
+                "--setenv", "MALLOC_ARENA_MAX", "2",
+                # OpenMP threads sleep as soon as their work is done instead of spinning for
+                # the next: the engine child and its model server take turns on the same
+                # cores, and a spinning thread of one takes a core from the other (and from
+                # any other job): 3 to 4 times the CPU per job under contention
+                # (docs/PERFORMANCE.md).
+                "--setenv", "OMP_WAIT_POLICY", "PASSIVE"]
         # The RAM-backed mounts first, each sized (and counted in the memory budget); the
         # read-only binds after them, so a checkout or environment under /tmp stays visible.
         args += ["--dev", "/dev", "--size", str(self.shm_size), "--tmpfs", "/dev/shm",

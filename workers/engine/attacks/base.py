@@ -184,6 +184,12 @@ class Forward:
         out[rows] = ref.argmax(1) != y[rows]
         return out
 
+    def new_block(self) -> None:
+        """Forget the margin differences seen: what a block's rows are judged by then depends
+        on that block alone, not on the blocks this process ran before (the runner calls it
+        per block, so that a shard judges an example as the whole run does)."""
+        self.margin_error = None
+
     def slack(self, x: Tensor, m: Tensor, y: Tensor) -> float:
         """How far from the boundary a search margin must be to be trusted: three times the
         largest difference between search and reference margins seen so far, measured on
