@@ -122,7 +122,8 @@ add_job_routes(router, JobRoutes(
     filters=_filters, docs={
         "get": "The evaluation's record, with an ``ETag``; pollers send it back in "
                "``If-None-Match``\nand get 304 with no body until the job changes "
-               "(``service/http/polling.py``).",
+               "(``service/http/polling.py``). A browser\nlogged in at ``/login`` (a link on a "
+               "page) reads it through its session.",
         "events": "Server-sent events: a ``progress`` event on every change, ``end`` at a "
                   "final state."}))
 

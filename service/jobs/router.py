@@ -76,6 +76,9 @@ def add_job_routes(router: APIRouter, kind: JobRoutes) -> None:
         return kind.page(items=[kind.out(session, r) for r in rows], next_cursor=next_cursor)
 
     async def get_polled(job_id: JobId, request: Request) -> Response:
+        if polling.from_browser(request.headers):  # a page's link, read through its session
+            return await polling.browser_record(
+                request, lambda s, owner: kind.out(s, kind.get(s, owner, job_id)))
         return await polling.response(kind.path, request, job_id)
 
     def get_read(job_id: JobId, session: SessionDep, owner: CurrentOwner) -> Any:

@@ -41,6 +41,7 @@ add_job_routes(router, JobRoutes(
     list_page=service.list_page, filters=_filters, docs={
         "get": "The training's record, with an ``ETag``; pollers send it back in "
                "``If-None-Match``\nand get 304 with no body until the job changes "
-               "(``service/http/polling.py``).",
+               "(``service/http/polling.py``). A browser\nlogged in at ``/login`` (a link on a "
+               "page) reads it through its session.",
         "events": "Server-sent events: a ``progress`` event on every change (epochs, the "
                   "held-out\nevaluation), ``end`` with the whole record at a final state."}))

@@ -287,7 +287,8 @@ def test_cost_rows_count_every_pass_the_model_saw() -> None:
               {"attack": "efficient", "norm": "linf", "eps": 0.02, "steps": 10}, RunContext())
     fwd = {r.params["stage"]: r for r in _rows(res, "forward_passes")}
     bwd = {r.params["stage"]: r for r in _rows(res, "backward_passes")}
-    stages = ["apgd-ce", "apgd-t", "apgd-t-more", "apgd-ce-again", "square"]  # escalation last
+    stages = ["apgd-ce", "apgd-t", "apgd-t-again", "apgd-t-more", "apgd-ce-again",
+              "square"]  # escalation last
     assert list(fwd) == ["total", *stages]
     assert fwd["total"].params["passes"] == sum(fwd[s].params["passes"] for s in stages)
     assert fwd["total"].value == pytest.approx(fwd["total"].params["passes"] / 24, rel=1e-6)

