@@ -20,7 +20,7 @@ import uuid
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from core import keys
@@ -50,6 +50,9 @@ def start(session: Session, key: str, hours: float) -> tuple[str, str, datetime]
     """A new session for a valid, unrevoked ``key``: (cookie token, owner, expiry); a wrong
     key raises Unauthorized."""
     row = keys.authenticate(session, key)
+    # Sessions that ended or expired a day ago are of no use to anyone: forget them.
+    session.execute(delete(BrowserSession).where(
+        BrowserSession.expires_at < utcnow() - timedelta(days=1)))
     token = secrets.token_urlsafe(32)
     expires = utcnow() + timedelta(hours=hours)
     session.add(BrowserSession(token_hash=_hash(token), key_id=row.id, owner=row.owner,

@@ -140,3 +140,34 @@ def test_up_splits_the_cores_between_its_job_workers() -> None:
     assert parser().parse_args(["up", "--workers", "2"]).workers == 2
     with pytest.raises(SystemExit):
         parser().parse_args(["up", "--workers", "0"])
+
+
+def test_evaluate_help_names_its_environment_and_gate_options() -> None:
+    from robustscope.cli import parser
+
+    sub = parser()._subparsers._group_actions[0].choices["evaluate"]  # type: ignore[union-attr]
+    text = sub.format_help()
+    for needle in ("ROBUSTSCOPE_SERVER", "ROBUSTSCOPE_API_KEY", "MLFLOW_TRACKING_URI",
+                   "MLFLOW_RUN_ID", "--n-examples", "--split", "--dataset-params",
+                   "--baseline", "--max-drop", "--format", "--output", "--mlflow-run",
+                   "models:/NAME/VERSION"):
+        assert needle in text, needle
+
+
+def test_gate_options_that_cannot_work_are_usage_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_args(tmp_path, **{"--max-drop": "clean.accuracy=0.02"})) == 2
+    assert "--max-drop needs --baseline" in capsys.readouterr().err
+    assert main(_args(tmp_path, **{"--max-drop": "clean.accuracy", "--baseline": "x"})) == 2
+    assert "--max-drop takes" in capsys.readouterr().err
+    assert main(_args(tmp_path, **{"--dataset-params": "{not json"})) == 2
+    assert "--dataset-params is not valid JSON" in capsys.readouterr().err
+    assert main(_args(tmp_path, **{"--dataset-params": "[1]"})) == 2
+
+
+def test_dataset_params_come_from_json_text_or_a_file(tmp_path: Path) -> None:
+    assert client.dataset_params('{"correlation": 0.8}') == {"correlation": 0.8}
+    path = tmp_path / "params.yaml"
+    path.write_text("correlation: 0.5\n")
+    assert client.dataset_params(str(path)) == {"correlation": 0.5}
+    assert client.dataset_params(None) is None

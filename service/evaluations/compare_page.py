@@ -12,7 +12,7 @@ from typing import Any
 from core.tables import Evaluation
 from service.evaluations.compare import Comparison, MetricComparison
 from service.evaluations.page import COST_METRICS, error_detail
-from service.http.chrome import nav, scroll
+from service.http.chrome import nav, num, scroll
 from service.http.svg import page
 
 
@@ -71,8 +71,8 @@ def render(viewer: str | None, ev: Evaluation, base: Evaluation,
         diff_ci = _ci(m.interval) if m.interval else ""
         body_rows.append(
             f"<tr><td>{e(m.benchmark)} · {e(m.metric)}<div class='ci'>{e(_params(m.params))}"
-            f"</div></td><td class='num'>{m.value:.4f}{_ci(m.value_interval)}</td>"
-            f"<td class='num'>{m.baseline_value:.4f}{_ci(m.baseline_interval)}</td>"
+            f"</div></td><td class='num'>{num(m.value, 4)}{_ci(m.value_interval)}</td>"
+            f"<td class='num'>{num(m.baseline_value, 4)}{_ci(m.baseline_interval)}</td>"
             f"<td class='num'>{m.difference:+.4f}{diff_ci}</td><td class='num'>{p}</td>"
             f"<td class='{cls}'>{e(said)} <span class='ci'>({m.better} is better)</span></td>"
             "</tr>")

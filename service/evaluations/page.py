@@ -26,7 +26,15 @@ from sqlalchemy.orm import Session
 from core.tables import Evaluation, Sweep
 from service.evaluations.repository import origin
 from service.evaluations.schemas import EvaluationOut, ResultOut
-from service.http.chrome import NORM_NAMES, dataset_names, entry_label, nav, scroll, share_form
+from service.http.chrome import (
+    NORM_NAMES,
+    dataset_names,
+    entry_label,
+    nav,
+    num,
+    scroll,
+    share_form,
+)
 from service.http.svg import COLORS, Axis, Series, bars, chart, page
 
 _X_PARAMS = ("eps", "sigma", "severity")
@@ -252,7 +260,7 @@ COST_METRICS = frozenset({"forward_passes", "backward_passes", "attack_seconds"}
 
 def _result_cells(r: ResultOut) -> str:
     ci = f"{r.interval[0]:.3f} to {r.interval[1]:.3f}" if r.interval else "-"
-    return (f"<td class='num'>{r.value:.4f}</td><td class='num'>{ci}</td>"
+    return (f"<td class='num'>{num(r.value, 4)}</td><td class='num'>{ci}</td>"
             f"<td class='num'>{r.n if r.n is not None else '-'}</td>")
 
 

@@ -132,7 +132,11 @@ def list_evaluations(
 @router.get("/{evaluation_id}", response_model=EvaluationOut, **polling.documented(ERRORS))
 async def get_evaluation(evaluation_id: uuid.UUID, request: Request) -> Response:
     """The evaluation's record, with an ``ETag``; pollers send it back in ``If-None-Match``
-    and get 304 with no body until the job changes (``service/http/polling.py``)."""
+    and get 304 with no body until the job changes (``service/http/polling.py``). A browser
+    logged in at ``/login`` (a link on a page) reads it through its session."""
+    if polling.from_browser(request.headers):
+        return await polling.browser_record(
+            request, lambda s, owner: service.to_out(service.get(s, owner, evaluation_id)))
     return await polling.response("evaluations", request, evaluation_id)
 
 

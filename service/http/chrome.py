@@ -100,3 +100,8 @@ def dataset_names(session: Session, refs: Iterable[str]) -> dict[str, str]:
                                             .where(Dataset.id.in_(list(ids)))):
             names[ids[row_id]] = name
     return names
+
+
+def num(value: float, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals, never "-0.000" (a value that rounds to zero)."""
+    return f"{round(value, digits) + 0.0:.{digits}f}"

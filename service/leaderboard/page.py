@@ -14,9 +14,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from core.tables import Evaluation
-from service.http.chrome import NORM_NAMES, dataset_names, entry_label, eps_text, nav, scroll
+from service.http.chrome import (
+    NORM_NAMES,
+    dataset_names,
+    entry_label,
+    eps_text,
+    nav,
+    num,
+    scroll,
+)
 from service.http.svg import page
-from service.leaderboard.ranking import STANDARD_ATTACK, Threat, default_eps
+from service.leaderboard.ranking import Threat
 
 if TYPE_CHECKING:
     from service.leaderboard.schemas import Leaderboard, LeaderboardRow, ThreatOption
@@ -24,21 +32,18 @@ if TYPE_CHECKING:
 SUMMARY = ("clean accuracy", "robust accuracy", "RFS", "BG-gap", "worst group")
 
 
-def _both_axes(ev: Evaluation, threat: str | None,
-               attack: str | None) -> dict[str, tuple[float, str] | None]:
-    """The evaluation's headline numbers on both axes; robust accuracy at the ranked threat
-    (``NORM:EPS`` and ``attack``) when there is one, else the dataset's standard threat."""
+def _both_axes(ev: Evaluation, side: Threat) -> dict[str, tuple[float, str] | None]:
+    """The evaluation's headline numbers on both axes; robust accuracy at ``side``: the
+    ranked threat, or for a ranking without one the threat the page names."""
     out: dict[str, tuple[float, str] | None] = dict.fromkeys(SUMMARY)
-    norm, eps = _split(threat) if threat else ("linf", default_eps(ev.dataset, "linf"))
-    wanted = Threat(attack or STANDARD_ATTACK, norm, eps)
     for r in sorted(ev.results, key=lambda r: (r.entry_index, r.id)):
         key = (r.benchmark, r.metric)
         if key == ("clean", "accuracy"):
             out["clean accuracy"] = (r.value, "")
-        elif key == ("adversarial", "robust_accuracy") and wanted.matches(r.params):
+        elif key == ("adversarial", "robust_accuracy") and side.matches(r.params):
             prior = out["robust accuracy"]
             if prior is None or r.value < prior[0]:
-                out["robust accuracy"] = (r.value, threat_text(wanted.attack, norm, eps))
+                out["robust accuracy"] = (r.value, threat_text(side.attack, side.norm, side.eps))
         elif key == ("fg_bg_noise", "rfs") and r.params.get("sigma") == "mean":
             out["RFS"] = (r.value, "mean over sigmas")
         elif key == ("backgrounds", "bg_gap"):
@@ -51,7 +56,7 @@ def _both_axes(ev: Evaluation, threat: str | None,
 def _cell(v: tuple[float, str] | None) -> str:
     if v is None:
         return "<td class='num'>-</td>"
-    return f"<td class='num' title='{html.escape(v[1])}'>{v[0]:.3f}</td>"
+    return f"<td class='num' title='{html.escape(v[1])}'>{num(v[0])}</td>"
 
 
 def threat_text(attack: str | None, norm: str, eps: float) -> str:
@@ -71,11 +76,11 @@ def _checks(r: LeaderboardRow, suite: list[dict[str, Any]]) -> str:
 def _value(r: LeaderboardRow) -> str:
     ci = (f"<div class='ci'>95%: {r.interval[0]:.3f} to {r.interval[1]:.3f}</div>"
           if r.interval else "")
-    return f"<td class='num value'><b>{r.value:.4f}</b>{ci}</td>"
+    return f"<td class='num value'><b>{num(r.value, 4)}</b>{ci}</td>"
 
 
 def render(session: Session, board: Leaderboard, viewer: str | None, datasets: list[str],
-           compare: uuid.UUID | None = None) -> str:
+           side: Threat, compare: uuid.UUID | None = None) -> str:
     """``board`` is what the JSON endpoint returns for the same query."""
     e = html.escape
     rows = board.rows
@@ -87,13 +92,15 @@ def render(session: Session, board: Leaderboard, viewer: str | None, datasets: l
     threat = board.threat
     head = ("<tr><th>rank · model</th><th>failed checks</th>"
             f"<th>{e(metric)}</th><th>n</th>"
-            + "".join(f"<th>{e(s)}</th>" for s in SUMMARY)
+            + "".join(f"<th>{e(s)}</th>" if s != "robust accuracy" else
+                      f"<th>robust accuracy ({e(threat_text(side.attack, side.norm, side.eps))})"
+                      "</th>" for s in SUMMARY)
             + "<th>owner</th><th>links</th></tr>")
     baseline = compare or (rows[0].evaluation_id if rows else None)
     body = []
     for r in rows:
         ev = evals.get(r.evaluation_id)
-        axes = _both_axes(ev, threat, board.attack) if ev is not None else {}
+        axes = _both_axes(ev, side) if ev is not None else {}
         cells = "".join(_cell(axes.get(s)) for s in SUMMARY)
         mine = " (you)" if r.owner == viewer else ""
         links = [f"<a class='report' href='/evaluations/{r.evaluation_id}/report'>report</a>"]

@@ -98,5 +98,19 @@ def leaderboard_html(
                    attack or None, limit)
     datasets = sorted({dataset, *session.scalars(
         select(Evaluation.dataset).where(ranking.visible(viewer.owner)).distinct())})
+    side = ranking.resolve_threat(dataset, "adversarial", threat or None, attack or None) \
+        if result.threat else None
+    side = side or _side_threat(session, viewer.owner, dataset)
     return HTMLResponse(leaderboard_page.render(session, result, viewer.owner, datasets,
-                                                compare))
+                                                side, compare))
+
+
+def _side_threat(session: SessionDep, viewer: str | None, dataset: str) -> ranking.Threat:
+    """Beside a ranking without a threat, robust accuracy at the dataset's standard threat if
+    anyone measured it, else at the threat most evaluations measured."""
+    standard = ranking.resolve_threat(dataset, "adversarial", None, None)
+    assert standard is not None
+    measured = ranking.threats_measured(session, viewer, dataset, "adversarial")
+    if not measured or any(t == standard for t, _ in measured):
+        return standard
+    return max(measured, key=lambda x: x[1])[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 
-from service.http.chrome import NORM_NAMES, eps_text, nav, scroll, share_form
+from service.http.chrome import NORM_NAMES, eps_text, nav, num, scroll, share_form
 from service.http.svg import Axis, Reference, Series, chart, page
 from service.sweeps.schemas import SweepOut, SweepRow
 
@@ -72,7 +72,7 @@ def _reference(rows: list[SweepRow], key: str, axis: str) -> Reference | None:
 def _cell(v: float | None) -> str:
     if v is None:
         return "<td class='num'>-</td>"
-    return f"<td class='num'>{round(v, 3) + 0.0:.3f}</td>"  # never "-0.000"
+    return f"<td class='num'>{num(v)}</td>"
 
 
 def _checks(r: SweepRow) -> str:

@@ -41,6 +41,11 @@ class SweepRow(BaseModel):
         description="relative foreground sensitivity at the mean noise level, -1 to 1; +1: only "
                     "foreground noise hurts (relies on the object), -1: only background noise")
     worst_group_accuracy: float | None = Field(None, description="the lowest per-group accuracy")
+    intervals: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="the 95% Wilson interval [low, high] of each accuracy above, keyed by its "
+                    "field (`clean_accuracy`, `mixed_rand_accuracy`, `worst_group_accuracy`) "
+                    "or `robust_accuracy:<norm>:<eps>`; absent for values stored without a count")
     degenerate: bool | None = Field(
         None, description="true if the model's predictions were flagged degenerate (nearly "
                           "one class)")

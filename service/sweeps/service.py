@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from contract.stats import interval
 from core import jobs
 from core.errors import Conflict
 from core.queue import Outbox
@@ -136,10 +137,14 @@ def _row(t: Training, ev: Evaluation | None) -> SweepRow:
         failed_checks=sorted({str(c.get("name")) for c in (ev.checks or []) if ev is not None
                               and not c.get("passed")}) if ev is not None else [])
     for r in ev.results if ev else []:
+        field = None  # the table's name for an accuracy, whose interval it shows
         if (r.benchmark, r.metric) == ("clean", "accuracy"):
             row.clean_accuracy = r.value
+            field = "clean_accuracy"
         elif (r.benchmark, r.metric) == ("adversarial", "robust_accuracy"):
-            row.robust_accuracy[f"{r.params['norm']}:{r.params['eps']:.4g}"] = r.value
+            threat = f"{r.params['norm']}:{r.params['eps']:.4g}"
+            row.robust_accuracy[threat] = r.value
+            field = f"robust_accuracy:{threat}"
         elif (r.benchmark, r.metric) == ("adversarial", "zero_gradient_fraction"):
             row.zero_gradient_fraction[str(r.params["norm"])] = r.value
         elif (r.benchmark, r.metric) == ("backgrounds", "bg_gap"):
@@ -147,10 +152,15 @@ def _row(t: Training, ev: Evaluation | None) -> SweepRow:
         elif (r.benchmark, r.metric) == ("backgrounds", "accuracy") and \
                 r.params.get("variant") == "mixed_rand":
             row.mixed_rand_accuracy = r.value
+            field = "mixed_rand_accuracy"
         elif (r.benchmark, r.metric) == ("fg_bg_noise", "rfs") and r.params.get("sigma") == "mean":
             row.rfs = r.value
         elif (r.benchmark, r.metric) == ("groups", "worst_group_accuracy"):
             row.worst_group_accuracy = r.value
+            field = "worst_group_accuracy"
+        ci = interval(r.value, r.n)
+        if field is not None and ci is not None:
+            row.intervals[field] = ci
     return row
 
 

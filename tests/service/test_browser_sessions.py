@@ -91,9 +91,18 @@ def test_logging_in_sets_a_session_cookie_that_opens_the_owners_pages(
     assert "logged in as <b>alice</b>" in page.text
     assert "action='/share-links/form'" in page.text  # the owner may share it
     assert client.get("/", headers=HTML).text.count(f"/evaluations/{mine}/report") == 1
+    # The records the page links to open too (the poll's path takes the session's owner).
+    record = client.get(f"/evaluations/{mine}")
+    assert record.status_code == 200
+    assert (record.json()["id"], record.json()["model_name"]) == (mine, "resnet-a")
+    assert client.get(f"/evaluations/{mine}", headers=auth(key)).json()["id"] == mine
     # Another owner's private report stays hidden from this session.
     theirs = _evaluation(sqlite_url, "bob", public=False)
     assert client.get(f"/evaluations/{theirs}/report", headers=HTML).status_code == 404
+    assert client.get(f"/evaluations/{theirs}").status_code == 404
+    assert client.get(f"/trainings/{uuid.uuid4()}").status_code == 404
+    client.cookies.clear()
+    assert client.get(f"/evaluations/{mine}").status_code == 401  # no session, no key
 
 
 def test_the_cookie_is_secure_over_https(app_settings: object, sqlite_url: str) -> None:
@@ -254,8 +263,21 @@ def test_share_links_open_a_private_report_until_revoked_or_expired(
     with make_sessionmaker(make_engine(sqlite_url)).begin() as s:
         s.execute(update(ShareLink).values(expires_at=utcnow() - timedelta(seconds=1)))
     assert client.get(url.removeprefix("http://testserver")).status_code == 404
+    # A sweep's page is shared the same way.
+    with make_sessionmaker(make_engine(sqlite_url)).begin() as s:
+        sweep = Sweep(owner="alice", spec={"dataset": "shapes-32", "architecture": "small_cnn"},
+                      training_ids=[])
+        s.add(sweep)
+        s.flush()
+        sweep_id = str(sweep.id)
+    shared = client.post("/share-links", headers=auth(key), json={"sweep_id": sweep_id}).json()
+    sweep_page = client.get(shared["url"].removeprefix("http://testserver"))
+    assert sweep_page.status_code == 200
+    assert "Sweep on shapes-32 (small_cnn)" in sweep_page.text
+    assert "shared by link: read-only" in sweep_page.text
+    assert client.get(f"/sweeps/{sweep_id}/report", headers=HTML).status_code == 303
     bad = client.post("/share-links/form", data={"api_key": "wrong", "kind": "evaluation",
                                                  "target_id": mine})
     assert bad.status_code == 401
     assert json.dumps(client.get("/share-links", headers=auth(key)).json()).count(
-        '"revoked_at": null') == 1  # the expired one; the wrong key made none
+        '"revoked_at": null') == 2  # the expired one and the sweep's; the wrong key made none

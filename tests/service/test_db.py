@@ -79,12 +79,13 @@ def test_polls_on_postgresql_use_at_most_their_connections(
 
     from core.errors import NotFound
     from core.keys import create_key
+    from service.app import POLLED
     from service.http.polling import PostgresRecords
 
     engine = db.make_engine(pg_url)
     with db.transaction(db.make_sessionmaker(engine)) as s:
         key = create_key(s, f"polls-{uuid.uuid4().hex[:8]}")
-    reader = PostgresRecords(engine, size=2)
+    reader = PostgresRecords(engine, POLLED, size=2)
     opened: list[object] = []
     connect = psycopg.AsyncConnection.connect
 

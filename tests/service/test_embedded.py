@@ -161,7 +161,7 @@ def test_up_help_explains_every_flag() -> None:
     up = next(a for a in parser()._subparsers._group_actions[0].choices.items()  # type: ignore[union-attr]
               if a[0] == "up")[1]
     flags = [a for a in up._actions if a.option_strings and a.dest != "help"]
-    assert sorted(a.dest for a in flags) == ["data_dir", "host", "port"]
+    assert sorted(a.dest for a in flags) == ["data_dir", "host", "port", "workers"]
     for action in flags:
         assert action.help, action.dest
     text = up.format_help()

@@ -314,6 +314,21 @@ def test_a_registered_model_is_evaluated_and_its_results_land_in_an_mlflow_run(
                                          str(tmp_path)))
     assert json.loads(got.read_text())["results"] == record["results"]
 
+    # With only MLflow's variables: a new run in that experiment, ended with the evaluation.
+    name = f"gate-env-{uuid.uuid4().hex[:6]}"
+    argv = [a for a in argv if a not in ("--mlflow-run", run.info.run_id)]
+    argv[argv.index(f"models:/digits-cnn/{version.version}")] = "model.pt"
+    done = run_cli(service, argv, cwd, MLFLOW_TRACKING_URI=mlflow_server,
+                   MLFLOW_EXPERIMENT_NAME=name)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((cwd / "record.json").read_text())
+    found = client.get_experiment_by_name(name)
+    assert found is not None
+    [new] = client.search_runs([found.experiment_id])
+    assert new.info.status == "FINISHED"
+    assert new.data.metrics["clean/accuracy"] == _value(record, "clean", "accuracy")
+    assert new.data.params["robustscope.evaluation_id"] == record["id"]
+
 
 def _value(record: dict[str, Any], benchmark: str, metric: str) -> float:
     [row] = [r for r in record["results"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.http.chrome import num
 from service.http.svg import fmt, nice_ticks, wrap
 from tests.factories import auth, new_key, settings, tiny_net, torchscript_bytes, upload
 
@@ -24,6 +25,7 @@ def test_nice_ticks_cover_the_range_with_round_steps() -> None:
         "robust accuracy", "against eps for", "apgd-ce"]  # 15 characters a line, nothing cut
     assert wrap("a" * 20, 66) == ["a" * 10, "a" * 10]
     assert wrap("short", 66) == ["short"]
+    assert (num(0.3 - 0.1 * 3), num(-0.1), num(0.41, 4)) == ("0.000", "-0.100", "0.4100")
 
 
 def test_a_running_evaluation_report_reloads_itself(sqlite_url: str, tmp_path: Path) -> None:

@@ -337,8 +337,16 @@ def test_a_browser_logs_in_and_reads_the_sweep_its_reports_and_shares_one(
             f"/trainings/{table[0]['training_id']}")
         assert page.locator("meta[http-equiv=refresh]").count() == 0
 
-        # From the report to the leaderboard at its first threat, and to a comparison.
+        # The records it links to open in the session too.
         report_url = page.url
+        for link in ("evaluation", "training"):
+            page.click(f"nav a.{link}")
+            page.wait_for_load_state()
+            assert page.url.startswith(f"{server}/{link}s/")
+            assert json.loads(page.inner_text("body"))["status"] == "succeeded"
+            page.goto(report_url)
+
+        # From the report to the leaderboard at its first threat, and to a comparison.
         page.click("nav a.compare")
         page.wait_for_load_state()
         assert page.inner_text("h1") == ("Leaderboard: robust_accuracy (adversarial) at "
@@ -349,6 +357,18 @@ def test_a_browser_logs_in_and_reads_the_sweep_its_reports_and_shares_one(
         page.wait_for_load_state()
         assert page.url.endswith(f"/compare/page?baseline={first_eval}")
         assert page.locator("table.compare tr").count() > 1
+        # Ranked by RFS (no threat): robust accuracy beside it at the threat most measured.
+        page.goto(f"{server}/leaderboard/page?dataset=waterbirds-32&benchmark=fg_bg_noise"
+                  "&metric=rfs")
+        head = page.locator("table.board tr").first.inner_text().split("\t")
+        assert head[5] == "robust accuracy (apgd-ce, l_2 eps 0.25)"
+        rows = [r.split("\t") for r in page.locator("table.board tr").all_inner_texts()[1:]]
+        assert [r[0] for r in rows] == [  # by RFS, the degenerate one last
+            "1 small_cnn-standard", "2 small_cnn-pgd-l2-0.25", "3 small_cnn-pgd-linf-0.007843",
+            "4 small_cnn-pgd-linf-0.03137", "5 small_cnn-pgd-l2-1"]
+        assert [r[5] for r in rows] == ["0.500", "0.600", "0.800", "0.900", "0.700"]
+        assert [r[6] for r in rows] == ["0.300", "0.200", "0.000", "-0.100", "0.100"]  # RFS
+        shot(page, "leaderboard-rfs")
         page.goto(report_url)
 
         # The cookie makes no write, even from the service's own page.
@@ -402,8 +422,8 @@ def test_anyone_reads_the_public_leaderboard_and_compares_two_evaluations(
                                          "autoattack, l_inf eps 8/255 on waterbirds-32")
         rows = [r.split("\t") for r in page.locator("table.board tr").all_inner_texts()]
         assert rows[0] == ["rank · model", "failed checks", "robust_accuracy", "n",
-                           "clean accuracy", "robust accuracy", "RFS", "BG-gap",
-                           "worst group", "owner", "links"]
+                           "clean accuracy", "robust accuracy (autoattack, l_inf eps 8/255)",
+                           "RFS", "BG-gap", "worst group", "owner", "links"]
         assert [r[0] for r in rows[1:]] == ["1 resnet18-pgd-linf", "2 resnet18-standard",
                                             "3 one-class-2-epochs"]
         assert [r[1] for r in rows[1:3]] == ["passed", "passed"]
@@ -418,6 +438,18 @@ def test_anyone_reads_the_public_leaderboard_and_compares_two_evaluations(
         assert max(edges.values()) <= VIEWPORT["width"]  # the whole table fits 1280 px
         assert "log in" in page.inner_text("nav")
         _clean_text(page)
+
+        # A public report opens without a session, read-only.
+        page.locator("table.board a.report").first.click()
+        page.wait_for_load_state()
+        assert page.url == f"{server}/evaluations/{ids['resnet18-pgd-linf']}/report"
+        shot(page, "public-report")
+        assert page.inner_text("h1") == "Evaluation of resnet18-pgd-linf on waterbirds-32"
+        assert "public: anyone can open this report" in page.inner_text("body")
+        assert page.locator("form.share").count() == 0
+        assert page.locator("nav a.evaluation").count() == 0  # the owner's JSON record
+        _clean_text(page)
+        page.go_back()
 
         # Compare the second with the first, side by side.
         page.locator("a.compare").first.click()

@@ -103,10 +103,10 @@ def test_the_table_reads_the_evaluations_and_cancel_stops_the_rest(
         ev = Evaluation(owner="alice", model_name="m", dataset="shapes-32", suite=[], seed=2,
                         status="succeeded", progress_fraction=1.0, results=[
             Result(entry_index=0, benchmark="clean", metric="accuracy", value=0.9,
-                   params={}, params_key="{}"),
+                   params={}, params_key="{}", n=200),
             Result(entry_index=1, benchmark="adversarial", metric="robust_accuracy", value=0.1,
                    params={"attack": "apgd-ce", "norm": "linf", "eps": 0.0314},
-                   params_key="a"),
+                   params_key="a", n=200),
             Result(entry_index=1, benchmark="adversarial", metric="zero_gradient_fraction",
                    value=0.25, params={"attack": "apgd-ce", "norm": "linf", "loss": "ce"},
                    params_key="z"),
@@ -136,6 +136,11 @@ def test_the_table_reads_the_evaluations_and_cancel_stops_the_rest(
         "clean_accuracy": 0.9, "robust_accuracy": {"linf:0.0314": 0.1}, "bg_gap": 0.3,
         "mixed_rand_accuracy": 0.4, "rfs": 0.6, "evaluation_status": "succeeded",
         "zero_gradient_fraction": {"linf": 0.25}}
+    # Intervals for the accuracies stored with their count (180 and 20 of 200), by hand:
+    # Wilson (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n).
+    assert row["intervals"] == {"clean_accuracy": pytest.approx([0.8506, 0.9343], abs=1e-4),
+                                "robust_accuracy:linf:0.0314": pytest.approx([0.0657, 0.1494],
+                                                                             abs=1e-4)}
     page = client.get(f"/sweeps/{sweep['id']}/report", headers=auth(key)).text
     assert "<th>no gradient l_inf</th>" in page
     assert "0.250" in page

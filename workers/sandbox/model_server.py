@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from workers.sandbox import seccomp
 from workers.sandbox.child import classify
-from workers.sandbox.remote import put, read_frame, take, write_frame
+from workers.sandbox.remote import finite, put, read_frame, take, write_frame
 
 
 class _BadOutput(Exception):
@@ -89,7 +89,7 @@ class Server:
             raise _BadOutput(f"the model returned {got} for {shape[0]} inputs, not logits of "
                              f"shape [{shape[0]}, {self.num_classes}]")
         logits = out.float()
-        if not bool(torch.isfinite(logits).all()):
+        if not finite(logits):
             raise _BadOutput("the model returned logits that are not finite")
         put(self.mm, logits)
         if not keep:
@@ -108,7 +108,7 @@ class Server:
             raise ValueError(f"a gradient of shape {list(grad.shape)} for logits of shape "
                              f"{list(logits.shape)}")
         gx = input_gradient(logits, x, grad)
-        if not bool(torch.isfinite(gx).all()):
+        if not finite(gx):
             raise _BadOutput("the model's input gradient is not finite")
         put(self.mm, gx)
         return {"ok": True}

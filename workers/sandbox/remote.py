@@ -35,6 +35,7 @@ every later call raises it again, so no number is computed from a channel that m
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import select
@@ -139,6 +140,16 @@ def put(mm: mmap.mmap, t: Tensor) -> None:
     """``t`` as contiguous float32 at the start of the shared memory."""
     flat = t.detach().to("cpu", torch.float32).contiguous().view(-1).numpy()
     np.frombuffer(mm, np.float32, flat.size)[:] = flat
+
+
+def finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite. Its smallest and largest values in one pass
+    (a NaN anywhere makes both NaN, an infinity is one of them): a tenth of the CPU of
+    ``isfinite(t).all()``, which writes a mask first and is checked on every answer."""
+    if not t.numel():
+        return True
+    low, high = torch.aminmax(t)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def take(mm: mmap.mmap, shape: Sequence[int]) -> Tensor:
@@ -251,7 +262,7 @@ class ModelChannel:
 
     def _tensor(self, shape: list[int]) -> Tensor:
         out = take(self.mm, shape)  # copied first: the server cannot change it after the check
-        if not bool(torch.isfinite(out).all()):
+        if not finite(out):
             raise self._violate("the model's process answered values that are not finite")
         return out
 
