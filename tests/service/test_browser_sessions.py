@@ -260,6 +260,16 @@ def test_share_links_open_a_private_report_until_revoked_or_expired(
     assert form.status_code == 201
     url = form.text.split("class='share-url' readonly size='90' value='")[1].split("'")[0]
     assert client.get(url.removeprefix("http://testserver")).status_code == 200
+    # Its page's revoke form (the key again) ends it.
+    share_id = form.text.split("name='share_id' value='")[1].split("'")[0]
+    revoked = client.post("/share-links/form", data={"api_key": key, "action": "revoke",
+                                                     "share_id": share_id})
+    assert revoked.status_code == 200
+    assert "opens nothing from now on" in revoked.text
+    assert client.get(url.removeprefix("http://testserver")).status_code == 404
+    form = client.post("/share-links/form", data={"api_key": key, "kind": "evaluation",
+                                                  "target_id": mine, "days": "1"})
+    url = form.text.split("class='share-url' readonly size='90' value='")[1].split("'")[0]
     with make_sessionmaker(make_engine(sqlite_url)).begin() as s:
         s.execute(update(ShareLink).values(expires_at=utcnow() - timedelta(seconds=1)))
     assert client.get(url.removeprefix("http://testserver")).status_code == 404
