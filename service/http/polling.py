@@ -40,6 +40,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
 from pydantic import BaseModel
 from sqlalchemy import Engine, and_, bindparam, select
+from sqlalchemy.orm import Session
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
@@ -47,7 +48,9 @@ from starlette.types import Scope, Send
 
 from core.errors import NotFound, Unauthorized, Unavailable
 from core.keys import key_matches, key_prefix
+from core.sessions import COOKIE
 from core.tables import ApiKey, Result
+from service.http.deps import current_viewer
 from service.http.guard import bearer_key
 
 log = logging.getLogger(__name__)
@@ -267,6 +270,28 @@ async def response(kind: str, request: Request, job_id: uuid.UUID) -> Response:
                              if k != b"content-length"})
 
 
+def from_browser(headers: Headers) -> bool:
+    """A request without a key that carries a browser's session cookie: its route reads the
+    record through the session (a link on a page), not through the key's poll."""
+    return bearer_key(headers) is None and f"{COOKIE}=" in headers.get("cookie", "")
+
+
+async def browser_record(request: Request,
+                         read: Callable[[Session, str], BaseModel]) -> Response:
+    """The record ``read(session, owner)`` returns, for the owner of the request's browser
+    session (a 303 to the login page for a browser without a live one)."""
+    session = request.app.state.sessionmaker()
+    try:
+        viewer = await current_viewer(request, session)
+        if viewer.owner is None:
+            raise viewer.refusal()
+        owner = viewer.owner
+        out = await to_thread.run_sync(lambda: read(session, owner))
+    finally:
+        await to_thread.run_sync(session.close)
+    return Response(out.model_dump_json(), media_type="application/json")
+
+
 def documented(errors: dict[int | str, dict[str, Any]]) -> dict[str, Any]:
     """The OpenAPI of a polled record's route, besides its model: the errors, its 304 and
     the ``If-None-Match`` header."""
@@ -312,7 +337,7 @@ def hot_route(scope: Scope) -> Callable[[Send], Awaitable[None]] | None:
         return None
     kind, job_id = found[1], uuid.UUID(found[2])
     records: Records = scope["app"].state.records
-    if kind not in records.kinds:
+    if kind not in records.kinds or from_browser(Headers(raw=scope.get("headers", []))):
         return None
 
     async def serve(send: Send) -> None:

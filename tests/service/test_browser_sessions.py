@@ -91,9 +91,18 @@ def test_logging_in_sets_a_session_cookie_that_opens_the_owners_pages(
     assert "logged in as <b>alice</b>" in page.text
     assert "action='/share-links/form'" in page.text  # the owner may share it
     assert client.get("/", headers=HTML).text.count(f"/evaluations/{mine}/report") == 1
+    # The records the page links to open too (the poll's path takes the session's owner).
+    record = client.get(f"/evaluations/{mine}")
+    assert record.status_code == 200
+    assert (record.json()["id"], record.json()["model_name"]) == (mine, "resnet-a")
+    assert client.get(f"/evaluations/{mine}", headers=auth(key)).json()["id"] == mine
     # Another owner's private report stays hidden from this session.
     theirs = _evaluation(sqlite_url, "bob", public=False)
     assert client.get(f"/evaluations/{theirs}/report", headers=HTML).status_code == 404
+    assert client.get(f"/evaluations/{theirs}").status_code == 404
+    assert client.get(f"/trainings/{uuid.uuid4()}").status_code == 404
+    client.cookies.clear()
+    assert client.get(f"/evaluations/{mine}").status_code == 401  # no session, no key
 
 
 def test_the_cookie_is_secure_over_https(app_settings: object, sqlite_url: str) -> None:
@@ -251,6 +260,16 @@ def test_share_links_open_a_private_report_until_revoked_or_expired(
     assert form.status_code == 201
     url = form.text.split("class='share-url' readonly size='90' value='")[1].split("'")[0]
     assert client.get(url.removeprefix("http://testserver")).status_code == 200
+    # Its page's revoke form (the key again) ends it.
+    share_id = form.text.split("name='share_id' value='")[1].split("'")[0]
+    revoked = client.post("/share-links/form", data={"api_key": key, "action": "revoke",
+                                                     "share_id": share_id})
+    assert revoked.status_code == 200
+    assert "opens nothing from now on" in revoked.text
+    assert client.get(url.removeprefix("http://testserver")).status_code == 404
+    form = client.post("/share-links/form", data={"api_key": key, "kind": "evaluation",
+                                                  "target_id": mine, "days": "1"})
+    url = form.text.split("class='share-url' readonly size='90' value='")[1].split("'")[0]
     with make_sessionmaker(make_engine(sqlite_url)).begin() as s:
         s.execute(update(ShareLink).values(expires_at=utcnow() - timedelta(seconds=1)))
     assert client.get(url.removeprefix("http://testserver")).status_code == 404

@@ -337,8 +337,16 @@ def test_a_browser_logs_in_and_reads_the_sweep_its_reports_and_shares_one(
             f"/trainings/{table[0]['training_id']}")
         assert page.locator("meta[http-equiv=refresh]").count() == 0
 
-        # From the report to the leaderboard at its first threat, and to a comparison.
+        # The records it links to open in the session too.
         report_url = page.url
+        for link in ("evaluation", "training"):
+            page.click(f"nav a.{link}")
+            page.wait_for_load_state()
+            assert page.url.startswith(f"{server}/{link}s/")
+            assert json.loads(page.inner_text("body"))["status"] == "succeeded"
+            page.goto(report_url)
+
+        # From the report to the leaderboard at its first threat, and to a comparison.
         page.click("nav a.compare")
         page.wait_for_load_state()
         assert page.inner_text("h1") == ("Leaderboard: robust_accuracy (adversarial) at "
