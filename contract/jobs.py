@@ -8,7 +8,6 @@ enums; nothing else spells them.
 from __future__ import annotations
 
 import enum
-from typing import TypedDict
 
 
 class JobStatus(enum.StrEnum):
@@ -20,15 +19,11 @@ class JobStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    @property
-    def final(self) -> bool:
-        return self in FINAL_STATES
-
 
 #: The states a job never leaves.
-FINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+FINAL_STATES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 #: The states that hold a worker or wait for one (the active-jobs quota counts them).
-ACTIVE_STATES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+ACTIVE_STATES = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 class JobErrorType(enum.StrEnum):
@@ -44,6 +39,7 @@ class JobErrorType(enum.StrEnum):
     TIME_LIMIT = "time-limit"
     DISK_QUOTA = "disk-quota"
     WORKER_LOST = "worker-lost"
+    STORAGE_ERROR = "storage-error"
 
 
 #: The errors a model (rather than the service) causes: the model server reports them as the
@@ -52,17 +48,10 @@ MODEL_ERRORS = (JobErrorType.MODEL_CRASHED, JobErrorType.OUT_OF_MEMORY,
                 JobErrorType.CHECKPOINT_ERROR)
 
 
-class JobError(TypedDict):
-    """A failed job's ``error``: its type and a detail for a person."""
-
-    type: str
-    detail: str
-
-
 #: The longest detail a job's error keeps.
 DETAIL_LIMIT = 500
 
 
-def job_error(type_: JobErrorType, detail: str) -> JobError:
+def job_error(type_: JobErrorType, detail: str) -> dict[str, str]:
     """The one way a job's error is made: a known type, the detail cut to its limit."""
     return {"type": JobErrorType(type_).value, "detail": detail[:DETAIL_LIMIT]}

@@ -62,6 +62,28 @@ class QuotaExceeded(DomainError):
     status, type, title = 429, "quota-exceeded", "Quota exceeded"
 
 
+def problem_body(status: int, type_: str, title: str, detail: str,
+                 **extra: Any) -> dict[str, Any]:
+    """An RFC 9457 problem body: the one place its ``type`` is made (``TYPE_BASE`` and the
+    problem's short name), whether it is answered at once or stored (a dataset's failed
+    ingest)."""
+    body = {"type": TYPE_BASE + type_, "title": title, "status": status, "detail": detail}
+    body.update(extra)
+    return body
+
+
+def normalised(exc: DomainError) -> dict[str, Any]:
+    """A domain error's extra members, with the fields of a problem about the request named
+    the same way everywhere: ``field`` (the first) and ``errors`` (every one, with its
+    message)."""
+    extra = dict(exc.extra)
+    if extra.get("field") and "errors" not in extra:
+        extra["errors"] = [{"field": extra["field"], "message": exc.detail}]
+    elif extra.get("errors") and "field" not in extra:
+        extra["field"] = extra["errors"][0]["field"]
+    return extra
+
+
 #: Seconds a client is asked to wait (``Retry-After``) after a 503 or a 429.
 RETRY_AFTER = {503: 5, 429: 30}
 

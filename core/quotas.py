@@ -9,11 +9,12 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from contract.jobs import ACTIVE_STATES
 from core.errors import QuotaExceeded
 from core.settings import Settings
 from core.tables import Dataset, Evaluation, Model, Training
 
-ACTIVE = ("queued", "running")
+ACTIVE = ACTIVE_STATES
 
 
 def active_jobs(session: Session, owner: str) -> int:

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from contract.jobs import JobStatus
 from core.db import Base
 
 
@@ -66,6 +67,38 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class JobState:
+    """The columns of anything a worker claims and runs (a job, or one shard of one): its state
+    and progress, who runs it, how it failed, and its times. The worker's generic loop
+    (``workers/jobs.py``) reads and writes only these."""
+
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
+    progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_stage: Mapped[str] = mapped_column(String(100), default=JobStatus.QUEUED.value)
+    progress_message: Mapped[str] = mapped_column(Text, default="")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    device: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class JobColumns(JobState):
+    """The columns every kind of job a user submits carries (an evaluation, a training): its
+    owner, who may repeat its request, the engine that ran it, and its :class:`JobState`."""
+
+    owner: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    engine_version: Mapped[str | None] = mapped_column(String(100))
+
+
 class Model(Base):
     __tablename__ = "models"
 
@@ -102,7 +135,7 @@ class Dataset(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class Evaluation(Base):
+class Evaluation(JobColumns, Base):
     __tablename__ = "evaluations"
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),
@@ -111,7 +144,6 @@ class Evaluation(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    owner: Mapped[str] = mapped_column(String(200))
     model_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("models.id", ondelete="SET NULL")
     )
@@ -126,19 +158,7 @@ class Evaluation(Base):
     seed: Mapped[int] = mapped_column(Integer)
     public: Mapped[bool] = mapped_column(Boolean, default=False)
     webhook_url: Mapped[str | None] = mapped_column(Text)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200))
-    request_hash: Mapped[str | None] = mapped_column(String(64))
 
-    status: Mapped[str] = mapped_column(String(16), default="queued")
-    progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
-    progress_stage: Mapped[str] = mapped_column(String(100), default="queued")
-    progress_message: Mapped[str] = mapped_column(Text, default="")
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(200))
-    device: Mapped[str | None] = mapped_column(String(200))
-    engine_version: Mapped[str | None] = mapped_column(String(100))
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     checks: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     artifacts: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     completed_entries: Mapped[list[int]] = mapped_column(JSON, default=list)
@@ -150,12 +170,6 @@ class Evaluation(Base):
     # (EvaluationShard), then this job merges their states and runs the rest.
     shards: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-
     results: Mapped[list[Result]] = relationship(
         back_populates="evaluation", order_by="Result.id", cascade="all, delete-orphan"
     )
@@ -166,14 +180,14 @@ class Evaluation(Base):
         went silent, or sharded whose shards all succeeded and whose merge nobody started
         (running with no heartbeat yet)."""
         pending = exists().where(EvaluationShard.evaluation_id == cls.id,
-                                 EvaluationShard.status != "succeeded")
-        return or_(and_(cls.status == "queued", cls.shards == 1),
-                   and_(cls.status == "running", cls.heartbeat_at < stale),
-                   and_(cls.status == "running", cls.heartbeat_at.is_(None), cls.shards > 1,
+                                 EvaluationShard.status != JobStatus.SUCCEEDED)
+        return or_(and_(cls.status == JobStatus.QUEUED, cls.shards == 1),
+                   and_(cls.status == JobStatus.RUNNING, cls.heartbeat_at < stale),
+                   and_(cls.status == JobStatus.RUNNING, cls.heartbeat_at.is_(None), cls.shards > 1,
                         ~pending))
 
 
-class EvaluationShard(Base):
+class EvaluationShard(JobState, Base):
     """One slice of a sharded evaluation's examples (``start`` to ``stop`` of its set), a job
     of its own: claimed, heart-beaten, fenced by its attempt and resumed like any job."""
 
@@ -188,22 +202,7 @@ class EvaluationShard(Base):
     start: Mapped[int] = mapped_column(Integer)
     stop: Mapped[int] = mapped_column(Integer)
 
-    status: Mapped[str] = mapped_column(String(16), default="queued")
-    progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
-    progress_stage: Mapped[str] = mapped_column(String(100), default="queued")
-    progress_message: Mapped[str] = mapped_column(Text, default="")
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(200))
-    device: Mapped[str | None] = mapped_column(String(200))
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     completed_entries: Mapped[list[int]] = mapped_column(JSON, default=list)
-
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class WorkerSeen(Base):
@@ -241,7 +240,7 @@ class Result(Base):
     evaluation: Mapped[Evaluation] = relationship(back_populates="results")
 
 
-class Training(Base):
+class Training(JobColumns, Base):
     """An adversarial training job; when it succeeds it registers ``model_id`` and, if the spec
     asked for it, queues ``evaluation_id``."""
 
@@ -253,7 +252,6 @@ class Training(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    owner: Mapped[str] = mapped_column(String(200))
     name: Mapped[str] = mapped_column(String(200))  # the registered model's name
     dataset: Mapped[str] = mapped_column(String(200))  # a built-in name or an uploaded id
     dataset_id: Mapped[uuid.UUID | None] = mapped_column(
@@ -270,19 +268,7 @@ class Training(Base):
     seed: Mapped[int] = mapped_column(Integer)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     evaluate: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200))
-    request_hash: Mapped[str | None] = mapped_column(String(64))
 
-    status: Mapped[str] = mapped_column(String(16), default="queued")
-    progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
-    progress_stage: Mapped[str] = mapped_column(String(100), default="queued")
-    progress_message: Mapped[str] = mapped_column(Text, default="")
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(200))
-    device: Mapped[str | None] = mapped_column(String(200))
-    engine_version: Mapped[str | None] = mapped_column(String(100))
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     model_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("models.id", ondelete="SET NULL")
@@ -290,12 +276,6 @@ class Training(Base):
     evaluation_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("evaluations.id", ondelete="SET NULL")
     )
-
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Sweep(Base):
@@ -315,7 +295,9 @@ class Sweep(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+#: The tables of the kinds of job (each with :class:`JobColumns`), and one of their rows.
+JobTable = type[Evaluation] | type[Training] | type[EvaluationShard]
+JobRow = Evaluation | Training | EvaluationShard
 
 
 class BrowserSession(Base):

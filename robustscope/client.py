@@ -50,6 +50,7 @@ from typing import Any
 import httpx
 import yaml
 
+from contract.jobs import FINAL_STATES, JobStatus
 from robustscope import gate, mlflow_log
 
 EXIT_FAILED, EXIT_USAGE, EXIT_THRESHOLD, EXIT_REQUEST = 1, 2, 3, 4
@@ -195,7 +196,7 @@ def wait(client: httpx.Client, job_id: str, interval: float, out: Any) -> dict[s
             out.write(("\r" + line.ljust(120)) if tty else line + "\n")
             out.flush()
             last = line
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if job["status"] in FINAL_STATES:
             if tty:
                 out.write("\n")
             return job
@@ -234,7 +235,7 @@ def find_baseline(client: httpx.Client, job: dict[str, Any], baseline: str) -> s
     name = baseline.removeprefix("model:")
     cursor = None
     for _ in range(100):  # at most 10 000 evaluations, newest first
-        query = {"status": "succeeded", "dataset": job["dataset"], "model_name": name,
+        query = {"status": JobStatus.SUCCEEDED.value, "dataset": job["dataset"], "model_name": name,
                  "limit": 100, **({"cursor": cursor} if cursor else {})}
         resp = client.get("/evaluations", params=query)
         if resp.status_code != 200:
@@ -330,7 +331,7 @@ def evaluate(server: str, api_key: str | None, checkpoint: str, metadata_file: P
                     return 0
                 job = wait(client, job["id"], interval, sys.stderr)
                 comparison = None
-                if g.baseline and job["status"] == "succeeded":
+                if g.baseline and job["status"] == JobStatus.SUCCEEDED:
                     comparison = compare(client, job["id"], find_baseline(client, job,
                                                                           g.baseline))
                 report = client.get(f"/evaluations/{job['id']}/report").text
@@ -354,12 +355,12 @@ def evaluate(server: str, api_key: str | None, checkpoint: str, metadata_file: P
         for f in case.failures:
             sys.stderr.write(f"{'threshold not met' if case.kind == 'threshold' else 'FAIL'}"
                              f": {f}\n")
-    if job["status"] == "succeeded" and mlflow_log.wanted(g.mlflow_run):
+    if job["status"] == JobStatus.SUCCEEDED and mlflow_log.wanted(g.mlflow_run):
         try:
             run = mlflow_log.log(g.mlflow_run, job, report, report_url)
         except Exception as exc:  # MLflow's own errors: a refused param, an unreachable server
             raise ClientError(f"could not log to MLflow: {type(exc).__name__}: {exc}") from exc
         sys.stderr.write(f"logged to MLflow run {run}\n")
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         return EXIT_FAILED
     return EXIT_THRESHOLD if any(not c.passed for c in cases) else 0

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from contract.jobs import JobStatus
+
 ALPHA = 0.05
 """A drop must be significant at this level to fail the gate."""
 
@@ -120,7 +122,7 @@ def drop_cases(comparison: dict[str, Any], drops: Iterable[Selector]) -> list[Ca
 def job_case(job: dict[str, Any]) -> Case:
     """The evaluation itself: it must have succeeded."""
     case = Case("evaluation", "evaluation")
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         err = job.get("error") or {}
         case.failures.append(f"the evaluation {job['status']}: {err.get('type', '')} "
                              f"{err.get('detail', '')}".rstrip())

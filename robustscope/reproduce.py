@@ -32,6 +32,7 @@ from typing import Any, TextIO
 
 import httpx
 
+from contract.jobs import FINAL_STATES, JobStatus
 from robustscope.client import EXIT_FAILED, ClientError, _problem
 
 
@@ -269,12 +270,12 @@ def _failures(client: httpx.Client, sweep: dict[str, Any]) -> list[str]:
     out = []
     for row in sweep["table"]:
         name = row.get("name") or row["training_id"]
-        if row["training_status"] != "succeeded":
+        if row["training_status"] != JobStatus.SUCCEEDED:
             t = client.get(f"/trainings/{row['training_id']}").json()
             err = t.get("error") or {}
             out.append(f"training {name} {row['training_status']}: {err.get('type', '')} "
                        f"{err.get('detail', '')}".rstrip())
-        elif row["evaluation_status"] not in (None, "succeeded"):
+        elif row["evaluation_status"] not in (None, JobStatus.SUCCEEDED):
             e = client.get(f"/evaluations/{row['evaluation_id']}").json()
             err = e.get("error") or {}
             out.append(f"evaluation of {name} {row['evaluation_status']}: "
@@ -317,10 +318,10 @@ def follow(client: httpx.Client, base: str, scale_name: str, scale: Scale, seed:
                   + ", ".join(f"{n}: {s['progress']['message']}" for n, s in sweeps.items())
                   + "\n")
         err.flush()
-        if all(s["status"] in ("succeeded", "failed", "cancelled") for s in sweeps.values()):
+        if all(s["status"] in FINAL_STATES for s in sweeps.values()):
             break
         sleep(interval)
-    failed = {name: s for name, s in sweeps.items() if s["status"] != "succeeded"}
+    failed = {name: s for name, s in sweeps.items() if s["status"] != JobStatus.SUCCEEDED}
     if failed:
         for name, s in failed.items():
             for line in _failures(client, s) or [f"the sweep is {s['status']}"]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from contract.jobs import JobErrorType, JobStatus, job_error
 from contract.suite import Entry, dump_entry
 from core.queue import WEBHOOK_TASK
 from core.tables import Dataset, Evaluation, EvaluationShard, Model, Result
@@ -69,6 +70,7 @@ class EvaluationWork:
     options: dict[str, Any] = field(default_factory=dict)  # n_examples, class_map
     send_task: Any = None
     table: JobTable = Evaluation
+    records_own_success = False
     # A sharded evaluation's merge: its shards (id, start, stop), in order, and when it
     # started (its time limit counts from then); None for one run as one job.
     shards: list[tuple[uuid.UUID, int, int]] = field(default_factory=list)
@@ -84,19 +86,19 @@ class EvaluationWork:
             assert ev is not None
             model = s.get(Model, ev.model_id) if ev.model_id else None
             if model is None:
-                raise JobFailed({"type": "checkpoint-error",
-                                 "detail": "the model of this evaluation was deleted"})
+                raise JobFailed(job_error(JobErrorType.CHECKPOINT_ERROR,
+                                          "the model of this evaluation was deleted"))
             dataset_file = None
             if ev.dataset_id is not None:
                 ds = s.get(Dataset, ev.dataset_id)
                 if ds is None:
-                    raise JobFailed({"type": "benchmark-error",
-                                     "detail": "the dataset of this evaluation was deleted"})
+                    raise JobFailed(job_error(JobErrorType.BENCHMARK_ERROR,
+                                              "the dataset of this evaluation was deleted"))
                 dataset_file = StoredFile.of_dataset(ds)
             try:
                 suite = [benchmarks.parse(entry) for entry in ev.suite]
             except BenchmarkError as exc:  # stored before the contract changed
-                raise JobFailed({"type": "benchmark-error", "detail": str(exc)}) from exc
+                raise JobFailed(job_error(JobErrorType.BENCHMARK_ERROR, str(exc))) from exc
             shards = [] if ev.shards <= 1 else [
                 (sh.id, sh.start, sh.stop) for sh in s.scalars(
                     select(EvaluationShard).where(EvaluationShard.evaluation_id == eid)
@@ -117,9 +119,10 @@ class EvaluationWork:
 
     def inputs(self) -> dict[str, Path]:
         if self._inputs is None:
-            files = {"model": fetch(self.rt, self.model_file, "checkpoint-error")}
+            files = {"model": fetch(self.rt, self.model_file, JobErrorType.CHECKPOINT_ERROR)}
             if self.dataset_file is not None:
-                files["dataset.npz"] = fetch(self.rt, self.dataset_file, "benchmark-error")
+                files["dataset.npz"] = fetch(self.rt, self.dataset_file,
+                                             JobErrorType.BENCHMARK_ERROR)
             self._inputs = files
         return self._inputs
 
@@ -224,7 +227,7 @@ class EvaluationWork:
             artifacts[f"entry-{index}/{name}"] = key
         with self.rt.sessions.begin() as s:
             ev = s.scalar(select(Evaluation).where(Evaluation.id == self.id).with_for_update())
-            if ev is None or ev.attempts != self.token or ev.status != "running":
+            if ev is None or ev.attempts != self.token or ev.status != JobStatus.RUNNING:
                 raise Superseded("the job changed hands before its results were written")
             for row in message["rows"]:
                 params = dict(row["params"])

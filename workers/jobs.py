@@ -32,8 +32,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
+from contract.jobs import JobErrorType, JobStatus, job_error
 from core.objectstore import StateMirror, StoreError, file_sha256
-from core.tables import Dataset, Evaluation, EvaluationShard, Training, utcnow
+from core.tables import Dataset, JobRow, JobTable, utcnow
 from workers.engine.types import Cancelled
 from workers.runtime import Runtime
 from workers.sandbox import child as engine_child
@@ -64,13 +65,11 @@ class JobFailed(Exception):
         self.error = error
 
 
-JobTable = type[Evaluation] | type[Training] | type[EvaluationShard]
-
 
 def sandbox_error(detail: str) -> dict[str, str]:
     """The jail or the supervisor failed (not the user's model): bubblewrap could not start
     the child, the child broke the report protocol, a file from the jail was refused."""
-    return {"type": "sandbox-error", "detail": detail[:500]}
+    return job_error(JobErrorType.SANDBOX_ERROR, detail)
 
 
 class Sender:
@@ -87,7 +86,7 @@ class Sender:
 
 def storage_error(exc: StoreError) -> dict[str, str]:
     """The store (core/objectstore.py) failed or holds a file that is not what was stored."""
-    return {"type": "storage-error", "detail": str(exc)[:500]}
+    return job_error(JobErrorType.STORAGE_ERROR, str(exc))
 
 
 @dataclass(frozen=True)
@@ -102,14 +101,14 @@ class StoredFile:
         return cls(ds.storage_path, (ds.info or {}).get("content_sha256"))
 
 
-def fetch(rt: Runtime, stored: StoredFile, missing: str) -> Path:
+def fetch(rt: Runtime, stored: StoredFile, missing: JobErrorType) -> Path:
     """The local file of a job's input; a file the store no longer has fails the job as
     ``missing`` (the kind of input it is), any other store failure as ``storage-error``."""
     try:
         return rt.fetch(stored.key, stored.sha256)
     except StoreError as exc:
         if "is not in the store" in str(exc):
-            raise JobFailed({"type": missing, "detail": str(exc)}) from exc
+            raise JobFailed(job_error(missing, str(exc))) from exc
         raise JobFailed(storage_error(exc)) from exc
 
 
@@ -167,6 +166,9 @@ class Work(Protocol):
     id: uuid.UUID
     token: int
     table: JobTable
+    #: True for a kind whose work records its own success (a training registers its model
+    #: before its child exits); the loop then records only the other outcomes.
+    records_own_success: bool
 
     @property
     def state_dir(self) -> Path:
@@ -191,18 +193,19 @@ class Work(Protocol):
 #: not at this attempt's claim) and ``on_write(session)`` (written with each heartbeat).
 
 
-def claim(rt: Runtime, eid: uuid.UUID, table: JobTable = Evaluation) -> int | None:
+def claim(rt: Runtime, eid: uuid.UUID, table: JobTable) -> int | None:
     """Take the job if it is queued or its worker went silent; returns the attempt number."""
     now = utcnow()
     stale = now - timedelta(seconds=rt.settings.stale_after)
     claimable = getattr(table, "claimable", None)
     when = claimable(stale) if claimable is not None else or_(
-        table.status == "queued", and_(table.status == "running", table.heartbeat_at < stale))
+        table.status == JobStatus.QUEUED,
+        and_(table.status == JobStatus.RUNNING, table.heartbeat_at < stale))
     with rt.sessions.begin() as s:
         res = s.execute(
             update(table)
             .where(table.id == eid, table.attempts < rt.settings.max_attempts, when)
-            .values(status="running", attempts=table.attempts + 1, worker=rt.name,
+            .values(status=JobStatus.RUNNING, attempts=table.attempts + 1, worker=rt.name,
                     heartbeat_at=now,
                     progress_stage="starting", progress_message=f"claimed by {rt.name}")
             .execution_options(synchronize_session=False)
@@ -228,7 +231,7 @@ class Supervisor:
     effect within that time plus the supervising loop's turn, not on the next heartbeat.
     """
 
-    def __init__(self, rt: Runtime, job: JobRef, table: JobTable = Evaluation) -> None:
+    def __init__(self, rt: Runtime, job: JobRef, table: JobTable) -> None:
         self.rt, self.job, self.table = rt, job, table
         self.latest: tuple[float, str, str] | None = None
         self.cancelled = threading.Event()
@@ -292,7 +295,7 @@ class Supervisor:
         with self.rt.sessions.begin() as s:
             res = s.execute(update(table).where(
                 table.id == self.job.id, table.attempts == self.job.token,
-                table.status == "running").values(**values)
+                table.status == JobStatus.RUNNING).values(**values)
                 .execution_options(synchronize_session=False))
             if res.rowcount == 1:  # type: ignore[attr-defined]
                 if s.scalar(select(table.cancel_requested).where(table.id == self.job.id)):
@@ -312,9 +315,9 @@ class Supervisor:
             row = s.execute(select(table.cancel_requested, table.attempts, table.status)
                             .where(table.id == self.job.id)).one_or_none()
         if (row is None or row.attempts != self.job.token
-                or row.status not in ("running", "succeeded")):
+                or row.status not in (JobStatus.RUNNING, JobStatus.SUCCEEDED)):
             self.superseded.set()
-        elif row.status == "running" and row.cancel_requested:
+        elif row.status == JobStatus.RUNNING and row.cancel_requested:
             self.cancelled.set()
 
 
@@ -328,9 +331,9 @@ def run_work(rt: Runtime, table: JobTable, jid: uuid.UUID,
     try:
         work = prepare(rt, jid, token)
     except JobFailed as exc:
-        _finish(rt, table, jid, token, "failed", exc.error)
-        return "failed"
-    status, error = "succeeded", None
+        _finish(rt, table, jid, token, JobStatus.FAILED, exc.error)
+        return JobStatus.FAILED
+    status, error = JobStatus.SUCCEEDED, None
     with Supervisor(rt, work, table) as sup:
         try:
             execute(rt, sup, work)
@@ -345,15 +348,15 @@ def run_work(rt: Runtime, table: JobTable, jid: uuid.UUID,
                         jid, exc_info=True)
             raise
         except Cancelled:
-            status = "cancelled"
+            status = JobStatus.CANCELLED
         except TimeLimit as exc:
-            status, error = "failed", {"type": "time-limit", "detail": str(exc)}
+            status, error = JobStatus.FAILED, job_error(JobErrorType.TIME_LIMIT, str(exc))
         except SoftTimeLimitExceeded:  # Celery's own limit (prefork), a minute after ours
-            status, error = "failed", {"type": "time-limit", "detail": (
-                f"the job ran past its time limit of {rt.settings.job_time_limit:g} s")}
+            status, error = JobStatus.FAILED, job_error(JobErrorType.TIME_LIMIT, (
+                f"the job ran past its time limit of {rt.settings.job_time_limit:g} s"))
         except JobFailed as exc:
-            status, error = "failed", exc.error
-    if status != "succeeded" or table is not Training:  # a training finishes as it registers
+            status, error = JobStatus.FAILED, exc.error
+    if status != JobStatus.SUCCEEDED or not work.records_own_success:
         _finish(rt, table, jid, token, status, error)
     work.finished(status, error)
     if torch.cuda.is_available():
@@ -506,7 +509,7 @@ def _supervise(rt: Runtime, sup: Supervisor, work: Work, child: Child, scratch: 
         for message in messages:
             kind = message["t"]
             if kind == "error":
-                error = {"type": message["type"], "detail": message["detail"][:500]}
+                error = job_error(message["type"], message["detail"])
             elif kind == "done":
                 done = True
             elif kind != "ready":
@@ -544,9 +547,9 @@ def _check_scratch(rt: Runtime, child: Child) -> None:
     used = files.usage(child.scratch)
     if used > rt.settings.sandbox_scratch_limit:
         child.kill()
-        raise JobFailed({"type": "disk-quota", "detail": (
+        raise JobFailed(job_error(JobErrorType.DISK_QUOTA, (
             f"the job wrote {used} bytes to its scratch directory, more than the "
-            f"limit of {rt.settings.sandbox_scratch_limit}")})
+            f"limit of {rt.settings.sandbox_scratch_limit}")))
 
 
 def _sync_or_kill(sync: _StateSync, child: Child) -> None:
@@ -586,12 +589,12 @@ def _died(status: int | None) -> dict[str, str]:
         except ValueError:
             name = f"signal {-status}"
         if -status == signal.SIGKILL:
-            return {"type": "out-of-memory",
-                    "detail": "the model's process was killed (SIGKILL), most likely for "
-                              "running out of memory"}
-        return {"type": "model-crashed", "detail": f"the model's process died ({name})"}
-    return {"type": "model-crashed",
-            "detail": f"the model's process exited without a result (status {status})"}
+            return job_error(JobErrorType.OUT_OF_MEMORY,
+                             "the model's process was killed (SIGKILL), most likely for "
+                             "running out of memory")
+        return job_error(JobErrorType.MODEL_CRASHED, f"the model's process died ({name})")
+    return job_error(JobErrorType.MODEL_CRASHED,
+                     f"the model's process exited without a result (status {status})")
 
 
 def _copy_state_in(src: Path, dst: Path) -> None:
@@ -645,28 +648,29 @@ def device_info(rt: Runtime, base: str) -> str:
 def _finish(rt: Runtime, table: JobTable, jid: uuid.UUID, token: int, status: str,
             error: dict[str, str] | None) -> None:
     with rt.sessions.begin() as s:
-        row: Evaluation | Training | None = s.get(table, jid)  # type: ignore[assignment]
+        row: JobRow | None = s.get(table, jid)  # type: ignore[assignment]
         if row is None or row.attempts != token:
             return
         row.status, row.error, row.finished_at = status, error, utcnow()
         row.progress_stage = status
-        if status == "succeeded":
+        if status == JobStatus.SUCCEEDED:
             row.progress_fraction, row.progress_message = 1.0, "done"
-        elif status == "cancelled":
+        elif status == JobStatus.CANCELLED:
             row.progress_message = "cancelled by the user"
         else:
             row.progress_message = (error or {}).get("detail", "failed")[:500]
 
 
-def _fail_exhausted(rt: Runtime, eid: uuid.UUID, table: JobTable = Evaluation) -> None:
+def _fail_exhausted(rt: Runtime, eid: uuid.UUID, table: JobTable) -> None:
     """A job whose workers kept dying is failed rather than retried forever."""
     stale = utcnow() - timedelta(seconds=rt.settings.stale_after)
     with rt.sessions.begin() as s:
         s.execute(update(table).where(
-            table.id == eid, table.status == "running",
+            table.id == eid, table.status == JobStatus.RUNNING,
             table.attempts >= rt.settings.max_attempts, table.heartbeat_at < stale)
-            .values(status="failed", finished_at=utcnow(), progress_stage="failed",
+            .values(status=JobStatus.FAILED, finished_at=utcnow(),
+                    progress_stage=JobStatus.FAILED,
                     progress_message="workers were lost repeatedly",
-                    error={"type": "worker-lost",
-                           "detail": f"the job's worker died {rt.settings.max_attempts} times"})
+                    error=job_error(JobErrorType.WORKER_LOST,
+                                    f"the job's worker died {rt.settings.max_attempts} times"))
             .execution_options(synchronize_session=False))

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 
+from contract.jobs import JobStatus
 from core.queue import EVALUATE_TASK, EVALUATIONS_QUEUE, INGEST_TASK, SHARD_TASK, TRAIN_TASK
 from core.tables import Dataset, Evaluation, EvaluationShard, Training, WorkerSeen, utcnow
 from workers.runtime import Runtime
@@ -25,15 +26,43 @@ from workers.runtime import Runtime
 log = logging.getLogger("robustscope.reconciler")
 
 
+#: Which rows of a kind were lost, given the cut-offs for queued and for silent work.
+Lost = Callable[[Any, datetime, datetime], ColumnElement[bool]]
+
+
+def _lost_job(table: Any, queued_cutoff: datetime, stale_cutoff: datetime) -> Any:
+    """A job still ``queued`` long after it was sent, or ``running`` with a silent worker."""
+    return or_(
+        and_(table.status == JobStatus.QUEUED, table.enqueued_at < queued_cutoff),
+        and_(table.status == JobStatus.RUNNING, table.heartbeat_at < stale_cutoff,
+             or_(table.enqueued_at.is_(None), table.enqueued_at < stale_cutoff)))
+
+
+def _lost_evaluation(table: Any, queued_cutoff: datetime, stale_cutoff: datetime) -> Any:
+    """As any job, but a sharded evaluation's shards are sent, never the evaluation itself."""
+    return and_(_lost_job(table, queued_cutoff, stale_cutoff),
+                or_(table.status != JobStatus.QUEUED, table.shards == 1))
+
+
+def _lost_ingest(table: Any, queued_cutoff: datetime, _stale: datetime) -> Any:
+    """An upload still ``ingesting`` long after its ingest was sent. A re-sent ingest that
+    meets one still running only repeats work: the first to finish decides the state."""
+    return and_(table.status == "ingesting", table.enqueued_at < queued_cutoff)
+
+
+#: What is re-sent: each kind of queued work, the task that runs it, and which rows were lost.
+KINDS: tuple[tuple[Any, str, Lost], ...] = (
+    (Evaluation, EVALUATE_TASK, _lost_evaluation), (Training, TRAIN_TASK, _lost_job),
+    (EvaluationShard, SHARD_TASK, _lost_job), (Dataset, INGEST_TASK, _lost_ingest))
+
+
 def reconcile_once(rt: Runtime, send_task: Callable[..., Any]) -> list[str]:
-    """Re-send lost evaluations, trainings and dataset ingests; returns their ids."""
-    resent: list[str] = []
+    """Re-send lost evaluations, trainings, shards and dataset ingests; returns their ids."""
     _seen(rt)
-    for table, task in ((Evaluation, EVALUATE_TASK), (Training, TRAIN_TASK),
-                        (EvaluationShard, SHARD_TASK)):
-        resent += _reconcile(rt, send_task, table, task)
+    resent = [rid for table, task, lost in KINDS
+              for rid in _reconcile(rt, send_task, table, task, lost)]
     _settle_sharded(rt, send_task)
-    return resent + _reconcile_ingests(rt, send_task)
+    return resent
 
 
 def _seen(rt: Runtime) -> None:
@@ -56,67 +85,34 @@ def _settle_sharded(rt: Runtime, send_task: Callable[..., Any]) -> None:
     cutoff = utcnow() - timedelta(seconds=rt.settings.stale_after)
     with rt.sessions() as s:
         ids = list(s.scalars(select(Evaluation.id).where(
-            Evaluation.status == "running", Evaluation.shards > 1,
+            Evaluation.status == JobStatus.RUNNING, Evaluation.shards > 1,
             Evaluation.heartbeat_at.is_(None),
             or_(Evaluation.enqueued_at.is_(None), Evaluation.enqueued_at < cutoff)).limit(100)))
     for eid in ids:
         settle(rt, eid, send_task)
 
 
-def _reconcile_ingests(rt: Runtime, send_task: Callable[..., Any]) -> list[str]:
-    """Uploads still ``ingesting`` long after their ingest was sent. A re-sent ingest that
-    meets one still running only repeats work: the first to finish decides the state."""
+def _reconcile(rt: Runtime, send_task: Callable[..., Any], table: Any, task: str,
+               lost: Lost) -> list[str]:
     now = utcnow()
-    cutoff = now - timedelta(seconds=rt.settings.requeue_queued_after)
+    queued_cutoff = now - timedelta(seconds=rt.settings.requeue_queued_after)
+    stale_cutoff = now - timedelta(seconds=rt.settings.stale_after)
     with rt.sessions.begin() as s:
-        q = select(Dataset.id).where(Dataset.status == "ingesting",
-                                     Dataset.enqueued_at < cutoff).limit(100)
-        if rt.engine.dialect.name == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        ids = list(s.scalars(q))
-        if ids:
-            s.execute(update(Dataset).where(Dataset.id.in_(ids)).values(enqueued_at=now)
-                      .execution_options(synchronize_session=False))
-    resent = [str(i) for i in ids]
-    for did in resent:
-        try:
-            send_task(INGEST_TASK, args=[did])
-            log.info("re-sent dataset ingest %s", did)
-        except Exception:
-            log.warning("could not re-send ingest %s; will retry", did, exc_info=True)
-    return resent
-
-
-def _reconcile(rt: Runtime, send_task: Callable[..., Any],
-               table: type[Evaluation] | type[Training] | type[EvaluationShard],
-               task: str) -> list[str]:
-    now = utcnow()
-    s_cfg = rt.settings
-    queued_cutoff = now - timedelta(seconds=s_cfg.requeue_queued_after)
-    stale_cutoff = now - timedelta(seconds=s_cfg.stale_after)
-    resent: list[str] = []
-    with rt.sessions.begin() as s:
-        queued = and_(table.status == "queued", table.enqueued_at < queued_cutoff)
-        if table is Evaluation:  # a sharded one's shards are sent, not the evaluation
-            queued = and_(queued, Evaluation.shards == 1)
-        q = select(table.id).where(or_(
-            queued,
-            and_(table.status == "running", table.heartbeat_at < stale_cutoff,
-                 or_(table.enqueued_at.is_(None), table.enqueued_at < stale_cutoff)),
-        )).limit(100)
+        q = select(table.id).where(lost(table, queued_cutoff, stale_cutoff)).limit(100)
         if rt.engine.dialect.name == "postgresql":
             q = q.with_for_update(skip_locked=True)
         ids = list(s.scalars(q))
         if ids:
             s.execute(update(table).where(table.id.in_(ids)).values(enqueued_at=now)
                       .execution_options(synchronize_session=False))
-        resent = [str(i) for i in ids]
-    for eid in resent:
+    resent = [str(i) for i in ids]
+    for rid in resent:
         try:
-            send_task(task, args=[eid])
-            log.info("re-sent %s %s", table.__tablename__, eid)
+            send_task(task, args=[rid])
+            log.info("re-sent %s %s", table.__tablename__, rid)
         except Exception:
-            log.warning("could not re-send %s; will retry", eid, exc_info=True)
+            log.warning("could not re-send %s %s; will retry", table.__tablename__, rid,
+                        exc_info=True)
     return resent
 
 

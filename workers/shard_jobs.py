@@ -24,10 +24,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from contract.jobs import ACTIVE_STATES, FINAL_STATES, JobErrorType, JobStatus, job_error
 from contract.suite import dump_entry
 from core.jobs import request_cancel
 from core.queue import EVALUATE_TASK, WEBHOOK_TASK, Outbox
-from core.tables import FINAL_STATES, Evaluation, EvaluationShard, utcnow
+from core.tables import Evaluation, EvaluationShard, utcnow
 from service.evaluations.service import shardable
 from workers.evaluation_jobs import SHARDS_SHARE, EvaluationWork
 from workers.jobs import JobFailed, JobTable, Scratch, Sender, Superseded, run_work, sandbox_error
@@ -60,6 +61,7 @@ class ShardWork:
     started: datetime | None  # the evaluation's start: its time limit counts from there
     runs: set[int] = field(default_factory=set)  # the entries shards run
     table: JobTable = EvaluationShard
+    records_own_success = False
 
     @classmethod
     def load(cls, rt: Runtime, sid: uuid.UUID, token: int, send_task: Any = None) -> ShardWork:
@@ -69,8 +71,8 @@ class ShardWork:
             assert shard is not None
             eid = shard.evaluation_id
             s.execute(update(Evaluation).where(Evaluation.id == eid,
-                                               Evaluation.status == "queued")
-                      .values(status="running", started_at=now, progress_stage="shards",
+                                               Evaluation.status == JobStatus.QUEUED)
+                      .values(status=JobStatus.RUNNING, started_at=now, progress_stage="shards",
                               progress_message="the shards are running")
                       .execution_options(synchronize_session=False))
             started = s.scalar(select(Evaluation.started_at).where(Evaluation.id == eid))
@@ -112,7 +114,7 @@ class ShardWork:
             with self.rt.sessions.begin() as s:
                 row = s.scalar(select(EvaluationShard).where(EvaluationShard.id == self.id)
                                .with_for_update())
-                if row is None or row.attempts != self.token or row.status != "running":
+                if row is None or row.attempts != self.token or row.status != JobStatus.RUNNING:
                     raise Superseded("the shard changed hands before its entry was recorded")
                 row.completed_entries = sorted({*row.completed_entries, index})
             self.completed.add(index)
@@ -122,7 +124,7 @@ class ShardWork:
         mean = (select(func.avg(EvaluationShard.progress_fraction))
                 .where(EvaluationShard.evaluation_id == self.evaluation.id).scalar_subquery())
         session.execute(update(Evaluation).where(
-            Evaluation.id == self.evaluation.id, Evaluation.status == "running",
+            Evaluation.id == self.evaluation.id, Evaluation.status == JobStatus.RUNNING,
             Evaluation.heartbeat_at.is_(None))
             .values(progress_fraction=SHARDS_SHARE * mean)
             .execution_options(synchronize_session=False))
@@ -139,26 +141,27 @@ def settle(rt: Runtime, eid: uuid.UUID, send_task: Any = None) -> str | None:
     did = None
     with rt.sessions.begin() as s:
         ev = s.scalar(select(Evaluation).where(Evaluation.id == eid).with_for_update())
-        if (ev is None or ev.shards <= 1 or ev.status != "running"
+        if (ev is None or ev.shards <= 1 or ev.status != JobStatus.RUNNING
                 or ev.heartbeat_at is not None):
             return None
         shards = list(s.scalars(select(EvaluationShard).where(
             EvaluationShard.evaluation_id == eid).order_by(EvaluationShard.index)))
         now = utcnow()
-        failed = next((sh for sh in shards if sh.status == "failed"), None)
+        failed = next((sh for sh in shards if sh.status == JobStatus.FAILED), None)
         if failed is not None:
-            error = failed.error or {"type": "worker-lost", "detail": "the shard was lost"}
+            error = failed.error or job_error(JobErrorType.WORKER_LOST, "the shard was lost")
             detail = f"shard {failed.index} ({failed.start}-{failed.stop}): {error['detail']}"
-            ev.status, ev.finished_at, ev.progress_stage = "failed", now, "failed"
-            ev.error = {"type": error["type"], "detail": detail[:500]}
+            ev.status = ev.progress_stage = JobStatus.FAILED.value
+            ev.finished_at, ev.error = now, job_error(JobErrorType(error["type"]), detail)
             ev.progress_message = detail[:500]
             for sh in shards:
-                if sh.status in ("queued", "running"):
+                if sh.status in ACTIVE_STATES:
                     request_cancel(sh, "shard")
             did = "failed"
         elif all(sh.status in FINAL_STATES for sh in shards):
-            if any(sh.status == "cancelled" for sh in shards):
-                ev.status, ev.finished_at, ev.progress_stage = "cancelled", now, "cancelled"
+            if any(sh.status == JobStatus.CANCELLED for sh in shards):
+                ev.status = ev.progress_stage = JobStatus.CANCELLED.value
+                ev.finished_at = now
                 ev.progress_message = "cancelled by the user"
                 did = "cancelled"
             else:

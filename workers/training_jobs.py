@@ -21,6 +21,7 @@ import torch
 from pydantic import ValidationError
 from sqlalchemy import select, update
 
+from contract.jobs import JobErrorType, JobStatus, job_error
 from contract.training import BETA, Threat, TrainingSpec
 from core.objectstore import StoreError, file_sha256
 from core.queue import Outbox
@@ -75,6 +76,7 @@ class TrainingWork:
     public: bool = False  # whether that evaluation is public
     send_task: Any = None
     table: JobTable = Training
+    records_own_success = True
     _inputs: dict[str, Path] | None = None
 
     @classmethod
@@ -87,8 +89,8 @@ class TrainingWork:
             if row.dataset_id is not None:
                 ds = s.get(Dataset, row.dataset_id)
                 if ds is None:
-                    raise JobFailed({"type": "training-error",
-                                     "detail": "the dataset of this training was deleted"})
+                    raise JobFailed(job_error(JobErrorType.TRAINING_ERROR,
+                                              "the dataset of this training was deleted"))
                 dataset_file = jobs.StoredFile.of_dataset(ds)
             opts = row.options or {}
             try:
@@ -100,8 +102,8 @@ class TrainingWork:
                     lr_schedule=opts.get("lr_schedule", "cosine"),
                     beta=float(opts.get("beta") or BETA))
             except ValidationError as exc:  # stored before the contract changed
-                raise JobFailed({"type": "training-error",
-                                 "detail": f"the stored training spec is invalid: {exc}"[:500]}
+                raise JobFailed(job_error(JobErrorType.TRAINING_ERROR,
+                                          f"the stored training spec is invalid: {exc}")
                                 ) from exc
             return cls(
                 rt=rt, id=tid, token=token, owner=row.owner, name=row.name, spec=spec,
@@ -119,7 +121,8 @@ class TrainingWork:
     def inputs(self) -> dict[str, Path]:
         if self._inputs is None:
             self._inputs = {} if self.dataset_file is None else {
-                "dataset.npz": jobs.fetch(self.rt, self.dataset_file, "training-error")}
+                "dataset.npz": jobs.fetch(self.rt, self.dataset_file,
+                                          JobErrorType.TRAINING_ERROR)}
         return self._inputs
 
     def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
@@ -144,7 +147,7 @@ class TrainingWork:
             with self.rt.sessions.begin() as s:
                 res = s.execute(update(Training).where(
                     Training.id == self.id, Training.attempts == self.token,
-                    Training.status == "running").values(history=message["history"])
+                    Training.status == JobStatus.RUNNING).values(history=message["history"])
                     .execution_options(synchronize_session=False))
                 if res.rowcount != 1:  # type: ignore[attr-defined]
                     raise Superseded("the job changed hands during training")
@@ -188,7 +191,7 @@ class TrainingWork:
         try:
             with self.rt.sessions.begin() as s:
                 row = s.scalar(select(Training).where(Training.id == self.id).with_for_update())
-                if row is None or row.attempts != self.token or row.status != "running":
+                if row is None or row.attempts != self.token or row.status != JobStatus.RUNNING:
                     raise Superseded("the job changed hands before its model was registered")
                 model = models.register(s, self.owner, tmp, sha, tmp.stat().st_size, meta,
                                         self.rt.store)
@@ -200,8 +203,9 @@ class TrainingWork:
                         public=self.public), None)
                     row.evaluation_id = ev.id
                 row.model_id, row.history = model.id, trained["history"]
-                row.status, row.finished_at, row.error = "succeeded", utcnow(), None
-                row.progress_fraction, row.progress_stage = 1.0, "succeeded"
+                row.status, row.error = JobStatus.SUCCEEDED.value, None
+                row.finished_at = utcnow()
+                row.progress_fraction, row.progress_stage = 1.0, JobStatus.SUCCEEDED.value
                 row.progress_message = "done"
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.errors import problem_body
+
 #: How many bad rows an error lists by name; the rest are only counted, so a broken
 #: 100k-row manifest does not produce a 100k-item response body.
 MAX_LISTED_ROWS = 50
@@ -62,16 +64,10 @@ class DatasetIngestError(Exception):
 
     def problem(self) -> dict[str, Any]:
         """The problem+json body (without ``instance``), ready for the API's handler."""
-        body: dict[str, Any] = {
-            "type": self.type,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-        }
-        if self.rows:
-            body["errors"] = [r.as_dict() for r in self.rows]
-            body["more_errors"] = self.more_rows
-        return body
+        if not self.rows:
+            return problem_body(self.status, self.type, self.title, self.detail)
+        return problem_body(self.status, self.type, self.title, self.detail,
+                            errors=[r.as_dict() for r in self.rows], more_errors=self.more_rows)
 
 
 def too_large(detail: str) -> DatasetIngestError:

@@ -11,8 +11,9 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.jobs import ACTIVE_STATES
 from core import storage
-from core.errors import Conflict, Invalid, NotFound
+from core.errors import Conflict, Invalid, NotFound, problem_body
 from core.objectstore import Store, StoreError, file_sha256
 from core.queue import INGEST_TASK, Outbox
 from core.repository import owned_rows
@@ -193,9 +194,8 @@ def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, store: St
     except DatasetIngestError as exc:
         error = exc.problem()
     except (FileNotFoundError, StoreError):
-        error = {"type": "https://robustscope.dev/problems/dataset-archive-missing",
-                 "title": "Archive missing", "status": 422,
-                 "detail": "the uploaded archive is no longer stored; upload it again"}
+        error = problem_body(422, "dataset-archive-missing", "Archive missing",
+                             "the uploaded archive is no longer stored; upload it again")
     try:
         if info is not None:  # a store that fails here raises: the ingest is sent again
             info["content_sha256"] = file_sha256(dest)
@@ -225,11 +225,11 @@ def delete(session: Session, owner: str, ref: str, store: Store) -> None:
     row = _find(session, owner, ref)
     active = session.scalar(
         select(func.count()).select_from(Evaluation).where(
-            Evaluation.dataset_id == row.id, Evaluation.status.in_(("queued", "running")))
+            Evaluation.dataset_id == row.id, Evaluation.status.in_(ACTIVE_STATES))
     ) or 0
     active += session.scalar(
         select(func.count()).select_from(Training).where(
-            Training.dataset_id == row.id, Training.status.in_(("queued", "running")))
+            Training.dataset_id == row.id, Training.status.in_(ACTIVE_STATES))
     ) or 0
     if active:
         raise Conflict(f"dataset {row.name!r} has {active} job(s) queued or running; "

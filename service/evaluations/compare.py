@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, undefer
 
+from contract.jobs import JobStatus
 from contract.metrics import LOWER_IS_BETTER
 from contract.stats import CONFIDENCE, Paired, decode_outcomes, interval
 from core.errors import Conflict
@@ -139,7 +140,7 @@ def between(session: Session, ev: Evaluation, base: Evaluation) -> Comparison:
     """``ev`` against ``base``, both already found readable by the caller (the comparison
     page also compares public evaluations of other owners); 409 as :func:`compare`."""
     for which, row in (("evaluation", ev), ("baseline", base)):
-        if row.status != "succeeded":
+        if row.status != JobStatus.SUCCEEDED:
             raise Conflict(f"the {which} {row.id} is {row.status}; only succeeded evaluations "
                            "are compared", reason="not-finished", field=which)
     mine, theirs = _examples(ev), _examples(base)

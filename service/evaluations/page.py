@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 
 from sqlalchemy.orm import Session
 
+from contract.jobs import FINAL_STATES, JobStatus
 from core.tables import Evaluation, Sweep
 from service.evaluations.repository import origin
 from service.evaluations.schemas import EvaluationOut, ResultOut
@@ -90,7 +91,7 @@ CHECKS = {
                       "procedural fallback); results compare only within one.",
 }
 
-FINAL = ("succeeded", "failed", "cancelled")
+FINAL = FINAL_STATES
 
 # What to do about a failed job, per error type (docs/API.md, Errors).
 WHAT_TO_DO = {
@@ -146,7 +147,7 @@ def render(ev: EvaluationOut, ctx: Context | None = None) -> str:
     if ctx.sweep_id and not ctx.shared:
         links.append((f"/sweeps/{ctx.sweep_id}/report", "sweep report"))
     dataset = ctx.dataset_name or ev.dataset
-    if not ctx.shared and ev.status == "succeeded":
+    if not ctx.shared and ev.status == JobStatus.SUCCEEDED:
         links.append((_compare_link(ev), "compare with another evaluation"))
     scope = (f"a seeded subset of {ev.n_examples} examples of the {e(ev.split)} split"
              if ev.n_examples else f"the whole {e(ev.split)} split")
@@ -196,10 +197,10 @@ def error_detail(detail: str) -> str:
 
 
 def _failure(ev: EvaluationOut) -> str:
-    if ev.status == "cancelled":
+    if ev.status == JobStatus.CANCELLED:
         return ("<div class='box failure'><h2>Cancelled</h2><p>The evaluation was cancelled "
                 "before it finished; the results below are the entries it completed.</p></div>")
-    if ev.status != "failed":
+    if ev.status != JobStatus.FAILED:
         return ""
     e = html.escape
     kind = ev.error.type if ev.error else "unknown"
@@ -229,10 +230,10 @@ def _checks(ev: EvaluationOut) -> str:
             f"{e(detail)}" + (f"<div class='note'>{e(why)}</div>" if why else "") + "</li>")
     if items:
         return f"<ul class='checks'>{''.join(items)}</ul>"
-    if ev.status in ("failed", "cancelled"):
+    if ev.status in (JobStatus.FAILED, JobStatus.CANCELLED):
         return ("<p class='note'>No check ran: the evaluation stopped before its first suite "
                 "entry finished.</p>")
-    if ev.status != "succeeded":
+    if ev.status != JobStatus.SUCCEEDED:
         return "<p class='note'>The checks appear here as the suite's entries finish.</p>"
     return "<p class='note'>This suite's benchmarks run no sanity check.</p>"
 

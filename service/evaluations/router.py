@@ -1,17 +1,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
-from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
+from contract.jobs import JobStatus
 from core import storage
 from core.errors import Conflict, Invalid, NotFound, invalid, problem_responses
 from core.objectstore import check_key
@@ -23,20 +22,14 @@ from core.webhook_policy import check_url
 from service.evaluations import compare, compare_page, service
 from service.evaluations import page as report
 from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
-from service.http import polling
 from service.http.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
-from service.http.events import progress_events
 from service.http.validation import loads, reject_nul
+from service.jobs.router import JobRoutes, accepted, add_job_routes
 from service.models import service as models
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
-
-
-def _accepted(response: Response, row_id: uuid.UUID, created: bool) -> None:
-    response.headers["Location"] = f"/evaluations/{row_id}"
-    response.status_code = 202 if created else 200
 
 
 @router.post("", status_code=202, response_model=EvaluationOut, responses=ERRORS,
@@ -91,7 +84,7 @@ async def create_evaluation(
         if uploaded is not None:  # the transaction rolls back; the file must go too
             storage.remove(settings.store(), uploaded)
         raise
-    _accepted(response, row.id, created)
+    accepted(response, "evaluations", row.id, created)
     return service.to_out(row)
 
 
@@ -113,54 +106,26 @@ def _parse_body(raw: object) -> EvaluationIn:
         raise invalid(exc) from exc
 
 
-@router.get("", response_model=EvaluationPage, responses=ERRORS)
-def list_evaluations(
-    session: SessionDep, owner: CurrentOwner,
-    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")]
-    = None,
-    model_id: uuid.UUID | None = None, dataset: str | None = None, cursor: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+def _filters(
+    status: JobStatus | None = None, model_id: uuid.UUID | None = None,
+    dataset: str | None = None,
     model_name: Annotated[str | None, Query(max_length=200,
                                             description="the model's name at upload")] = None,
-) -> EvaluationPage:
-    rows, next_cursor = service.list_page(session, owner, status=status, model_id=model_id,
-                                          dataset=dataset, cursor=cursor, limit=limit,
-                                          model_name=model_name)
-    return EvaluationPage(items=[service.to_out(r) for r in rows], next_cursor=next_cursor)
+) -> dict[str, Any]:
+    return {"status": status, "model_id": model_id, "dataset": dataset, "model_name": model_name}
 
 
-@router.get("/{evaluation_id}", response_model=EvaluationOut, **polling.documented(ERRORS))
-async def get_evaluation(evaluation_id: uuid.UUID, request: Request) -> Response:
-    """The evaluation's record, with an ``ETag``; pollers send it back in ``If-None-Match``
-    and get 304 with no body until the job changes (``service/http/polling.py``). A browser
-    logged in at ``/login`` (a link on a page) reads it through its session."""
-    if polling.from_browser(request.headers):
-        return await polling.browser_record(
-            request, lambda s, owner: service.to_out(service.get(s, owner, evaluation_id)))
-    return await polling.response("evaluations", request, evaluation_id)
-
-
-@router.post("/{evaluation_id}/cancel", status_code=202, response_model=EvaluationOut,
-             responses=ERRORS)
-def cancel_evaluation(evaluation_id: uuid.UUID, session: SessionDep,
-                      owner: CurrentOwner) -> EvaluationOut:
-    return service.to_out(service.cancel(session, owner, evaluation_id))
-
-
-def _evaluation_visible(evaluation_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> str:
-    """404 before a stream starts; the owner for the stream's own reads."""
-    service.get(session, owner, evaluation_id)
-    return owner
-
-
-@router.get("/{evaluation_id}/events", response_class=EventSourceResponse, responses=ERRORS)
-async def evaluation_events(evaluation_id: uuid.UUID, request: Request,
-                          owner: Annotated[str, Depends(_evaluation_visible)]
-                          ) -> AsyncIterator[ServerSentEvent]:
-    """Server-sent events: a ``progress`` event on every change, ``end`` at a final state."""
-    async for event in progress_events(
-            request, lambda s: service.to_out(service.get(s, owner, evaluation_id))):
-        yield event
+add_job_routes(router, JobRoutes(
+    path="evaluations", name="evaluation", record=EvaluationOut, page=EvaluationPage,
+    errors=ERRORS, get=service.get, cancel=service.cancel,
+    out=lambda _session, row: service.to_out(row), list_page=service.list_page,
+    filters=_filters, docs={
+        "get": "The evaluation's record, with an ``ETag``; pollers send it back in "
+               "``If-None-Match``\nand get 304 with no body until the job changes "
+               "(``service/http/polling.py``). A browser\nlogged in at ``/login`` (a link on a "
+               "page) reads it through its session.",
+        "events": "Server-sent events: a ``progress`` event on every change, ``end`` at a "
+                  "final state."}))
 
 
 @router.get("/{evaluation_id}/compare", response_model=compare.Comparison, responses=ERRORS)

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.http.pagination import Page
+from service.jobs.schemas import JobRecord
 
 #: The most shards one evaluation may have.
 MAX_SHARDS = 64
@@ -74,21 +74,6 @@ class EvaluationUpload(BaseModel):
                     "`POST /models`) in place of `model_id`")
 
 
-class Progress(BaseModel):
-    """How far a job has come."""
-
-    fraction: float = Field(description="the share of the work done, 0 to 1")
-    stage: str = Field(description="the step under way, e.g. `queued`, `loading`, `clean`")
-    message: str = Field(description="a human-readable line about the step")
-
-
-class ErrorOut(BaseModel):
-    """Why a job failed: a problem type and its detail."""
-
-    type: str = Field(description="the problem type, a short token (docs/API.md, Errors)")
-    detail: str = Field(description="what went wrong, for a person")
-
-
 class ResultOut(BaseModel):
     """One measured number."""
 
@@ -105,12 +90,9 @@ class ResultOut(BaseModel):
                           "(docs/METRICS.md, Uncertainty)")
 
 
-class EvaluationOut(BaseModel):
+class EvaluationOut(JobRecord):
     """An evaluation job and, once it has run, its results."""
 
-    id: uuid.UUID = Field(description="the evaluation's id")
-    status: str = Field(description="`queued`, `running`, `succeeded`, `failed` or `cancelled`")
-    progress: Progress = Field(description="how far the job has come")
     model_id: uuid.UUID | None = Field(description="the evaluated model; null once deleted")
     model_name: str = Field(description="the model's name at upload")
     dataset: str = Field(description="the dataset's name (built-in) or id (uploaded)")
@@ -119,15 +101,6 @@ class EvaluationOut(BaseModel):
     suite: list[dict[str, Any]] = Field(description="the benchmark entries run, presets expanded")
     seed: int = Field(description="the seed of the attacks' random starts and any subset drawn")
     public: bool = Field(description="whether the results are listed on the public leaderboard")
-    created_at: datetime = Field(description="when the job was submitted (UTC)")
-    started_at: datetime | None = Field(description="when a worker started it (UTC)")
-    finished_at: datetime | None = Field(description="when it reached a final state (UTC)")
-    attempts: int = Field(description="how many times a worker has started the job")
-    device: str | None = Field(description="the device it ran on, e.g. `cpu`, `cuda:0`")
-    worker: str | None = Field(None, description="the worker that ran (or runs) it: "
-                               "`robustscope worker --name`, else host:pid")
-    engine_version: str | None = Field(description="the version of the engine that measured it")
-    error: ErrorOut | None = Field(description="why it failed; null unless `failed`")
     results: list[ResultOut] = Field(description="the measured numbers, one row each")
     checks: list[dict[str, Any]] = Field(
         description="sanity checks on the run (e.g. degenerate predictions), each with "

@@ -8,13 +8,13 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
+from contract.jobs import ACTIVE_STATES, JobStatus
 from contract.stats import interval
 from core import jobs
-from core.errors import Conflict, Invalid
+from core.errors import Invalid
 from core.queue import EVALUATE_TASK, SHARD_TASK, Outbox
 from core.repository import owned, owned_rows
 from core.settings import Settings
@@ -23,15 +23,14 @@ from service.datasets.service import check_params, resolve
 from service.evaluations import suite as suites
 from service.evaluations.schemas import (
     MAX_SHARDS,
-    ErrorOut,
     EvaluationIn,
     EvaluationOut,
-    Progress,
     ResultOut,
     ShardOut,
 )
 from service.http.pagination import newest_first
 from service.http.polling import Polled
+from service.jobs.schemas import RECORD_COLUMNS, record_fields
 from service.models.service import get as get_model
 
 
@@ -42,10 +41,31 @@ def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
     A sharded one (``shards`` > 1) is its shard jobs, enqueued; it is merged when they have
     all succeeded (``settings`` gives the batch the shards align to and the live workers the
     default counts; without them it is one job)."""
-    request_hash = jobs.request_hash(body)
-    existing = jobs.replay(session, Evaluation, owner, idempotency_key, request_hash)
-    if existing is not None:
-        return existing, False
+    bounds: list[tuple[int, int]] = []  # a sharded one's slices, as its request gives them
+    row, created = jobs.create(session, outbox, Evaluation, owner, body, idempotency_key,
+                               lambda: _build(session, owner, body, settings, bounds))
+    if not created:
+        return row, False
+    set_committed_value(row, "results", [])  # a new job has none: no query to load them
+    if row.shards == 1:
+        outbox.add(EVALUATE_TASK, str(row.id))
+        return row, True
+    for index, (start, stop) in enumerate(bounds):
+        shard = EvaluationShard(evaluation_id=row.id, index=index, start=start, stop=stop,
+                                status=JobStatus.QUEUED.value,
+                                progress_stage=JobStatus.QUEUED.value,
+                                progress_message="waiting for a worker", enqueued_at=utcnow(),
+                                completed_entries=[])
+        session.add(shard)
+        session.flush()
+        outbox.add(SHARD_TASK, str(shard.id))
+    return row, True
+
+
+def _build(session: Session, owner: str, body: EvaluationIn, settings: Settings | None,
+           bounds: list[tuple[int, int]]) -> Evaluation:
+    """The job for a valid request, checked against its model and dataset (``bounds``
+    receives a sharded one's slices)."""
     model = get_model(session, owner, body.model_id)
     dataset = resolve(session, owner, body.dataset)
     check_params(body.dataset, body.dataset_params)
@@ -63,38 +83,16 @@ def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
     n = min(body.n_examples, size) if body.n_examples else size
     block = settings.batch_size if settings is not None else 0
     shards = _shard_count(session, body.shards, entries, n, block, settings)
-    options = {"n_examples": body.n_examples, "class_map": body.class_map}
+    options: dict[str, Any] = {"n_examples": body.n_examples, "class_map": body.class_map}
     if shards > 1:
         options["block"] = block
-    row = Evaluation(
-        owner=owner, model_id=model.id, model_name=model.name, dataset=dataset.name,
+        bounds += shard_bounds(n, block, shards)
+    return Evaluation(
+        model_id=model.id, model_name=model.name, dataset=dataset.name,
         dataset_id=dataset.id, dataset_params=body.dataset_params, split=split, suite=entries,
-        seed=body.seed, public=body.public,
-        webhook_url=body.webhook_url, idempotency_key=idempotency_key,
-        request_hash=request_hash, status="queued", progress_stage="queued",
-        progress_message="waiting for a worker", enqueued_at=utcnow(), checks=[],
-        artifacts={}, completed_entries=[], timings={},
-        options=options, shards=shards,
+        seed=body.seed, public=body.public, webhook_url=body.webhook_url, checks=[],
+        artifacts={}, completed_entries=[], timings={}, options=options, shards=shards,
     )
-    session.add(row)
-    try:
-        session.flush()
-    except IntegrityError as exc:  # a concurrent retry with the same key won the race
-        raise Conflict("a request with this Idempotency-Key is being processed; retry",
-                       reason="idempotency-key-race") from exc
-    set_committed_value(row, "results", [])  # a new job has none: no query to load them
-    if shards == 1:
-        outbox.add(EVALUATE_TASK, str(row.id))
-        return row, True
-    for index, (start, stop) in enumerate(shard_bounds(n, block, shards)):
-        shard = EvaluationShard(evaluation_id=row.id, index=index, start=start, stop=stop,
-                                status="queued", progress_stage="queued",
-                                progress_message="waiting for a worker", enqueued_at=utcnow(),
-                                completed_entries=[])
-        session.add(shard)
-        session.flush()
-        outbox.add(SHARD_TASK, str(shard.id))
-    return row, True
 
 
 def shardable(entries: list[dict[str, Any]]) -> list[int]:
@@ -185,7 +183,7 @@ def cancel(session: Session, owner: str, evaluation_id: uuid.UUID) -> Evaluation
     jobs.request_cancel(row, "evaluation")
     for shard in session.scalars(select(EvaluationShard).where(
             EvaluationShard.evaluation_id == row.id,
-            EvaluationShard.status.in_(("queued", "running")))):
+            EvaluationShard.status.in_(ACTIVE_STATES))):
         jobs.request_cancel(shard, "shard")
     return row
 
@@ -220,17 +218,10 @@ def out_of(row: Any, results: Iterable[Any], shards: Iterable[Any] = ()) -> Eval
     or a Core row of the polling path (:mod:`service.http.polling`) and its results (and
     shards, for a sharded one)."""
     return EvaluationOut(
-        id=row.id, status=row.status,
-        progress=Progress(fraction=row.progress_fraction, stage=row.progress_stage,
-                          message=row.progress_message),
+        **record_fields(row),
         model_id=row.model_id, model_name=row.model_name, dataset=row.dataset,
         dataset_params=row.dataset_params or {}, split=row.split, suite=row.suite,
-        seed=row.seed, public=row.public, created_at=row.created_at, started_at=row.started_at,
-        finished_at=row.finished_at, attempts=row.attempts, device=row.device,
-        worker=row.worker,
-        engine_version=row.engine_version,
-        error=ErrorOut(**row.error) if row.error else None,
-        results=[_result(r) for r in results],
+        seed=row.seed, public=row.public, results=[_result(r) for r in results],
         checks=list(row.checks or []), timings=dict(row.timings or {}),
         artifacts=sorted(row.artifacts or {}),
         n_examples=(row.options or {}).get("n_examples"),
@@ -263,10 +254,9 @@ def merge_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 #: What a poll of an evaluation reads: the columns :func:`out_of` reads, and no others.
 POLLED = Polled("evaluation", Evaluation.__table__, (
-    "id", "status", "progress_fraction", "progress_stage", "progress_message", "model_id",
-    "model_name", "dataset", "dataset_params", "split", "suite", "seed", "public",
-    "created_at", "started_at", "finished_at", "attempts", "device", "worker", "engine_version",
-    "error", "checks", "timings", "artifacts", "options", "shards"), out_of, with_results=True,
+    *RECORD_COLUMNS, "model_id", "model_name", "dataset", "dataset_params", "split", "suite",
+    "seed", "public", "checks", "timings", "artifacts", "options", "shards"), out_of,
+    with_results=True,
     more=select(*(EvaluationShard.__table__.c[name] for name in (
         "index", "start", "stop", "status", "worker", "attempts", "progress_fraction")))
     .where(EvaluationShard.evaluation_id == bindparam("job_id", type_=EvaluationShard.id.type))

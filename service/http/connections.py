@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from core.errors import problem_body
+
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # pragma: no cover - httptools is a dependency; h11 is uvicorn's fallback
@@ -56,8 +58,7 @@ class ConnectionLimits:
 
 def _response(status: int, reason: str, type_: str, detail: str) -> bytes:
     """A whole problem+json answer that closes the connection, written before any request."""
-    body = json.dumps({"type": "https://robustscope.dev/problems/" + type_, "title": reason,
-                       "status": status, "detail": detail}).encode()
+    body = json.dumps(problem_body(status, type_, reason, detail)).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/problem+json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode() + body

@@ -12,7 +12,7 @@ from fastapi.sse import ServerSentEvent
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from core.tables import FINAL_STATES
+from contract.jobs import FINAL_STATES
 
 
 class _Progress(Protocol):

@@ -159,7 +159,7 @@ class Guard:
 
     def _answer(self, scope: Scope, exc: Exception) -> Any:
         if isinstance(exc, errors.DomainError):
-            return problems.problem(exc.status, exc.type, exc.title, exc.detail, **exc.extra)
+            return problems.render(exc)
         if isinstance(exc, BodyTooLarge):
             return problems.problem(413, "payload-too-large", "Upload too large", exc.detail,
                                   limit=exc.limit)

@@ -17,14 +17,21 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import PROBLEM, RETRY_AFTER, TYPE_BASE, DomainError, Invalid, field_errors
+from core.errors import (
+    PROBLEM,
+    RETRY_AFTER,
+    DomainError,
+    Invalid,
+    field_errors,
+    normalised,
+    problem_body,
+)
 
 log = logging.getLogger("robustscope.api")
 
 
 def problem(status: int, type_: str, title: str, detail: str, **extra: Any) -> JSONResponse:
-    body = {"type": TYPE_BASE + type_, "title": title, "status": status, "detail": detail}
-    body.update(extra)
+    body = problem_body(status, type_, title, detail, **extra)
     headers = {"Retry-After": str(RETRY_AFTER[status])} if status in RETRY_AFTER else None
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
@@ -37,17 +44,16 @@ def database_down(exc: BaseException) -> JSONResponse:
                    "the database is unavailable; retry shortly")
 
 
+def render(exc: DomainError) -> JSONResponse:
+    """The one answer to a domain error, from the framework's handler and the request guard
+    alike."""
+    return problem(exc.status, exc.type, exc.title, exc.detail, **normalised(exc))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        extra = dict(exc.extra)
-        # A problem about the request's fields names them the same way everywhere: ``field``
-        # (the first) and ``errors`` (every one, with its message).
-        if extra.get("field") and "errors" not in extra:
-            extra["errors"] = [{"field": extra["field"], "message": exc.detail}]
-        elif extra.get("errors") and "field" not in extra:
-            extra["field"] = extra["errors"][0]["field"]
-        return problem(exc.status, exc.type, exc.title, exc.detail, **extra)
+        return render(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

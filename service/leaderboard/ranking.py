@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session
 
 from contract.attacks import Norm
+from contract.jobs import JobStatus
 from contract.metrics import LOWER_IS_BETTER
 from core.errors import Invalid
 from core.tables import Evaluation, Result
@@ -138,7 +139,7 @@ def rank(session: Session, viewer: str | None, dataset: str, benchmark: str, met
     """Every evaluation the viewer may see (public ones, and the viewer's own) that measured
     ``metric`` at ``threat`` on ``dataset``, one entry each, in rank order."""
     q = (select(Result, Evaluation).join(Evaluation, Result.evaluation_id == Evaluation.id)
-         .where(Evaluation.status == "succeeded", Evaluation.dataset == dataset,
+         .where(Evaluation.status == JobStatus.SUCCEEDED, Evaluation.dataset == dataset,
                 Result.benchmark == benchmark, Result.metric == metric, visible(viewer)))
     if threat is not None:  # narrowed in the database; matched exactly below
         q = q.where(Result.params["norm"].as_string() == threat.norm)
@@ -165,7 +166,7 @@ def threats_measured(session: Session, viewer: str | None, dataset: str,
     metric = "robust_accuracy"
     q = (select(Result.params, Result.evaluation_id)
          .join(Evaluation, Result.evaluation_id == Evaluation.id)
-         .where(Evaluation.status == "succeeded", Evaluation.dataset == dataset,
+         .where(Evaluation.status == JobStatus.SUCCEEDED, Evaluation.dataset == dataset,
                 Result.benchmark == benchmark, Result.metric == metric, visible(viewer)))
     seen: dict[tuple[str | None, str, str], tuple[Threat, set[uuid.UUID]]] = {}
     for params, eid in session.execute(q):

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from contract.jobs import ACTIVE_STATES
 from core import storage
 from core.errors import Conflict, Invalid, invalid
 from core.objectstore import Store
@@ -84,7 +85,7 @@ def delete(session: Session, owner: str, model_id: uuid.UUID, store: Store) -> N
     row = get(session, owner, model_id)
     active = session.scalar(
         select(func.count()).select_from(Evaluation).where(
-            Evaluation.model_id == model_id, Evaluation.status.in_(("queued", "running")))
+            Evaluation.model_id == model_id, Evaluation.status.in_(ACTIVE_STATES))
     )
     if active:
         raise Conflict(f"model {model_id} has {active} evaluation(s) queued or running; "

@@ -13,9 +13,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
-from core.errors import RETRY_AFTER, Unauthorized, problem_responses
+from contract.jobs import JobStatus
+from core.errors import Unauthorized, problem_responses
 from core.tables import Evaluation
 from service.http.guard import bearer_key
+from service.http.problems import problem
 
 router = APIRouter(tags=["operations"])
 
@@ -65,11 +67,8 @@ def ready(request: Request) -> JSONResponse:
     if ok:
         return JSONResponse({"status": "ready", "checks": shown, "sandbox": sandbox})
     down = ", ".join(k for k, v in checks.items() if v != "ok")
-    return JSONResponse(
-        {"type": "https://robustscope.dev/problems/not-ready", "title": "Not ready",
-         "status": 503, "detail": f"unavailable: {down}", "checks": shown, "sandbox": sandbox},
-        status_code=503, media_type="application/problem+json",
-        headers={"Retry-After": str(RETRY_AFTER[503])})
+    return problem(503, "not-ready", "Not ready", f"unavailable: {down}", checks=shown,
+                   sandbox=sandbox)
 
 
 def _operator_or_down(request: Request, checks: dict[str, Any]) -> bool:
@@ -95,7 +94,7 @@ class JobCollector(Collector):
                                         .group_by(Evaluation.status)).all())
         except Exception:  # a scrape must not fail because the database is down
             counts = {}
-        for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+        for status in JobStatus:
             g.add_metric([status], float(counts.get(status, 0)))
         yield g
         up = GaugeMetricFamily("robustscope_api_start_time_seconds", "API process start time")

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import html
 
+from contract.jobs import FINAL_STATES, JobStatus
 from service.http.chrome import NORM_NAMES, eps_text, nav, num, scroll, share_form
 from service.http.svg import Axis, Reference, Series, chart, page
 from service.sweeps.schemas import SweepOut, SweepRow
 
 NORM_COLORS = {"l2": "#1f77b4", "linf": "#d62728", "l1": "#2ca02c"}
-FINAL = ("succeeded", "failed", "cancelled")
+FINAL = FINAL_STATES
 
 
 def _threat_keys(sweep: SweepOut) -> dict[str, tuple[str, float]]:
@@ -78,7 +79,7 @@ def _cell(v: float | None, ci: tuple[float, float] | None = None) -> str:
 
 
 def _checks(r: SweepRow) -> str:
-    if r.evaluation_status != "succeeded":
+    if r.evaluation_status != JobStatus.SUCCEEDED:
         return "<td>-</td>"
     if not r.failed_checks:
         return "<td class='ok'>passed</td>"
@@ -131,7 +132,7 @@ def render(sweep: SweepOut, viewer: str | None = None, mine: bool = False,
         trained = (f"{r.method}, {NORM_NAMES.get(r.norm, r.norm)} eps {eps_text(r.norm, r.eps)}"
                    if r.norm and r.eps is not None else r.method)
         status = r.training_status if r.evaluation_status is None else (
-            r.evaluation_status if r.training_status == "succeeded" else r.training_status)
+            r.evaluation_status if r.training_status == JobStatus.SUCCEEDED else r.training_status)
         flagged = " class='flagged'" if r.failed_checks else ""
         body.append(
             f"<tr{flagged}><td>{e(r.name or r.method)}</td>{_checks(r)}<td>{e(trained)}</td>"

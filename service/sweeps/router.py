@@ -3,14 +3,14 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from core.errors import problem_responses
-from core.quotas import check_active_jobs
 from core.tables import Sweep
 from service.http.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
+from service.jobs.router import JobRoutes, accepted, add_job_routes, check_quota
 from service.sweeps import page as sweep_page
 from service.sweeps import service
 from service.sweeps.schemas import SweepIn, SweepOut, SweepPage
@@ -31,31 +31,18 @@ async def create_sweep(
     body 409."""
     row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
                                            idempotency_key)
-    if created:
-        await run_in_threadpool(check_active_jobs, session, owner, settings, 0)
-    response.headers["Location"] = f"/sweeps/{row.id}"
-    response.status_code = 202 if created else 200
+    await check_quota(session, owner, settings, created)
+    accepted(response, "sweeps", row.id, created)
     return await run_in_threadpool(service.to_out, session, row)
 
 
-@router.get("", response_model=SweepPage, responses=ERRORS)
-def list_sweeps(session: SessionDep, owner: CurrentOwner, cursor: str | None = None,
-                limit: Annotated[int, Query(ge=1, le=100)] = 20) -> SweepPage:
-    """The owner's sweeps, newest first, each with its status and trade-off table."""
-    rows, next_cursor = service.list_page(session, owner, cursor=cursor, limit=limit)
-    return SweepPage(items=[service.to_out(session, r) for r in rows], next_cursor=next_cursor)
-
-
-@router.get("/{sweep_id}", response_model=SweepOut, responses=ERRORS)
-def get_sweep(sweep_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> SweepOut:
-    """The sweep's state and its trade-off table, one row per model."""
-    return service.to_out(session, service.get(session, owner, sweep_id))
-
-
-@router.post("/{sweep_id}/cancel", status_code=202, response_model=SweepOut, responses=ERRORS)
-def cancel_sweep(sweep_id: uuid.UUID, session: SessionDep, owner: CurrentOwner) -> SweepOut:
-    """Cancel every training and evaluation of the sweep that has not finished."""
-    return service.to_out(session, service.cancel(session, owner, sweep_id))
+add_job_routes(router, JobRoutes(
+    path="sweeps", name="sweep", record=SweepOut, page=SweepPage, errors=ERRORS,
+    get=service.get, cancel=service.cancel, out=service.to_out, list_page=service.list_page,
+    polled=False, events=False, docs={
+        "list": "The owner's sweeps, newest first, each with its status and trade-off table.",
+        "get": "The sweep's state and its trade-off table, one row per model.",
+        "cancel": "Cancel every training and evaluation of the sweep that has not finished."}))
 
 
 @router.get("/{sweep_id}/report", response_class=HTMLResponse, responses=ERRORS)

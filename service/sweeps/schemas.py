@@ -7,8 +7,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from contract.training import MAX_MODELS, SweepIn
-from service.evaluations.schemas import Progress
 from service.http.pagination import Page
+from service.jobs.schemas import Progress
 
 __all__ = ["MAX_MODELS", "SweepIn", "SweepOut", "SweepPage", "SweepRow"]
 

@@ -7,19 +7,19 @@ import uuid
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from contract.jobs import FINAL_STATES, JobStatus
 from contract.stats import interval
 from core import jobs
 from core.errors import Conflict
 from core.queue import Outbox
 from core.repository import owned, owned_rows
-from core.tables import FINAL_STATES, Evaluation, Sweep, Training
+from core.tables import Evaluation, Sweep, Training
 from service.datasets.service import resolve
 from service.evaluations import service as evaluations
-from service.evaluations.schemas import Progress
 from service.http.pagination import newest_first
+from service.jobs.schemas import Progress
 from service.sweeps.schemas import SweepIn, SweepOut, SweepRow
 from service.trainings import service as trainings
 from service.trainings.schemas import Method, ThreatIn, TrainingIn
@@ -46,10 +46,12 @@ def create(session: Session, outbox: Outbox, owner: str, body: SweepIn,
            idempotency_key: str | None = None) -> tuple[Sweep, bool]:
     """Queue the grid's trainings (or return the sweep this Idempotency-Key made, so a retried
     request never queues the grid twice)."""
-    request_hash = jobs.request_hash(body)
-    existing = jobs.replay(session, Sweep, owner, idempotency_key, request_hash)
-    if existing is not None:
-        return existing, False
+    return jobs.create(session, outbox, Sweep, owner, body, idempotency_key,
+                       lambda: _build(session, outbox, owner, body))
+
+
+def _build(session: Session, outbox: Outbox, owner: str, body: SweepIn) -> Sweep:
+    """The sweep for a valid request, its trainings queued."""
     suite = body.suite if body.suite is not None else default_suite(session, owner, body)
     ids: list[str] = []
     for method, norm, eps in body.grid():
@@ -68,15 +70,7 @@ def create(session: Session, outbox: Outbox, owner: str, body: SweepIn,
             n_examples=body.n_examples, public=body.public)
         row, _ = trainings.create(session, outbox, owner, spec, None)
         ids.append(str(row.id))
-    sweep = Sweep(owner=owner, spec={**body.model_dump(mode="json"), "suite": suite},
-                  training_ids=ids, idempotency_key=idempotency_key, request_hash=request_hash)
-    session.add(sweep)
-    try:
-        session.flush()
-    except IntegrityError as exc:  # a concurrent retry with the same key won the race
-        raise Conflict("a request with this Idempotency-Key is being processed; retry",
-                       reason="idempotency-key-race") from exc
-    return sweep, True
+    return Sweep(spec={**body.model_dump(mode="json"), "suite": suite}, training_ids=ids)
 
 
 def list_page(session: Session, owner: str, *, cursor: str | None,
@@ -131,7 +125,7 @@ def _row(t: Training, ev: Evaluation | None) -> SweepRow:
         model_id=t.model_id, evaluation_id=t.evaluation_id,
         evaluation_status=ev.status if ev else None, clean_accuracy=None, robust_accuracy={},
         bg_gap=None, mixed_rand_accuracy=None, rfs=None, name=t.name,
-        degenerate=None if ev is None or ev.status != "succeeded" else any(
+        degenerate=None if ev is None or ev.status != JobStatus.SUCCEEDED else any(
             c.get("name") == "degenerate_predictions" and not c.get("passed")
             for c in ev.checks or []),
         failed_checks=sorted({str(c.get("name")) for c in (ev.checks or []) if ev is not None
@@ -175,19 +169,19 @@ def _pending(runs: list[Training], evals: dict[uuid.UUID, Evaluation]) -> list[s
         if ev is not None:
             states.append(ev.status)
         elif t.status not in FINAL_STATES:
-            states.append("queued")
+            states.append(JobStatus.QUEUED)
     return states
 
 
 def _status(runs: list[Training], evals: dict[uuid.UUID, Evaluation]) -> str:
     states = _pending(runs, evals)
-    if all(s == "queued" for s in states):
-        return "queued"
+    if all(s == JobStatus.QUEUED for s in states):
+        return JobStatus.QUEUED
     if any(s not in FINAL_STATES for s in states):
-        return "running"
-    if all(s == "succeeded" for s in states):
-        return "succeeded"
-    return "failed" if "failed" in states else "cancelled"
+        return JobStatus.RUNNING
+    if all(s == JobStatus.SUCCEEDED for s in states):
+        return JobStatus.SUCCEEDED
+    return JobStatus.FAILED if JobStatus.FAILED in states else JobStatus.CANCELLED
 
 
 def _progress(runs: list[Training], evals: dict[uuid.UUID, Evaluation]) -> Progress:
@@ -199,8 +193,8 @@ def _progress(runs: list[Training], evals: dict[uuid.UUID, Evaluation]) -> Progr
         else:
             fractions.append(0.5 * t.progress_fraction + 0.5 * (ev.progress_fraction if ev
                                                                  else 0.0))
-    trained = sum(t.status == "succeeded" for t in runs)
-    evaluated = sum(e.status == "succeeded" for e in evals.values())
+    trained = sum(t.status == JobStatus.SUCCEEDED for t in runs)
+    evaluated = sum(e.status == JobStatus.SUCCEEDED for e in evals.values())
     message = f"{trained} of {len(runs)} trainings and {evaluated} evaluations succeeded"
     fraction = sum(fractions) / len(fractions) if fractions else 1.0
     return Progress(fraction=fraction, stage=_status(runs, evals), message=message)

@@ -1,25 +1,21 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from contract.training import LrSchedule, Method, Optimizer, ThreatIn, TrainingIn
-from service.evaluations.schemas import ErrorOut, Progress
 from service.http.pagination import Page
+from service.jobs.schemas import JobRecord
 
 __all__ = ["LrSchedule", "Method", "Optimizer", "ThreatIn", "TrainingIn",
            "TrainingOut", "TrainingPage"]
 
 
-class TrainingOut(BaseModel):
+class TrainingOut(JobRecord):
     """A training job: its spec with defaults filled in, its history and what it produced."""
 
-    id: uuid.UUID = Field(description="the training's id")
-    status: str = Field(description="`queued`, `running`, `succeeded`, `failed` or `cancelled`")
-    progress: Progress = Field(description="how far the job has come")
     name: str = Field(description="the trained model's name")
     dataset: str = Field(description="the dataset trained on")
     dataset_params: dict[str, Any] = Field(description="a built-in's generator parameters")
@@ -43,15 +39,6 @@ class TrainingOut(BaseModel):
     history: list[dict[str, Any]] = Field(
         description="one entry per epoch: `epoch`, `loss`, `train_accuracy`, "
                     "`clean_accuracy`, `robust_accuracy`, `lr`, `seconds`")
-    created_at: datetime = Field(description="when the job was submitted (UTC)")
-    started_at: datetime | None = Field(description="when a worker started it (UTC)")
-    finished_at: datetime | None = Field(description="when it reached a final state (UTC)")
-    attempts: int = Field(description="how many times a worker has started the job")
-    device: str | None = Field(description="the device it ran on, e.g. `cpu`, `cuda:0`")
-    worker: str | None = Field(None, description="the worker that ran (or runs) it: "
-                               "`robustscope worker --name`, else host:pid")
-    engine_version: str | None = Field(description="the version of the engine that trained it")
-    error: ErrorOut | None = Field(description="why it failed; null unless `failed`")
     model_id: uuid.UUID | None = Field(description="the trained model, once saved")
     evaluation_id: uuid.UUID | None = Field(description="the evaluation of the trained model, "
                                                         "if `evaluate` was given")

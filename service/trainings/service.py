@@ -6,21 +6,20 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from contract import training as contract
 from contract.attacks import Norm
 from core import jobs
-from core.errors import Conflict, Invalid
+from core.errors import Invalid
 from core.queue import TRAIN_TASK, Outbox
 from core.repository import owned, owned_rows
-from core.tables import Training, utcnow
+from core.tables import Training
 from service.datasets.service import ResolvedDataset, check_params, resolve
 from service.evaluations import suite as suites
-from service.evaluations.schemas import ErrorOut, Progress
 from service.http.pagination import newest_first
 from service.http.polling import Polled
+from service.jobs.schemas import RECORD_COLUMNS, record_fields
 from service.models.sniff import _shape_table
 from service.trainings.schemas import Method, ThreatIn, TrainingIn, TrainingOut
 
@@ -28,10 +27,12 @@ from service.trainings.schemas import Method, ThreatIn, TrainingIn, TrainingOut
 def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
            idempotency_key: str | None) -> tuple[Training, bool]:
     """Create a job (or return the one this Idempotency-Key made); enqueued after commit."""
-    request_hash = jobs.request_hash(body)
-    existing = jobs.replay(session, Training, owner, idempotency_key, request_hash)
-    if existing is not None:
-        return existing, False
+    return jobs.create(session, outbox, Training, owner, body, idempotency_key,
+                       lambda: _build(session, owner, body), TRAIN_TASK)
+
+
+def _build(session: Session, owner: str, body: TrainingIn) -> Training:
+    """The job for a valid request, checked against its dataset and architecture."""
     dataset = _dataset(session, owner, body)
     _check_architecture(body.architecture, dataset)
     spec = spec_of(body, dataset.capabilities.default_eps["linf"])
@@ -41,8 +42,8 @@ def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
     held_out = "val" if "val" in dataset.splits else "test"
     name = body.name or (f"{body.architecture}-{body.method.value}" + (
         "" if body.method is Method.STANDARD else f"-{threat['norm']}-{threat['eps']:.4g}"))
-    row = Training(
-        owner=owner, name=name, dataset=dataset.name, dataset_id=dataset.id,
+    return Training(
+        name=name, dataset=dataset.name, dataset_id=dataset.id,
         dataset_params=body.dataset_params, held_out_split=held_out,
         architecture=body.architecture, method=body.method.value, threat=threat,
         epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
@@ -50,18 +51,8 @@ def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
                  "beta": body.beta if body.method is Method.TRADES else None,
                  "train_examples": body.train_examples, "eval_examples": body.eval_examples,
                  "n_examples": body.n_examples, "public": body.public},
-        evaluate=evaluate, idempotency_key=idempotency_key, request_hash=request_hash,
-        status="queued", progress_stage="queued", progress_message="waiting for a worker",
-        enqueued_at=utcnow(), history=[],
+        evaluate=evaluate, history=[],
     )
-    session.add(row)
-    try:
-        session.flush()
-    except IntegrityError as exc:  # a concurrent retry with the same key won the race
-        raise Conflict("a request with this Idempotency-Key is being processed; retry",
-                       reason="idempotency-key-race") from exc
-    outbox.add(TRAIN_TASK, str(row.id))
-    return row, True
 
 
 def _dataset(session: Session, owner: str, body: TrainingIn) -> ResolvedDataset:
@@ -129,9 +120,7 @@ def to_out(row: Any) -> TrainingOut:
     or a Core row of the polling path (:mod:`service.http.polling`)."""
     opts = row.options or {}
     return TrainingOut(
-        id=row.id, status=row.status,
-        progress=Progress(fraction=row.progress_fraction, stage=row.progress_stage,
-                          message=row.progress_message),
+        **record_fields(row),
         name=row.name, dataset=row.dataset, dataset_params=row.dataset_params or {},
         held_out_split=row.held_out_split, architecture=row.architecture, method=row.method,
         threat=row.threat, epochs=row.epochs, batch_size=row.batch_size, lr=row.lr,
@@ -139,18 +128,13 @@ def to_out(row: Any) -> TrainingOut:
         lr_schedule=opts.get("lr_schedule", "cosine"), beta=opts.get("beta"),
         train_examples=opts.get("train_examples"), eval_examples=opts.get("eval_examples", 0),
         n_examples=opts.get("n_examples"),
-        evaluate=row.evaluate, history=list(row.history or []), created_at=row.created_at,
-        started_at=row.started_at, finished_at=row.finished_at, attempts=row.attempts,
-        device=row.device, worker=row.worker, engine_version=row.engine_version,
-        error=ErrorOut(**row.error) if row.error else None, model_id=row.model_id,
+        evaluate=row.evaluate, history=list(row.history or []), model_id=row.model_id,
         evaluation_id=row.evaluation_id,
     )
 
 
 #: What a poll of a training reads: the columns :func:`to_out` reads, and no others.
 POLLED = Polled("training", Training.__table__, (
-    "id", "status", "progress_fraction", "progress_stage", "progress_message", "name",
-    "dataset", "dataset_params", "held_out_split", "architecture", "method", "threat",
-    "epochs", "batch_size", "lr", "seed", "options", "evaluate", "history", "created_at",
-    "started_at", "finished_at", "attempts", "device", "worker", "engine_version", "error",
+    *RECORD_COLUMNS, "name", "dataset", "dataset_params", "held_out_split", "architecture",
+    "method", "threat", "epochs", "batch_size", "lr", "seed", "options", "evaluate", "history",
     "model_id", "evaluation_id"), lambda row, _results: to_out(row))

@@ -80,7 +80,7 @@ def test_every_kind_of_bad_manifest_row_is_named(tmp_path: Path) -> None:
     assert err.more_rows == 0
     body = err.problem()
     assert body["status"] == 422
-    assert body["type"] == "dataset-bad-row"
+    assert body["type"] == "https://robustscope.dev/problems/dataset-bad-row"
     assert len(body["errors"]) == len(err.rows)
     assert set(body["errors"][0]) == {"row", "path", "problem"}
 

@@ -159,10 +159,10 @@ def test_a_restarted_job_resumes_after_the_last_finished_entry(rt: Runtime) -> N
     eid = _job(rt, [{"benchmark": "test_counted", "tag": "first"},
                     {"benchmark": "test_counted", "tag": "second", "crash": True}])
     # First attempt: entry 0 finishes, entry 1 crashes the "worker" mid-run.
-    token = jobs.claim(rt, eid)
+    token = jobs.claim(rt, eid, Evaluation)
     assert token == 1
     work = evaluation_jobs.EvaluationWork.load(rt, eid, token)
-    with jobs.Supervisor(rt, work) as sup, pytest.raises(jobs.JobFailed, match="boom"):
+    with jobs.Supervisor(rt, work, Evaluation) as sup, pytest.raises(jobs.JobFailed, match="boom"):
         jobs.execute(rt, sup, work)
     assert CALLS == ["first", "second"]
     assert evaluation_jobs.run(rt, eid) == "skipped"  # heartbeat still fresh: not stealable yet
@@ -181,13 +181,13 @@ def test_a_restarted_job_resumes_after_the_last_finished_entry(rt: Runtime) -> N
 
 def test_a_superseded_worker_writes_nothing(rt: Runtime) -> None:
     eid = _job(rt, [{"benchmark": "test_counted", "tag": "x"}])
-    token_a = jobs.claim(rt, eid)
+    token_a = jobs.claim(rt, eid, Evaluation)
     assert token_a is not None
     job_a = evaluation_jobs.EvaluationWork.load(rt, eid, token_a)
     with rt.sessions.begin() as s:
         s.execute(update(Evaluation).where(Evaluation.id == eid).values(
             heartbeat_at=utcnow() - timedelta(seconds=60)))
-    token_b = jobs.claim(rt, eid)
+    token_b = jobs.claim(rt, eid, Evaluation)
     assert token_b == token_a + 1
     with pytest.raises(jobs.Superseded):
         job_a.handle({"t": "entry", "index": 0, "seconds": 0.1, "checks": [], "artifacts": {},

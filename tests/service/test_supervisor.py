@@ -55,14 +55,14 @@ def running(rt: Runtime) -> Iterator[tuple[Supervisor, Callable[..., None]]]:
         s.add(ev)
         s.flush()
         eid = ev.id
-    token = claim(rt, eid)
+    token = claim(rt, eid, Evaluation)
     assert token == 1
 
     def change(**values: Any) -> None:
         with rt.sessions.begin() as s:
             s.execute(update(Evaluation).where(Evaluation.id == eid).values(**values))
 
-    with Supervisor(rt, Ref(eid, token)) as sup:
+    with Supervisor(rt, Ref(eid, token), Evaluation) as sup:
         time.sleep(0.8)  # its first heartbeat is written (the first tick, at most 0.5 s)
         yield sup, change
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from contract.jobs import JobErrorType, job_error
 from contract.training import TrainingSpec
 from workers.engine import benchmarks
 from workers.engine.data import DatasetFormatError, load_builtin, load_npz
@@ -44,9 +45,11 @@ from workers.sandbox.remote import ModelChannel, RemoteFailure, RemoteModel
 
 Emit = Callable[[dict[str, Any]], None]
 
-_TYPED: tuple[tuple[type[Exception], str], ...] = (
-    (CheckpointError, "checkpoint-error"), (BenchmarkError, "benchmark-error"),
-    (DatasetFormatError, "dataset-error"), (TrainingError, "training-error"),
+_TYPED: tuple[tuple[type[Exception], JobErrorType], ...] = (
+    (CheckpointError, JobErrorType.CHECKPOINT_ERROR),
+    (BenchmarkError, JobErrorType.BENCHMARK_ERROR),
+    (DatasetFormatError, JobErrorType.DATASET_ERROR),
+    (TrainingError, JobErrorType.TRAINING_ERROR),
 )
 _OOM = re.compile(r"can't allocate memory|out of memory|std::bad_alloc|cannot allocate",
                   re.IGNORECASE)
@@ -61,25 +64,25 @@ def classify(exc: BaseException) -> dict[str, str]:
     cause: BaseException | None = exc
     while cause is not None:  # the model server's verdict (workers/sandbox/remote.py)
         if isinstance(cause, RemoteFailure):
-            return {"type": cause.error["type"], "detail": _short(cause.error["detail"])}
+            return job_error(JobErrorType(cause.error["type"]), _short(cause.error["detail"]))
         cause = cause.__cause__ or cause.__context__
     cause = exc
     while cause is not None:
         if isinstance(cause, MemoryError) or _OOM.search(str(cause)):
-            return {"type": "out-of-memory",
-                    "detail": "the model ran out of memory (its process has a memory cap)"}
+            return job_error(JobErrorType.OUT_OF_MEMORY,
+                             "the model ran out of memory (its process has a memory cap)")
         cause = cause.__cause__ or cause.__context__
-    for cls, name in _TYPED:
+    for cls, typed in _TYPED:
         if isinstance(exc, cls):
-            return {"type": name, "detail": _short(str(exc)) or cls.__name__}
+            return job_error(typed, _short(str(exc)) or cls.__name__)
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # TorchScript puts its interpreter traceback first and the raised message last.
     # (A message that already starts with its type's name keeps it once.)
     name = type(exc).__name__
     last = lines[-1] if lines else ""
-    return {"type": "model-crashed",
-            "detail": _short(last if last.startswith(f"{name}:") else
-                             f"{name}: {last}" if last else name)}
+    return job_error(JobErrorType.MODEL_CRASHED,
+                     _short(last if last.startswith(f"{name}:") else
+                            f"{name}: {last}" if last else name))
 
 
 def strip_paths(text: str) -> str:

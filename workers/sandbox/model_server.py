@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from contract.jobs import JobErrorType, job_error
 from workers.sandbox import seccomp
 from workers.sandbox.child import classify
 from workers.sandbox.remote import finite, put, read_frame, take, write_frame
@@ -63,7 +64,8 @@ class Server:
                 else:
                     raise ValueError(f"unknown request {request.get('op')!r}")
             except _BadOutput as exc:
-                answer = {"ok": False, "error": {"type": "model-crashed", "detail": str(exc)}}
+                answer = {"ok": False,
+                          "error": job_error(JobErrorType.MODEL_CRASHED, str(exc))}
             except Exception as exc:  # the model's own exception, reported as data
                 answer = {"ok": False, "error": classify(exc)}
             write_frame(self.reply_fd, {**answer, "seq": seq})
@@ -144,7 +146,7 @@ def main() -> None:
         seccomp.install()
     except (OSError, ValueError, seccomp.SeccompUnavailable) as exc:
         write_frame(reply_fd, {"seq": 0, "ok": False,
-                               "error": {"type": "sandbox-error", "detail": str(exc)[:500]}})
+                               "error": job_error(JobErrorType.SANDBOX_ERROR, str(exc))})
         return
     from workers.engine.models import ModelSpec, load
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from contract.jobs import JobErrorType
 from contract.stats import decode_outcomes
 
 MAX_FRAME = 8 << 20  # one suite entry's rows and checks fit many times over
@@ -102,8 +103,12 @@ class Trained(_Message):
     class_names: list[str]
 
 
-ChildError = Literal["out-of-memory", "checkpoint-error", "benchmark-error", "dataset-error",
-                     "training-error", "model-crashed", "sandbox-error", "time-limit"]
+#: What the child may report a job failed of: the job error types less those only the
+#: supervisor decides (disk quota, a lost worker, storage).
+ChildError = Literal[
+    JobErrorType.OUT_OF_MEMORY, JobErrorType.CHECKPOINT_ERROR, JobErrorType.BENCHMARK_ERROR,
+    JobErrorType.DATASET_ERROR, JobErrorType.TRAINING_ERROR, JobErrorType.MODEL_CRASHED,
+    JobErrorType.SANDBOX_ERROR, JobErrorType.TIME_LIMIT]
 
 
 class Error(_Message):

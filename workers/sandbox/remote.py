@@ -48,11 +48,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from contract.jobs import MODEL_ERRORS, JobErrorType, job_error
+
 MAX_FRAME = 1 << 16
 """The largest control message, in bytes (tensors never cross the pipes)."""
 
-MODEL_ERRORS = ("model-crashed", "out-of-memory", "checkpoint-error")
-"""The error types a server may report for its model; anything else is a violation."""
+# MODEL_ERRORS (contract.jobs): the error types a server may report for its model; anything
+# else is a violation.
 
 
 class RemoteFailure(RuntimeError):
@@ -72,8 +74,9 @@ class SandboxViolation(RemoteFailure):
     """The model server broke the protocol (``sandbox-error``), answered late
     (``time-limit``), or went away (``model-crashed``)."""
 
-    def __init__(self, detail: str, kind: str = "sandbox-error") -> None:
-        super().__init__({"type": kind, "detail": detail})
+    def __init__(self, detail: str,
+                 kind: JobErrorType = JobErrorType.SANDBOX_ERROR) -> None:
+        super().__init__(job_error(kind, detail))
 
 
 SERVER_EXITED = "the model's process exited"
@@ -179,7 +182,7 @@ class ModelChannel:
         (``checkpoint-error``, ``out-of-memory``...)."""
         answer = self._answer(0, timeout)
         if answer.get("ok") is not True:
-            raise self._model_error(answer, (*MODEL_ERRORS, "sandbox-error"))
+            raise self._model_error(answer, (*MODEL_ERRORS, JobErrorType.SANDBOX_ERROR))
         info = answer.get("model", {})
         return info if isinstance(info, dict) else {}
 
@@ -226,7 +229,7 @@ class ModelChannel:
         try:
             write_frame(self.request_fd, {**request, "seq": self.seq})
         except OSError:
-            raise self._violate(SERVER_EXITED, "model-crashed") from None
+            raise self._violate(SERVER_EXITED, JobErrorType.MODEL_CRASHED) from None
         answer = self._answer(self.seq, self.timeout)
         if answer.get("ok") is True:
             return answer
@@ -241,24 +244,24 @@ class ModelChannel:
             answer = read_frame(self.reply_fd, time.monotonic() + timeout)
         except TimeoutError:
             raise self._violate(f"the model did not answer within {timeout:g} s",
-                                "time-limit") from None
+                                JobErrorType.TIME_LIMIT) from None
         except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
             raise self._violate(f"a malformed message from the model's process ({exc})"
                                 ) from None
         if answer is None:
-            raise self._violate(SERVER_EXITED, "model-crashed")
+            raise self._violate(SERVER_EXITED, JobErrorType.MODEL_CRASHED)
         if answer.get("seq") != seq or not isinstance(answer.get("ok"), bool):
             raise self._violate("an answer that was not asked for")
         return answer
 
     def _model_error(self, answer: dict[str, Any],
-                     allowed: tuple[str, ...] = MODEL_ERRORS) -> RemoteFailure:
+                     allowed: tuple[JobErrorType, ...] = MODEL_ERRORS) -> RemoteFailure:
         error = answer.get("error")
         if (answer.get("ok") is not False or not isinstance(error, dict)
                 or error.get("type") not in allowed
                 or not isinstance(error.get("detail"), str)):
             return self._violate("a malformed answer from the model's process")
-        return RemoteModelError({"type": str(error["type"]), "detail": error["detail"][:500]})
+        return RemoteModelError(job_error(error["type"], error["detail"]))
 
     def _tensor(self, shape: list[int]) -> Tensor:
         out = take(self.mm, shape)  # copied first: the server cannot change it after the check
@@ -266,7 +269,8 @@ class ModelChannel:
             raise self._violate("the model's process answered values that are not finite")
         return out
 
-    def _violate(self, detail: str, kind: str = "sandbox-error") -> SandboxViolation:
+    def _violate(self, detail: str,
+                 kind: JobErrorType = JobErrorType.SANDBOX_ERROR) -> SandboxViolation:
         if self.failure is None:
             self.failure = SandboxViolation(detail, kind)
         assert isinstance(self.failure, SandboxViolation)
