@@ -63,8 +63,10 @@ def _rows(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _runtime(sqlite_url: str, tmp_path: Path, name: str = "test-worker") -> Any:
-    """A worker in this process: the engine here (no jail), batches of 64 like the API's."""
-    rt = worker_runtime(sqlite_url, tmp_path, sandbox="off", batch_size=64)
+    """A worker in this process: the engine here (no jail), batches of 64 like the API's, and
+    the search in fp32 (``auto`` times a probe, which a loaded machine can answer either
+    way from one run to the next)."""
+    rt = worker_runtime(sqlite_url, tmp_path, sandbox="off", batch_size=64, precision="fp32")
     rt.name = name
     return rt
 
