@@ -139,13 +139,15 @@ def upload(client: TestClient, key: str, data: bytes, meta: dict[str, Any] | Non
 
 
 def engine_rows(net: nn.Module, data: EvalData, suite: list[dict[str, Any]], seed: int,
-                mean: list[float] | None = None, std: list[float] | None = None) -> list[Any]:
+                mean: list[float] | None = None, std: list[float] | None = None, *,
+                batch_size: int = 256) -> list[Any]:
     """What the engine computes in this process for ``suite``: the rows a job must report.
     The search runs in fp32, as the workers of these tests are told to (``precision`` fp32):
     the ``auto`` choice times a probe, and on a loaded machine two processes can time it
-    differently."""
+    differently. ``batch_size`` is the worker's (``ROBUSTSCOPE_BATCH_SIZE``): attacks draw their
+    random starts per block of that many examples."""
     model = Normalized(net, mean, std, int(data.x.shape[1])).eval()
-    ctx = RunContext(seed=seed, amp=False)
+    ctx = RunContext(seed=seed, amp=False, batch_size=batch_size)
     rows = []
     for entry in suite:
         result = benchmarks.run(model, data, benchmarks.parse(entry), ctx)

@@ -66,6 +66,10 @@ def trained_shapes_cnn(seed: int = 0, epochs: int = 3) -> nn.Module:
     return net.eval()
 
 
+BATCH = 100
+"""The workers' batch size: attacks draw their random starts per block of this many examples."""
+
+
 @pytest.fixture(scope="module")
 def net() -> nn.Module:
     return trained_shapes_cnn()
@@ -92,7 +96,7 @@ def stack(pg_url: str, redis_url: str, redis_prefix: str,
            "ROBUSTSCOPE_BROKER_KEY_PREFIX": redis_prefix,
            "ROBUSTSCOPE_DATA_DIR": str(tmp_path), "ROBUSTSCOPE_HEARTBEAT_INTERVAL": "0.5",
            "ROBUSTSCOPE_STALE_AFTER": "4", "ROBUSTSCOPE_RECONCILE_INTERVAL": "1",
-           "ROBUSTSCOPE_BATCH_SIZE": "100", "ROBUSTSCOPE_PRECISION": "fp32",
+           "ROBUSTSCOPE_BATCH_SIZE": str(BATCH), "ROBUSTSCOPE_PRECISION": "fp32",
            "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -154,7 +158,8 @@ def test_upload_evaluate_poll_on_postgres_and_redis(stack: tuple[TestClient, Wor
     assert done["started_at"] <= done["finished_at"]
     got = comparable(served(done["results"]))
     test_split = load_builtin("shapes-32", "test")
-    assert got == engine_rows(net, test_split, SUITE, 3, META["mean"], META["std"])
+    assert got == engine_rows(net, test_split, SUITE, 3, META["mean"], META["std"],
+                              batch_size=BATCH)
     acc = {(r["metric"], r["params"].get("norm"), r["params"].get("eps")): r["value"]
            for r in got}
     assert acc[("accuracy", None, None)] > 0.4  # well above chance (0.25): it learned something
@@ -162,7 +167,7 @@ def test_upload_evaluate_poll_on_postgres_and_redis(stack: tuple[TestClient, Wor
     # The leaderboard ranks it; another owner does not see a private evaluation.
     board = client.get("/leaderboard", headers=auth(key), params={
         "dataset": "shapes-32", "benchmark": "adversarial", "metric": "robust_accuracy",
-        "threat": f"linf:{8 / 255}"}).json()
+        "attack": "pgd", "threat": f"linf:{8 / 255}"}).json()
     assert [r["evaluation_id"] for r in board["rows"]] == [eid]
     other = new_key(pg_url, f"other-{uuid.uuid4().hex[:6]}")
     assert client.get("/leaderboard", headers=auth(other), params={
@@ -208,7 +213,7 @@ def test_worker_killed_mid_job_is_resumed_by_another(stack: tuple[TestClient, Wo
     assert saved.stat().st_mtime_ns == saved_at  # the finished stage was resumed, not redone
     got = comparable(served(done["results"]))
     assert got == engine_rows(net, load_builtin("shapes-32", "test"), slow, 3, META["mean"],
-                             META["std"])  # and the answer is the uninterrupted one
+                             META["std"], batch_size=BATCH)  # the uninterrupted answer
 
 
 def test_a_training_trains_registers_and_evaluates_on_real_servers(
