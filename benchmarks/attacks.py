@@ -18,7 +18,7 @@ robust that pyautoattack broke / the other way round, summed over seeds).
     uv run python benchmarks/attacks.py --n 64 --queries 1000 --models small,mnist --seeds 2
     uv run python benchmarks/attacks.py --no-torchattacks --norms linf,l2
     uv run python benchmarks/attacks.py --models resnet18 --steps 20 --queries 500  # CPU-sized
-    uv run python benchmarks/attacks.py --models held-out --n 100 --norms linf,l2 \
+    uv run python benchmarks/attacks.py --models held-out,tuning --n 50 --norms linf,l2 \
         --no-torchattacks --no-autoattack --threads 1   # real pretrained models (below)
 
 Real pretrained models that nobody here trained (``benchmarks/pretrained.py``: digit CNNs

@@ -70,10 +70,12 @@ def _reference(rows: list[SweepRow], key: str, axis: str) -> Reference | None:
     return None
 
 
-def _cell(v: float | None) -> str:
+def _cell(v: float | None, ci: tuple[float, float] | None = None) -> str:
+    """A value, and under it its 95% interval when it has one."""
     if v is None:
         return "<td class='num'>-</td>"
-    return f"<td class='num'>{num(v)}</td>"
+    under = f"<div class='ci'>{ci[0]:.2f} to {ci[1]:.2f}</div>" if ci else ""
+    return f"<td class='num'>{num(v)}{under}</td>"
 
 
 def _checks(r: SweepRow) -> str:
@@ -135,13 +137,17 @@ def render(sweep: SweepOut, viewer: str | None = None, mine: bool = False,
         body.append(
             f"<tr{flagged}><td>{e(r.name or r.method)}</td>{_checks(r)}<td>{e(trained)}</td>"
             f"<td>{e(status)}</td>"
-            + _cell(r.clean_accuracy) + "".join(_cell(r.robust_accuracy.get(k))
-                                                for k in all_keys)
+            + _cell(r.clean_accuracy, r.intervals.get("clean_accuracy"))
+            + "".join(_cell(r.robust_accuracy.get(k), r.intervals.get(f"robust_accuracy:{k}"))
+                      for k in all_keys)
             + "".join(_cell(r.zero_gradient_fraction.get(n)) for n in zg_norms)
-            + _cell(r.rfs) + _cell(r.bg_gap) + _cell(r.mixed_rand_accuracy)
-            + _cell(r.worst_group_accuracy) + f"<td>{' · '.join(links) or '-'}</td></tr>")
+            + _cell(r.rfs) + _cell(r.bg_gap)
+            + _cell(r.mixed_rand_accuracy, r.intervals.get("mixed_rand_accuracy"))
+            + _cell(r.worst_group_accuracy, r.intervals.get("worst_group_accuracy"))
+            + f"<td>{' · '.join(links) or '-'}</td></tr>")
     params = ", ".join(f"{k}={v}" for k, v in sorted((spec.get("dataset_params") or {}).items()))
     subset = spec.get("n_examples")
+    counted = f" ({subset} of them)" if subset else ""
     nav_links = [(f"/sweeps/{sweep.id}", "sweep JSON")] if mine else []
     visibility = ("public: anyone can open this page" if spec.get("public") else
                   "shared by link: read-only" if shared else "private")
@@ -160,7 +166,8 @@ and l_2 adversarial training moves models left of the standard model in RFS, and
 when the background's scale exceeds the object's. Click a point for its evaluation report.</p>
 {''.join(charts) or "<p>No results yet.</p>"}
 <h2>Models</h2>
-<p class='note'>Accuracies are fractions of the test examples; robust accuracy is APGD-CE's at
+<p class='note'>Accuracies are fractions of the test examples{counted}, each with its 95%
+interval under it; robust accuracy is APGD-CE's at
 the given threat (higher is better); RFS higher is better; BG-gap lower is better;
 worst group is the lowest accuracy over (label, background) groups (higher is better). A model
 whose checks failed (red) is not to be trusted as its numbers stand: its report says why.</p>

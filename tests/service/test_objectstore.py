@@ -201,3 +201,42 @@ def test_api_and_worker_in_their_own_folders_share_only_the_store(
         assert not kept & {"models", "datasets", "artifacts", "state"}, (folder, kept)
     cached = {p.name for p in (worker_dir / "cache").glob("??/*")}
     assert len(cached) == 2  # the checkpoint and the dataset's npz
+
+
+@pytest.mark.slow
+def test_a_training_keeps_its_state_and_its_model_in_the_store(
+        s3_url: str, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training on a worker with its own folder: its per-epoch checkpoint goes through the
+    store (and is removed with the job), its weights become a model stored by key, with the
+    hash the record shows."""
+    import hashlib
+
+    from tests.factories import worker_runtime
+    from tests.service.test_training_jobs import SPEC
+    from workers import training_jobs
+
+    (tmp_path / "api").mkdir()
+    key = new_key(sqlite_url, "s3-train")
+    rt = worker_runtime(sqlite_url, tmp_path / "worker", storage_url=s3_url, sandbox="off")
+    mirrored: list[int] = []
+    push = StateMirror.push
+
+    def counted(self: StateMirror) -> int:
+        mirrored.append(n := push(self))
+        return n
+
+    with api(settings(sqlite_url, tmp_path / "api", storage_url=s3_url)) as client:
+        resp = client.post("/trainings", headers=auth(key), json=SPEC)
+        assert resp.status_code == 202, resp.text
+        monkeypatch.setattr(StateMirror, "push", counted)
+        assert training_jobs.run(rt, uuid.UUID(resp.json()["id"])) == "succeeded"
+        done = client.get(f"/trainings/{resp.json()['id']}", headers=auth(key)).json()
+        model = client.get(f"/models/{done['model_id']}", headers=auth(key)).json()
+    store = open_store(s3_url, tmp_path)
+    weights = b"".join(store.iter_bytes(f"models/{model['id']}.safetensors"))
+    assert hashlib.sha256(weights).hexdigest() == model["sha256"]
+    assert sum(mirrored) >= 2  # a checkpoint after each of the two epochs went to the store
+    assert not store.exists(f"state/trainings/{done['id']}/manifest.json")  # removed at the end
+    kept = {p.relative_to(tmp_path / "worker").parts[0]
+            for p in (tmp_path / "worker").rglob("*") if p.is_file()}
+    assert not kept & {"models", "state"}, kept

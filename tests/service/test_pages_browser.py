@@ -298,6 +298,8 @@ def test_a_browser_logs_in_and_reads_the_sweep_its_reports_and_shares_one(
         assert boxes[0][0] < boxes[1][0]
         _clean_text(page)
         assert page.locator("td.flag").all_inner_texts() == ["degenerate predictions"]
+        first = page.locator("table.models tr").nth(1).inner_text().split("\t")
+        assert first[4].strip() == "0.900\n0.76 to 0.97"  # clean: 29 of 32, Wilson
         edges = dict(page.evaluate(HEADER_EDGES, "table.models"))
         assert edges["checks"] <= VIEWPORT["width"]  # in view at 1280 px
         assert page.locator("a.report").count() == 5
