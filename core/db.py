@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
+
+log = logging.getLogger("robustscope.db")
 
 
 class Base(DeclarativeBase):
@@ -75,7 +78,36 @@ def _ping_when_idle(engine: Engine, idle: float) -> None:
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+    """Sessions whose :func:`on_rollback` undo steps run whenever their transaction rolls
+    back, in the API and the workers alike."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+    event.listen(factory, "after_soft_rollback", _rolled_back)
+    event.listen(factory, "after_commit", _committed)
+    return factory
+
+
+def on_rollback(session: Session, undo: Callable[[], None]) -> None:
+    """Run ``undo`` if the session's transaction rolls back (e.g. delete a file stored for a
+    row that is then never committed); forgotten when it commits."""
+    session.info.setdefault("on_rollback", []).append(undo)
+
+
+def run_rollback_hooks(session: Session) -> None:
+    """The undo steps of a transaction that ended without a commit, each once."""
+    for undo in session.info.pop("on_rollback", []):
+        try:
+            undo()
+        except Exception:  # one failed clean-up must not hide the error being handled
+            log.warning("an undo step failed after a rollback", exc_info=True)
+
+
+def _rolled_back(session: Session, previous: SessionTransaction) -> None:
+    if previous.parent is None:  # the outermost transaction, not a savepoint
+        run_rollback_hooks(session)
+
+
+def _committed(session: Session) -> None:
+    session.info.pop("on_rollback", None)
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
+from core.db import on_rollback
 from core.errors import PayloadTooLarge
 from core.objectstore import Store
 
@@ -58,11 +59,6 @@ def remove(store: Store, key: str) -> None:
 
 
 def remove_on_rollback(session: Session, store: Store, key: str) -> None:
-    """Delete ``key`` if the request's transaction rolls back (see ``deps.get_session``),
-    so a failed request leaves no file behind."""
-    session.info.setdefault("on_rollback", []).append(lambda: remove(store, key))
-
-
-def run_rollback_hooks(session: Session) -> None:
-    for hook in session.info.pop("on_rollback", []):
-        hook()
+    """Delete ``key`` if the session's transaction rolls back (:func:`core.db.on_rollback`),
+    so a failed request or job leaves no file behind."""
+    on_rollback(session, lambda: remove(store, key))

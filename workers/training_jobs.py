@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from contract.jobs import JobErrorType, JobStatus, job_error
 from contract.training import BETA, Threat, TrainingSpec
+from core.errors import DomainError
 from core.objectstore import StoreError, file_sha256
 from core.queue import Outbox
 from core.tables import Dataset, Training, utcnow
@@ -196,12 +198,7 @@ class TrainingWork:
                 model = models.register(s, self.owner, tmp, sha, tmp.stat().st_size, meta,
                                         self.rt.store)
                 if self.evaluate is not None:
-                    ev, _ = evaluations.create(s, outbox, self.owner, EvaluationIn(
-                        model_id=model.id, dataset=self.dataset,
-                        dataset_params=self.dataset_params, suite=self.evaluate,
-                        seed=self.spec.seed, n_examples=self.n_examples,
-                        public=self.public), None)
-                    row.evaluation_id = ev.id
+                    row.evaluation_id = self._queue_evaluation(s, outbox, model.id)
                 row.model_id, row.history = model.id, trained["history"]
                 row.status, row.error = JobStatus.SUCCEEDED.value, None
                 row.finished_at = utcnow()
@@ -213,3 +210,18 @@ class TrainingWork:
             raise
         outbox.flush()  # a send that fails is re-sent by the reconciler (the row stays queued)
 
+
+    def _queue_evaluation(self, s: Session, outbox: Outbox, model_id: uuid.UUID) -> uuid.UUID:
+        """The trained model's evaluation, queued in the registering transaction; a request
+        the API would refuse now (its dataset deleted meanwhile) fails the training, and the
+        rollback removes the model's stored file with its row."""
+        try:
+            ev, _ = evaluations.create(s, outbox, self.owner, EvaluationIn(
+                model_id=model_id, dataset=self.dataset, dataset_params=self.dataset_params,
+                suite=self.evaluate, seed=self.spec.seed, n_examples=self.n_examples,
+                public=self.public), None)
+        except DomainError as exc:
+            raise JobFailed(job_error(JobErrorType.TRAINING_ERROR,
+                                      f"its evaluation could not be queued: {exc.detail}")
+                            ) from exc
+        return ev.id

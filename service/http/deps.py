@@ -12,12 +12,12 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from core import sessions
+from core.db import run_rollback_hooks
 from core.errors import DomainError, NotFound, Unauthorized
 from core.keys import KeyCache
 from core.queue import Outbox
 from core.sessions import LoginRequired
 from core.settings import Settings
-from core.storage import run_rollback_hooks
 from service.http.guard import bearer_key
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from sqlalchemy import update
 
 from core.db import make_engine, make_sessionmaker
+from core.errors import NotFound
 from core.queue import EVALUATE_TASK, TRAIN_TASK
 from core.tables import Training, utcnow
 from tests.factories import api, auth, new_key, settings, upload_dataset
@@ -139,6 +140,28 @@ def test_a_training_registers_its_model_and_queues_its_evaluation(
     # A second delivery of the same training changes nothing.
     assert training_jobs.run(rt, uuid.UUID(tid)) == "skipped"
     assert len(client.get("/models", headers=auth(key)).json()["items"]) == 1
+
+
+def test_a_training_whose_evaluation_cannot_be_queued_fails_and_keeps_no_file(
+        rt: Runtime, client: TestClient, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model is registered and its evaluation queued in one transaction: when the
+    evaluation is refused (its dataset gone meanwhile), the training fails with a typed error
+    and the rollback takes the stored checkpoint with the model row."""
+    tid = _submit(client, key, evaluate=[{"benchmark": "clean"}])
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise NotFound("no dataset 'shapes-32'", field="dataset")
+
+    monkeypatch.setattr(training_jobs.evaluations, "create", refused)
+    assert training_jobs.run(rt, uuid.UUID(tid)) == "failed"
+    done = _get(client, key, tid)
+    assert (done["status"], done["model_id"], done["evaluation_id"]) == ("failed", None, None)
+    assert done["error"] == {"type": "training-error", "detail": "its evaluation could not be "
+                                                                "queued: no dataset 'shapes-32'"}
+    assert client.get("/models", headers=auth(key)).json()["items"] == []
+    stored = rt.settings.data_dir / "models"
+    assert not stored.exists() or sorted(stored.iterdir()) == []
+    assert not list((rt.settings.data_dir / "tmp").glob("training-*"))
 
 
 class Killed(BaseException):
