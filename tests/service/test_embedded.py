@@ -86,11 +86,16 @@ def test_curl_style_flow_and_the_cli_client(up: tuple[str, str, Path]) -> None:
     assert "robust_accuracy" in ok.stdout
     assert "succeeded" in ok.stderr  # the progress line on stderr
     lines = [ln.split() for ln in ok.stdout.splitlines()]
-    acc = float(next(ln[-1] for ln in lines if ln[:2] == ["clean", "accuracy"]))
+    # clean accuracy has no params: benchmark, metric, value, n, then the interval
+    row = next(ln for ln in lines if ln[:2] == ["clean", "accuracy"])
+    acc, n = float(row[2]), int(row[3])
+    assert n > 0
+    assert row[4].startswith("[")
     gate = subprocess.run([*cmd, "--min", f"accuracy={acc + 0.01:.4f}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert gate.returncode == 3, gate.stderr
-    assert "threshold not met: accuracy" in gate.stderr
+    assert f"threshold not met: clean.accuracy {acc:.4f} < {float(f'{acc + 0.01:.4f}'):g}" in \
+        gate.stderr
     missing = subprocess.run([*cmd, "--min", "no_such_metric=0.1"], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 3
