@@ -148,10 +148,11 @@ def put(mm: mmap.mmap, t: Tensor) -> None:
 def finite(t: Tensor) -> bool:
     """Whether every value of ``t`` is finite. Its smallest and largest values in one pass
     (a NaN anywhere makes both NaN, an infinity is one of them): a tenth of the CPU of
-    ``isfinite(t).all()``, which writes a mask first and is checked on every answer."""
+    ``isfinite(t).all()``, which writes a mask first and is checked on every answer. Read
+    detached: the server checks logits it keeps for the VJP, and the check is no part of it."""
     if not t.numel():
         return True
-    low, high = torch.aminmax(t)
+    low, high = torch.aminmax(t.detach())
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
