@@ -33,6 +33,7 @@ from service.evaluations.service import shardable
 from workers.evaluation_jobs import SHARDS_SHARE, EvaluationWork
 from workers.jobs import JobFailed, JobTable, Scratch, Sender, Superseded, run_work, sandbox_error
 from workers.runtime import Runtime
+from workers.sandbox.protocol import EvaluateJob
 
 log = logging.getLogger("robustscope.worker")
 
@@ -90,11 +91,11 @@ class ShardWork:
     def inputs(self) -> dict[str, Path]:
         return self.evaluation.inputs()
 
-    def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
-        job = self.evaluation.describe(files, scratch)
+    def describe(self, files: dict[str, str], scratch: Scratch, threads: int,
+                 device: str) -> EvaluateJob:
+        job = self.evaluation.describe(files, scratch, threads, device)
         others = set(range(len(self.evaluation.suite))) - self.runs
-        job.update(completed=sorted(others | self.completed), shard=[self.start, self.stop])
-        return job
+        return job.sliced(self.start, self.stop, completed=sorted(others | self.completed))
 
     def handle(self, message: dict[str, Any], scratch: Scratch) -> None:
         """A finished entry is recorded as done (no results: the merge reports them); the
