@@ -179,6 +179,7 @@ class ServerJob(BaseModel):
     model_path: str = "/job/model"  # the checkpoint, as the server sees it
 
     def at(self, model_path: str) -> ServerJob:
+        """This job with the checkpoint at ``model_path`` (a server run without a jail)."""
         return self.model_copy(update={"model_path": model_path})
 
 
@@ -300,8 +301,8 @@ def report_refused(exc: BaseException) -> ProtocolError | None:
 
 
 def encode(message: Report | dict[str, Any]) -> bytes:
-    """One frame: a report as its model dumps it (fields left at their default, such as a
-    row's absent ``n``, are not written), or a raw JSON object."""
+    """One frame: a report as its model dumps it (a field not given when it was built, such
+    as the ``n`` of a row without outcomes, is not written), or a raw JSON object."""
     if isinstance(message, BaseModel):
         message = message.model_dump(exclude_unset=True)
     body = json.dumps(message, separators=(",", ":")).encode()
