@@ -27,7 +27,7 @@ from contract.training import BETA, Threat, TrainingSpec
 from core.errors import DomainError
 from core.objectstore import StoreError, file_sha256
 from core.queue import Outbox
-from core.tables import Dataset, Training, utcnow
+from core.tables import Training, utcnow
 from service.evaluations import service as evaluations
 from service.evaluations.schemas import EvaluationIn
 from service.models import service as models
@@ -85,15 +85,9 @@ class TrainingWork:
     def load(cls, rt: Runtime, tid: uuid.UUID, token: int,
              send_task: Any = None) -> TrainingWork:
         with rt.sessions() as s:
-            row = s.get(Training, tid)
-            assert row is not None
-            dataset_file = None
-            if row.dataset_id is not None:
-                ds = s.get(Dataset, row.dataset_id)
-                if ds is None:
-                    raise JobFailed(job_error(JobErrorType.TRAINING_ERROR,
-                                              "the dataset of this training was deleted"))
-                dataset_file = jobs.StoredFile.of_dataset(ds)
+            row = jobs.claimed(s, Training, tid)
+            dataset_file = jobs.StoredFile.of_dataset(s, row.dataset_id,
+                                                      JobErrorType.TRAINING_ERROR, "training")
             opts = row.options or {}
             try:
                 spec = TrainingSpec(

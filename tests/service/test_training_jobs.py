@@ -21,6 +21,7 @@ from core.db import make_engine, make_sessionmaker
 from core.errors import NotFound
 from core.queue import EVALUATE_TASK, TRAIN_TASK
 from core.tables import Training, utcnow
+from tests.engine.attack_helpers import one_thread  # noqa: F401  (an autouse fixture)
 from tests.factories import api, auth, new_key, settings, upload_dataset
 from tests.service.ingest_fixtures import png, solid, write_zip
 from workers import evaluation_jobs, jobs, reconciler, training_jobs
@@ -37,14 +38,6 @@ SPEC: dict[str, Any] = {
     "threat": {"norm": "linf", "eps": 8 / 255}, "epochs": 2, "batch_size": 16, "lr": 0.01,
     "seed": 3, "train_examples": 48, "eval_examples": 24,
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
