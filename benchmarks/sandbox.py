@@ -73,9 +73,12 @@ def _job(model: str, state: str, artifacts: str, args: argparse.Namespace) -> di
 def in_process(root: Path, args: argparse.Namespace) -> Timing:
     messages: list[dict[str, Any]] = []
     builtin._arrays.cache_clear()  # generated in the job, as a jailed child does
+    # A fresh state folder per run: the engine resumes from a kept state and would skip
+    # the work a previous run finished.
+    here = Path(tempfile.mkdtemp(dir=root))
     start, cpu = time.perf_counter(), time.process_time()
-    engine_child.run_job(_job(str(root / "model.pt"), str(root / "state-here"),
-                              str(root / "artifacts-here"), args), messages.append)
+    engine_child.run_job(_job(str(root / "model.pt"), str(here / "state"),
+                              str(here / "artifacts"), args), messages.append)
     timing = Timing(time.perf_counter() - start, time.process_time() - cpu)
     assert sum(m["t"] == "entry" for m in messages) == 2
     return timing

@@ -190,7 +190,7 @@ class TrainingFields(BaseModel):
 
 
 class TrainingIn(TrainingFields):
-    """The training spec (ARCHITECTURE.md, "Training spec") and a few optional extras."""
+    """The training spec (docs/API.md, "Trainings") and a few optional extras."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "dataset": "shapes-32", "architecture": "resnet18", "method": "pgd",

@@ -8,13 +8,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from contract.jobs import FINAL_STATES, JobStatus
 from core.errors import Conflict
 from core.queue import Outbox
+from core.repository import owned_rows
 from core.tables import Evaluation, EvaluationShard, JobColumns, Sweep, Training, utcnow
 
 #: A request that may be repeated under an ``Idempotency-Key``: a job, or a sweep of jobs.
@@ -31,8 +31,8 @@ def replay(session: Session, table: type[Created], owner: str, idempotency_key: 
     request had another body."""
     if not idempotency_key:
         return None
-    existing = session.scalar(select(table).where(
-        table.owner == owner, table.idempotency_key == idempotency_key))
+    existing = session.scalar(owned_rows(table, owner)
+                              .where(table.idempotency_key == idempotency_key))
     if existing is not None and existing.request_hash != digest:
         raise Conflict("this Idempotency-Key was used with a different request",
                        reason="idempotency-key-reused")

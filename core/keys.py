@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, select, text, update
 from sqlalchemy.orm import Session
 
 from core.errors import NotFound, Unauthorized
+from core.repository import owned_rows
 from core.tables import ApiKey, utcnow
 
 
@@ -75,16 +76,13 @@ def key_matches(key: str, key_hash: str) -> bool:
 
 
 def list_keys(session: Session, owner: str) -> list[ApiKey]:
-    return list(session.scalars(
-        select(ApiKey).where(ApiKey.owner == owner).order_by(ApiKey.created_at)))
+    return list(session.scalars(owned_rows(ApiKey, owner).order_by(ApiKey.created_at)))
 
 
 def revoke(session: Session, prefix: str, owner: str | None = None) -> ApiKey:
     """Revoke the key with ``prefix`` (of ``owner``, when given); idempotent."""
-    query = select(ApiKey).where(ApiKey.prefix == prefix)
-    if owner is not None:
-        query = query.where(ApiKey.owner == owner)
-    row = session.scalar(query)
+    query = select(ApiKey) if owner is None else owned_rows(ApiKey, owner)
+    row = session.scalar(query.where(ApiKey.prefix == prefix))
     if row is None:
         raise NotFound(f"no key with prefix {prefix!r}", field="prefix")
     if row.revoked_at is None:
@@ -94,10 +92,8 @@ def revoke(session: Session, prefix: str, owner: str | None = None) -> ApiKey:
 
 
 def webhook_secret(session: Session, owner: str) -> str | None:
-    row = session.scalar(
-        select(ApiKey).where(ApiKey.owner == owner, ApiKey.revoked_at.is_(None))
-        .order_by(ApiKey.created_at)
-    )
+    row = session.scalar(owned_rows(ApiKey, owner).where(ApiKey.revoked_at.is_(None))
+                         .order_by(ApiKey.created_at))
     return row.webhook_secret if row else None
 
 

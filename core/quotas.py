@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from contract.jobs import ACTIVE_STATES
 from core.errors import QuotaExceeded
+from core.repository import count_owned, owned_by
 from core.settings import Settings
 from core.tables import Dataset, Evaluation, Model, Training
 
@@ -18,11 +19,8 @@ ACTIVE = ACTIVE_STATES
 
 
 def active_jobs(session: Session, owner: str) -> int:
-    evaluations = session.scalar(select(func.count()).select_from(Evaluation).where(
-        Evaluation.owner == owner, Evaluation.status.in_(ACTIVE))) or 0
-    trainings = session.scalar(select(func.count()).select_from(Training).where(
-        Training.owner == owner, Training.status.in_(ACTIVE))) or 0
-    return int(evaluations) + int(trainings)
+    return (count_owned(session, Evaluation, owner, Evaluation.status.in_(ACTIVE))
+            + count_owned(session, Training, owner, Training.status.in_(ACTIVE)))
 
 
 def check_active_jobs(session: Session, owner: str, settings: Settings, adding: int = 1) -> None:
@@ -39,9 +37,9 @@ def check_active_jobs(session: Session, owner: str, settings: Settings, adding: 
 
 def stored_bytes(session: Session, owner: str) -> int:
     models = session.scalar(select(func.coalesce(func.sum(Model.size_bytes), 0))
-                            .where(Model.owner == owner)) or 0
+                            .where(owned_by(Model, owner))) or 0
     datasets = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0))
-                              .where(Dataset.owner == owner)) or 0
+                              .where(owned_by(Dataset, owner))) or 0
     return int(models) + int(datasets)
 
 

@@ -24,7 +24,8 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from core import keys
-from core.errors import DomainError, NotFound
+from core.errors import DomainError
+from core.repository import owned, owned_rows
 from core.tables import ApiKey, BrowserSession, ShareLink, utcnow
 
 COOKIE = "robustscope_session"
@@ -107,14 +108,11 @@ def shared(session: Session, token: str) -> ShareLink | None:
 
 
 def list_shares(session: Session, owner: str) -> list[ShareLink]:
-    return list(session.scalars(select(ShareLink).where(ShareLink.owner == owner)
-                                .order_by(ShareLink.created_at)))
+    return list(session.scalars(owned_rows(ShareLink, owner).order_by(ShareLink.created_at)))
 
 
 def revoke_share(session: Session, owner: str, share_id: uuid.UUID) -> ShareLink:
-    row = session.get(ShareLink, share_id)
-    if row is None or row.owner != owner:
-        raise NotFound(f"no share link {share_id}")
+    row = owned(session, ShareLink, owner, share_id, "share link")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         session.flush()

@@ -152,6 +152,45 @@ def test_no_module_import_circle() -> None:
     assert circles == []
 
 
+MAP_HEADER = "| package | owns | may import |"
+
+
+def _map_rules(doc: str) -> dict[str, set[str]]:
+    """The rows of the table under ARCHITECTURE.md's ``| package | owns | may import |``
+    header, as rules: ``service/http/`` is ``service.http``, ``service/app.py`` is
+    ``service.app``; "nothing" is the empty rule, and a row "not checked" states none."""
+    lines = doc.splitlines()
+    rows = lines[lines.index(MAP_HEADER) + 2:]
+    rules = {}
+    for line in rows[:next((i for i, r in enumerate(rows) if not r.startswith("|")), None)]:
+        package, _, allowed = (c.strip() for c in line.strip("|").split("|"))
+        if allowed == "not checked":
+            continue
+        name = package.strip("`").removesuffix(".py").strip("/").replace("/", ".")
+        rules[name] = set() if allowed == "nothing" else {
+            c.strip().strip("`") for c in allowed.split(",")}
+    return rules
+
+
+def test_the_map_in_architecture_md_states_these_rules() -> None:
+    """docs/ARCHITECTURE.md's map names every package with exactly its rule, in order."""
+    rules = _map_rules((ROOT / "docs" / "ARCHITECTURE.md").read_text())
+    assert list(rules) == list(MAY_IMPORT)
+    assert rules == MAY_IMPORT
+
+
+def test_the_map_reader_sees_a_wrong_rule() -> None:
+    table = "\n".join([
+        "intro", MAP_HEADER, "|---|---|---|",
+        "| `contract/` | the contract | nothing |",
+        "| `service/ops/` | `/health` | `contract`, `core`, `service.http`, `workers` |",
+        "| `service/app.py` | the app | `contract` |",
+        "| `tests/` | the tests | not checked |",
+        "", "| `ENVIRONMENT` | `development` | a setting |"])
+    assert _map_rules(table) == {"contract": set(), "service.app": {"contract"},
+                                 "service.ops": {"contract", "core", "service.http", "workers"}}
+
+
 def test_rules_catch_an_upward_import(tmp_path: Path) -> None:
     """The checks above are not vacuous: an import from the kernel up into a domain, and one
     from the HTTP layer into a domain, are both seen."""

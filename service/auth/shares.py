@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field, model_validator
 from sqlalchemy.orm import Session
 
 from core import keys, sessions
-from core.errors import Invalid, NotFound, Unauthorized, problem_responses
+from core.errors import Invalid, Unauthorized, problem_responses
+from core.repository import owned
 from core.settings import Settings
 from core.tables import Evaluation, ShareLink, Sweep
 from service.auth.login import refuse_cross_site
@@ -71,10 +72,10 @@ def _create(session: Session, settings: Settings, owner: str, kind: str,
     if days > settings.share_link_max_days:
         raise Invalid(f"a share link is valid for at most {settings.share_link_max_days} days",
                       field="days")
-    row: Evaluation | Sweep | None = (session.get(Evaluation, target_id) if kind == "evaluation"
-                                      else session.get(Sweep, target_id))
-    if row is None or row.owner != owner:
-        raise NotFound(f"no {kind} {target_id}", field=f"{kind}_id")
+    if kind == "evaluation":
+        owned(session, Evaluation, owner, target_id, kind, field="evaluation_id")
+    else:
+        owned(session, Sweep, owner, target_id, kind, field="sweep_id")
     return sessions.create_share(session, owner, kind, target_id, days)
 
 

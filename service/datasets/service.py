@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,6 +20,7 @@ from core.quotas import check_stored_bytes
 from core.repository import owned_rows
 from core.settings import Settings
 from core.tables import Dataset, Evaluation, Training, utcnow
+from service.datasets import repository
 from service.datasets.builtin import get_builtin, list_builtins, validate_params
 from service.datasets.ingest import DatasetIngestError, IngestLimits, ingest
 from service.datasets.schemas import Capabilities, DatasetOut
@@ -101,12 +102,7 @@ def check_params(ref: str, params: dict[str, Any]) -> None:
 
 
 def _find(session: Session, owner: str, ref: str) -> Dataset:
-    try:
-        as_id: uuid.UUID | None = uuid.UUID(ref)
-    except ValueError:
-        as_id = None
-    cond = Dataset.name == ref if as_id is None else or_(Dataset.id == as_id, Dataset.name == ref)
-    row = session.scalar(select(Dataset).where(Dataset.owner == owner, cond))
+    row = repository.by_ref(session, owner, ref)
     if row is None:
         known = ", ".join(b["name"] for b in list_builtins())
         raise NotFound(
@@ -147,8 +143,7 @@ def upload(
         if get_builtin(name) is not None:
             raise Conflict(f"{name!r} is the name of a built-in dataset; choose another",
                            field="name")
-        if session.scalar(select(Dataset.id).where(Dataset.owner == owner,
-                                                   Dataset.name == name)):
+        if repository.name_taken(session, owner, name):
             raise Conflict(f"you already have a dataset named {name!r}", field="name")
         dataset_id = uuid.uuid4()
         up.keep(archive_path(dataset_id))

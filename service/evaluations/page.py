@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 from sqlalchemy.orm import Session
 
 from contract.jobs import FINAL_STATES, JobStatus
+from core.repository import is_owner
 from core.tables import Evaluation, Sweep
 from service.evaluations.repository import origin
 from service.evaluations.schemas import EvaluationOut, ResultOut
@@ -396,7 +397,7 @@ def context(session: Session, row: Evaluation, viewer: str | None,
             shared: bool = False) -> Context:
     """What the report of ``row`` links to, for ``viewer``: an owner's evaluation links to
     its records; the sweep it came from when the viewer may open that sweep."""
-    mine = viewer == row.owner and not shared
+    mine = is_owner(row, viewer) and not shared
     training_id, sweep_id = origin(session, row.owner, row.id)
     sweep = session.get(Sweep, sweep_id) if sweep_id else None
     if sweep is not None and not (mine or sweep.spec.get("public")):

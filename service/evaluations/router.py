@@ -117,7 +117,7 @@ def compare_evaluation_page(
     rows = []
     for eid in (evaluation_id, baseline):
         row = session.get(Evaluation, eid)
-        viewer.may_read(row.owner if row else None, bool(row and row.public), f"evaluation {eid}")
+        viewer.may_read(row, bool(row and row.public), f"evaluation {eid}")
         assert row is not None
         rows.append(row)
     ev, base = rows
@@ -135,7 +135,7 @@ def evaluation_report(evaluation_id: uuid.UUID, session: SessionDep,
     """The report as a page: the owner's, or anyone's when the evaluation is public (a
     browser without a session is sent to ``/login`` for a private one)."""
     row = session.get(Evaluation, evaluation_id, options=[selectinload(Evaluation.results)])
-    viewer.may_read(row.owner if row else None, bool(row and row.public),
+    viewer.may_read(row, bool(row and row.public),
                     f"evaluation {evaluation_id}")
     assert row is not None
     return HTMLResponse(report.render(service.to_out(row),

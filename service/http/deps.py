@@ -16,6 +16,7 @@ from core.db import run_rollback_hooks
 from core.errors import DomainError, NotFound, Unauthorized
 from core.keys import KeyCache
 from core.queue import Outbox
+from core.repository import OwnedRow, is_owner
 from core.sessions import LoginRequired
 from core.settings import Settings
 from service.http.guard import bearer_key
@@ -121,11 +122,11 @@ class Viewer:
             return LoginRequired(self.next_url)
         return Unauthorized("send 'Authorization: Bearer <api key>'")
 
-    def may_read(self, owner: str | None, public: bool, what: str) -> None:
-        """Pass if the row (``owner`` None: none was found) is public or the viewer's own;
-        else ask an anonymous viewer to log in, and tell an owner it was not found (another
-        owner's private row and a missing one are indistinguishable)."""
-        if owner is not None and (public or owner == self.owner):
+    def may_read(self, row: OwnedRow | None, public: bool, what: str) -> None:
+        """Pass if ``row`` (None: none was found) is public or the viewer's own; else ask an
+        anonymous viewer to log in, and tell an owner it was not found (another owner's
+        private row and a missing one are indistinguishable)."""
+        if row is not None and (public or is_owner(row, self.owner)):
             return
         if self.owner is None:
             raise self.refusal()

@@ -48,6 +48,7 @@ from starlette.types import Scope, Send
 
 from core.errors import NotFound, Unauthorized, Unavailable
 from core.keys import key_matches, key_prefix
+from core.repository import owned_by
 from core.sessions import COOKIE
 from core.tables import ApiKey, Result
 from service.http.deps import current_viewer
@@ -83,7 +84,7 @@ class Polled:
             select(_KEYS.c.key_hash, *(job.c[name] for name in self.shown))
             .select_from(_KEYS.outerjoin(job, and_(
                 job.c.id == bindparam("job_id", type_=job.c.id.type),
-                job.c.owner == _KEYS.c.owner)))
+                owned_by(job.c, _KEYS.c.owner))))
             .where(_KEYS.c.prefix == bindparam("prefix"), _KEYS.c.revoked_at.is_(None))
         )
 

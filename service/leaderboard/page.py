@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from core.repository import is_owner
 from core.tables import Evaluation
 from service.http.chrome import (
     NORM_NAMES,
@@ -102,7 +103,7 @@ def render(session: Session, board: Leaderboard, viewer: str | None, datasets: l
         ev = evals.get(r.evaluation_id)
         axes = _both_axes(ev, side) if ev is not None else {}
         cells = "".join(_cell(axes.get(s)) for s in SUMMARY)
-        mine = " (you)" if r.owner == viewer else ""
+        mine = " (you)" if is_owner(r, viewer) else ""
         links = [f"<a class='report' href='/evaluations/{r.evaluation_id}/report'>report</a>"]
         if baseline is not None and r.evaluation_id != baseline:
             links.append(f"<a class='compare' href='/evaluations/{r.evaluation_id}/compare/page"

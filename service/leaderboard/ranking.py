@@ -20,13 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from contract.attacks import Norm
 from contract.jobs import JobStatus
 from contract.metrics import LOWER_IS_BETTER
 from core.errors import Invalid
+from core.repository import visible_to
 from core.tables import Evaluation, Result
 from service.datasets.builtin import get_builtin
 from service.datasets.service import DEFAULT_EPS
@@ -127,20 +128,14 @@ def _summary(rows: Sequence[Result]) -> list[Result]:
         or list(rows)
 
 
-def visible(viewer: str | None) -> ColumnElement[bool]:
-    """The evaluations ``viewer`` may see: public ones, and their own (None: anonymous)."""
-    if viewer is None:
-        return Evaluation.public.is_(True)
-    return or_(Evaluation.owner == viewer, Evaluation.public.is_(True))
-
-
 def rank(session: Session, viewer: str | None, dataset: str, benchmark: str, metric: str,
          threat: Threat | None) -> list[Entry]:
     """Every evaluation the viewer may see (public ones, and the viewer's own) that measured
     ``metric`` at ``threat`` on ``dataset``, one entry each, in rank order."""
     q = (select(Result, Evaluation).join(Evaluation, Result.evaluation_id == Evaluation.id)
          .where(Evaluation.status == JobStatus.SUCCEEDED, Evaluation.dataset == dataset,
-                Result.benchmark == benchmark, Result.metric == metric, visible(viewer)))
+                Result.benchmark == benchmark, Result.metric == metric,
+                visible_to(Evaluation, viewer)))
     if threat is not None:  # narrowed in the database; matched exactly below
         q = q.where(Result.params["norm"].as_string() == threat.norm)
     lower = metric in LOWER_IS_BETTER
@@ -167,7 +162,8 @@ def threats_measured(session: Session, viewer: str | None, dataset: str,
     q = (select(Result.params, Result.evaluation_id)
          .join(Evaluation, Result.evaluation_id == Evaluation.id)
          .where(Evaluation.status == JobStatus.SUCCEEDED, Evaluation.dataset == dataset,
-                Result.benchmark == benchmark, Result.metric == metric, visible(viewer)))
+                Result.benchmark == benchmark, Result.metric == metric,
+                visible_to(Evaluation, viewer)))
     seen: dict[tuple[str | None, str, str], tuple[Threat, set[uuid.UUID]]] = {}
     for params, eid in session.execute(q):
         eps = params.get("eps")

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from contract.metrics import BENCHMARK_METRICS, LOWER_IS_BETTER
 from contract.stats import interval
 from core.errors import Invalid, problem_responses
+from core.repository import visible_to
 from core.tables import Evaluation
 from service.http.deps import CurrentViewer, SessionDep
 from service.leaderboard import page as leaderboard_page
@@ -97,7 +98,7 @@ def leaderboard_html(
     result = board(session, viewer.owner, dataset, metric, benchmark, threat or None,
                    attack or None, limit)
     datasets = sorted({dataset, *session.scalars(
-        select(Evaluation.dataset).where(ranking.visible(viewer.owner)).distinct())})
+        select(Evaluation.dataset).where(visible_to(Evaluation, viewer.owner)).distinct())})
     side = ranking.resolve_threat(dataset, "adversarial", threat or None, attack or None) \
         if result.threat else None
     side = side or _side_threat(session, viewer.owner, dataset)

@@ -9,7 +9,7 @@ from service.http.pagination import Page
 
 
 class ModelMetadata(BaseModel):
-    """The ``metadata`` JSON of an upload (ARCHITECTURE.md, "Model checkpoints")."""
+    """The ``metadata`` JSON of an upload (docs/API.md, "Checkpoints")."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "name": "resnet18-pgd", "architecture": "resnet18", "num_classes": 10,

@@ -7,9 +7,9 @@ import html
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.repository import owned_rows
 from core.tables import Evaluation, Training
 from service.http.chrome import dataset_names, nav
 from service.http.deps import CurrentViewer, SessionDep
@@ -33,9 +33,9 @@ between the two axes can be seen in one table.</p>
 
 def _rows(session: Session, owner: str) -> str:
     e = html.escape
-    evals = session.scalars(select(Evaluation).where(Evaluation.owner == owner)
+    evals = session.scalars(owned_rows(Evaluation, owner)
                             .order_by(Evaluation.created_at.desc()).limit(RECENT)).all()
-    trainings = session.scalars(select(Training).where(Training.owner == owner)
+    trainings = session.scalars(owned_rows(Training, owner)
                                 .order_by(Training.created_at.desc()).limit(RECENT)).all()
     jobs = sorted([(ev.created_at, "evaluation", ev.id, ev.model_name, ev.dataset, ev.status,
                     f"/evaluations/{ev.id}/report") for ev in evals]

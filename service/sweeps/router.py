@@ -8,6 +8,7 @@ from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from core.errors import problem_responses
+from core.repository import is_owner
 from core.tables import Sweep
 from service.http.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
 from service.jobs.router import JobRoutes, accepted, add_job_routes
@@ -49,8 +50,7 @@ def sweep_report(sweep_id: uuid.UUID, session: SessionDep, viewer: CurrentViewer
     """The trade-off as a page: robust accuracy against RFS and BG-gap, the per-model table;
     the owner's, or anyone's when the sweep is public."""
     row = session.get(Sweep, sweep_id)
-    viewer.may_read(row.owner if row else None, bool(row and row.spec.get("public")),
-                    f"sweep {sweep_id}")
+    viewer.may_read(row, bool(row and row.spec.get("public")), f"sweep {sweep_id}")
     assert row is not None
     return HTMLResponse(sweep_page.render(service.to_out(session, row), viewer.owner,
-                                          mine=viewer.owner == row.owner))
+                                          mine=is_owner(row, viewer.owner)))
