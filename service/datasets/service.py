@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -16,13 +16,16 @@ from core import storage
 from core.errors import Conflict, Invalid, NotFound, problem_body
 from core.objectstore import Store, StoreError, file_sha256
 from core.queue import INGEST_TASK, Outbox
+from core.quotas import check_stored_bytes
 from core.repository import owned_rows
+from core.settings import Settings
 from core.tables import Dataset, Evaluation, Training, utcnow
 from service.datasets import repository
 from service.datasets.builtin import get_builtin, list_builtins, validate_params
 from service.datasets.ingest import DatasetIngestError, IngestLimits, ingest
 from service.datasets.schemas import Capabilities, DatasetOut
 from service.http.pagination import newest_first
+from service.http.validation import reject_nul
 
 # Reasonable l_p budgets in [0,1] pixel units when an uploaded dataset names none.
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
@@ -112,35 +115,45 @@ def _find(session: Session, owner: str, ref: str) -> Dataset:
 def upload(
     session: Session,
     owner: str,
-    archive: Path,
-    sha256: str,
-    size: int,
-    name: str,
-    store: Store,
+    file: BinaryIO,
+    filename: str | None,
+    name: str | None,
+    channels: int | None,
+    settings: Settings,
     outbox: Outbox,
-    channels: int | None = None,
 ) -> Dataset:
     """Keeps the archive and queues its ingest; the row is ``ingesting`` until a worker has
-    decoded it (the API process never decodes an upload). ``channels`` (1 or 3) converts every
-    image when the worker decodes them; None keeps a grey dataset grey."""
-    try:
+    decoded it (the API process never decodes an upload). ``name`` defaults to the file's
+    name without its extension. ``channels`` (1 or 3) converts every image when the worker
+    decodes them; None keeps a grey dataset grey. The stored-bytes quota is checked before the
+    archive is read and again with its size; the archive goes again unless the request's
+    transaction commits (:func:`core.storage.upload`)."""
+    name = (name or (filename or "dataset").rsplit(".", 1)[0]).strip()
+    reject_nul(name, "name")
+    if channels not in (None, 1, 3):
+        raise Invalid("channels must be 1 (grey) or 3 (RGB); leave it out to keep each "
+                      "dataset's own", field="channels")
+    if not name or len(name) > 200:
+        raise Invalid("name must be 1 to 200 characters", field="name")
+    check_stored_bytes(session, owner, settings, 0)
+    received = storage.receive(file, settings.data_dir, settings.max_dataset_bytes,
+                               "dataset archive")
+    with storage.upload(session, settings.store(), received) as up:
+        check_stored_bytes(session, owner, settings, up.size)
         if get_builtin(name) is not None:
             raise Conflict(f"{name!r} is the name of a built-in dataset; choose another",
                            field="name")
         if repository.name_taken(session, owner, name):
             raise Conflict(f"you already have a dataset named {name!r}", field="name")
-    except Conflict:
-        archive.unlink(missing_ok=True)
-        raise
-    dataset_id = uuid.uuid4()
-    storage.keep(archive, store, archive_path(dataset_id))
+        dataset_id = uuid.uuid4()
+        up.keep(archive_path(dataset_id))
     row = Dataset(
         id=dataset_id,
         owner=owner,
         name=name,
         info={"requested_channels": channels} if channels is not None else {},
-        sha256=sha256,
-        size_bytes=size,
+        sha256=up.sha256,
+        size_bytes=up.size,
         storage_path=f"datasets/{dataset_id}.npz",
         status="ingesting",
         enqueued_at=utcnow(),
@@ -148,10 +161,8 @@ def upload(
     session.add(row)
     try:
         session.flush()
-    except IntegrityError as exc:
-        storage.remove(store, archive_path(dataset_id))
+    except IntegrityError as exc:  # the rollback removes the stored archive
         raise Conflict(f"you already have a dataset named {name!r}", field="name") from exc
-    storage.remove_on_rollback(session, store, archive_path(dataset_id))
     outbox.add(INGEST_TASK, str(dataset_id))
     return row
 
