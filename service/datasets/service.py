@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from contract.jobs import ACTIVE_STATES
+from contract.jobs import ACTIVE_STATES, DatasetStatus
 from core import storage
 from core.errors import Conflict, Invalid, NotFound, problem_body
 from core.objectstore import Store, StoreError, file_sha256
@@ -38,7 +38,8 @@ class DatasetNotReady(Conflict):
 
     def __init__(self, row: Dataset) -> None:
         what = ("is still being ingested; retry when GET /datasets/{id} says ready"
-                if row.status == "ingesting" else "failed to ingest; see GET /datasets/{id}")
+                if row.status == DatasetStatus.INGESTING
+                else "failed to ingest; see GET /datasets/{id}")
         super().__init__(f"dataset {row.name!r} {what}".replace("{id}", str(row.id)),
                          field="dataset", dataset_status=row.status)
 
@@ -74,7 +75,7 @@ def resolve(session: Session, owner: str, ref: str) -> ResolvedDataset:
             ),
         )
     row = _find(session, owner, ref)
-    if row.status != "ready":
+    if row.status != DatasetStatus.READY:
         raise DatasetNotReady(row)
     info = row.info
     return ResolvedDataset(
@@ -155,7 +156,7 @@ def upload(
         sha256=up.sha256,
         size_bytes=up.size,
         storage_path=f"datasets/{dataset_id}.npz",
-        status="ingesting",
+        status=DatasetStatus.INGESTING,
         enqueued_at=utcnow(),
     )
     session.add(row)
@@ -182,7 +183,7 @@ def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, store: St
     ingested: a redelivered task)."""
     with sessions() as session:
         row = session.get(Dataset, dataset_id)
-        if row is None or row.status != "ingesting":
+        if row is None or row.status != DatasetStatus.INGESTING:
             return None
         name, key = row.name, row.storage_path
         channels = (row.info or {}).get("requested_channels")
@@ -190,7 +191,7 @@ def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, store: St
     tmp_dir.mkdir(parents=True, exist_ok=True)
     dest = tmp_dir / f"ingest-{dataset_id}-{uuid.uuid4().hex[:8]}.npz"
     fetched = tmp_dir / f"ingest-{dataset_id}-{uuid.uuid4().hex[:8]}.upload"
-    status, info, error = "failed", None, None
+    status, info, error = DatasetStatus.FAILED, None, None
     try:
         archive = store.local_path(archive_path(dataset_id))
         if archive is None:
@@ -206,7 +207,7 @@ def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, store: St
         if info is not None:  # a store that fails here raises: the ingest is sent again
             info["content_sha256"] = file_sha256(dest)
             store.put_file(key, dest)
-            status = "ready"
+            status = DatasetStatus.READY
     finally:
         dest.unlink(missing_ok=True)
         fetched.unlink(missing_ok=True)
@@ -216,7 +217,8 @@ def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, store: St
             storage.remove(store, key)
             storage.remove(store, archive_path(dataset_id))
             return None
-        if row.status != "ingesting":  # a redelivered task finished first; its file stays
+        # A redelivered task finished first; its file stays.
+        if row.status != DatasetStatus.INGESTING:
             return None
         row.status, row.error, row.finished_at = status, error, utcnow()
         if info is not None:
@@ -287,7 +289,7 @@ def builtin_out(name: str) -> DatasetOut:
 
 
 def upload_out(row: Dataset) -> DatasetOut:
-    if row.status != "ready":
+    if row.status != DatasetStatus.READY:
         return DatasetOut(
             id=str(row.id), name=row.name, builtin=False, status=row.status, error=row.error,
             num_classes=None, input_shape=None, num_examples=None, splits={},
