@@ -20,6 +20,16 @@ class JobStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class DatasetStatus(enum.StrEnum):
+    """An uploaded dataset's state: ``ingesting`` (a worker decodes the archive) -> ``ready``
+    or ``failed``. Built-in datasets are always ``ready``. Not a job: an ingest has no
+    progress, cancel or attempts of its own."""
+
+    INGESTING = "ingesting"
+    READY = "ready"
+    FAILED = "failed"
+
+
 #: The states a job never leaves.
 FINAL_STATES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 #: The states that hold a worker or wait for one (the active-jobs quota counts them).

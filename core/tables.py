@@ -27,7 +27,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from contract.jobs import JobStatus
+from contract.jobs import DatasetStatus, JobStatus
 from core.db import Base
 
 
@@ -128,7 +128,8 @@ class Dataset(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     storage_path: Mapped[str] = mapped_column(Text)
     # ingesting -> ready | failed; an upload is decoded by a worker (the ``ingest`` queue).
-    status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
+    status: Mapped[str] = mapped_column(String(16), default=DatasetStatus.READY.value,
+                                        server_default=DatasetStatus.READY.value)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last ingest sent

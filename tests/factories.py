@@ -138,6 +138,17 @@ def upload(client: TestClient, key: str, data: bytes, meta: dict[str, Any] | Non
                        data={"metadata": json.dumps(meta or META)})
 
 
+def check_unknown_dataset_refused(client: TestClient, key: str, path: str,
+                                  body: dict[str, Any]) -> None:
+    """A training or a sweep naming a dataset its owner cannot see is not found, whatever the
+    domain: a 404 naming the field, and no training queued."""
+    resp = client.post(path, headers=auth(key), json={**body, "dataset": "cifar-10"})
+    assert resp.status_code == 404, resp.text
+    assert resp.json()["field"] == "dataset"
+    assert resp.json()["errors"][0]["field"] == "dataset"
+    assert client.get("/trainings", headers=auth(key)).json()["items"] == []
+
+
 def engine_rows(net: nn.Module, data: EvalData, suite: list[dict[str, Any]], seed: int,
                 mean: list[float] | None = None, std: list[float] | None = None, *,
                 batch_size: int = 256) -> list[Any]:

@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 from contract.jobs import JobErrorType, JobStatus, job_error
 from contract.suite import Entry, dump_entry
 from core.queue import WEBHOOK_TASK
-from core.tables import Dataset, Evaluation, EvaluationShard, Model, Result
+from core.tables import Evaluation, EvaluationShard, Model, Result
 from workers.engine import ENGINE_VERSION, benchmarks
 from workers.engine.types import BenchmarkError
 from workers.jobs import (
@@ -31,6 +31,7 @@ from workers.jobs import (
     Scratch,
     StoredFile,
     Superseded,
+    claimed,
     device_info,
     fetch,
     keep_output,
@@ -83,19 +84,13 @@ class EvaluationWork:
     def load(cls, rt: Runtime, eid: uuid.UUID, token: int,
              send_task: Any = None) -> EvaluationWork:
         with rt.sessions() as s:
-            ev = s.get(Evaluation, eid)
-            assert ev is not None
+            ev = claimed(s, Evaluation, eid)
             model = s.get(Model, ev.model_id) if ev.model_id else None
             if model is None:
                 raise JobFailed(job_error(JobErrorType.CHECKPOINT_ERROR,
                                           "the model of this evaluation was deleted"))
-            dataset_file = None
-            if ev.dataset_id is not None:
-                ds = s.get(Dataset, ev.dataset_id)
-                if ds is None:
-                    raise JobFailed(job_error(JobErrorType.BENCHMARK_ERROR,
-                                              "the dataset of this evaluation was deleted"))
-                dataset_file = StoredFile.of_dataset(ds)
+            dataset_file = StoredFile.of_dataset(s, ev.dataset_id, JobErrorType.BENCHMARK_ERROR,
+                                                 "evaluation")
             try:
                 suite = [benchmarks.parse(entry) for entry in ev.suite]
             except BenchmarkError as exc:  # stored before the contract changed

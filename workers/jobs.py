@@ -25,16 +25,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from contract.jobs import JobErrorType, JobStatus, job_error
 from core.objectstore import StateMirror, StoreError, file_sha256
-from core.tables import Dataset, JobRow, JobTable, utcnow
+from core.tables import Dataset, Evaluation, EvaluationShard, JobRow, JobTable, Training, utcnow
 from workers.engine.types import Cancelled
 from workers.runtime import Runtime
 from workers.sandbox import child as engine_child
@@ -97,8 +98,27 @@ class StoredFile:
     sha256: str | None
 
     @classmethod
-    def of_dataset(cls, ds: Dataset) -> StoredFile:
+    def of_dataset(cls, s: Session, dataset_id: uuid.UUID | None, missing: JobErrorType,
+                   job: str) -> StoredFile | None:
+        """The uploaded dataset a job reads (None: a built-in, generated where it runs); one
+        deleted since the job was queued fails the ``job`` as ``missing``."""
+        if dataset_id is None:
+            return None
+        ds = s.get(Dataset, dataset_id)
+        if ds is None:
+            raise JobFailed(job_error(missing, f"the dataset of this {job} was deleted"))
         return cls(ds.storage_path, (ds.info or {}).get("content_sha256"))
+
+
+#: The row of one kind of job.
+Claimed = TypeVar("Claimed", Evaluation, Training, EvaluationShard)
+
+
+def claimed(s: Session, table: type[Claimed], jid: uuid.UUID) -> Claimed:
+    """The row of a job this worker has claimed (so it exists), read in ``s``."""
+    row = s.get(table, jid)
+    assert row is not None, f"{table.__tablename__} {jid} was claimed"
+    return row
 
 
 def fetch(rt: Runtime, stored: StoredFile, missing: JobErrorType) -> Path:
@@ -659,7 +679,7 @@ def _finish(rt: Runtime, table: JobTable, jid: uuid.UUID, token: int, status: st
         elif status == JobStatus.CANCELLED:
             row.progress_message = "cancelled by the user"
         else:
-            row.progress_message = (error or {}).get("detail", "failed")[:500]
+            row.progress_message = (error or {}).get("detail", JobStatus.FAILED.value)[:500]
 
 
 def _fail_exhausted(rt: Runtime, eid: uuid.UUID, table: JobTable) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
 
-from contract.jobs import JobStatus
+from contract.jobs import DatasetStatus, JobStatus
 from core.queue import EVALUATE_TASK, EVALUATIONS_QUEUE, INGEST_TASK, SHARD_TASK, TRAIN_TASK
 from core.tables import Dataset, Evaluation, EvaluationShard, Training, WorkerSeen, utcnow
 from workers.runtime import Runtime
@@ -47,7 +47,7 @@ def _lost_evaluation(table: Any, queued_cutoff: datetime, stale_cutoff: datetime
 def _lost_ingest(table: Any, queued_cutoff: datetime, _stale: datetime) -> Any:
     """An upload still ``ingesting`` long after its ingest was sent. A re-sent ingest that
     meets one still running only repeats work: the first to finish decides the state."""
-    return and_(table.status == "ingesting", table.enqueued_at < queued_cutoff)
+    return and_(table.status == DatasetStatus.INGESTING, table.enqueued_at < queued_cutoff)
 
 
 #: What is re-sent: each kind of queued work, the task that runs it, and which rows were lost.

@@ -31,7 +31,16 @@ from core.queue import EVALUATE_TASK, WEBHOOK_TASK, Outbox
 from core.tables import Evaluation, EvaluationShard, utcnow
 from service.evaluations.service import shardable
 from workers.evaluation_jobs import SHARDS_SHARE, EvaluationWork
-from workers.jobs import JobFailed, JobTable, Scratch, Sender, Superseded, run_work, sandbox_error
+from workers.jobs import (
+    JobFailed,
+    JobTable,
+    Scratch,
+    Sender,
+    Superseded,
+    claimed,
+    run_work,
+    sandbox_error,
+)
 from workers.runtime import Runtime
 from workers.sandbox.protocol import EvaluateJob
 
@@ -68,8 +77,7 @@ class ShardWork:
     def load(cls, rt: Runtime, sid: uuid.UUID, token: int, send_task: Any = None) -> ShardWork:
         now = utcnow()
         with rt.sessions.begin() as s:
-            shard = s.get(EvaluationShard, sid)
-            assert shard is not None
+            shard = claimed(s, EvaluationShard, sid)
             eid = shard.evaluation_id
             s.execute(update(Evaluation).where(Evaluation.id == eid,
                                                Evaluation.status == JobStatus.QUEUED)
@@ -139,7 +147,7 @@ def settle(rt: Runtime, eid: uuid.UUID, send_task: Any = None) -> str | None:
     cancels the others), shards all final after a cancel cancel it, shards all succeeded send
     it to be merged. Returns what it did, or None. Safe to call from anywhere at any time."""
     outbox = Outbox(Sender(send_task))
-    did = None
+    did: str | None = None
     with rt.sessions.begin() as s:
         ev = s.scalar(select(Evaluation).where(Evaluation.id == eid).with_for_update())
         if (ev is None or ev.shards <= 1 or ev.status != JobStatus.RUNNING
@@ -158,20 +166,20 @@ def settle(rt: Runtime, eid: uuid.UUID, send_task: Any = None) -> str | None:
             for sh in shards:
                 if sh.status in ACTIVE_STATES:
                     request_cancel(sh, "shard")
-            did = "failed"
+            did = JobStatus.FAILED
         elif all(sh.status in FINAL_STATES for sh in shards):
             if any(sh.status == JobStatus.CANCELLED for sh in shards):
                 ev.status = ev.progress_stage = JobStatus.CANCELLED.value
                 ev.finished_at = now
                 ev.progress_message = "cancelled by the user"
-                did = "cancelled"
+                did = JobStatus.CANCELLED
             else:
                 ev.enqueued_at, ev.progress_fraction = now, SHARDS_SHARE
                 ev.progress_stage = "merging"
                 ev.progress_message = f"{len(shards)} shards done; merging their results"
                 outbox.add(EVALUATE_TASK, str(eid))
                 did = "merge"
-        if did in ("failed", "cancelled") and ev.webhook_url:
+        if did in (JobStatus.FAILED, JobStatus.CANCELLED) and ev.webhook_url:
             outbox.add(WEBHOOK_TASK, str(eid))
     outbox.flush()
     if did:

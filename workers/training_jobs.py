@@ -24,10 +24,11 @@ from sqlalchemy.orm import Session
 
 from contract.jobs import JobErrorType, JobStatus, job_error
 from contract.training import BETA, Threat, TrainingSpec
+from core import storage
 from core.errors import DomainError
 from core.objectstore import StoreError, file_sha256
 from core.queue import Outbox
-from core.tables import Dataset, Training, utcnow
+from core.tables import Training, utcnow
 from service.evaluations import service as evaluations
 from service.evaluations.schemas import EvaluationIn
 from service.models import service as models
@@ -86,15 +87,9 @@ class TrainingWork:
     def load(cls, rt: Runtime, tid: uuid.UUID, token: int,
              send_task: Any = None) -> TrainingWork:
         with rt.sessions() as s:
-            row = s.get(Training, tid)
-            assert row is not None
-            dataset_file = None
-            if row.dataset_id is not None:
-                ds = s.get(Dataset, row.dataset_id)
-                if ds is None:
-                    raise JobFailed(job_error(JobErrorType.TRAINING_ERROR,
-                                              "the dataset of this training was deleted"))
-                dataset_file = jobs.StoredFile.of_dataset(ds)
+            row = jobs.claimed(s, Training, tid)
+            dataset_file = jobs.StoredFile.of_dataset(s, row.dataset_id,
+                                                      JobErrorType.TRAINING_ERROR, "training")
             opts = row.options or {}
             try:
                 spec = TrainingSpec(
@@ -180,26 +175,26 @@ class TrainingWork:
     def _succeed(self, trained: dict[str, Any], scratch: Scratch) -> None:
         """Register the weights as the owner's model and queue its evaluation, in the same
         transaction that marks the job succeeded (fenced by the attempt). The weights are
-        copied out of the child's scratch as a regular file, no link followed."""
-        data_dir = self.rt.settings.data_dir
-        tmp_dir = data_dir / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_dir / f"training-{self.id}-{self.token}.safetensors"
-        scratch.copy_out(scratch.host_out, "weights.safetensors", tmp,
-                         self.rt.settings.max_checkpoint_bytes)
-        sha = file_sha256(tmp)
+        copied out of the child's scratch as a regular file, no link followed; unless that
+        transaction commits, the copy and the stored checkpoint are removed again."""
         meta = ModelMetadata(name=self.name, architecture=self.spec.architecture,
                              num_classes=int(trained["num_classes"]),
                              input_shape=[int(d) for d in trained["input_shape"]],
                              class_names=[str(c) for c in trained["class_names"]])
+        tmp_dir = self.rt.settings.data_dir / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_dir / f"training-{self.id}-{self.token}.safetensors"
+        size = scratch.copy_out(scratch.host_out, "weights.safetensors", tmp,
+                                self.rt.settings.max_checkpoint_bytes)
+        received = storage.Received(tmp, file_sha256(tmp), size)
         outbox = Outbox(jobs.Sender(self.send_task))
         try:
-            with self.rt.sessions.begin() as s:
+            with (self.rt.sessions.begin() as s,
+                  storage.upload(s, self.rt.store, received) as weights):
                 row = s.scalar(select(Training).where(Training.id == self.id).with_for_update())
                 if row is None or row.attempts != self.token or row.status != JobStatus.RUNNING:
                     raise Superseded("the job changed hands before its model was registered")
-                model = models.register(s, self.owner, tmp, sha, tmp.stat().st_size, meta,
-                                        self.rt.store)
+                model = models.register(s, self.owner, weights, meta)
                 if self.evaluate is not None:
                     row.evaluation_id = self._queue_evaluation(s, outbox, model.id)
                 row.model_id, row.history = model.id, trained["history"]
@@ -208,11 +203,9 @@ class TrainingWork:
                 row.progress_fraction, row.progress_stage = 1.0, JobStatus.SUCCEEDED.value
                 row.progress_message = "done"
         except BaseException:
-            tmp.unlink(missing_ok=True)
             outbox.discard()
             raise
         outbox.flush()  # a send that fails is re-sent by the reconciler (the row stays queued)
-
 
     def _queue_evaluation(self, s: Session, outbox: Outbox, model_id: uuid.UUID) -> uuid.UUID:
         """The trained model's evaluation, queued in the registering transaction; a request

@@ -4,13 +4,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from core import storage
-from core.errors import Invalid, problem_responses
-from core.quotas import check_stored_bytes
+from core.errors import problem_responses
 from service.datasets import service
 from service.datasets.schemas import DatasetList, DatasetOut
 from service.http.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.http.validation import reject_nul
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
@@ -33,24 +30,8 @@ def upload_dataset(
     tree. The archive is kept and decoded by a worker (queue ``ingest``) into the canonical
     array file the workers read; the dataset is ``ingesting`` until then (poll
     ``GET /datasets/{id}``)."""
-    name = (name or (file.filename or "dataset").rsplit(".", 1)[0]).strip()
-    reject_nul(name, "name")
-    if channels not in (None, 1, 3):
-        raise Invalid("channels must be 1 (grey) or 3 (RGB); leave it out to keep each "
-                      "dataset's own", field="channels")
-    if not name or len(name) > 200:
-        raise Invalid("name must be 1 to 200 characters", field="name")
-    check_stored_bytes(session, owner, settings, 0)
-    tmp, sha, size = storage.receive(
-        file.file, settings.data_dir, settings.max_dataset_bytes, "dataset archive"
-    )
-    try:
-        check_stored_bytes(session, owner, settings, size)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    row = service.upload(session, owner, tmp, sha, size, name, settings.store(), outbox,
-                         channels=channels)
+    row = service.upload(session, owner, file.file, file.filename, name, channels, settings,
+                         outbox)
     response.headers["Location"] = f"/datasets/{row.id}"
     return service.upload_out(row)
 

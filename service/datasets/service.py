@@ -5,24 +5,27 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from contract.jobs import ACTIVE_STATES
+from contract.jobs import ACTIVE_STATES, DatasetStatus
 from core import storage
 from core.errors import Conflict, Invalid, NotFound, problem_body
 from core.objectstore import Store, StoreError, file_sha256
 from core.queue import INGEST_TASK, Outbox
+from core.quotas import check_stored_bytes
 from core.repository import owned_rows
+from core.settings import Settings
 from core.tables import Dataset, Evaluation, Training, utcnow
 from service.datasets import repository
 from service.datasets.builtin import get_builtin, list_builtins, validate_params
 from service.datasets.ingest import DatasetIngestError, IngestLimits, ingest
 from service.datasets.schemas import Capabilities, DatasetOut
 from service.http.pagination import newest_first
+from service.http.validation import reject_nul
 
 # Reasonable l_p budgets in [0,1] pixel units when an uploaded dataset names none.
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
@@ -35,7 +38,8 @@ class DatasetNotReady(Conflict):
 
     def __init__(self, row: Dataset) -> None:
         what = ("is still being ingested; retry when GET /datasets/{id} says ready"
-                if row.status == "ingesting" else "failed to ingest; see GET /datasets/{id}")
+                if row.status == DatasetStatus.INGESTING
+                else "failed to ingest; see GET /datasets/{id}")
         super().__init__(f"dataset {row.name!r} {what}".replace("{id}", str(row.id)),
                          field="dataset", dataset_status=row.status)
 
@@ -71,7 +75,7 @@ def resolve(session: Session, owner: str, ref: str) -> ResolvedDataset:
             ),
         )
     row = _find(session, owner, ref)
-    if row.status != "ready":
+    if row.status != DatasetStatus.READY:
         raise DatasetNotReady(row)
     info = row.info
     return ResolvedDataset(
@@ -112,46 +116,54 @@ def _find(session: Session, owner: str, ref: str) -> Dataset:
 def upload(
     session: Session,
     owner: str,
-    archive: Path,
-    sha256: str,
-    size: int,
-    name: str,
-    store: Store,
+    file: BinaryIO,
+    filename: str | None,
+    name: str | None,
+    channels: int | None,
+    settings: Settings,
     outbox: Outbox,
-    channels: int | None = None,
 ) -> Dataset:
     """Keeps the archive and queues its ingest; the row is ``ingesting`` until a worker has
-    decoded it (the API process never decodes an upload). ``channels`` (1 or 3) converts every
-    image when the worker decodes them; None keeps a grey dataset grey."""
-    try:
+    decoded it (the API process never decodes an upload). ``name`` defaults to the file's
+    name without its extension. ``channels`` (1 or 3) converts every image when the worker
+    decodes them; None keeps a grey dataset grey. The stored-bytes quota is checked before the
+    archive is read and again with its size; the archive goes again unless the request's
+    transaction commits (:func:`core.storage.upload`)."""
+    name = (name or (filename or "dataset").rsplit(".", 1)[0]).strip()
+    reject_nul(name, "name")
+    if channels not in (None, 1, 3):
+        raise Invalid("channels must be 1 (grey) or 3 (RGB); leave it out to keep each "
+                      "dataset's own", field="channels")
+    if not name or len(name) > 200:
+        raise Invalid("name must be 1 to 200 characters", field="name")
+    check_stored_bytes(session, owner, settings, 0)
+    received = storage.receive(file, settings.data_dir, settings.max_dataset_bytes,
+                               "dataset archive")
+    with storage.upload(session, settings.store(), received) as up:
+        check_stored_bytes(session, owner, settings, up.size)
         if get_builtin(name) is not None:
             raise Conflict(f"{name!r} is the name of a built-in dataset; choose another",
                            field="name")
         if repository.name_taken(session, owner, name):
             raise Conflict(f"you already have a dataset named {name!r}", field="name")
-    except Conflict:
-        archive.unlink(missing_ok=True)
-        raise
-    dataset_id = uuid.uuid4()
-    storage.keep(archive, store, archive_path(dataset_id))
+        dataset_id = uuid.uuid4()
+        up.keep(archive_path(dataset_id))
     row = Dataset(
         id=dataset_id,
         owner=owner,
         name=name,
         info={"requested_channels": channels} if channels is not None else {},
-        sha256=sha256,
-        size_bytes=size,
+        sha256=up.sha256,
+        size_bytes=up.size,
         storage_path=f"datasets/{dataset_id}.npz",
-        status="ingesting",
+        status=DatasetStatus.INGESTING,
         enqueued_at=utcnow(),
     )
     session.add(row)
     try:
         session.flush()
-    except IntegrityError as exc:
-        storage.remove(store, archive_path(dataset_id))
+    except IntegrityError as exc:  # the rollback removes the stored archive
         raise Conflict(f"you already have a dataset named {name!r}", field="name") from exc
-    storage.remove_on_rollback(session, store, archive_path(dataset_id))
     outbox.add(INGEST_TASK, str(dataset_id))
     return row
 
@@ -171,7 +183,7 @@ def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, store: St
     ingested: a redelivered task)."""
     with sessions() as session:
         row = session.get(Dataset, dataset_id)
-        if row is None or row.status != "ingesting":
+        if row is None or row.status != DatasetStatus.INGESTING:
             return None
         name, key = row.name, row.storage_path
         channels = (row.info or {}).get("requested_channels")
@@ -179,7 +191,7 @@ def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, store: St
     tmp_dir.mkdir(parents=True, exist_ok=True)
     dest = tmp_dir / f"ingest-{dataset_id}-{uuid.uuid4().hex[:8]}.npz"
     fetched = tmp_dir / f"ingest-{dataset_id}-{uuid.uuid4().hex[:8]}.upload"
-    status, info, error = "failed", None, None
+    status, info, error = DatasetStatus.FAILED, None, None
     try:
         archive = store.local_path(archive_path(dataset_id))
         if archive is None:
@@ -195,7 +207,7 @@ def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, store: St
         if info is not None:  # a store that fails here raises: the ingest is sent again
             info["content_sha256"] = file_sha256(dest)
             store.put_file(key, dest)
-            status = "ready"
+            status = DatasetStatus.READY
     finally:
         dest.unlink(missing_ok=True)
         fetched.unlink(missing_ok=True)
@@ -205,7 +217,8 @@ def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, store: St
             storage.remove(store, key)
             storage.remove(store, archive_path(dataset_id))
             return None
-        if row.status != "ingesting":  # a redelivered task finished first; its file stays
+        # A redelivered task finished first; its file stays.
+        if row.status != DatasetStatus.INGESTING:
             return None
         row.status, row.error, row.finished_at = status, error, utcnow()
         if info is not None:
@@ -276,7 +289,7 @@ def builtin_out(name: str) -> DatasetOut:
 
 
 def upload_out(row: Dataset) -> DatasetOut:
-    if row.status != "ready":
+    if row.status != DatasetStatus.READY:
         return DatasetOut(
             id=str(row.id), name=row.name, builtin=False, status=row.status, error=row.error,
             num_classes=None, input_shape=None, num_examples=None, splits={},

@@ -4,32 +4,57 @@ import uuid
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
-from pydantic import ValidationError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from contract.jobs import JobStatus
-from core import storage
-from core.errors import Conflict, Invalid, NotFound, invalid, problem_responses
+from core.errors import Conflict, Invalid, NotFound, problem_responses
 from core.objectstore import check_key
-from core.queue import Outbox
-from core.quotas import check_active_jobs, check_stored_bytes
-from core.settings import Settings
 from core.tables import Evaluation
-from core.webhook_policy import check_url
 from service.evaluations import compare, compare_page, service
 from service.evaluations import page as report
-from service.evaluations.schemas import EvaluationIn, EvaluationOut, EvaluationPage
+from service.evaluations.schemas import EvaluationOut, EvaluationPage
+from service.evaluations.service import Submission
 from service.http.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
 from service.http.validation import loads, reject_nul
 from service.jobs.router import JobRoutes, accepted, add_job_routes
 from service.models import service as models
+from service.models.service import CheckpointUpload
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 ERRORS = problem_responses(401, 404, 409, 413, 422, 429, 503)
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+
+
+async def read_submission(request: Request,
+                          idempotency_key: IdempotencyKey = None) -> Submission:
+    """The request's body as a submission (its ``Idempotency-Key`` checked first): JSON, or
+    multipart ``checkpoint`` + ``spec`` (the spec's model metadata checked; the checkpoint is
+    read by :func:`service.submit`)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        try:
+            raw = await request.json()
+        except ValueError as exc:
+            raise Invalid(f"the body is not valid JSON: {exc}") from exc
+        return Submission(raw, idempotency_key)
+    form = await request.form(max_part_size=1 << 20)
+    checkpoint, spec = form.get("checkpoint"), form.get("spec")
+    if not isinstance(checkpoint, UploadFile) or not isinstance(spec, str):
+        raise Invalid("a multipart evaluation needs a 'checkpoint' file and a 'spec' JSON "
+                      "string", field="checkpoint")
+    try:
+        spec_obj = loads(spec, "spec")
+    except ValueError as exc:
+        raise Invalid(f"spec is not valid JSON: {exc}", field="spec") from exc
+    if not isinstance(spec_obj, dict):
+        raise Invalid("spec must be a JSON object", field="spec")
+    reject_nul(spec_obj, "spec")
+    meta, fields = service.merge_spec(spec_obj)
+    return Submission(fields, idempotency_key,
+                      CheckpointUpload(checkpoint.file, models.parse_metadata(meta)))
 
 
 @router.post("", status_code=202, response_model=EvaluationOut, responses=ERRORS,
@@ -38,72 +63,14 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_lengt
                  "multipart/form-data": {
                      "schema": {"$ref": "#/components/schemas/EvaluationUpload"}}}}})
 async def create_evaluation(
-    request: Request, response: Response, session: SessionDep, owner: CurrentOwner,
-    outbox: OutboxDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None,
+    response: Response, session: SessionDep, owner: CurrentOwner, outbox: OutboxDep,
+    settings: SettingsDep, submission: Annotated[Submission, Depends(read_submission)],
 ) -> EvaluationOut:
     """JSON ``{model_id, dataset, suite, ...}``, or multipart ``checkpoint`` + ``spec``."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_part_size=1 << 20)
-        checkpoint, spec = form.get("checkpoint"), form.get("spec")
-        if not hasattr(checkpoint, "file") or not isinstance(spec, str):
-            raise Invalid("a multipart evaluation needs a 'checkpoint' file and a 'spec' JSON "
-                          "string", field="checkpoint")
-        try:
-            spec_obj = loads(spec, "spec")
-        except ValueError as exc:
-            raise Invalid(f"spec is not valid JSON: {exc}", field="spec") from exc
-        if not isinstance(spec_obj, dict):
-            raise Invalid("spec must be a JSON object", field="spec")
-        reject_nul(spec_obj, "spec")
-        meta_raw, fields = service.merge_spec(spec_obj)
-        meta = models.parse_metadata(meta_raw)
-        tmp, sha, size = await run_in_threadpool(
-            storage.receive, checkpoint.file, settings.data_dir,  # type: ignore[union-attr]
-            settings.max_checkpoint_bytes, "checkpoint")
-        try:
-            check_stored_bytes(session, owner, settings, size)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        model = await run_in_threadpool(models.register, session, owner, tmp, sha, size, meta,
-                                        settings.store())
-        uploaded = model.storage_path
-        raw = {**fields, "model_id": str(model.id)}
-    else:
-        uploaded = None
-        try:
-            raw = await request.json()
-        except ValueError as exc:
-            raise Invalid(f"the body is not valid JSON: {exc}") from exc
-    try:
-        body = _parse_body(raw)
-        row, created = await run_in_threadpool(_create, session, outbox, owner, body,
-                                               idempotency_key, settings)
-    except BaseException:
-        if uploaded is not None:  # the transaction rolls back; the file must go too
-            storage.remove(settings.store(), uploaded)
-        raise
+    row, created = await run_in_threadpool(service.submit, session, outbox, owner, submission,
+                                           settings)
     accepted(response, "evaluations", row.id, created)
     return service.to_out(row)
-
-
-def _create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
-            idempotency_key: str | None, settings: Settings) -> tuple[Evaluation, bool]:
-    """The blocking part of a submission, in one thread hop: the webhook URL's check (it
-    resolves the host), the job's creation and the active-jobs quota."""
-    check_url(body.webhook_url, settings.webhook_allow_private)
-    row, created = service.create(session, outbox, owner, body, idempotency_key, settings)
-    if created:
-        check_active_jobs(session, owner, settings, 0)
-    return row, created
-
-
-def _parse_body(raw: object) -> EvaluationIn:
-    try:
-        return EvaluationIn.model_validate(raw)
-    except ValidationError as exc:
-        raise invalid(exc) from exc
 
 
 def _filters(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, object_session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -14,11 +16,12 @@ from sqlalchemy.orm.attributes import set_committed_value
 from contract.jobs import ACTIVE_STATES, JobStatus
 from contract.stats import interval
 from core import jobs
-from core.errors import Invalid
+from core.errors import Invalid, invalid
 from core.queue import EVALUATE_TASK, SHARD_TASK, Outbox
 from core.repository import owned, owned_rows
 from core.settings import Settings
 from core.tables import Evaluation, EvaluationShard, Result, WorkerSeen, utcnow
+from core.webhook_policy import check_url
 from service.datasets.service import check_params, resolve
 from service.evaluations import suite as suites
 from service.evaluations.schemas import (
@@ -31,7 +34,43 @@ from service.evaluations.schemas import (
 from service.http.pagination import newest_first
 from service.http.polling import Polled
 from service.jobs.schemas import RECORD_COLUMNS, record_fields
-from service.models.service import get as get_model
+from service.jobs.service import within_quota
+from service.models import service as models
+from service.models.service import CheckpointUpload
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A ``POST /evaluations`` request as read: the evaluation's fields (JSON, validated as
+    :class:`EvaluationIn` once a one-call upload's model exists) and, for a one-call upload,
+    the checkpoint with its model's metadata."""
+
+    fields: Any
+    idempotency_key: str | None = None
+    checkpoint: CheckpointUpload | None = None
+
+
+def submit(session: Session, outbox: Outbox, owner: str, submission: Submission,
+           settings: Settings) -> tuple[Evaluation, bool]:
+    """The blocking part of a submission, in one thread hop: a one-call upload's checkpoint
+    received and registered as the owner's model, the request validated, the webhook URL's
+    check (it resolves the host), the job's creation and the active-jobs quota. The
+    checkpoint of a submission that fails goes with the transaction's rollback."""
+    fields = submission.fields
+    if submission.checkpoint is not None:
+        model = models.receive(session, owner, submission.checkpoint, settings)
+        fields = {**fields, "model_id": str(model.id)}
+    body = parse_body(fields)
+    check_url(body.webhook_url, settings.webhook_allow_private)
+    return within_quota(session, owner, settings, create(
+        session, outbox, owner, body, submission.idempotency_key, settings))
+
+
+def parse_body(raw: object) -> EvaluationIn:
+    try:
+        return EvaluationIn.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid(exc) from exc
 
 
 def create(session: Session, outbox: Outbox, owner: str, body: EvaluationIn,
@@ -66,7 +105,7 @@ def _build(session: Session, owner: str, body: EvaluationIn, settings: Settings 
            bounds: list[tuple[int, int]]) -> Evaluation:
     """The job for a valid request, checked against its model and dataset (``bounds``
     receives a sharded one's slices)."""
-    model = get_model(session, owner, body.model_id)
+    model = models.get(session, owner, body.model_id)
     dataset = resolve(session, owner, body.dataset)
     check_params(body.dataset, body.dataset_params)
     split = body.split or ("test" if "test" in dataset.splits else next(iter(dataset.splits)))

@@ -12,10 +12,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
-from core.quotas import check_active_jobs
-from core.settings import Settings
 from service.http import polling
 from service.http.deps import CurrentOwner, SessionDep
 from service.http.events import progress_events
@@ -50,13 +47,6 @@ def accepted(response: Response, path: str, row_id: uuid.UUID, created: bool) ->
     """A create's answer: 202 with the new job's ``Location``, or 200 for a replay."""
     response.headers["Location"] = f"/{path}/{row_id}"
     response.status_code = 202 if created else 200
-
-
-async def check_quota(session: Session, owner: str, settings: Settings, created: bool) -> None:
-    """The active-jobs quota, checked after a create (in its transaction: a refusal rolls the
-    new jobs back)."""
-    if created:
-        await run_in_threadpool(check_active_jobs, session, owner, settings, 0)
 
 
 def page_args(cursor: str | None = None,

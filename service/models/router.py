@@ -5,9 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from core import storage
 from core.errors import problem_responses
-from core.quotas import check_stored_bytes
 from service.http.deps import CurrentOwner, SessionDep, SettingsDep
 from service.models import service
 from service.models.schemas import ModelList, ModelOut
@@ -25,16 +23,7 @@ def upload_model(
                                           "{\"name\": \"net\", \"num_classes\": 10, "
                                           "\"input_shape\": [3, 32, 32]}"),
 ) -> ModelOut:
-    meta = service.parse_metadata(metadata)
-    check_stored_bytes(session, owner, settings, 0)
-    tmp, sha, size = storage.receive(file.file, settings.data_dir, settings.max_checkpoint_bytes,
-                                     "checkpoint")
-    try:
-        check_stored_bytes(session, owner, settings, size)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    row = service.register(session, owner, tmp, sha, size, meta, settings.store())
+    row = service.upload(session, owner, file.file, metadata, settings)
     return service.to_out(row)
 
 

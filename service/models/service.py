@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
+from dataclasses import dataclass
+from typing import BinaryIO
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
@@ -13,7 +14,9 @@ from contract.jobs import ACTIVE_STATES
 from core import storage
 from core.errors import Conflict, Invalid, invalid
 from core.objectstore import Store
+from core.quotas import check_stored_bytes
 from core.repository import owned, owned_rows
+from core.settings import Settings
 from core.tables import Evaluation, Model
 from service.http.pagination import newest_first
 from service.http.validation import check_depth, loads, reject_nul
@@ -34,30 +37,55 @@ def parse_metadata(raw: str | dict[str, object]) -> ModelMetadata:
         raise invalid(exc, "metadata", "invalid model metadata") from exc
 
 
-def register(session: Session, owner: str, upload: Path, sha256: str, size: int,
-             meta: ModelMetadata, store: Store) -> Model:
-    """Check the uploaded file (already on disk) and create the model row; the file moves."""
-    try:
-        sniffed = sniff(upload)
-        if sniffed.format == "safetensors":
-            if not meta.architecture:
-                raise Invalid("a safetensors checkpoint needs metadata.architecture",
-                              field="metadata.architecture")
-            assert sniffed.tensors is not None
-            check_architecture(sniffed.tensors, meta.architecture, meta.num_classes,
-                               meta.input_shape[0])
-    except BaseException:
-        upload.unlink(missing_ok=True)
-        raise
+@dataclass(frozen=True)
+class CheckpointUpload:
+    """A checkpoint in a request, not read yet: its stream and its model's metadata."""
+
+    file: BinaryIO
+    metadata: ModelMetadata
+
+
+def upload(session: Session, owner: str, file: BinaryIO, metadata: str,
+           settings: Settings) -> Model:
+    """``POST /models``: the metadata checked, then the stored-bytes quota before the body is
+    read (a full quota costs no upload), then the checkpoint received and registered."""
+    meta = parse_metadata(metadata)
+    check_stored_bytes(session, owner, settings, 0)
+    return receive(session, owner, CheckpointUpload(file, meta), settings)
+
+
+def receive(session: Session, owner: str, checkpoint: CheckpointUpload,
+            settings: Settings) -> Model:
+    """A checkpoint streamed from a request: received (413 past its limit), counted against
+    the owner's stored bytes and registered. Unless the request's transaction commits, the
+    file goes again (:func:`core.storage.upload`)."""
+    received = storage.receive(checkpoint.file, settings.data_dir,
+                               settings.max_checkpoint_bytes, "checkpoint")
+    with storage.upload(session, settings.store(), received) as up:
+        check_stored_bytes(session, owner, settings, up.size)
+        return register(session, owner, up, checkpoint.metadata)
+
+
+def register(session: Session, owner: str, file: storage.Upload,
+             meta: ModelMetadata) -> Model:
+    """Check the uploaded file (already on disk), keep it and create the model row."""
+    sniffed = sniff(file.path)
+    if sniffed.format == "safetensors":
+        if not meta.architecture:
+            raise Invalid("a safetensors checkpoint needs metadata.architecture",
+                          field="metadata.architecture")
+        assert sniffed.tensors is not None
+        check_architecture(sniffed.tensors, meta.architecture, meta.num_classes,
+                           meta.input_shape[0])
     model_id = uuid.uuid4()
     suffix = {"safetensors": ".safetensors", "torchscript": ".pt", "torch_export": ".pt2"}
-    rel = storage.keep(upload, store, f"models/{model_id}{suffix[sniffed.format]}")
-    storage.remove_on_rollback(session, store, rel)
+    rel = file.keep(f"models/{model_id}{suffix[sniffed.format]}")
     row = Model(
         id=model_id, owner=owner, name=meta.name, format=sniffed.format,
         architecture=meta.architecture if sniffed.format == "safetensors" else None,
         num_classes=meta.num_classes, input_shape=meta.input_shape,
-        model_metadata=meta.model_dump(), sha256=sha256, size_bytes=size, storage_path=rel,
+        model_metadata=meta.model_dump(), sha256=file.sha256, size_bytes=file.size,
+        storage_path=rel,
     )
     session.add(row)
     session.flush()

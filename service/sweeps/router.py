@@ -11,7 +11,7 @@ from core.errors import problem_responses
 from core.repository import is_owner
 from core.tables import Sweep
 from service.http.deps import CurrentOwner, CurrentViewer, OutboxDep, SessionDep, SettingsDep
-from service.jobs.router import JobRoutes, accepted, add_job_routes, check_quota
+from service.jobs.router import JobRoutes, accepted, add_job_routes
 from service.sweeps import page as sweep_page
 from service.sweeps import service
 from service.sweeps.schemas import SweepIn, SweepOut, SweepPage
@@ -30,9 +30,8 @@ async def create_sweep(
     """Queue one training per grid point, each evaluated with the sweep's suite. A repeated
     ``Idempotency-Key`` with the same body answers 200 with the original sweep, with another
     body 409."""
-    row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
-                                           idempotency_key)
-    await check_quota(session, owner, settings, created)
+    row, created = await run_in_threadpool(service.submit, session, outbox, owner, body,
+                                           idempotency_key, settings)
     accepted(response, "sweeps", row.id, created)
     return await run_in_threadpool(service.to_out, session, row)
 

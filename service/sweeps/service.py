@@ -15,11 +15,13 @@ from core import jobs
 from core.errors import Conflict
 from core.queue import Outbox
 from core.repository import owned, owned_rows
+from core.settings import Settings
 from core.tables import Evaluation, Sweep, Training
 from service.datasets.service import resolve
 from service.evaluations import service as evaluations
 from service.http.pagination import newest_first
 from service.jobs.schemas import Progress
+from service.jobs.service import within_quota
 from service.sweeps.schemas import SweepIn, SweepOut, SweepRow
 from service.trainings import service as trainings
 from service.trainings.schemas import Method, ThreatIn, TrainingIn
@@ -48,6 +50,13 @@ def create(session: Session, outbox: Outbox, owner: str, body: SweepIn,
     request never queues the grid twice)."""
     return jobs.create(session, outbox, Sweep, owner, body, idempotency_key,
                        lambda: _build(session, outbox, owner, body))
+
+
+def submit(session: Session, outbox: Outbox, owner: str, body: SweepIn,
+           idempotency_key: str | None, settings: Settings) -> tuple[Sweep, bool]:
+    """``POST /sweeps``: the create, within the active-jobs quota."""
+    return within_quota(session, owner, settings,
+                        create(session, outbox, owner, body, idempotency_key))
 
 
 def _build(session: Session, outbox: Outbox, owner: str, body: SweepIn) -> Sweep:

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from contract.jobs import JobStatus
 from core.errors import problem_responses
 from service.http.deps import CurrentOwner, OutboxDep, SessionDep, SettingsDep
-from service.jobs.router import JobRoutes, accepted, add_job_routes, check_quota
+from service.jobs.router import JobRoutes, accepted, add_job_routes
 from service.trainings import service
 from service.trainings.schemas import TrainingIn, TrainingOut, TrainingPage
 
@@ -24,9 +24,8 @@ async def create_training(
 ) -> TrainingOut:
     """Queue a training; ``Location`` names the job. A repeated ``Idempotency-Key`` with the
     same body answers 200 with the original job, with another body 409."""
-    row, created = await run_in_threadpool(service.create, session, outbox, owner, body,
-                                           idempotency_key)
-    await check_quota(session, owner, settings, created)
+    row, created = await run_in_threadpool(service.submit, session, outbox, owner, body,
+                                           idempotency_key, settings)
     accepted(response, "trainings", row.id, created)
     return service.to_out(row)
 

@@ -14,12 +14,14 @@ from core import jobs
 from core.errors import Invalid
 from core.queue import TRAIN_TASK, Outbox
 from core.repository import owned, owned_rows
+from core.settings import Settings
 from core.tables import Training
 from service.datasets.service import ResolvedDataset, check_params, resolve
 from service.evaluations import suite as suites
 from service.http.pagination import newest_first
 from service.http.polling import Polled
 from service.jobs.schemas import RECORD_COLUMNS, record_fields
+from service.jobs.service import within_quota
 from service.models.sniff import _shape_table
 from service.trainings.schemas import Method, ThreatIn, TrainingIn, TrainingOut
 
@@ -29,6 +31,13 @@ def create(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
     """Create a job (or return the one this Idempotency-Key made); enqueued after commit."""
     return jobs.create(session, outbox, Training, owner, body, idempotency_key,
                        lambda: _build(session, owner, body), TRAIN_TASK)
+
+
+def submit(session: Session, outbox: Outbox, owner: str, body: TrainingIn,
+           idempotency_key: str | None, settings: Settings) -> tuple[Training, bool]:
+    """``POST /trainings``: the create, within the active-jobs quota."""
+    return within_quota(session, owner, settings,
+                        create(session, outbox, owner, body, idempotency_key))
 
 
 def _build(session: Session, owner: str, body: TrainingIn) -> Training:

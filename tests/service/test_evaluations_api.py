@@ -6,7 +6,6 @@ Runs against SQLite and against Postgres (a database created for this test run).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +18,8 @@ SUITE = [{"benchmark": "clean"},
          {"benchmark": "adversarial", "attack": "pgd", "norm": "linf", "eps": [0.01, 0.03]}]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
-    url: str = request.getfixturevalue(name)
-    return url
-
-
 @pytest.fixture
-def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    with api(settings(db_url, tmp_path)) as c:
-        yield c
-
-
-@pytest.fixture
-def alice(client: TestClient, db_url: str) -> dict[str, Any]:
-    key = new_key(db_url, f"alice-{uuid.uuid4().hex[:8]}")  # the Postgres database is shared
+def alice(client: TestClient, key: str) -> dict[str, Any]:
     model = upload(client, key, torchscript_bytes(tiny_net())).json()
     return {"key": key, "model": model["id"]}
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,20 +14,7 @@ from fastapi.testclient import TestClient
 
 from core.db import make_engine, make_sessionmaker
 from core.tables import Evaluation, Result
-from tests.factories import api, auth, new_key, settings
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
-    return str(request.getfixturevalue(name))
-
-
-@pytest.fixture
-def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    with api(settings(db_url, tmp_path)) as c:
-        yield c
-
+from tests.factories import auth, new_key
 
 Row = tuple[str, float, dict[str, Any]]
 

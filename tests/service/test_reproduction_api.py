@@ -21,10 +21,7 @@ from core.tables import Evaluation, Model, Result
 from tests.factories import (
     META,
     accept_test_entries,
-    api,
     auth,
-    new_key,
-    settings,
     tiny_net,
     torchscript_bytes,
     upload,
@@ -38,14 +35,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def client(sqlite_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    with api(settings(sqlite_url, tmp_path)) as c:
-        yield c
-
-
-@pytest.fixture
-def key(sqlite_url: str) -> str:
-    return new_key(sqlite_url, "alice")
+def db_url(sqlite_url: str) -> str:
+    return sqlite_url
 
 
 def _model(client: TestClient, key: str, num_classes: int) -> str:

@@ -4,8 +4,6 @@ from their evaluations' results; cancel; validation; tenancy."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +12,7 @@ from sqlalchemy import update
 
 from core.db import make_engine, make_sessionmaker
 from core.tables import Evaluation, Result, Training
-from tests.factories import api, auth, new_key, settings
+from tests.factories import auth, check_unknown_dataset_refused, new_key
 
 SWEEP: dict[str, Any] = {
     "dataset": "shapes-32", "architecture": "small_cnn", "methods": ["standard", "pgd", "trades"],
@@ -24,14 +22,8 @@ SWEEP: dict[str, Any] = {
 
 
 @pytest.fixture
-def client(sqlite_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    with api(settings(sqlite_url, tmp_path)) as c:
-        yield c
-
-
-@pytest.fixture
-def key(sqlite_url: str) -> str:
-    return new_key(sqlite_url, "alice")
+def db_url(sqlite_url: str) -> str:
+    return sqlite_url
 
 
 def _create(client: TestClient, key: str, body: dict[str, Any]) -> Any:
@@ -87,20 +79,17 @@ def test_bad_sweeps_are_422_and_create_nothing(client: TestClient, key: str,
 
 
 def test_an_unknown_dataset_is_a_404_and_creates_nothing(client: TestClient, key: str) -> None:
-    resp = _create(client, key, {**SWEEP, "dataset": "nope"})
-    assert resp.status_code == 404
-    assert resp.json()["field"] == "dataset"
-    assert client.get("/trainings", headers=auth(key)).json()["items"] == []
+    check_unknown_dataset_refused(client, key, "/sweeps", SWEEP)
 
 
 def test_the_table_reads_the_evaluations_and_cancel_stops_the_rest(
-        client: TestClient, key: str, sqlite_url: str) -> None:
+        client: TestClient, key: str, owner: str, sqlite_url: str) -> None:
     sweep = _create(client, key, {**SWEEP, "methods": ["standard", "pgd"],
                                   "threats": {"linf": [0.0314]}}).json()
     standard_id, pgd_id = (uuid.UUID(i) for i in sweep["training_ids"])
     engine = make_engine(sqlite_url)
     with make_sessionmaker(engine).begin() as s:  # what the workers leave behind
-        ev = Evaluation(owner="alice", model_name="m", dataset="shapes-32", suite=[], seed=2,
+        ev = Evaluation(owner=owner, model_name="m", dataset="shapes-32", suite=[], seed=2,
                         status="succeeded", progress_fraction=1.0, results=[
             Result(entry_index=0, benchmark="clean", metric="accuracy", value=0.9,
                    params={}, params_key="{}", n=200),

@@ -15,12 +15,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
-from sqlalchemy import update
+from sqlalchemy import event, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from core.db import make_engine, make_sessionmaker
 from core.errors import NotFound
 from core.queue import EVALUATE_TASK, TRAIN_TASK
 from core.tables import Training, utcnow
+from tests.engine.attack_helpers import one_thread  # noqa: F401  (an autouse fixture)
 from tests.factories import api, auth, new_key, settings, upload_dataset
 from tests.service.ingest_fixtures import png, solid, write_zip
 from workers import evaluation_jobs, jobs, reconciler, training_jobs
@@ -37,14 +40,6 @@ SPEC: dict[str, Any] = {
     "threat": {"norm": "linf", "eps": 8 / 255}, "epochs": 2, "batch_size": 16, "lr": 0.01,
     "seed": 3, "train_examples": 48, "eval_examples": 24,
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -159,6 +154,37 @@ def test_a_training_whose_evaluation_cannot_be_queued_fails_and_keeps_no_file(
     assert done["error"] == {"type": "training-error", "detail": "its evaluation could not be "
                                                                 "queued: no dataset 'shapes-32'"}
     assert client.get("/models", headers=auth(key)).json()["items"] == []
+    stored = rt.settings.data_dir / "models"
+    assert not stored.exists() or sorted(stored.iterdir()) == []
+    assert not list((rt.settings.data_dir / "tmp").glob("training-*"))
+
+
+def test_a_training_whose_success_cannot_commit_keeps_no_file(
+        rt: Runtime, client: TestClient, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model is registered and the job marked succeeded in one transaction: when that
+    transaction cannot commit (the database went away after the checkpoint was stored), the
+    rollback takes the stored checkpoint too, and the job stays running for the reconciler
+    to resume."""
+    register = training_jobs.models.register
+
+    def registered_then_lost(s: Session, *args: Any, **kwargs: Any) -> Any:
+        row = register(s, *args, **kwargs)
+        assert (rt.settings.data_dir / row.storage_path).is_file()
+
+        def lost(_session: Session) -> None:
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+        event.listen(s, "before_commit", lost, once=True)
+        return row
+
+    tid = _submit(client, key, evaluate=[{"benchmark": "clean"}])
+    monkeypatch.setattr(training_jobs.models, "register", registered_then_lost)
+    with pytest.raises(OperationalError, match="server closed the connection"):
+        training_jobs.run(rt, uuid.UUID(tid))
+    done = _get(client, key, tid)
+    assert (done["status"], done["model_id"], done["evaluation_id"]) == ("running", None, None)
+    assert client.get("/models", headers=auth(key)).json()["items"] == []
+    assert client.get("/evaluations", headers=auth(key)).json()["items"] == []
     stored = rt.settings.data_dir / "models"
     assert not stored.exists() or sorted(stored.iterdir()) == []
     assert not list((rt.settings.data_dir / "tmp").glob("training-*"))

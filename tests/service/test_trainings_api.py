@@ -7,8 +7,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,31 +14,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from core.tables import Training
-from tests.factories import api, auth, new_key, settings
+from tests.factories import auth, check_unknown_dataset_refused, new_key
 
 SPEC: dict[str, Any] = {
     "dataset": "shapes-32", "architecture": "small_cnn", "method": "pgd",
     "threat": {"norm": "linf", "eps": 8 / 255, "steps": 7}, "epochs": 2, "batch_size": 64,
     "lr": 0.1, "seed": 5,
 }
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
-    url: str = request.getfixturevalue(name)
-    return url
-
-
-@pytest.fixture
-def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    with api(settings(db_url, tmp_path)) as c:
-        yield c
-
-
-@pytest.fixture
-def key(db_url: str) -> str:
-    return new_key(db_url, f"alice-{uuid.uuid4().hex[:8]}")  # the Postgres database is shared
 
 
 def _create(client: TestClient, key: str, body: dict[str, Any], **headers: str) -> Any:
@@ -117,12 +97,7 @@ def test_bad_specs_are_422_problems(client: TestClient, key: str, change: dict[s
 
 
 def test_an_unknown_dataset_is_a_404_naming_the_field(client: TestClient, key: str) -> None:
-    """As for evaluations: a dataset this owner cannot see is not found, whatever the domain."""
-    resp = _create(client, key, {**SPEC, "dataset": "cifar-10"})
-    assert resp.status_code == 404
-    assert resp.json()["field"] == "dataset"
-    assert resp.json()["errors"][0]["field"] == "dataset"
-    assert client.get("/trainings", headers=auth(key)).json()["items"] == []
+    check_unknown_dataset_refused(client, key, "/trainings", SPEC)
 
 
 def test_missing_required_fields_are_named(client: TestClient, key: str) -> None:
