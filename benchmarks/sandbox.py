@@ -39,6 +39,7 @@ from workers.engine import nets
 from workers.engine.data import builtin
 from workers.sandbox import child as engine_child
 from workers.sandbox.jail import Child, JailConfig, probe
+from workers.sandbox.protocol import EvaluateJob, Report
 
 META = {"name": "bench", "num_classes": 4, "input_shape": [3, 32, 32]}
 MODELS = {"small CNN": nets.small_cnn, "ResNet-18": nets.resnet18_cifar}
@@ -58,20 +59,21 @@ def _model(path: Path, build: Any) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def _job(model: str, state: str, artifacts: str, args: argparse.Namespace) -> dict[str, Any]:
-    suite = [{"benchmark": "clean"},
-             {"benchmark": "adversarial", "attack": "apgd-ce", "norm": "linf",
-              "eps": [0.1 / 255], "steps": args.steps}]
-    return {"kind": "evaluate", "suite": suite, "completed": [], "seed": 0,
-            "batch_size": args.batch_size, "amp": False, "model_path": model,
-            "model_format": "torchscript", "model_metadata": META, "dataset": "shapes-32",
-            "dataset_path": None, "dataset_params": {}, "split": "test",
-            "n_examples": args.examples, "class_map": None, "state_dir": state,
-            "artifact_dir": artifacts, "threads": torch.get_num_threads(), "device": "cpu"}
+def _job(model: str, state: str, artifacts: str, args: argparse.Namespace) -> EvaluateJob:
+    suite: list[dict[str, Any]] = [
+        {"benchmark": "clean"},
+        {"benchmark": "adversarial", "attack": "apgd-ce", "norm": "linf", "eps": [0.1 / 255],
+         "steps": args.steps}]
+    return EvaluateJob(kind="evaluate", suite=suite, completed=[], seed=0,
+                       batch_size=args.batch_size, amp=False, model_path=model,
+                       model_format="torchscript", model_metadata=META, dataset="shapes-32",
+                       dataset_path=None, dataset_params={}, split="test",
+                       n_examples=args.examples, class_map=None, state_dir=state,
+                       artifact_dir=artifacts, threads=torch.get_num_threads(), device="cpu")
 
 
 def in_process(root: Path, args: argparse.Namespace) -> Timing:
-    messages: list[dict[str, Any]] = []
+    messages: list[Report] = []
     builtin._arrays.cache_clear()  # generated in the job, as a jailed child does
     # A fresh state folder per run: the engine resumes from a kept state and would skip
     # the work a previous run finished.
@@ -80,7 +82,7 @@ def in_process(root: Path, args: argparse.Namespace) -> Timing:
     engine_child.run_job(_job(str(root / "model.pt"), str(here / "state"),
                               str(here / "artifacts"), args), messages.append)
     timing = Timing(time.perf_counter() - start, time.process_time() - cpu)
-    assert sum(m["t"] == "entry" for m in messages) == 2
+    assert sum(m.t == "entry" for m in messages) == 2
     return timing
 
 
@@ -142,9 +144,8 @@ def jailed(config: JailConfig, root: Path, args: argparse.Namespace) -> Timing:
         start = time.perf_counter()
         (child.inputs / "model").hardlink_to(root / "model.pt")
         if child.server is not None:
-            spec = {k: job[k] for k in ("model_format", "model_metadata", "threads", "device")}
-            job["model_server"] = child.server.start(root / "model.pt", spec, child.channel,
-                                                     600.0)
+            job = job.served(child.server.start(root / "model.pt", job.server_job(None),
+                                                child.channel, 600.0))
         child.start(job)
         _wait(child, "done")
         # Read while both still run (the child exits after "done", the server after it).

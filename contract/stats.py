@@ -115,7 +115,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     for i in range(min(b, c) + 1):
         tail += term
         term = term * (m - i) // (i + 1)
-    return min(1.0, 2 * tail / 2**m)
+    return min(1.0, 2 * tail / (1 << m))  # 2**m, as an int
 
 
 @dataclass(frozen=True)

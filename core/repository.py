@@ -68,7 +68,8 @@ def visible_to(table: type[_PublicTable], viewer: str | None) -> ColumnElement[b
     """The rows of ``table`` that ``viewer`` may read: public ones, and their own (None: an
     anonymous reader, who sees the public ones only)."""
     if viewer is None:
-        return table.public.is_(True)
+        public: ColumnElement[bool] = table.public.is_(True)
+        return public
     return or_(owned_by(table, viewer), table.public.is_(True))
 
 

@@ -40,6 +40,7 @@ from workers.jobs import (
     state_mirror,
 )
 from workers.runtime import Runtime
+from workers.sandbox.protocol import EvaluateJob
 
 log = logging.getLogger("robustscope.worker")
 MAX_ARTIFACT_BYTES = 64 << 20  # one artifact (a picture, a small table) copied out of a job
@@ -144,26 +145,24 @@ class EvaluationWork:
     def _parts_root(self) -> Path:
         return self.rt.settings.data_dir / "tmp" / f"parts-{self.id}-{self.token}"
 
-    def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
-        job = self._describe(files, scratch)
-        if self.shards and scratch.dirs:
-            job["shard_parts"] = [str(scratch.dirs[f"part-{k}"])
-                                  for k in range(len(self.shards))]
-            job["shard_bounds"] = [[a, b] for _, a, b in self.shards]
-        return job
-
-    def _describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
+    def describe(self, files: dict[str, str], scratch: Scratch, threads: int,
+                 device: str) -> EvaluateJob:
+        merge = bool(self.shards and scratch.dirs)  # a sharded evaluation's merge
         batch = self.options.get("block") or self.rt.settings.batch_size
-        return {"kind": "evaluate", "suite": [dump_entry(e) for e in self.suite],
-                "completed": sorted(self.completed),
-                "seed": self.seed, "batch_size": int(batch),
-                "amp": self.rt.bf16_search, "model_path": files["model"],
-                "model_format": self.model_format, "model_metadata": self.model_metadata,
-                "dataset": self.dataset, "dataset_path": files.get("dataset.npz"),
-                "dataset_params": self.dataset_params, "split": self.split,
-                "n_examples": self.options.get("n_examples"),
-                "class_map": self.options.get("class_map"),
-                "state_dir": str(scratch.state), "artifact_dir": str(scratch.artifacts)}
+        return EvaluateJob(
+            kind="evaluate", suite=[dump_entry(e) for e in self.suite],
+            completed=sorted(self.completed), seed=self.seed, batch_size=int(batch),
+            amp=self.rt.bf16_search, model_path=files["model"],
+            model_format=self.model_format, model_metadata=self.model_metadata,
+            dataset=self.dataset, dataset_path=files.get("dataset.npz"),
+            dataset_params=self.dataset_params, split=self.split,
+            n_examples=self.options.get("n_examples"),
+            class_map=self.options.get("class_map"),
+            state_dir=str(scratch.state), artifact_dir=str(scratch.artifacts),
+            shard_parts=[str(scratch.dirs[f"part-{k}"]) for k in range(len(self.shards))]
+            if merge else None,
+            shard_bounds=[(a, b) for _, a, b in self.shards] if merge else None,
+            threads=threads, device=device)
 
     def handle(self, message: dict[str, Any], scratch: Scratch) -> None:
         kind = message.get("t")

@@ -41,7 +41,7 @@ from workers.runtime import Runtime
 from workers.sandbox import child as engine_child
 from workers.sandbox import files
 from workers.sandbox.jail import Child
-from workers.sandbox.protocol import ProtocolError, validate
+from workers.sandbox.protocol import EvaluateJob, ProtocolError, Report, TrainJob
 from workers.sandbox.remote import SERVER_EXITED
 
 log = logging.getLogger("robustscope.worker")
@@ -197,8 +197,10 @@ class Work(Protocol):
     def inputs(self) -> dict[str, Path]:
         """Files the child reads, by their name under ``/job``."""
 
-    def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
-        """The child's job, given where it sees its inputs and scratch."""
+    def describe(self, files: dict[str, str], scratch: Scratch, threads: int,
+                 device: str) -> EvaluateJob | TrainJob:
+        """The child's job, given where it sees its inputs and scratch, and the threads and
+        device it runs on."""
 
     def handle(self, message: dict[str, Any], scratch: Scratch) -> None:
         """Record one report of the child (fenced by the attempt)."""
@@ -415,18 +417,16 @@ def _execute_here(rt: Runtime, sup: Supervisor, work: Work, mirror: StateMirror)
     dirs: dict[str, Path] = getattr(work, "scratch_dirs", dict)()
     scratch = Scratch(state=work.state_dir, artifacts=artifacts, out=out,
                       host_artifacts=artifacts, host_out=out, dirs=dirs)
-    job = work.describe({k: str(v) for k, v in work.inputs().items()}, scratch)
-    job.update(threads=torch.get_num_threads(), device=str(rt.device))
+    job = work.describe({k: str(v) for k, v in work.inputs().items()}, scratch,
+                        threads=torch.get_num_threads(), device=str(rt.device))
 
     pushed = time.monotonic()
 
-    def emit(message: dict[str, Any]) -> None:
+    def emit(message: Report) -> None:
+        # Validated as it was built: a report its model refuses raises in the engine, and
+        # fails the job ``sandbox-error`` (engine_child.classify), as the jailed child's would.
         sup.check()
-        try:
-            checked = validate(message).model_dump()
-        except ProtocolError as exc:
-            raise JobFailed(sandbox_error(f"the engine broke the report protocol: {exc}")
-                            ) from exc
+        checked = message.model_dump()
         nonlocal pushed
         if checked.get("t") in ("entry", "epoch", "trained") or (
                 time.monotonic() - pushed > rt.settings.heartbeat_interval):
@@ -468,10 +468,10 @@ def _execute_jailed(rt: Runtime, sup: Supervisor, work: Work, mirror: StateMirro
                           out=Path("/scratch/out"), host_artifacts=child.scratch / "artifacts",
                           host_out=child.scratch / "out", host_root=child.scratch,
                           dirs={name: Path("/scratch/in") / name for name in dirs})
-        job = work.describe({k: f"/job/{k}" for k in work.inputs()}, scratch)
-        job.update(threads=torch.get_num_threads(), device=str(rt.device))
-        _serve_model(rt, child, work, job)
-        child.start(job)  # adds the memory and pids limits the jail's config says
+        job = work.describe({k: f"/job/{k}" for k in work.inputs()}, scratch,
+                            threads=torch.get_num_threads(), device=str(rt.device))
+        # The jail adds the memory and pids limits its config says.
+        child.start(_serve_model(rt, child, work, job))
         try:
             _supervise(rt, sup, work, child, scratch, sync)
         except JobFailed as exc:
@@ -482,19 +482,20 @@ def _execute_jailed(rt: Runtime, sup: Supervisor, work: Work, mirror: StateMirro
         child.close()
 
 
-def _serve_model(rt: Runtime, child: Child, work: Work, job: dict[str, Any]) -> None:
+def _serve_model(rt: Runtime, child: Child, work: Work,
+                 job: EvaluateJob | TrainJob) -> EvaluateJob | TrainJob:
     """An uploaded model's code runs in the child's model server, never in the child
-    (docs/SECURITY.md); other jobs do not need the server."""
+    (docs/SECURITY.md); other jobs do not need the server. Returns the job as the child is
+    given it."""
     if child.server is None:
-        return
-    if job.get("kind") != "evaluate" or job.get("model_format") == "safetensors":
+        return job
+    if not isinstance(job, EvaluateJob) or job.model_format == "safetensors":
         child.server.close()
         child.server = None
-        return
-    spec = {key: job[key] for key in ("model_format", "model_metadata", "threads", "device")}
-    spec["memory_limit"] = child.config.address_space()
-    job["model_server"] = child.server.start(work.inputs()["model"], spec, child.channel,
-                                             rt.settings.sandbox_model_timeout)
+        return job
+    return job.served(child.server.start(
+        work.inputs()["model"], job.server_job(child.config.address_space()), child.channel,
+        rt.settings.sandbox_model_timeout))
 
 
 def _supervise(rt: Runtime, sup: Supervisor, work: Work, child: Child, scratch: Scratch,

@@ -42,6 +42,7 @@ from workers.jobs import (
     sandbox_error,
 )
 from workers.runtime import Runtime
+from workers.sandbox.protocol import EvaluateJob
 
 log = logging.getLogger("robustscope.worker")
 
@@ -98,11 +99,11 @@ class ShardWork:
     def inputs(self) -> dict[str, Path]:
         return self.evaluation.inputs()
 
-    def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
-        job = self.evaluation.describe(files, scratch)
+    def describe(self, files: dict[str, str], scratch: Scratch, threads: int,
+                 device: str) -> EvaluateJob:
+        job = self.evaluation.describe(files, scratch, threads, device)
         others = set(range(len(self.evaluation.suite))) - self.runs
-        job.update(completed=sorted(others | self.completed), shard=[self.start, self.stop])
-        return job
+        return job.sliced(self.start, self.stop, completed=sorted(others | self.completed))
 
     def handle(self, message: dict[str, Any], scratch: Scratch) -> None:
         """A finished entry is recorded as done (no results: the merge reports them); the

@@ -37,6 +37,7 @@ from workers import jobs
 from workers.engine import ENGINE_VERSION
 from workers.jobs import JobFailed, JobTable, Scratch, Superseded, device_info, run_work
 from workers.runtime import Runtime
+from workers.sandbox.protocol import TrainJob
 
 log = logging.getLogger("robustscope.worker")
 
@@ -122,14 +123,16 @@ class TrainingWork:
                                           JobErrorType.TRAINING_ERROR)}
         return self._inputs
 
-    def describe(self, files: dict[str, str], scratch: Scratch) -> dict[str, Any]:
-        return {"kind": "train", "spec": self.spec.model_dump(mode="json"),
-                "dataset": self.dataset,
-                "dataset_path": files.get("dataset.npz"), "dataset_params": self.dataset_params,
-                "held_out_split": self.held_out_split, "train_examples": self.train_examples,
-                "eval_examples": self.eval_examples,
-                "checkpoint": str(scratch.state / "checkpoint.safetensors"),
-                "weights": str(scratch.out / "weights.safetensors")}
+    def describe(self, files: dict[str, str], scratch: Scratch, threads: int,
+                 device: str) -> TrainJob:
+        return TrainJob(kind="train", spec=self.spec, dataset=self.dataset,
+                        dataset_path=files.get("dataset.npz"),
+                        dataset_params=self.dataset_params,
+                        held_out_split=self.held_out_split, train_examples=self.train_examples,
+                        eval_examples=self.eval_examples,
+                        checkpoint=str(scratch.state / "checkpoint.safetensors"),
+                        weights=str(scratch.out / "weights.safetensors"),
+                        threads=threads, device=device)
 
     def handle(self, message: dict[str, Any], scratch: Scratch) -> None:
         kind = message.get("t")

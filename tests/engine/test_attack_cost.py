@@ -9,12 +9,14 @@ gradient), PGD one gradient per step and one forward for the final iterate.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from torch import Tensor, nn
 
 from tests.engine.attack_helpers import linear_problem, one_thread  # noqa: F401
 from workers.engine.attacks import APGD, PGD, APGDTargeted, FABTargeted, Forward
-from workers.engine.attacks.apgd import hopeless, too_few_increases
+from workers.engine.attacks.apgd import APGDState, hopeless, too_few_increases
 from workers.engine.attacks.base import AttackOutput, over_targets, top_targets
 from workers.engine.attacks.square import Square
 from workers.engine.threats import Norm
@@ -105,6 +107,24 @@ def test_hopeless_extrapolates_the_pace_since_the_last_checkpoint() -> None:
     # paces per step over 10 steps: 0, 0.04, 0.002, 0.001; times 4 over 50 steps left:
     # 0, 8, 0.4, 0.2 against margins 0.5, 0.5, 0.5, 0.05
     assert hopeless(best, at_check, 10, 50, 4.0).tolist() == [True, False, True, False]
+
+
+def test_examples_leave_every_part_of_the_apgd_state_together() -> None:
+    """An example that leaves (broken, or hopeless) leaves every per-example tensor of the
+    run; a run without targets keeps none."""
+    names = [f.name for f in fields(APGDState)]
+    full = {name: torch.arange(5 * k, 5 * k + 10).reshape(5, 2).float()
+            for k, name in enumerate(names)}
+    for target in (full["target"], None):
+        st = APGDState(**{**full, "target": target})
+        for keep in (torch.tensor([True, False, True, False, True]), torch.tensor([4, 0])):
+            kept = st.restrict(keep)
+            for name in names:
+                if name == "target" and target is None:
+                    assert kept.target is None
+                else:
+                    assert torch.equal(getattr(kept, name), full[name][keep]), name
+        assert torch.equal(st.x, full["x"])  # the state it came from is unchanged
 
 
 def test_apgd_t_can_leave_out_the_targets_an_earlier_stage_tried() -> None:

@@ -21,6 +21,7 @@ from tests.factories import torchscript_bytes as scripted
 from workers.engine.attacks.base import Forward, ce_loss
 from workers.engine.models import ModelSpec, load
 from workers.sandbox.jail import JailConfig, ModelServer
+from workers.sandbox.protocol import ServerJob
 from workers.sandbox.remote import ModelChannel, RemoteModel
 
 # Each test starts model-server processes (torch imported in each): the slow tier.
@@ -35,11 +36,11 @@ def serve(tmp_path: Path, model: bytes, shm: int = 1 << 20, timeout: float = 120
     ckpt.write_bytes(model)
     fds = server.evaluator_fds
     server.evaluator_fds = ()  # this process is the evaluator: the channel owns them now
-    link = server.start(ckpt, {"model_format": "torchscript", "model_metadata": META,
-                               "threads": torch.get_num_threads(), "device": "cpu"},
-                        fds, timeout)
-    channel = ModelChannel(link["request"], link["reply"], link["shm"], link["shm_size"],
-                           4, timeout=link["timeout"])
+    job = ServerJob(model_format="torchscript", model_metadata=META,
+                    threads=torch.get_num_threads(), device="cpu")
+    link = server.start(ckpt, job, fds, timeout)
+    channel = ModelChannel(link.request, link.reply, link.shm, link.shm_size, 4,
+                           timeout=link.timeout)
     channel.wait_ready(timeout)
     return server, RemoteModel(channel)
 

@@ -27,6 +27,7 @@ from workers.engine.models import ModelSpec, load
 from workers.runtime import Runtime
 from workers.sandbox import child
 from workers.sandbox.model_server import Server
+from workers.sandbox.protocol import EntryDone, EvaluateJob, ModelLink, Report
 from workers.sandbox.remote import read_frame, shared_memory, write_frame
 
 # Each test starts model-server processes (torch imported in each): the slow tier.
@@ -226,7 +227,7 @@ class HostileServer(Server):
 
 
 def _evaluate_against(server: str, at: int, tmp_path: Path,
-                      ) -> tuple[BaseException | None, list[dict[str, Any]], float]:
+                      ) -> tuple[BaseException | None, list[Report], float]:
     """The real evaluator (``child.run_job``) with a hostile model process on its channel."""
     path = tmp_path / "model.pt"
     path.write_bytes(scripted(tiny_net()))
@@ -247,15 +248,15 @@ def _evaluate_against(server: str, at: int, tmp_path: Path,
 
     thread = threading.Thread(target=run_server, daemon=True)
     thread.start()
-    job = {"kind": "evaluate", "suite": SUITE, "completed": [], "seed": 0, "batch_size": 16,
-           "amp": False, "model_path": "/nowhere", "model_format": "torchscript",
-           "model_metadata": META, "dataset": "shapes-32", "dataset_path": None,
-           "dataset_params": {}, "split": "test", "n_examples": 16, "class_map": None,
-           "state_dir": str(tmp_path / "state"), "artifact_dir": str(tmp_path / "artifacts"),
-           "threads": torch.get_num_threads(), "device": "cpu",
-           "model_server": {"request": request_w, "reply": reply_r, "shm": shm,
-                            "shm_size": 1 << 20, "timeout": 3.0}}
-    sent: list[dict[str, Any]] = []
+    job = EvaluateJob(
+        kind="evaluate", suite=SUITE, completed=[], seed=0, batch_size=16, amp=False,
+        model_path="/nowhere", model_format="torchscript", model_metadata=META,
+        dataset="shapes-32", dataset_path=None, dataset_params={}, split="test", n_examples=16,
+        class_map=None, state_dir=str(tmp_path / "state"),
+        artifact_dir=str(tmp_path / "artifacts"), threads=torch.get_num_threads(), device="cpu",
+        model_server=ModelLink(request=request_w, reply=reply_r, shm=shm, shm_size=1 << 20,
+                               timeout=3.0))
+    sent: list[Report] = []
     start = time.monotonic()
     raised: BaseException | None = None
     try:
@@ -281,8 +282,8 @@ def test_a_hostile_model_process_fails_the_job_and_is_never_believed(
     raised, sent, seconds = _evaluate_against(mode, at, tmp_path)
     assert raised is not None
     assert child.classify(raised)["type"] == error
-    entries = [m for m in sent if m["t"] == "entry"]
-    assert entries == [] if at == 1 else [m["index"] for m in entries] == [0]  # clean only
+    entries = [m for m in sent if isinstance(m, EntryDone)]
+    assert entries == [] if at == 1 else [m.index for m in entries] == [0]  # clean only
     assert seconds < 60
 
 
@@ -290,4 +291,4 @@ def test_an_honest_model_process_gives_the_in_process_results(tmp_path: Path) ->
     """The same harness with a server that never misbehaves: what the tests above withhold."""
     raised, sent, _ = _evaluate_against("honest", 10**9, tmp_path)
     assert raised is None
-    assert [m["index"] for m in sent if m["t"] == "entry"] == [0, 1]
+    assert [m.index for m in sent if isinstance(m, EntryDone)] == [0, 1]

@@ -212,12 +212,19 @@ class MetricRow:
         value = int(flags.sum()) / n if n else 0.0
         return cls(benchmark, metric, value, dict(params or {}), flags)
 
+    def packed_outcomes(self) -> tuple[int, str] | None:
+        """The outcomes as reported: their number and the flags packed as text."""
+        if self.outcomes is None:
+            return None
+        return (int(self.outcomes.numel()),
+                encode_outcomes(self.outcomes.to(torch.uint8).numpy().tobytes()))
+
     def as_dict(self) -> dict[str, Any]:
         out = {"benchmark": self.benchmark, "metric": self.metric,
                "value": float(self.value), "params": dict(self.params)}
-        if self.outcomes is not None:
-            out["n"] = int(self.outcomes.numel())
-            out["outcomes"] = encode_outcomes(self.outcomes.to(torch.uint8).numpy().tobytes())
+        packed = self.packed_outcomes()
+        if packed is not None:
+            out["n"], out["outcomes"] = packed
         return out
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import json
 import os
 import select
 import shutil
@@ -35,7 +34,15 @@ from typing import Any
 
 import contract
 from workers.sandbox.files import link_in
-from workers.sandbox.protocol import Decoder, ProtocolError
+from workers.sandbox.protocol import (
+    Decoder,
+    EvaluateJob,
+    ModelLink,
+    ProtocolError,
+    ServerJob,
+    TrainJob,
+    dump_job,
+)
 
 _SYSTEM = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache",
            "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives", "/etc/fonts")
@@ -368,15 +375,16 @@ class Child:
         """Whether the child, and its model server if it has one, still wait for a job."""
         return self.alive() and (self.server is None or self.server.alive())
 
-    def start(self, job: dict[str, Any]) -> None:
+    def start(self, job: EvaluateJob | TrainJob) -> None:
+        """Hand the child its job, with the limits it sets on itself before any of the model's
+        code runs: the address-space cap where the jail has one, the process count where no
+        cgroup holds the jail."""
         assert self.proc.stdin is not None
-        self.decoder.kind = str(job["kind"])
-        if self.config.address_space() is not None:  # set before any of the model's code
-            job = {**job, "memory_limit": self.config.address_space()}
-        if self.cgroup is None:
-            job = {**job, "pids_limit": self.config.pids}
+        self.decoder.kind = job.kind
+        job = job.limited(memory_limit=self.config.address_space(),
+                          pids_limit=self.config.pids if self.cgroup is None else None)
         try:
-            self.proc.stdin.write(json.dumps(job).encode() + b"\n")
+            self.proc.stdin.write(dump_job(job))
             self.proc.stdin.close()
         except BrokenPipeError:  # it died before its job: reported as a crash by read()
             pass
@@ -493,23 +501,21 @@ class ModelServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def start(self, checkpoint: Path, job: dict[str, Any], channel: tuple[int, ...],
-              timeout: float) -> dict[str, Any]:
+    def start(self, checkpoint: Path, job: ServerJob, channel: tuple[int, ...],
+              timeout: float) -> ModelLink:
         """Give the server its model; returns the child's ``model_server`` job field (the
         numbers of its ends of the channel, ``channel``, as it was started with them)."""
         link = self.slot / "in" / "model"
         link_in(checkpoint, link)
         assert self.proc.stdin is not None
         try:
-            path = "/job/model" if self.jailed else str(link)
-            self.proc.stdin.write(json.dumps({**job, "model_path": path}).encode()
-                                  + b"\n")
+            self.proc.stdin.write(dump_job(job if self.jailed else job.at(str(link))))
             self.proc.stdin.close()
         except BrokenPipeError:  # died before its job: the evaluator sees its channel close
             pass
         request, reply, shm = channel
-        return {"request": request, "reply": reply, "shm": shm, "shm_size": self.shm_size,
-                "timeout": timeout}
+        return ModelLink(request=request, reply=reply, shm=shm, shm_size=self.shm_size,
+                         timeout=timeout)
 
     def exit_status(self, timeout: float = 5.0) -> int | None:
         try:
@@ -614,20 +620,16 @@ def probe_engine(config: JailConfig, timeout: float = 300.0) -> dict[str, int]:
     child = Child(measure)
     try:
         (child.inputs / "model").write_bytes(buf.getvalue())
-        job: dict[str, Any] = {
-            "kind": "evaluate", "suite": [{"benchmark": "clean"}], "completed": [], "seed": 0,
-            "batch_size": 8, "amp": False, "model_path": "/job/model",
-            "model_format": "torchscript",
-            "model_metadata": {"name": "probe", "num_classes": 4, "input_shape": [3, 32, 32]},
-            "dataset": "shapes-32", "dataset_path": None, "dataset_params": {},
-            "split": "test", "n_examples": 8, "class_map": None,
-            "state_dir": "/scratch/state", "artifact_dir": "/scratch/artifacts",
-            "threads": 1, "device": "cuda" if config.gpu else "cpu"}
+        job = EvaluateJob(
+            kind="evaluate", suite=[{"benchmark": "clean"}], completed=[], seed=0,
+            batch_size=8, amp=False, model_path="/job/model", model_format="torchscript",
+            model_metadata={"name": "probe", "num_classes": 4, "input_shape": [3, 32, 32]},
+            dataset="shapes-32", dataset_path=None, dataset_params={}, split="test",
+            n_examples=8, class_map=None, state_dir="/scratch/state",
+            artifact_dir="/scratch/artifacts", threads=1, device="cuda" if config.gpu else "cpu")
         if child.server is not None:  # the model runs in its server, as in a real job
-            spec = {k: job[k] for k in ("model_format", "model_metadata", "threads", "device")}
-            job["model_server"] = child.server.start(
-                child.inputs / "model", {**spec, "memory_limit": None}, child.channel,
-                timeout)
+            job = job.served(child.server.start(child.inputs / "model", job.server_job(None),
+                                                child.channel, timeout))
         child.start(job)
         deadline = time.monotonic() + timeout
         end: dict[str, Any] | None = None

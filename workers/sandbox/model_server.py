@@ -3,8 +3,9 @@
 ``python -m workers.sandbox.model_server REQUEST REPLY SHM`` is started by the supervisor in a
 jail of its own (:class:`workers.sandbox.jail.ModelServer`): it sees the checkpoint read-only
 at ``/job/model`` and nothing writable it shares with anyone, in its own PID namespace. It
-imports torch and then waits for its job, one JSON line on stdin from the supervisor (the
-checkpoint's format and metadata, threads, device, memory cap). It then caps its address
+imports torch and then waits for its job, one JSON line on stdin from the supervisor (a
+:class:`~workers.sandbox.protocol.ServerJob`, validated on receipt: the checkpoint's format
+and metadata, threads, device, memory cap). It then caps its address
 space, installs the seccomp filter (:mod:`workers.sandbox.seccomp`: no exec, no new
 processes, no sockets, no ptrace), and only then loads the model, through the engine's own
 loaders (:func:`workers.engine.models.load`, which also checks its output on a probe).
@@ -19,7 +20,6 @@ since whatever runs here may have been subverted by the model.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import sys
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from contract.jobs import JobErrorType, job_error
 from workers.sandbox import seccomp
 from workers.sandbox.child import classify
+from workers.sandbox.protocol import ProtocolError, parse_server_job
 from workers.sandbox.remote import finite, put, read_frame, take, write_frame
 
 
@@ -133,16 +134,20 @@ def main() -> None:
     line = sys.stdin.readline()  # started ahead of its job, like the engine child
     if not line:
         return
-    job = json.loads(line)
+    try:
+        job = parse_server_job(line)
+    except ProtocolError as exc:
+        write_frame(reply_fd, {"seq": 0, "ok": False, "error": job_error(
+            JobErrorType.SANDBOX_ERROR, f"the model server was given {exc}")})
+        return
     mm = mmap.mmap(shm_fd, os.fstat(shm_fd).st_size)
     os.close(shm_fd)
-    torch.set_num_threads(int(job["threads"]))
+    torch.set_num_threads(job.threads)
     try:
-        if job.get("memory_limit"):
+        if job.memory_limit:
             import resource
 
-            cap = int(job["memory_limit"])
-            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+            resource.setrlimit(resource.RLIMIT_AS, (job.memory_limit, job.memory_limit))
         seccomp.install()
     except (OSError, ValueError, seccomp.SeccompUnavailable) as exc:
         write_frame(reply_fd, {"seq": 0, "ok": False,
@@ -151,9 +156,9 @@ def main() -> None:
     from workers.engine.models import ModelSpec, load
 
     try:
-        spec = ModelSpec.from_metadata(job["model_format"], job["model_metadata"])
-        device = torch.device(job["device"])
-        model = load(Path(job["model_path"]), spec, device)
+        spec = ModelSpec.from_metadata(job.model_format, job.model_metadata)
+        device = torch.device(job.device)
+        model = load(Path(job.model_path), spec, device)
     except Exception as exc:  # refused or broken checkpoint: reported as data, as in the child
         write_frame(reply_fd, {"seq": 0, "ok": False, "error": classify(exc)})
         return

@@ -18,7 +18,7 @@ time only on the examples still robust.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -33,7 +33,6 @@ from workers.engine.attacks.base import (
     dlr_loss,
     margin,
     over_targets,
-    restrict,
 )
 from workers.engine.threats import L1Threat, Norm, Radius, Threat, per_example, threat_for
 
@@ -115,6 +114,37 @@ def hopeless(best: Tensor, at_check: Tensor, interval: int, remaining: int,
     return best > safety * pace * remaining
 
 
+@dataclass
+class APGDState:
+    """One run's per-example state: row ``j`` of each tensor is the ``j``-th example still in
+    the batch (:meth:`restrict` drops the examples that leave)."""
+
+    idx: Tensor  # each example's row in the run's batch
+    x: Tensor  # the clean inputs
+    y: Tensor
+    eps: Tensor
+    x_adv: Tensor  # the iterate
+    x_old: Tensor  # the previous iterate (momentum)
+    grad: Tensor  # the loss's gradient at the iterate
+    x_best: Tensor  # the highest-loss point so far, its gradient and loss
+    grad_best: Tensor
+    loss_best: Tensor
+    step: Tensor  # the step size
+    hist: Tensor  # losses: the starting point's, then one per step
+    reduced: Tensor  # 1.0 where the step size was reduced at the last checkpoint
+    loss_best_check: Tensor  # the best loss at the last checkpoint
+    topk: Tensor  # l_1: the share of coordinates a step moves
+    sp_old: Tensor  # l_1: the best point's number of changed coordinates at the last checkpoint
+    margin_best: Tensor  # the smallest margin so far, and at the last checkpoint
+    margin_check: Tensor
+    target: Tensor | None  # APGD-T's target class
+
+    def restrict(self, keep: Tensor) -> APGDState:
+        """Keep the rows ``keep`` (a bool mask or an index) of every tensor."""
+        tensors = ((f.name, getattr(self, f.name)) for f in fields(self))
+        return replace(self, **{name: t[keep] for name, t in tensors if t is not None})
+
+
 def run_restarts(cfg: APGD | APGDTargeted, fwd: Forward, x: Tensor, y: Tensor, eps: Tensor,
                  generator: torch.Generator, target: Tensor | None) -> AttackOutput:
     """Restarts run one after the other on the examples still robust (AutoAttack's order)."""
@@ -172,94 +202,92 @@ def _single_run_best(cfg: APGD | APGDTargeted, threat: Threat, fwd: Forward, x: 
     out = x_adv.clone()
     best_points = x_adv.clone()
     success = fwd.wrong(x_adv, logits, y)
-    st: dict[str, Tensor] = {
-        "idx": torch.arange(n, device=dev), "x": x, "y": y, "eps": eps, "x_adv": x_adv,
-        "x_best": x_adv.clone(), "grad": grad, "grad_best": grad.clone(),
-        "loss_best": values.clone(), "step": alpha * eps, "x_old": x_adv.clone(),
-        # Losses: the starting point's, then one per step.
-        "hist": torch.cat((values[:, None], torch.zeros(n, steps, device=dev)), 1),
-        "reduced": torch.ones(n, device=dev),
-        "loss_best_check": values.clone(),
-        "topk": torch.full((n,), 0.2, device=dev),
-        "sp_old": torch.full((n,), float(n_fts), device=dev),
-        "margin_best": margin(logits, y),
-        "margin_check": margin(logits, y),
-    }
-    if target is not None:
-        st["target"] = target
+    st = APGDState(
+        idx=torch.arange(n, device=dev), x=x, y=y, eps=eps, x_adv=x_adv,
+        x_best=x_adv.clone(), grad=grad, grad_best=grad.clone(),
+        loss_best=values.clone(), step=alpha * eps, x_old=x_adv.clone(),
+        hist=torch.cat((values[:, None], torch.zeros(n, steps, device=dev)), 1),
+        reduced=torch.ones(n, device=dev),
+        loss_best_check=values.clone(),
+        topk=torch.full((n,), 0.2, device=dev),
+        sp_old=torch.full((n,), float(n_fts), device=dev),
+        margin_best=margin(logits, y),
+        margin_check=margin(logits, y),
+        target=target,
+    )
     if x_init is not None and l1:
         sp = (x_adv - x).flatten(1).ne(0).sum(1).float()
-        st["topk"], st["sp_old"] = sp / n_fts / 1.5, sp
+        st.topk, st.sp_old = sp / n_fts / 1.5, sp
     if early_stop and bool(success.any()):
-        st = restrict(st, ~success)
+        st = st.restrict(~success)
     n_iter2 = max(int(0.22 * cfg.steps), 1)
     n_iter_min = max(int(0.06 * cfg.steps), 1)
     size_decr = max(int(0.03 * cfg.steps), 1)
     k = max(int(0.04 * steps), 1) if l1 else n_iter2
     counter = checks = 0
     for i in range(steps):
-        if st["idx"].numel() == 0:
+        if st.idx.numel() == 0:
             break
-        xa, xs, e = st["x_adv"], st["x"], st["eps"]
+        xa, xs, e = st.x_adv, st.x, st.eps
         momentum = 0.75 if i > 0 else 1.0
         if isinstance(threat, L1Threat):
-            z = threat.project(threat.step(xa, st["grad"], st["step"], st["topk"]), xs, e)
+            z = threat.project(threat.step(xa, st.grad, st.step, st.topk), xs, e)
             x_new = z
         else:
-            z = threat.project(threat.step(xa, st["grad"], st["step"]), xs, e)
-            x_new = threat.project(xa + (z - xa) * momentum + (xa - st["x_old"]) * (1 - momentum),
+            z = threat.project(threat.step(xa, st.grad, st.step), xs, e)
+            x_new = threat.project(xa + (z - xa) * momentum + (xa - st.x_old) * (1 - momentum),
                                    xs, e)
-        st["x_old"] = xa
-        st["x_adv"] = x_new
+        st.x_old = xa
+        st.x_adv = x_new
         if i == steps - 1:  # the last iterate needs its loss, never its gradient
             with torch.no_grad():
                 logits = fwd(x_new)
-            values, grad = loss(logits, st["y"], st.get("target")), st["grad"]
+            values, grad = loss(logits, st.y, st.target), st.grad
         else:
-            logits, values, grad = fwd.loss_grad(x_new, st["y"], loss, st.get("target"))
-        st["grad"] = grad
-        broke = fwd.wrong(x_new, logits, st["y"])
-        idx = st["idx"]
+            logits, values, grad = fwd.loss_grad(x_new, st.y, loss, st.target)
+        st.grad = grad
+        broke = fwd.wrong(x_new, logits, st.y)
+        idx = st.idx
         out[idx[broke]] = x_new[broke]
         success[idx[broke]] = True
-        st["hist"][:, i + 1] = values
-        improved = values > st["loss_best"]
-        st["x_best"] = torch.where(improved[:, None, None, None], x_new, st["x_best"])
-        st["grad_best"] = torch.where(improved[:, None, None, None], grad, st["grad_best"])
-        st["loss_best"] = torch.where(improved, values, st["loss_best"])
-        st["margin_best"] = torch.minimum(st["margin_best"], margin(logits, st["y"]))
+        st.hist[:, i + 1] = values
+        improved = values > st.loss_best
+        st.x_best = torch.where(improved[:, None, None, None], x_new, st.x_best)
+        st.grad_best = torch.where(improved[:, None, None, None], grad, st.grad_best)
+        st.loss_best = torch.where(improved, values, st.loss_best)
+        st.margin_best = torch.minimum(st.margin_best, margin(logits, st.y))
         counter += 1
         leave = broke
         if counter == k:
             checks += 1
             if (cfg.discard is not None and early_stop and checks >= 2
                     and i + 1 >= DISCARD_AFTER):
-                leave = broke | hopeless(st["margin_best"], st["margin_check"], k,
+                leave = broke | hopeless(st.margin_best, st.margin_check, k,
                                          steps - 1 - i, cfg.discard)
-            st["margin_check"] = st["margin_best"].clone()
+            st.margin_check = st.margin_best.clone()
             if l1:
-                sp = (st["x_best"] - st["x"]).flatten(1).ne(0).sum(1).float()
-                reduce = sp / st["sp_old"] < 0.95
-                st["topk"] = sp / n_fts / 1.5
-                step = torch.where(reduce, alpha * st["eps"], st["step"] / 1.5)
-                st["step"] = torch.minimum(torch.maximum(step, alpha * st["eps"] / 10.0),
-                                           alpha * st["eps"])
-                st["sp_old"] = sp
+                sp = (st.x_best - st.x).flatten(1).ne(0).sum(1).float()
+                reduce = sp / st.sp_old < 0.95
+                st.topk = sp / n_fts / 1.5
+                step = torch.where(reduce, alpha * st.eps, st.step / 1.5)
+                st.step = torch.minimum(torch.maximum(step, alpha * st.eps / 10.0),
+                                        alpha * st.eps)
+                st.sp_old = sp
             else:
-                oscillating = too_few_increases(st["hist"], i, k, cfg.rho)
-                stalled = (st["reduced"] == 0) & (st["loss_best_check"] >= st["loss_best"])
+                oscillating = too_few_increases(st.hist, i, k, cfg.rho)
+                stalled = (st.reduced == 0) & (st.loss_best_check >= st.loss_best)
                 reduce = oscillating | stalled
-                st["reduced"] = reduce.float()
-                st["loss_best_check"] = st["loss_best"].clone()
-                st["step"] = torch.where(reduce, st["step"] / 2.0, st["step"])
+                st.reduced = reduce.float()
+                st.loss_best_check = st.loss_best.clone()
+                st.step = torch.where(reduce, st.step / 2.0, st.step)
                 k = max(k - size_decr, n_iter_min)
-            st["x_adv"] = torch.where(reduce[:, None, None, None], st["x_best"], st["x_adv"])
-            st["grad"] = torch.where(reduce[:, None, None, None], st["grad_best"], st["grad"])
+            st.x_adv = torch.where(reduce[:, None, None, None], st.x_best, st.x_adv)
+            st.grad = torch.where(reduce[:, None, None, None], st.grad_best, st.grad)
             counter = 0
         if early_stop and bool(leave.any()):
-            best_points[idx[leave]] = st["x_best"][leave]
-            st = restrict(st, ~leave)
-    best_points[st["idx"]] = st["x_best"]
+            best_points[idx[leave]] = st.x_best[leave]
+            st = st.restrict(~leave)
+    best_points[st.idx] = st.x_best
     # Examples never broken report their highest-loss point (useful as a warm start).
     out = torch.where(success[:, None, None, None], out, best_points)
     return AttackOutput(out, success), best_points
