@@ -109,7 +109,9 @@ def test_cpu_searches_in_bf16_only_where_it_measured_faster(
 def test_the_bf16_probe_measures_a_ratio() -> None:
     types.bf16_speedup.cache_clear()
     ratio = types.bf16_speedup()
-    assert 0.05 < ratio < 50.0
+    # A ratio of two timings: positive and finite. Its size is the CPU's (emulated bf16 on a
+    # CPU without it ran at 0.05x fp32 on a busy machine); what it decides is tested above.
+    assert 0.0 < ratio < float("inf")
     assert types.bf16_speedup() == ratio  # measured once per process
 
 
