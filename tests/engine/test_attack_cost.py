@@ -194,3 +194,12 @@ def test_square_discards_a_flat_margin_at_its_second_checkpoint() -> None:
     model.forwards = 0
     Square(Norm.L2, queries=100).run(Forward(model), x, y, 1e-4, torch.Generator())
     assert (model.forwards, model.gradients) == (101, 0)
+
+
+def test_an_examples_restarts_write_its_result_once_the_first_row_wins() -> None:
+    from workers.engine.attacks.pgd import first_per_owner
+
+    owner = torch.tensor([0, 1, 2, 0, 1, 2, 0])  # three examples, restarts after each other
+    mask = torch.tensor([False, True, True, True, True, False, True])
+    assert first_per_owner(mask, owner).tolist() == [3, 1, 2]  # owners 0, 1, 2
+    assert first_per_owner(torch.zeros(7, dtype=torch.bool), owner).tolist() == []

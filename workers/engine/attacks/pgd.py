@@ -91,12 +91,14 @@ class PGD(Attack):
                                       st["target"])
             else:
                 broke = fwd.wrong(st["x_adv"], logits, st["y"])
-            out[st["owner"][broke]] = st["x_adv"][broke]
-            success[st["owner"][broke]] = True
+            rows = first_per_owner(broke, st["owner"])
+            out[st["owner"][rows]] = st["x_adv"][rows]
+            success[st["owner"][rows]] = True
             # Keep the highest-loss iterate of examples not (yet) broken.
             best_loss.scatter_reduce_(0, st["owner"], values, reduce="amax")
             is_best = (values >= best_loss[st["owner"]]) & ~success[st["owner"]]
-            out[st["owner"][is_best]] = st["x_adv"][is_best]
+            rows = first_per_owner(is_best, st["owner"])
+            out[st["owner"][rows]] = st["x_adv"][rows]
             live = ~success[st["owner"]]
             if i == self.steps or not bool(live.any()):
                 break
@@ -106,6 +108,22 @@ class PGD(Attack):
             step = self.step_at(st["alpha"], i)
             st["x_adv"] = threat.project(threat.step(st["x_adv"], grad, step), st["x"], st["eps"])
         return AttackOutput(out, success)
+
+
+def first_per_owner(mask: Tensor, owner: Tensor) -> Tensor:
+    """The rows where ``mask`` holds, only the first of each owner's: an example's restarts
+    share its owner, and writing two rows to one place (``out[owner[mask]] = ...``) lets
+    threads race for which one stays, so the kept iterate, and an example near the boundary
+    with it, would change from run to run."""
+    rows = mask.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return rows
+    owners = owner[rows]
+    unique, inverse = torch.unique(owners, return_inverse=True)
+    order = torch.arange(rows.numel(), device=rows.device)
+    first = torch.full((unique.numel(),), rows.numel(), dtype=torch.long, device=rows.device)
+    first.scatter_reduce_(0, inverse, order, reduce="amin")
+    return rows[first]
 
 
 @dataclass(frozen=True)
