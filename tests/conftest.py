@@ -130,6 +130,17 @@ _SERVERS = _Servers()
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _SERVERS.stop()
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:  # a pytest-xdist worker: its controller prints what it started
+        output["servers"] = _SERVERS.lines
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist's controller: a worker's server lines join the run's summary."""
+    name = getattr(getattr(node, "gateway", None), "id", "worker")
+    _SERVERS.lines.extend(f"{name}: {line}"
+                          for line in getattr(node, "workeroutput", {}).get("servers", []))
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
@@ -270,6 +281,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if (SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
                 or "postgres" in params.values()):
             item.add_marker(pytest.mark.services)
+    # The longest files first, each file's tests in their order: files marked slow as a whole,
+    # then those with some slow or server tests, then the rest. With the full tier's two
+    # processes (scripts/test) a long file is then not the last one left running.
+    rank: dict[Path, int] = {}
+    for item in items:
+        marks = getattr(getattr(item, "module", None), "pytestmark", [])
+        marks = marks if isinstance(marks, list) else [marks]
+        if any(mark.name == "slow" for mark in marks):
+            rank[item.path] = 0
+        elif any(item.get_closest_marker(m) for m in ("slow", "services")):
+            rank[item.path] = min(rank.get(item.path, 1), 1)
+    items.sort(key=lambda item: rank.get(item.path, 2))
     if config.getoption("--fast"):
         kept: list[pytest.Item] = []
         dropped: list[pytest.Item] = []
