@@ -11,10 +11,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# ``uv run --frozen TOOL ...`` exits with $FAKE_<TOOL>_EXIT (default 0) and says what ran.
+# ``uv run [--options] TOOL ...`` exits with $FAKE_<TOOL>_EXIT (default 0) and says what ran.
 FAKE_UV = """#!/usr/bin/env bash
 [[ "$1" == run ]] || exit 0
-tool="$3"
+shift
+while [[ "$1" == --* ]]; do shift; done
+tool="$1"
 echo "ran $tool"
 var="FAKE_${tool^^}_EXIT"
 exit "${!var:-0}"
