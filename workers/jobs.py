@@ -679,7 +679,8 @@ def _finish(rt: Runtime, table: JobTable, jid: uuid.UUID, token: int, status: st
         elif status == JobStatus.CANCELLED:
             row.progress_message = "cancelled by the user"
         else:
-            row.progress_message = (error or {}).get("detail", JobStatus.FAILED.value)[:500]
+            # words for people (the state has its own column)
+            row.progress_message = (error or {}).get("detail", "failed")[:500]
 
 
 def _fail_exhausted(rt: Runtime, eid: uuid.UUID, table: JobTable) -> None:
