@@ -38,7 +38,8 @@ import torch
 from workers.engine import nets
 from workers.engine.data import builtin
 from workers.sandbox import child as engine_child
-from workers.sandbox.jail import Child, JailConfig, probe
+from workers.sandbox.config import JailConfig, probe
+from workers.sandbox.jail import Child
 from workers.sandbox.protocol import EvaluateJob, Report
 
 META = {"name": "bench", "num_classes": 4, "input_shape": [3, 32, 32]}

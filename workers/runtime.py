@@ -17,7 +17,8 @@ from core.db import make_engine, make_sessionmaker
 from core.objectstore import BlobCache, Store
 from core.settings import Settings, get_settings
 from workers.engine.types import fast_bf16, strict_fp32
-from workers.sandbox.jail import Jail, config_from_settings, probe
+from workers.sandbox.config import config_from_settings, probe
+from workers.sandbox.jail import Jail
 
 
 @dataclass

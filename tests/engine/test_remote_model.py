@@ -20,7 +20,8 @@ from tests.factories import META, tiny_net
 from tests.factories import torchscript_bytes as scripted
 from workers.engine.attacks.base import Forward, ce_loss
 from workers.engine.models import ModelSpec, load
-from workers.sandbox.jail import JailConfig, ModelServer
+from workers.sandbox.config import JailConfig
+from workers.sandbox.jail import ModelServer
 from workers.sandbox.protocol import ServerJob
 from workers.sandbox.remote import ModelChannel, RemoteModel
 

@@ -26,7 +26,8 @@ from tests.factories import META, closed_after, tiny_net, worker_runtime
 from tests.factories import torchscript_bytes as scripted
 from workers import evaluation_jobs
 from workers.runtime import Runtime
-from workers.sandbox.jail import Child, Jail, JailConfig, find_bwrap, probe, probe_engine
+from workers.sandbox.config import JailConfig, find_bwrap, probe
+from workers.sandbox.jail import Child, Jail, probe_engine
 
 pytestmark = pytest.mark.slow
 MiB = 1 << 20
@@ -416,7 +417,7 @@ def test_a_checkout_under_tmp_runs_in_the_jail(tmp_path: Path) -> None:
             shutil.copytree(ROOT / package, copy / package,
                             ignore=shutil.ignore_patterns("__pycache__"))
         code = ("import sys; from pathlib import Path\n"
-                "from workers.sandbox.jail import JailConfig\n"
+                "from workers.sandbox.config import JailConfig\n"
                 f"slot = Path({str(tmp_path)!r}) / 'slot'\n"
                 "(slot / 'in').mkdir(parents=True); (slot / 'scratch').mkdir()\n"
                 "argv = JailConfig(slot_root=slot.parent).argv(slot, 1)\n"

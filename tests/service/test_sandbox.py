@@ -38,7 +38,7 @@ from tests.factories import (
 from tests.factories import torchscript_bytes as scripted
 from workers import evaluation_jobs
 from workers.runtime import Runtime
-from workers.sandbox.jail import JailConfig
+from workers.sandbox.config import JailConfig
 
 pytestmark = pytest.mark.slow
 
