@@ -22,25 +22,23 @@ from sqlalchemy import select, update
 from contract.jobs import JobErrorType, JobStatus, job_error
 from contract.suite import Entry, dump_entry
 from core.queue import WEBHOOK_TASK
-from core.tables import Evaluation, EvaluationShard, Model, Result
+from core.tables import Evaluation, EvaluationShard, JobTable, Model, Result
 from workers.engine import ENGINE_VERSION, benchmarks
 from workers.engine.types import BenchmarkError
-from workers.jobs import (
+from workers.execute import state_mirror
+from workers.jobs import device_info, run_work
+from workers.runtime import Runtime
+from workers.sandbox.protocol import EvaluateJob
+from workers.work import (
     JobFailed,
-    JobTable,
     Scratch,
     StoredFile,
     Superseded,
     claimed,
-    device_info,
     fetch,
     keep_output,
-    run_work,
     sandbox_error,
-    state_mirror,
 )
-from workers.runtime import Runtime
-from workers.sandbox.protocol import EvaluateJob
 
 log = logging.getLogger("robustscope.worker")
 MAX_ARTIFACT_BYTES = 64 << 20  # one artifact (a picture, a small table) copied out of a job

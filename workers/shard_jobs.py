@@ -28,21 +28,13 @@ from contract.jobs import ACTIVE_STATES, FINAL_STATES, JobErrorType, JobStatus, 
 from contract.suite import dump_entry
 from core.jobs import request_cancel
 from core.queue import EVALUATE_TASK, WEBHOOK_TASK, Outbox
-from core.tables import Evaluation, EvaluationShard, utcnow
+from core.tables import Evaluation, EvaluationShard, JobTable, utcnow
 from service.evaluations.service import shardable
 from workers.evaluation_jobs import SHARDS_SHARE, EvaluationWork
-from workers.jobs import (
-    JobFailed,
-    JobTable,
-    Scratch,
-    Sender,
-    Superseded,
-    claimed,
-    run_work,
-    sandbox_error,
-)
+from workers.jobs import run_work
 from workers.runtime import Runtime
 from workers.sandbox.protocol import EvaluateJob
+from workers.work import JobFailed, Scratch, Sender, Superseded, claimed, sandbox_error
 
 log = logging.getLogger("robustscope.worker")
 

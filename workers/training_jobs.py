@@ -28,16 +28,17 @@ from core import storage
 from core.errors import DomainError
 from core.objectstore import StoreError, file_sha256
 from core.queue import Outbox
-from core.tables import Training, utcnow
+from core.tables import JobTable, Training, utcnow
 from service.evaluations import service as evaluations
 from service.evaluations.schemas import EvaluationIn
 from service.models import service as models
 from service.models.schemas import ModelMetadata
-from workers import jobs
 from workers.engine import ENGINE_VERSION
-from workers.jobs import JobFailed, JobTable, Scratch, Superseded, device_info, run_work
+from workers.execute import state_mirror
+from workers.jobs import device_info, run_work
 from workers.runtime import Runtime
 from workers.sandbox.protocol import TrainJob
+from workers.work import JobFailed, Scratch, Sender, StoredFile, Superseded, claimed, fetch
 
 log = logging.getLogger("robustscope.worker")
 
@@ -70,7 +71,7 @@ class TrainingWork:
     name: str
     spec: TrainingSpec  # the contract's typed spec, read once from the job's row
     dataset: str
-    dataset_file: jobs.StoredFile | None
+    dataset_file: StoredFile | None
     dataset_params: dict[str, Any]
     held_out_split: str
     train_examples: int | None
@@ -87,8 +88,8 @@ class TrainingWork:
     def load(cls, rt: Runtime, tid: uuid.UUID, token: int,
              send_task: Any = None) -> TrainingWork:
         with rt.sessions() as s:
-            row = jobs.claimed(s, Training, tid)
-            dataset_file = jobs.StoredFile.of_dataset(s, row.dataset_id,
+            row = claimed(s, Training, tid)
+            dataset_file = StoredFile.of_dataset(s, row.dataset_id,
                                                       JobErrorType.TRAINING_ERROR, "training")
             opts = row.options or {}
             try:
@@ -119,7 +120,7 @@ class TrainingWork:
     def inputs(self) -> dict[str, Path]:
         if self._inputs is None:
             self._inputs = {} if self.dataset_file is None else {
-                "dataset.npz": jobs.fetch(self.rt, self.dataset_file,
+                "dataset.npz": fetch(self.rt, self.dataset_file,
                                           JobErrorType.TRAINING_ERROR)}
         return self._inputs
 
@@ -167,7 +168,7 @@ class TrainingWork:
         if status != "superseded":  # never resumed now
             shutil.rmtree(self.state_dir, ignore_errors=True)
             try:
-                jobs.state_mirror(self.rt, self.state_dir).clear()
+                state_mirror(self.rt, self.state_dir).clear()
             except StoreError:
                 log.warning("could not remove the stored state of training %s", self.id,
                             exc_info=True)
@@ -187,7 +188,7 @@ class TrainingWork:
         size = scratch.copy_out(scratch.host_out, "weights.safetensors", tmp,
                                 self.rt.settings.max_checkpoint_bytes)
         received = storage.Received(tmp, file_sha256(tmp), size)
-        outbox = Outbox(jobs.Sender(self.send_task))
+        outbox = Outbox(Sender(self.send_task))
         try:
             with (self.rt.sessions.begin() as s,
                   storage.upload(s, self.rt.store, received) as weights):

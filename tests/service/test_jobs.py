@@ -23,7 +23,9 @@ from tests.factories import META, accept_test_entries, tiny_net, torchscript_byt
 from workers import evaluation_jobs, jobs, reconciler
 from workers.engine.benchmarks import _REGISTRY, register
 from workers.engine.types import BenchmarkResult, EvalData, MetricRow, RunContext, fast_bf16
+from workers.execute import execute
 from workers.runtime import Runtime
+from workers.work import JobFailed, Scratch, Superseded
 
 
 @pytest.fixture
@@ -162,8 +164,8 @@ def test_a_restarted_job_resumes_after_the_last_finished_entry(rt: Runtime) -> N
     token = jobs.claim(rt, eid, Evaluation)
     assert token == 1
     work = evaluation_jobs.EvaluationWork.load(rt, eid, token)
-    with jobs.Supervisor(rt, work, Evaluation) as sup, pytest.raises(jobs.JobFailed, match="boom"):
-        jobs.execute(rt, sup, work)
+    with jobs.Supervisor(rt, work, Evaluation) as sup, pytest.raises(JobFailed, match="boom"):
+        execute(rt, sup, work)
     assert CALLS == ["first", "second"]
     assert evaluation_jobs.run(rt, eid) == "skipped"  # heartbeat still fresh: not stealable yet
     with rt.sessions.begin() as s:  # the worker died: its heartbeat goes stale
@@ -189,10 +191,10 @@ def test_a_superseded_worker_writes_nothing(rt: Runtime) -> None:
             heartbeat_at=utcnow() - timedelta(seconds=60)))
     token_b = jobs.claim(rt, eid, Evaluation)
     assert token_b == token_a + 1
-    with pytest.raises(jobs.Superseded):
+    with pytest.raises(Superseded):
         job_a.handle({"t": "entry", "index": 0, "seconds": 0.1, "checks": [], "artifacts": {},
                       "rows": [MetricRow("x", "y", 1.0).as_dict()]},
-                     jobs.Scratch(*[rt.settings.data_dir] * 5))
+                     Scratch(*[rt.settings.data_dir] * 5))
     assert _result_count(rt, eid) == 0
 
 
