@@ -1,16 +1,18 @@
 """Jobs: claim one, supervise it, run its work in the engine child, record the outcome.
 
-Evaluations and trainings are one job concept (:class:`Work` describes what differs).
-Postgres is the source of truth. A job is *claimed* by an atomic update that also counts the
-attempt; that attempt number is a fencing token every later write checks, so a worker that
-lost its job (its heartbeat went stale and another worker took over) cannot write results.
+Evaluations, trainings, shards and dataset ingests are one job concept (:class:`Work` or
+:class:`LocalWork` describes what differs). Postgres is the source of truth. A job is
+*claimed* by an atomic update that also counts the attempt; that attempt number is a fencing
+token every later write checks, so a worker that lost its job (its heartbeat went stale and
+another worker took over) cannot write results.
 
 The worker is a supervisor that never loads a user's model: the work runs in a jailed child
 process (:mod:`workers.sandbox`) that reports over a pipe, and the supervisor writes what it
 reports, fenced by the attempt. Time limits and cancellation kill the child, so they take
 effect within a second even inside one forward pass. Resumable state the child writes to its
 scratch directory is copied to ``state/`` as it appears, so a job whose worker was killed
-resumes where it stopped.
+resumes where it stopped. A dataset's ingest runs no user code (Pillow decodes its images):
+it runs in this process, as a :class:`LocalWork`, under the same claim and supervisor.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
@@ -35,7 +37,16 @@ from sqlalchemy.orm import Session
 
 from contract.jobs import JobErrorType, JobStatus, job_error
 from core.objectstore import StateMirror, StoreError, file_sha256
-from core.tables import Dataset, Evaluation, EvaluationShard, JobRow, JobTable, Training, utcnow
+from core.tables import (
+    Dataset,
+    DatasetIngest,
+    Evaluation,
+    EvaluationShard,
+    JobRow,
+    JobTable,
+    Training,
+    utcnow,
+)
 from workers.engine.types import Cancelled
 from workers.runtime import Runtime
 from workers.sandbox import child as engine_child
@@ -59,9 +70,10 @@ class TimeLimit(Exception):
 
 
 class JobFailed(Exception):
-    """The job failed with a typed error for the user (``{"type", "detail"}``)."""
+    """The job failed with a typed error for the user (``{"type", "detail"}``, or a dataset
+    ingest's problem body)."""
 
-    def __init__(self, error: dict[str, str]) -> None:
+    def __init__(self, error: dict[str, Any]) -> None:
         super().__init__(error["detail"])
         self.error = error
 
@@ -111,7 +123,7 @@ class StoredFile:
 
 
 #: The row of one kind of job.
-Claimed = TypeVar("Claimed", Evaluation, Training, EvaluationShard)
+Claimed = TypeVar("Claimed", Evaluation, Training, EvaluationShard, DatasetIngest)
 
 
 def claimed(s: Session, table: type[Claimed], jid: uuid.UUID) -> Claimed:
@@ -209,10 +221,33 @@ class Work(Protocol):
         """After the outcome was written: notifications, clean-up."""
 
 
+@runtime_checkable
+class LocalWork(Protocol):
+    """One kind of job whose work runs in this process, not in the engine child: it runs no
+    user code and needs no torch (a dataset's ingest). The claim, the supervisor and the
+    outcome are those of any job; :meth:`run_here` reports progress through
+    :meth:`Supervisor.progress`, which raises when the job is cancelled, superseded or out of
+    time, and must then stop and leave nothing behind."""
+
+    id: uuid.UUID
+    token: int
+    table: JobTable
+    records_own_success: bool
+
+    def run_here(self, sup: Supervisor) -> None:
+        """Do the whole job; raise :class:`JobFailed` for a failure the user is told."""
+
+    def finished(self, status: str, error: dict[str, Any] | None) -> None:
+        """After the outcome was written: notifications, clean-up."""
+
+
 #: Optional parts of a Work (read with getattr): ``scratch_dirs()`` (folders copied into the
 #: child's scratch beside its state, by name), ``progress_span`` (the part of the job's
 #: progress its child's 0..1 fills), ``started`` (when the time limit started counting, if
 #: not at this attempt's claim) and ``on_write(session)`` (written with each heartbeat).
+#: Optional parts of a job's table: ``claimable(stale)`` (which rows a claim may take) and
+#: ``settled(session, id)`` (what else changes in the transaction that writes an outcome the
+#: loop writes: a failed ingest's dataset).
 
 
 def claim(rt: Runtime, eid: uuid.UUID, table: JobTable) -> int | None:
@@ -344,7 +379,7 @@ class Supervisor:
 
 
 def run_work(rt: Runtime, table: JobTable, jid: uuid.UUID,
-             prepare: Callable[[Runtime, uuid.UUID, int], Work]) -> str:
+             prepare: Callable[[Runtime, uuid.UUID, int], Work | LocalWork]) -> str:
     """Run job ``jid`` if this worker can claim it; returns what happened."""
     token = claim(rt, jid, table)
     if token is None:
@@ -359,9 +394,8 @@ def run_work(rt: Runtime, table: JobTable, jid: uuid.UUID,
     with Supervisor(rt, work, table) as sup:
         try:
             execute(rt, sup, work)
-        except Superseded:
-            log.warning("%s %s was taken over by another worker; stopping", table.__tablename__,
-                        jid)
+        except Superseded as exc:
+            log.warning("%s %s: %s; stopping", table.__tablename__, jid, exc)
             return "superseded"
         except DBAPIError:
             # The database went away mid-job: leave the job running. Its heartbeat goes stale
@@ -392,11 +426,14 @@ def state_mirror(rt: Runtime, state_dir: Path) -> StateMirror:
     return StateMirror(rt.store, prefix, state_dir)
 
 
-def execute(rt: Runtime, sup: Supervisor, work: Work) -> None:
-    """Run the work in a jailed child, or in this process where the sandbox is off. The
-    job's state comes from the store first (another worker may have started it) and goes back
-    with each report that depends on it, and with the heartbeat; the local copy is removed at
-    the end."""
+def execute(rt: Runtime, sup: Supervisor, work: Work | LocalWork) -> None:
+    """Run the work in a jailed child, or in this process where the sandbox is off or the
+    work is a :class:`LocalWork`. The job's state comes from the store first (another worker
+    may have started it) and goes back with each report that depends on it, and with the
+    heartbeat; the local copy is removed at the end."""
+    if isinstance(work, LocalWork):
+        work.run_here(sup)
+        return
     mirror = state_mirror(rt, work.state_dir)
     try:
         mirror.pull()
@@ -673,6 +710,7 @@ def _finish(rt: Runtime, table: JobTable, jid: uuid.UUID, token: int, status: st
         if row is None or row.attempts != token:
             return
         row.status, row.error, row.finished_at = status, error, utcnow()
+        _settled(s, table, jid)
         row.progress_stage = status
         if status == JobStatus.SUCCEEDED:
             row.progress_fraction, row.progress_message = 1.0, "done"
@@ -683,11 +721,19 @@ def _finish(rt: Runtime, table: JobTable, jid: uuid.UUID, token: int, status: st
             row.progress_message = (error or {}).get("detail", "failed")[:500]
 
 
+def _settled(s: Session, table: JobTable, jid: uuid.UUID) -> None:
+    """What the table's kind changes with an outcome the loop wrote, in its transaction."""
+    settled = getattr(table, "settled", None)
+    if settled is not None:
+        s.flush()
+        settled(s, jid)
+
+
 def _fail_exhausted(rt: Runtime, eid: uuid.UUID, table: JobTable) -> None:
     """A job whose workers kept dying is failed rather than retried forever."""
     stale = utcnow() - timedelta(seconds=rt.settings.stale_after)
     with rt.sessions.begin() as s:
-        s.execute(update(table).where(
+        res = s.execute(update(table).where(
             table.id == eid, table.status == JobStatus.RUNNING,
             table.attempts >= rt.settings.max_attempts, table.heartbeat_at < stale)
             .values(status=JobStatus.FAILED, finished_at=utcnow(),
@@ -696,3 +742,5 @@ def _fail_exhausted(rt: Runtime, eid: uuid.UUID, table: JobTable) -> None:
                     error=job_error(JobErrorType.WORKER_LOST,
                                     f"the job's worker died {rt.settings.max_attempts} times"))
             .execution_options(synchronize_session=False))
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            _settled(s, table, eid)
