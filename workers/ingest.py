@@ -98,6 +98,7 @@ class IngestWork:
                 raise JobFailed(archive_missing()) from exc
             info["content_sha256"] = file_sha256(dest)
             sup.progress(WRITTEN, "storing", "storing the dataset")
+            self._check_owned()
             try:
                 store.put_file(self.key, dest)
             except StoreError as exc:
@@ -106,6 +107,18 @@ class IngestWork:
             dest.unlink(missing_ok=True)
             fetched.unlink(missing_ok=True)
         self._record(info)
+
+    def _check_owned(self) -> None:
+        """Before the npz goes to the store under the dataset's key: an attempt that lost
+        the ingest (its heartbeat went stale and another took over) must not replace the file
+        the other recorded, nor store one for a dataset deleted meanwhile."""
+        with self.rt.sessions() as s:
+            job = s.execute(select(DatasetIngest.status, DatasetIngest.attempts)
+                            .where(DatasetIngest.id == self.id)).one_or_none()
+        if job is None:
+            raise Superseded("the dataset was deleted")
+        if job.attempts != self.token or job.status != JobStatus.RUNNING:
+            raise Superseded("another attempt took over the ingest")
 
     def _record(self, info: dict[str, Any]) -> None:
         """The ingest succeeded and the dataset is ``ready``, in one transaction, if this

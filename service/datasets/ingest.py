@@ -246,7 +246,7 @@ def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadR
     total, finished = len(wanted), 0
 
     def tell() -> None:
-        report(DECODED * finished / max(total, 1), "decoding",
+        report(DECODED * (finished / max(total, 1)), "decoding",
                f"decoded {finished} of {total} files")
 
     def take(done: list[tuple[str, dict[bool, _Result]]]) -> None:
