@@ -139,10 +139,12 @@ def test_an_ingest_is_a_job_queued_running_then_succeeded(
     t.join()
     assert outcome["r"] == "succeeded"
     running = [s for s in seen if s[0] == "running"]
-    assert running and all(s[3] == 1 for s in running)
+    assert running
+    assert all(s[3] == 1 for s in running)
     assert "decoding" in {s[1] for s in running}  # progress reached the database mid-run
     fractions = [f for f, _ in stages]
-    assert fractions == sorted(fractions) and fractions[-1] >= 0.9
+    assert fractions == sorted(fractions)
+    assert fractions[-1] >= 0.9
     told = [stage for _, stage in stages]
     assert {"reading", "decoding", "writing", "storing"} <= set(told)
     assert told.index("decoding") < told.index("storing")
@@ -151,7 +153,8 @@ def test_an_ingest_is_a_job_queued_running_then_succeeded(
     ing = done["ingest"]
     assert (ing["status"], ing["attempts"], ing["error"]) == ("succeeded", 1, None)
     assert ing["progress"] == {"fraction": 1.0, "stage": "succeeded", "message": "done"}
-    assert ing["started_at"] is not None and ing["finished_at"] is not None
+    assert ing["started_at"] is not None
+    assert ing["finished_at"] is not None
     assert done["finished_at"] is not None
     assert not (tmp_path / "datasets" / f"{made['id']}.upload").exists()
     assert leftovers(tmp_path) == []
