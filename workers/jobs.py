@@ -293,6 +293,7 @@ class Supervisor:
         self.latest: tuple[float, str, str] | None = None
         self.cancelled = threading.Event()
         self.superseded = threading.Event()
+        self.lost_why = "another worker took over this job"
         self.stop = threading.Event()
         started: datetime | None = getattr(job, "started", None)
         spent = 0.0 if started is None else max(0.0, (utcnow() - started).total_seconds())
@@ -314,7 +315,7 @@ class Supervisor:
 
     def check(self) -> None:
         if self.superseded.is_set():
-            raise Superseded("another worker took over this job")
+            raise Superseded(self.lost_why)
         if self.cancelled.is_set():
             raise Cancelled("cancelled by the user")
         if time.monotonic() > self.deadline:
@@ -364,7 +365,8 @@ class Supervisor:
 
     def _read_flags(self) -> None:
         """The cancel flag, and whether this attempt lost the job, by primary key: another
-        attempt claimed it, or it was failed for it (workers lost). A job ``succeeded`` under
+        attempt claimed it, it was failed for it (workers lost), or its row was deleted (an
+        ingest's, with its dataset). A job ``succeeded`` under
         this attempt was finished by this attempt itself (a training registers its model
         before its child exits): neither cancelled nor superseded."""
         table = self.table
@@ -373,6 +375,8 @@ class Supervisor:
                             .where(table.id == self.job.id)).one_or_none()
         if (row is None or row.attempts != self.job.token
                 or row.status not in (JobStatus.RUNNING, JobStatus.SUCCEEDED)):
+            if row is None:
+                self.lost_why = "the job was deleted"
             self.superseded.set()
         elif row.status == JobStatus.RUNNING and row.cancel_requested:
             self.cancelled.set()
