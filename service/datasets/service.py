@@ -124,11 +124,11 @@ def upload(
 ) -> Dataset:
     """Keeps the archive and queues its ingest job (:class:`DatasetIngest`, sent after the
     transaction commits); the row is ``ingesting`` until a worker has decoded it (the API
-    process never decodes an upload). ``name`` defaults to the file's
-    name without its extension. ``channels`` (1 or 3) converts every image when the worker
-    decodes them; None keeps a grey dataset grey. The stored-bytes quota is checked before the
-    archive is read and again with its size; the archive goes again unless the request's
-    transaction commits (:func:`core.storage.upload`)."""
+    process never decodes an upload). ``name`` defaults to the file's name without its
+    extension. ``channels`` (1 or 3) converts every image when the worker decodes them; None
+    keeps a grey dataset grey. The stored-bytes quota is checked before the archive is read
+    and again with its size; the archive goes again unless the request's transaction commits
+    (:func:`core.storage.upload`)."""
     name = (name or (filename or "dataset").rsplit(".", 1)[0]).strip()
     reject_nul(name, "name")
     if channels not in (None, 1, 3):
