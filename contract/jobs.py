@@ -21,9 +21,9 @@ class JobStatus(enum.StrEnum):
 
 
 class DatasetStatus(enum.StrEnum):
-    """An uploaded dataset's state: ``ingesting`` (a worker decodes the archive) -> ``ready``
-    or ``failed``. Built-in datasets are always ``ready``. Not a job: an ingest has no
-    progress, cancel or attempts of its own."""
+    """An uploaded dataset's state: ``ingesting`` (its ingest job is queued or running) ->
+    ``ready`` or ``failed``, written with the ingest job's outcome. Built-in datasets are
+    always ``ready``."""
 
     INGESTING = "ingesting"
     READY = "ready"

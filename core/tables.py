@@ -24,11 +24,12 @@ from sqlalchemy import (
     or_,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from contract.jobs import DatasetStatus, JobStatus
 from core.db import Base
+from core.errors import problem_body
 
 
 def utcnow() -> datetime:
@@ -127,13 +128,49 @@ class Dataset(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     storage_path: Mapped[str] = mapped_column(Text)
-    # ingesting -> ready | failed; an upload is decoded by a worker (the ``ingest`` queue).
+    # ingesting -> ready | failed, written with its ingest job's outcome (DatasetIngest).
     status: Mapped[str] = mapped_column(String(16), default=DatasetStatus.READY.value,
                                         server_default=DatasetStatus.READY.value)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last ingest sent
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    ingest: Mapped[DatasetIngest | None] = relationship(
+        back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True,
+        lazy="selectin")
+
+
+class DatasetIngest(JobState, Base):
+    """The job that decodes an upload's archive into its canonical npz (the ``ingest``
+    queue): claimed, heart-beaten, fenced by its attempt, cancelled and re-sent like any job.
+    Its dataset's ``status`` follows its outcome in the same transaction (:meth:`settled`)."""
+
+    __tablename__ = "dataset_ingests"
+    __table_args__ = (UniqueConstraint("dataset_id"),
+                      Index("ix_dataset_ingests_status", "status"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    dataset_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"))
+
+    dataset: Mapped[Dataset] = relationship(back_populates="ingest")
+
+    @classmethod
+    def settled(cls, session: Session, jid: uuid.UUID) -> None:
+        """In the transaction that wrote ingest ``jid``'s outcome: an ingest that ended other
+        than ``succeeded`` leaves its dataset ``failed`` with its error (a succeeded one was
+        written with its dataset ``ready`` by the worker, which alone has the dataset's
+        description)."""
+        row = session.get(cls, jid)
+        if row is None or row.status == JobStatus.SUCCEEDED:
+            return
+        ds = session.get(Dataset, row.dataset_id)
+        if ds is None or ds.status != DatasetStatus.INGESTING:
+            return
+        ds.status, ds.finished_at = DatasetStatus.FAILED.value, row.finished_at or utcnow()
+        ds.error = row.error or problem_body(
+            409, "dataset-ingest-cancelled", "Ingest cancelled",
+            "the dataset's ingest was cancelled; upload the archive again")
 
 
 class Evaluation(JobColumns, Base):
@@ -296,9 +333,9 @@ class Sweep(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-#: The tables of the kinds of job (each with :class:`JobColumns`), and one of their rows.
-JobTable = type[Evaluation] | type[Training] | type[EvaluationShard]
-JobRow = Evaluation | Training | EvaluationShard
+#: The tables of the kinds of job (each with :class:`JobState`), and one of their rows.
+JobTable = type[Evaluation] | type[Training] | type[EvaluationShard] | type[DatasetIngest]
+JobRow = Evaluation | Training | EvaluationShard | DatasetIngest
 
 
 class BrowserSession(Base):

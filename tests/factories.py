@@ -189,7 +189,7 @@ def comparable(rows: list[Any]) -> list[Any]:
 
 def upload_dataset(client: TestClient, key: str, rt: Any, archive: Path,
                    name: str | None = None, channels: int | None = None) -> Any:
-    """POST an archive (202, ``ingesting``), run the worker's ingest task in this process, and
+    """POST an archive (202, ``ingesting``), run the worker's ingest job in this process, and
     return ``GET /datasets/{id}``'s answer (its ``status`` is ``ready`` or ``failed``)."""
     import uuid
 
@@ -201,7 +201,7 @@ def upload_dataset(client: TestClient, key: str, rt: Any, archive: Path,
                            data=form or None)
     assert resp.status_code == 202, resp.text
     assert resp.json()["status"] == "ingesting"
-    ingest.run(rt, uuid.UUID(resp.json()["id"]))
+    ingest.run(rt, uuid.UUID(resp.json()["ingest"]["id"]))
     return client.get(f"/datasets/{resp.json()['id']}", headers=auth(key))
 
 

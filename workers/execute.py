@@ -12,7 +12,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from sqlalchemy.exc import DBAPIError
@@ -26,10 +26,16 @@ from workers.sandbox import files
 from workers.sandbox.jail import Child
 from workers.sandbox.protocol import EvaluateJob, ProtocolError, Report, TrainJob
 from workers.sandbox.remote import SERVER_EXITED
-from workers.work import JobFailed, Scratch, TimeLimit, Work, sandbox_error, storage_error
-
-if TYPE_CHECKING:
-    from workers.jobs import Supervisor
+from workers.work import (
+    JobFailed,
+    LocalWork,
+    Scratch,
+    Supervision,
+    TimeLimit,
+    Work,
+    sandbox_error,
+    storage_error,
+)
 
 log = logging.getLogger("robustscope.worker")
 
@@ -40,11 +46,14 @@ def state_mirror(rt: Runtime, state_dir: Path) -> StateMirror:
     return StateMirror(rt.store, prefix, state_dir)
 
 
-def execute(rt: Runtime, sup: Supervisor, work: Work) -> None:
-    """Run the work in a jailed child, or in this process where the sandbox is off. The
-    job's state comes from the store first (another worker may have started it) and goes back
-    with each report that depends on it, and with the heartbeat; the local copy is removed at
-    the end."""
+def execute(rt: Runtime, sup: Supervision, work: Work | LocalWork) -> None:
+    """Run the work in a jailed child, or in this process where the sandbox is off or the
+    work is a :class:`LocalWork`. The job's state comes from the store first (another worker
+    may have started it) and goes back with each report that depends on it, and with the
+    heartbeat; the local copy is removed at the end."""
+    if isinstance(work, LocalWork):
+        work.run_here(sup)
+        return
     mirror = state_mirror(rt, work.state_dir)
     try:
         mirror.pull()
@@ -59,7 +68,7 @@ def execute(rt: Runtime, sup: Supervisor, work: Work) -> None:
             shutil.rmtree(work.state_dir, ignore_errors=True)
 
 
-def _execute_here(rt: Runtime, sup: Supervisor, work: Work, mirror: StateMirror) -> None:
+def _execute_here(rt: Runtime, sup: Supervision, work: Work, mirror: StateMirror) -> None:
     out = rt.settings.data_dir / "tmp" / f"{work.table.__tablename__}-{work.id}-{work.token}"
     artifacts = out / "artifacts"
     dirs: dict[str, Path] = getattr(work, "scratch_dirs", dict)()
@@ -93,7 +102,7 @@ def _execute_here(rt: Runtime, sup: Supervisor, work: Work, mirror: StateMirror)
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _dispatch(sup: Supervisor, work: Work, message: dict[str, Any], scratch: Scratch) -> None:
+def _dispatch(sup: Supervision, work: Work, message: dict[str, Any], scratch: Scratch) -> None:
     if message.get("t") == "progress":
         low, span = getattr(work, "progress_span", (0.0, 1.0))
         sup.progress(low + span * float(message["fraction"]), str(message["stage"]),
@@ -102,7 +111,7 @@ def _dispatch(sup: Supervisor, work: Work, message: dict[str, Any], scratch: Scr
         work.handle(message, scratch)
 
 
-def _execute_jailed(rt: Runtime, sup: Supervisor, work: Work, mirror: StateMirror) -> None:
+def _execute_jailed(rt: Runtime, sup: Supervision, work: Work, mirror: StateMirror) -> None:
     child = rt.jail().take()
     try:
         for name, src in work.inputs().items():
@@ -146,7 +155,7 @@ def _serve_model(rt: Runtime, child: Child, work: Work,
         rt.settings.sandbox_model_timeout))
 
 
-def _supervise(rt: Runtime, sup: Supervisor, work: Work, child: Child, scratch: Scratch,
+def _supervise(rt: Runtime, sup: Supervision, work: Work, child: Child, scratch: Scratch,
                sync: _StateSync) -> None:
     """Read the child's reports until it ends. Every report was validated by
     :meth:`Child.read`; a protocol violation kills the child and fails the job as
@@ -242,7 +251,7 @@ def _jail_failed(status: int | None, log_tail: str) -> dict[str, str]:
     return sandbox_error(f"{detail} (status {status})")
 
 
-def _dispatch_or_kill(sup: Supervisor, work: Work, message: dict[str, Any], scratch: Scratch,
+def _dispatch_or_kill(sup: Supervision, work: Work, message: dict[str, Any], scratch: Scratch,
                       child: Child) -> None:
     try:
         _dispatch(sup, work, message, scratch)

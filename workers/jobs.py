@@ -1,15 +1,17 @@
 """Jobs: claim one, supervise it, run its work, record the outcome.
 
-Evaluations, trainings and shards are one job concept (:class:`workers.work.Work` describes
-what differs). Postgres is the source of truth. A job is *claimed* by an atomic update that
-also counts the attempt; that attempt number is a fencing token every later write checks, so a
-worker that lost its job (its heartbeat went stale and another worker took over) cannot write
-results.
+Evaluations, trainings, shards and dataset ingests are one job concept
+(:class:`workers.work.Work` or :class:`workers.work.LocalWork` describes what differs).
+Postgres is the source of truth. A job is *claimed* by an atomic update that also counts the
+attempt; that attempt number is a fencing token every later write checks, so a worker that
+lost its job (its heartbeat went stale and another worker took over) cannot write results.
 
 The worker is a supervisor that never loads a user's model: the work runs in a jailed child
 process (:mod:`workers.execute`), and the supervisor writes what it reports, fenced by the
 attempt. Time limits and cancellation kill the child, so they take effect within a second even
-inside one forward pass.
+inside one forward pass. A dataset's ingest runs no user code (Pillow decodes its images):
+it runs in this process, as a :class:`~workers.work.LocalWork`, under the same claim and
+supervisor.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from contract.jobs import JobErrorType, JobStatus, job_error
 from core.tables import JobRow, JobTable, utcnow
 from workers.engine.types import Cancelled
 from workers.execute import execute
 from workers.runtime import Runtime
-from workers.work import JobFailed, JobRef, Superseded, TimeLimit, Work
+from workers.work import JobFailed, JobRef, LocalWork, Superseded, TimeLimit, Work
 
 log = logging.getLogger("robustscope.worker")
 
@@ -83,6 +86,7 @@ class Supervisor:
         self.latest: tuple[float, str, str] | None = None
         self.cancelled = threading.Event()
         self.superseded = threading.Event()
+        self.lost_why = "another worker took over this job"
         self.stop = threading.Event()
         started: datetime | None = getattr(job, "started", None)
         spent = 0.0 if started is None else max(0.0, (utcnow() - started).total_seconds())
@@ -104,7 +108,7 @@ class Supervisor:
 
     def check(self) -> None:
         if self.superseded.is_set():
-            raise Superseded("another worker took over this job")
+            raise Superseded(self.lost_why)
         if self.cancelled.is_set():
             raise Cancelled("cancelled by the user")
         if time.monotonic() > self.deadline:
@@ -154,22 +158,25 @@ class Supervisor:
 
     def _read_flags(self) -> None:
         """The cancel flag, and whether this attempt lost the job, by primary key: another
-        attempt claimed it, or it was failed for it (workers lost). A job ``succeeded`` under
-        this attempt was finished by this attempt itself (a training registers its model
-        before its child exits): neither cancelled nor superseded."""
+        attempt claimed it, it was failed for it (workers lost), or its row was deleted (an
+        ingest's, with its dataset). A job ``succeeded`` under this attempt was finished by
+        this attempt itself (a training registers its model before its child exits): neither
+        cancelled nor superseded."""
         table = self.table
         with self.rt.sessions() as s:
             row = s.execute(select(table.cancel_requested, table.attempts, table.status)
                             .where(table.id == self.job.id)).one_or_none()
         if (row is None or row.attempts != self.job.token
                 or row.status not in (JobStatus.RUNNING, JobStatus.SUCCEEDED)):
+            if row is None:
+                self.lost_why = "the job was deleted"
             self.superseded.set()
         elif row.status == JobStatus.RUNNING and row.cancel_requested:
             self.cancelled.set()
 
 
 def run_work(rt: Runtime, table: JobTable, jid: uuid.UUID,
-             prepare: Callable[[Runtime, uuid.UUID, int], Work]) -> str:
+             prepare: Callable[[Runtime, uuid.UUID, int], Work | LocalWork]) -> str:
     """Run job ``jid`` if this worker can claim it; returns what happened."""
     token = claim(rt, jid, table)
     if token is None:
@@ -184,9 +191,8 @@ def run_work(rt: Runtime, table: JobTable, jid: uuid.UUID,
     with Supervisor(rt, work, table) as sup:
         try:
             execute(rt, sup, work)
-        except Superseded:
-            log.warning("%s %s was taken over by another worker; stopping", table.__tablename__,
-                        jid)
+        except Superseded as exc:
+            log.warning("%s %s: %s; stopping", table.__tablename__, jid, exc)
             return "superseded"
         except DBAPIError:
             # The database went away mid-job: leave the job running. Its heartbeat goes stale
@@ -224,6 +230,7 @@ def _finish(rt: Runtime, table: JobTable, jid: uuid.UUID, token: int, status: st
         if row is None or row.attempts != token:
             return
         row.status, row.error, row.finished_at = status, error, utcnow()
+        _settled(s, table, jid)
         row.progress_stage = status
         if status == JobStatus.SUCCEEDED:
             row.progress_fraction, row.progress_message = 1.0, "done"
@@ -234,11 +241,19 @@ def _finish(rt: Runtime, table: JobTable, jid: uuid.UUID, token: int, status: st
             row.progress_message = (error or {}).get("detail", "failed")[:500]
 
 
+def _settled(s: Session, table: JobTable, jid: uuid.UUID) -> None:
+    """What the table's kind changes with an outcome the loop wrote, in its transaction."""
+    settled = getattr(table, "settled", None)
+    if settled is not None:
+        s.flush()
+        settled(s, jid)
+
+
 def _fail_exhausted(rt: Runtime, eid: uuid.UUID, table: JobTable) -> None:
     """A job whose workers kept dying is failed rather than retried forever."""
     stale = utcnow() - timedelta(seconds=rt.settings.stale_after)
     with rt.sessions.begin() as s:
-        s.execute(update(table).where(
+        res = s.execute(update(table).where(
             table.id == eid, table.status == JobStatus.RUNNING,
             table.attempts >= rt.settings.max_attempts, table.heartbeat_at < stale)
             .values(status=JobStatus.FAILED, finished_at=utcnow(),
@@ -247,3 +262,5 @@ def _fail_exhausted(rt: Runtime, eid: uuid.UUID, table: JobTable) -> None:
                     error=job_error(JobErrorType.WORKER_LOST,
                                     f"the job's worker died {rt.settings.max_attempts} times"))
             .execution_options(synchronize_session=False))
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            _settled(s, table, eid)

@@ -2,8 +2,8 @@
 
 Two cases: a job still ``queued`` long after it was sent (the broker restarted without
 persistence, or the send failed), and a ``running`` job whose worker stopped heart-beating
-(killed mid-run). Re-sending is safe: a worker runs a job only if it can claim it. Shards are
-jobs like any other; a sharded evaluation whose shards are all final is settled
+(killed mid-run). Re-sending is safe: a worker runs a job only if it can claim it. Shards and
+dataset ingests are jobs like any other; a sharded evaluation whose shards are all final is settled
 (:func:`workers.shard_jobs.settle`) in case the worker that finished the last one died before
 it could. Each round also records this worker as live, if it serves evaluations.
 """
@@ -18,9 +18,16 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
 
-from contract.jobs import DatasetStatus, JobStatus
+from contract.jobs import JobStatus
 from core.queue import EVALUATE_TASK, EVALUATIONS_QUEUE, INGEST_TASK, SHARD_TASK, TRAIN_TASK
-from core.tables import Dataset, Evaluation, EvaluationShard, Training, WorkerSeen, utcnow
+from core.tables import (
+    DatasetIngest,
+    Evaluation,
+    EvaluationShard,
+    Training,
+    WorkerSeen,
+    utcnow,
+)
 from workers.runtime import Runtime
 
 log = logging.getLogger("robustscope.reconciler")
@@ -44,16 +51,10 @@ def _lost_evaluation(table: Any, queued_cutoff: datetime, stale_cutoff: datetime
                 or_(table.status != JobStatus.QUEUED, table.shards == 1))
 
 
-def _lost_ingest(table: Any, queued_cutoff: datetime, _stale: datetime) -> Any:
-    """An upload still ``ingesting`` long after its ingest was sent. A re-sent ingest that
-    meets one still running only repeats work: the first to finish decides the state."""
-    return and_(table.status == DatasetStatus.INGESTING, table.enqueued_at < queued_cutoff)
-
-
 #: What is re-sent: each kind of queued work, the task that runs it, and which rows were lost.
 KINDS: tuple[tuple[Any, str, Lost], ...] = (
     (Evaluation, EVALUATE_TASK, _lost_evaluation), (Training, TRAIN_TASK, _lost_job),
-    (EvaluationShard, SHARD_TASK, _lost_job), (Dataset, INGEST_TASK, _lost_ingest))
+    (EvaluationShard, SHARD_TASK, _lost_job), (DatasetIngest, INGEST_TASK, _lost_job))
 
 
 def reconcile_once(rt: Runtime, send_task: Callable[..., Any]) -> list[str]:

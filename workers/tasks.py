@@ -39,6 +39,7 @@ def deliver_webhook(evaluation_id: str) -> int | None:
     return webhooks.deliver(runtime(), evaluation_id)
 
 
-@app.task(name=INGEST_TASK, acks_late=True, reject_on_worker_lost=True)
-def ingest_dataset(dataset_id: str) -> str | None:
-    return ingest.run(runtime(), uuid.UUID(dataset_id))
+@app.task(name=INGEST_TASK, acks_late=True, reject_on_worker_lost=True,
+          soft_time_limit=get_settings().job_time_limit + 60)
+def ingest_dataset(ingest_id: str) -> str:
+    return ingest.run(runtime(), uuid.UUID(ingest_id))

@@ -1,9 +1,10 @@
-"""What one kind of job gives the job loop (:class:`Work`), and what its work uses: the typed
+"""What one kind of job gives the job loop (:class:`Work`, or :class:`LocalWork` for work that
+runs in the worker's process), and what its work uses: the typed
 failures, where the child's files are (:class:`Scratch`), its inputs from the store, its
 outputs into the store.
 
-Evaluations, trainings and shards are one job concept; each kind's module
-(``workers/*_jobs.py``) builds a :class:`Work` for :func:`workers.jobs.run_work`.
+Evaluations, trainings, shards and dataset ingests are one job concept; each kind's module
+(``workers/*_jobs.py``, ``workers/ingest.py``) builds its work for :func:`workers.jobs.run_work`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from sqlalchemy.orm import Session
 
 from contract.jobs import JobErrorType, job_error
 from core.objectstore import StoreError, file_sha256
-from core.tables import Dataset, Evaluation, EvaluationShard, JobTable, Training
+from core.tables import Dataset, DatasetIngest, Evaluation, EvaluationShard, JobTable, Training
 from workers.engine.types import Cancelled
 from workers.runtime import Runtime
 from workers.sandbox import files
@@ -33,9 +34,10 @@ class TimeLimit(Exception):
 
 
 class JobFailed(Exception):
-    """The job failed with a typed error for the user (``{"type", "detail"}``)."""
+    """The job failed with a typed error for the user (``{"type", "detail"}``, or a dataset
+    ingest's problem body)."""
 
-    def __init__(self, error: dict[str, str]) -> None:
+    def __init__(self, error: dict[str, Any]) -> None:
         super().__init__(error["detail"])
         self.error = error
 
@@ -85,7 +87,7 @@ class StoredFile:
 
 
 #: The row of one kind of job.
-Claimed = TypeVar("Claimed", Evaluation, Training, EvaluationShard)
+Claimed = TypeVar("Claimed", Evaluation, Training, EvaluationShard, DatasetIngest)
 
 
 def claimed(s: Session, table: type[Claimed], jid: uuid.UUID) -> Claimed:
@@ -183,7 +185,40 @@ class Work(Protocol):
         """After the outcome was written: notifications, clean-up."""
 
 
+class Supervision(Protocol):
+    """What a job's work sees of the supervisor that runs it (:class:`workers.jobs.Supervisor`):
+    :meth:`progress` stores the latest progress and, like :meth:`check`, raises when the job
+    was cancelled, superseded or ran out of time."""
+
+    def check(self) -> None: ...
+
+    def progress(self, fraction: float, stage: str, message: str) -> None: ...
+
+
+@runtime_checkable
+class LocalWork(Protocol):
+    """One kind of job whose work runs in this process, not in the engine child: it runs no
+    user code and needs no torch (a dataset's ingest). The claim, the supervisor and the
+    outcome are those of any job; :meth:`run_here` reports progress through
+    :meth:`Supervision.progress`, which raises when the job is cancelled, superseded or out of
+    time, and must then stop and leave nothing behind."""
+
+    id: uuid.UUID
+    token: int
+    table: JobTable
+    records_own_success: bool
+
+    def run_here(self, sup: Supervision) -> None:
+        """Do the whole job; raise :class:`JobFailed` for a failure the user is told."""
+
+    def finished(self, status: str, error: dict[str, Any] | None) -> None:
+        """After the outcome was written: notifications, clean-up."""
+
+
 #: Optional parts of a Work (read with getattr): ``scratch_dirs()`` (folders copied into the
 #: child's scratch beside its state, by name), ``progress_span`` (the part of the job's
 #: progress its child's 0..1 fills), ``started`` (when the time limit started counting, if
 #: not at this attempt's claim) and ``on_write(session)`` (written with each heartbeat).
+#: Optional parts of a job's table: ``claimable(stale)`` (which rows a claim may take) and
+#: ``settled(session, id)`` (what else changes in the transaction that writes an outcome the
+#: loop writes: a failed ingest's dataset).

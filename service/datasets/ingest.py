@@ -1,6 +1,7 @@
 """Turning an uploaded dataset archive into robustscope's canonical ``.npz``, without torch.
 
-A worker calls :func:`ingest` for each ``POST /datasets`` (the ``robustscope.ingest`` task).
+A worker calls :func:`ingest` for each ``POST /datasets`` (the ``robustscope.ingest`` job),
+telling it how far it has come through a :data:`Progress` callback, which stops it by raising.
 It stays importable by the API (which never calls it): numpy, Pillow and the standard library
 only, never executes or unpickles anything from the
 upload, and never writes archive paths to disk (see :mod:`service.datasets.ingest_archive`).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -57,8 +59,22 @@ __all__ = [
     "DatasetInfo",
     "DatasetIngestError",
     "IngestLimits",
+    "Progress",
     "ingest",
 ]
+
+#: Told how far an ingest has come: ``(fraction, stage, message)``, the fraction 0 to
+#: :data:`WRITTEN`. Raising from it (the job was cancelled, or ran out of time) stops the
+#: ingest: its threads are joined and no output file is left.
+Progress = Callable[[float, str, str], None]
+
+#: The share of an ingest's progress its decoding fills; the canonical file is written by
+#: ``WRITTEN`` (the rest is the worker's: storing the file).
+DECODED, WRITTEN = 0.8, 0.9
+
+
+def _quiet(fraction: float, stage: str, message: str) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -112,11 +128,13 @@ class DatasetInfo:
 
 
 def ingest(archive: Path, dest: Path, *, name: str, limits: IngestLimits,
-           channels: int | None = None) -> DatasetInfo:
+           channels: int | None = None, progress: Progress | None = None) -> DatasetInfo:
     """Reads ``archive``, writes the canonical npz to ``dest`` (atomically) and describes it.
 
     ``channels``: None keeps a grey dataset grey (``[1, H, W]`` when every image is grey; a
     mix is stored as RGB); 1 or 3 converts every image (see ``ingest_decode``).
+    ``progress`` is told each stage (``reading``, ``decoding`` file by file, ``assembling``,
+    ``writing``); whatever it raises ends the ingest.
 
     Raises :class:`DatasetIngestError` (``status`` 413 for size limits, else 422).
     """
@@ -125,6 +143,8 @@ def ingest(archive: Path, dest: Path, *, name: str, limits: IngestLimits,
     size = archive.stat().st_size
     if size > limits.max_archive_bytes:
         raise too_large(f"the archive is {size} bytes; the limit is {limits.max_archive_bytes}")
+    report = progress or _quiet
+    report(0.0, "reading", "reading the archive")
     digest = _sha256_file(archive)
     bad = BadRows()
     archive_limits = ArchiveLimits(
@@ -135,10 +155,13 @@ def ingest(archive: Path, dest: Path, *, name: str, limits: IngestLimits,
     with SafeArchive(archive, archive_limits) as reader:
         plan = detect(reader, bad, max_classes=limits.max_classes)
         _check_counts(plan, limits)
-        decoded = _decode_all(reader, plan, limits, bad, channels)
+        decoded = _decode_all(reader, plan, limits, bad, channels, report)
     bad.raise_if_any()
+    report(DECODED, "assembling", f"resizing {len(plan.examples)} images to one size")
     arrays, warnings = _assemble(plan, decoded, limits)
+    report(DECODED + (WRITTEN - DECODED) / 2, "writing", "writing the canonical array file")
     _write_npz(dest, arrays)
+    report(WRITTEN, "writing", "the canonical array file is written")
     return _describe(name, plan, arrays, digest, warnings)
 
 
@@ -184,8 +207,9 @@ def _decode_file(path: str, data: bytes, kinds: set[bool], max_side: int,
 
 
 def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadRows,
-                channels: int | None = None) -> _Decoded:
-    """Decodes every referenced file once into per-example slots.
+                channels: int | None = None, report: Progress = _quiet) -> _Decoded:
+    """Decodes every referenced file once into per-example slots, telling ``report`` the
+    share of files decoded as each is read.
 
     The archive is read in order on this thread while a few threads decode: Pillow releases
     the GIL inside its PNG/JPEG decoders, which is where large images spend their time.
@@ -219,7 +243,15 @@ def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadR
                 "upload fewer or smaller images"
             )
 
+    total, finished = len(wanted), 0
+
+    def tell() -> None:
+        report(DECODED * (finished / max(total, 1)), "decoding",
+               f"decoded {finished} of {total} files")
+
     def take(done: list[tuple[str, dict[bool, _Result]]]) -> None:
+        nonlocal finished
+        finished += len(done)
         for path, results in done:
             for index, is_mask in wanted[path]:
                 result = results[is_mask]
@@ -239,7 +271,9 @@ def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadR
         batch: list[tuple[str, bytes]] = []
         batch_bytes = 0
         try:
+            tell()
             for path, data in reader.iter_read(wanted):
+                tell()
                 charge(path, data)
                 batch.append((path, data))
                 batch_bytes += len(data)
@@ -252,6 +286,7 @@ def _decode_all(reader: SafeArchive, plan: Plan, limits: IngestLimits, bad: BadR
                 pending.append(pool.submit(decode_batch, batch))
             while pending:
                 take(pending.popleft().result())
+                tell()
         finally:
             for future in pending:
                 future.cancel()

@@ -29,7 +29,7 @@ def upload_dataset(
     """A zip or tar archive: a manifest, or an ImageFolder / ImageNet-9 / Waterbirds / RIVAL10
     tree. The archive is kept and decoded by a worker (queue ``ingest``) into the canonical
     array file the workers read; the dataset is ``ingesting`` until then (poll
-    ``GET /datasets/{id}``)."""
+    ``GET /datasets/{id}``: its ``ingest`` is the job's state and progress)."""
     row = service.upload(session, owner, file.file, file.filename, name, channels, settings,
                          outbox)
     response.headers["Location"] = f"/datasets/{row.id}"

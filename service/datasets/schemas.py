@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from contract.jobs import JobStatus
 from service.http.pagination import Page
+from service.jobs.schemas import Progress
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,21 @@ class Capabilities:
     has_groups: bool
     regenerable: bool  # a generated dataset that can be redrawn under another correlation
     default_eps: dict[str, float]
+
+
+class IngestOut(BaseModel):
+    """An upload's ingest: the job a worker runs to decode its archive."""
+
+    id: uuid.UUID = Field(description="the ingest job's id")
+    status: JobStatus = Field(description="`queued`, `running`, `succeeded`, `failed` or "
+                                          "`cancelled`")
+    progress: Progress = Field(description="how far the ingest has come (stages `reading`, "
+                                           "`decoding`, `assembling`, `writing`, `storing`)")
+    attempts: int = Field(description="how many times a worker has started the ingest")
+    started_at: datetime | None = Field(description="when a worker started it (UTC)")
+    finished_at: datetime | None = Field(description="when it reached a final state (UTC)")
+    error: dict[str, Any] | None = Field(
+        description="why it failed: the problem body the dataset's `error` repeats")
 
 
 class DatasetOut(BaseModel):
@@ -55,6 +73,9 @@ class DatasetOut(BaseModel):
     created_at: datetime | None = Field(description="when it was uploaded (UTC); null for a "
                                                     "built-in")
     finished_at: datetime | None = Field(None, description="when its ingest ended (UTC)")
+    ingest: IngestOut | None = Field(
+        None, description="an upload's ingest job (status, progress, attempts); null for a "
+                          "built-in")
 
 
 class DatasetList(Page[DatasetOut]):

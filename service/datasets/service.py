@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from contract.jobs import ACTIVE_STATES, DatasetStatus
+from contract.jobs import ACTIVE_STATES, DatasetStatus, JobStatus
 from core import storage
-from core.errors import Conflict, Invalid, NotFound, problem_body
-from core.objectstore import Store, StoreError, file_sha256
+from core.errors import Conflict, Invalid, NotFound
+from core.objectstore import Store
 from core.queue import INGEST_TASK, Outbox
 from core.quotas import check_stored_bytes
 from core.repository import owned_rows
 from core.settings import Settings
-from core.tables import Dataset, Evaluation, Training, utcnow
+from core.tables import Dataset, DatasetIngest, Evaluation, Training, utcnow
 from service.datasets import repository
 from service.datasets.builtin import get_builtin, list_builtins, validate_params
-from service.datasets.ingest import DatasetIngestError, IngestLimits, ingest
-from service.datasets.schemas import Capabilities, DatasetOut
+from service.datasets.schemas import Capabilities, DatasetOut, IngestOut
 from service.http.pagination import newest_first
 from service.http.validation import reject_nul
+from service.jobs.schemas import Progress
 
 # Reasonable l_p budgets in [0,1] pixel units when an uploaded dataset names none.
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
@@ -123,12 +122,13 @@ def upload(
     settings: Settings,
     outbox: Outbox,
 ) -> Dataset:
-    """Keeps the archive and queues its ingest; the row is ``ingesting`` until a worker has
-    decoded it (the API process never decodes an upload). ``name`` defaults to the file's
-    name without its extension. ``channels`` (1 or 3) converts every image when the worker
-    decodes them; None keeps a grey dataset grey. The stored-bytes quota is checked before the
-    archive is read and again with its size; the archive goes again unless the request's
-    transaction commits (:func:`core.storage.upload`)."""
+    """Keeps the archive and queues its ingest job (:class:`DatasetIngest`, sent after the
+    transaction commits); the row is ``ingesting`` until a worker has decoded it (the API
+    process never decodes an upload). ``name`` defaults to the file's name without its
+    extension. ``channels`` (1 or 3) converts every image when the worker decodes them; None
+    keeps a grey dataset grey. The stored-bytes quota is checked before the archive is read
+    and again with its size; the archive goes again unless the request's transaction commits
+    (:func:`core.storage.upload`)."""
     name = (name or (filename or "dataset").rsplit(".", 1)[0]).strip()
     reject_nul(name, "name")
     if channels not in (None, 1, 3):
@@ -157,14 +157,17 @@ def upload(
         size_bytes=up.size,
         storage_path=f"datasets/{dataset_id}.npz",
         status=DatasetStatus.INGESTING,
-        enqueued_at=utcnow(),
+        ingest=DatasetIngest(id=uuid.uuid4(), status=JobStatus.QUEUED.value,
+                             progress_stage=JobStatus.QUEUED.value,
+                             progress_message="waiting for a worker", enqueued_at=utcnow()),
     )
     session.add(row)
     try:
         session.flush()
     except IntegrityError as exc:  # the rollback removes the stored archive
         raise Conflict(f"you already have a dataset named {name!r}", field="name") from exc
-    outbox.add(INGEST_TASK, str(dataset_id))
+    assert row.ingest is not None
+    outbox.add(INGEST_TASK, str(row.ingest.id))
     return row
 
 
@@ -172,62 +175,10 @@ def archive_path(dataset_id: uuid.UUID) -> str:
     return f"datasets/{dataset_id}.upload"
 
 
-def run_ingest(sessions: sessionmaker[Session], dataset_id: uuid.UUID, store: Store,
-               work_dir: Path, limits: IngestLimits) -> str | None:
-    """Decodes a queued upload into its canonical npz; the row becomes ``ready`` or ``failed``
-    (with the ingest error's problem body, every bad row named). No transaction is held while
-    the archive is decoded. The archive comes from the store (read in place where the store is
-    a local folder, else fetched into ``work_dir/tmp``); the npz is written there and put in the
-    store, its SHA-256 recorded (``info.content_sha256``) for the workers' caches. Returns the
-    final status, or None when there is nothing to do (an unknown id, or an upload already
-    ingested: a redelivered task)."""
-    with sessions() as session:
-        row = session.get(Dataset, dataset_id)
-        if row is None or row.status != DatasetStatus.INGESTING:
-            return None
-        name, key = row.name, row.storage_path
-        channels = (row.info or {}).get("requested_channels")
-    tmp_dir = work_dir / "tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    dest = tmp_dir / f"ingest-{dataset_id}-{uuid.uuid4().hex[:8]}.npz"
-    fetched = tmp_dir / f"ingest-{dataset_id}-{uuid.uuid4().hex[:8]}.upload"
-    status, info, error = DatasetStatus.FAILED, None, None
-    try:
-        archive = store.local_path(archive_path(dataset_id))
-        if archive is None:
-            store.download(archive_path(dataset_id), fetched)
-            archive = fetched
-        info = ingest(archive, dest, name=name, limits=limits, channels=channels).as_dict()
-    except DatasetIngestError as exc:
-        error = exc.problem()
-    except (FileNotFoundError, StoreError):
-        error = problem_body(422, "dataset-archive-missing", "Archive missing",
-                             "the uploaded archive is no longer stored; upload it again")
-    try:
-        if info is not None:  # a store that fails here raises: the ingest is sent again
-            info["content_sha256"] = file_sha256(dest)
-            store.put_file(key, dest)
-            status = DatasetStatus.READY
-    finally:
-        dest.unlink(missing_ok=True)
-        fetched.unlink(missing_ok=True)
-    with sessions() as session, session.begin():
-        row = session.get(Dataset, dataset_id)
-        if row is None:  # deleted meanwhile
-            storage.remove(store, key)
-            storage.remove(store, archive_path(dataset_id))
-            return None
-        # A redelivered task finished first; its file stays.
-        if row.status != DatasetStatus.INGESTING:
-            return None
-        row.status, row.error, row.finished_at = status, error, utcnow()
-        if info is not None:
-            row.info = info
-    storage.remove(store, archive_path(dataset_id))
-    return status
-
-
 def delete(session: Session, owner: str, ref: str, store: Store) -> None:
+    """Removes an upload and its files. Its ingest job goes with it (``ON DELETE CASCADE``):
+    a worker still decoding it finds its job gone at its next read of the cancel flag and
+    stops as for a cancel, writing nothing; what it had stored meanwhile it removes."""
     if get_builtin(ref) is not None:
         raise Conflict(f"{ref!r} is a built-in dataset; it cannot be deleted")
     row = _find(session, owner, ref)
@@ -288,10 +239,21 @@ def builtin_out(name: str) -> DatasetOut:
     )
 
 
+def ingest_out(job: DatasetIngest | None) -> IngestOut | None:
+    if job is None:
+        return None
+    return IngestOut(id=job.id, status=job.status,
+                     progress=Progress(fraction=job.progress_fraction, stage=job.progress_stage,
+                                       message=job.progress_message),
+                     attempts=job.attempts, started_at=job.started_at,
+                     finished_at=job.finished_at, error=job.error)
+
+
 def upload_out(row: Dataset) -> DatasetOut:
     if row.status != DatasetStatus.READY:
         return DatasetOut(
             id=str(row.id), name=row.name, builtin=False, status=row.status, error=row.error,
+            ingest=ingest_out(row.ingest),
             num_classes=None, input_shape=None, num_examples=None, splits={},
             has_masks=None, has_groups=None, class_names=[], group_names=[],
             default_eps=dict(DEFAULT_EPS), parameters={}, layout=None, sha256=row.sha256,
@@ -318,4 +280,5 @@ def upload_out(row: Dataset) -> DatasetOut:
         warnings=list(info["warnings"]),
         created_at=row.created_at,
         finished_at=row.finished_at,
+        ingest=ingest_out(row.ingest),
     )

@@ -170,7 +170,7 @@ def test_api_and_worker_in_their_own_folders_share_only_the_store(
         with archive.open("rb") as f:
             ds = client.post("/datasets", headers=auth(key), files={"file": ("x.zip", f)})
         assert ds.status_code == 202, ds.text
-        assert ingest.run(rt, uuid.UUID(ds.json()["id"])) == "ready"
+        assert ingest.run(rt, uuid.UUID(ds.json()["ingest"]["id"])) == "succeeded"
         ready = client.get(f"/datasets/{ds.json()['id']}", headers=auth(key)).json()
         assert (ready["status"], ready["num_examples"]) == ("ready", 16)
         ev = client.post("/evaluations", headers=auth(key), json={
