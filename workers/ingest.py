@@ -6,7 +6,7 @@ upload cannot slow the API or grow it. An ingest is a job like any other
 (:class:`core.tables.DatasetIngest` on :func:`workers.jobs.run_work`): claimed, fenced by its
 attempt, heart-beaten, cancelled, time-limited and re-sent by the reconciler. It runs no user
 code (Pillow decodes the images, nothing is unpickled), so it runs in this process as a
-:class:`workers.jobs.LocalWork` rather than in the jailed engine child.
+:class:`workers.work.LocalWork` rather than in the jailed engine child.
 """
 
 from __future__ import annotations
