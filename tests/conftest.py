@@ -229,6 +229,21 @@ def pg_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def own_pg_url(pg_admin: str) -> Iterator[str]:
+    """A migrated Postgres database of this test's own, dropped after it. For tests whose
+    ``robustscope worker`` processes run the reconciler: it re-sends every job it finds lost,
+    and in the shared database (``pg_url``) that includes the jobs other tests left queued."""
+    name = f"robustscope_own_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://{pg_admin.rsplit('/', 1)[0].split('://', 1)[1]}/{name}"
+    upgrade(url)
+    yield url
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 def empty_pg_url(pg_url: str, pg_admin: str) -> Iterator[str]:
     """A second, empty Postgres database (for migration tests)."""
     name = f"robustscope_mig_{uuid.uuid4().hex[:10]}"
@@ -247,7 +262,8 @@ def empty_pg_url(pg_url: str, pg_admin: str) -> Iterator[str]:
 #             or is parametrized with "postgres"; a test that reaches a server unmarked fails
 #   gpu       needs a CUDA device (skipped where none is present)
 TIER_MARKERS = ("slow", "services", "gpu")
-SERVER_FIXTURES = frozenset({"pg_url", "pg_admin", "pg_database", "empty_pg_url", "redis_url",
+SERVER_FIXTURES = frozenset({"pg_url", "pg_admin", "pg_database", "empty_pg_url", "own_pg_url",
+                             "redis_url",
                              "pg_admin_session", "redis_session"})
 # A fast-tier test longer than this is named at the end of the run (mark it slow or make it
 # shorter); a warning, not a failure: a loaded machine must not fail tests for time.

@@ -70,6 +70,12 @@ BATCH = 100
 """The workers' batch size: attacks draw their random starts per block of this many examples."""
 
 
+@pytest.fixture
+def pg_url(own_pg_url: str) -> str:
+    """This file's worker processes run the reconciler: each test has a database of its own."""
+    return own_pg_url
+
+
 @pytest.fixture(scope="module")
 def net() -> nn.Module:
     return trained_shapes_cnn()

@@ -44,6 +44,12 @@ Start = Callable[[str], subprocess.Popen[bytes]]
 
 
 @pytest.fixture
+def pg_url(own_pg_url: str) -> str:
+    """This file's worker processes run the reconciler: each test has a database of its own."""
+    return own_pg_url
+
+
+@pytest.fixture
 def cluster(pg_url: str, redis_url: str, s3_url: str,
             tmp_path: Path) -> Iterator[tuple[TestClient, Start]]:
     prefix = f"robustscope-test-{uuid.uuid4().hex[:12]}:"
