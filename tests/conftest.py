@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -207,18 +208,28 @@ def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+@contextmanager
+def _database(admin: str, prefix: str, migrated: bool = True) -> Iterator[str]:
+    """A Postgres database of its own (SQLAlchemy URL), migrated unless told not to, dropped
+    after."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://{admin.rsplit('/', 1)[0].split('://', 1)[1]}/{name}"
+    if migrated:
+        upgrade(url)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def pg_database(pg_admin_session: str) -> Iterator[str]:
     """A Postgres database created for this test session and dropped after it."""
-    name = f"robustscope_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin_session, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = pg_admin_session.rsplit("/", 1)[0]
-    url = f"postgresql+psycopg://{base.split('://', 1)[1]}/{name}"
-    upgrade(url)
-    yield url
-    with psycopg.connect(pg_admin_session, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with _database(pg_admin_session, "robustscope_test") as url:
+        yield url
 
 
 @pytest.fixture
@@ -233,25 +244,15 @@ def own_pg_url(pg_admin: str) -> Iterator[str]:
     """A migrated Postgres database of this test's own, dropped after it. For tests whose
     ``robustscope worker`` processes run the reconciler: it re-sends every job it finds lost,
     and in the shared database (``pg_url``) that includes the jobs other tests left queued."""
-    name = f"robustscope_own_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://{pg_admin.rsplit('/', 1)[0].split('://', 1)[1]}/{name}"
-    upgrade(url)
-    yield url
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with _database(pg_admin, "robustscope_own") as url:
+        yield url
 
 
 @pytest.fixture
-def empty_pg_url(pg_url: str, pg_admin: str) -> Iterator[str]:
+def empty_pg_url(pg_admin: str) -> Iterator[str]:
     """A second, empty Postgres database (for migration tests)."""
-    name = f"robustscope_mig_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield pg_url.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with _database(pg_admin, "robustscope_mig", migrated=False) as url:
+        yield url
 
 
 # The tiers. ``pytest --fast`` (``./scripts/test --fast``) runs the tests marked none of these;
